@@ -1,0 +1,47 @@
+"""LayerZero: select and run the fastest correct kernel for each LLM inference op.
+
+    import layerzero as lz
+    out = lz.attention(q, k, v, is_causal=True)      # q, k, v in BSHD
+    print(lz.explain("attention", q, k, v, is_causal=True))
+"""
+
+from .context import SelectionContext
+from .errors import (
+    BackendNotAvailableError,
+    CacheCorruptionError,
+    ConfigurationError,
+    CudaGraphUnsafeError,
+    InvalidInputError,
+    KernelExecutionError,
+    LayerZeroError,
+    NoKernelFoundError,
+    PolicyValidationError,
+    SelectionTimeoutError,
+    UnknownNameError,
+)
+from .kernel import Backend, KernelSpec
+from .ops.attention import attention
+from .ops.norm import group_norm, layer_norm, rms_norm
+from .reasons import Reason, Rejection
+from .selection.engine import ExecutionPlan, SelectionReport
+from .selection.inspect import (
+    backends,
+    explain,
+    list_kernels,
+    register_backend,
+    register_kernel,
+    select,
+    validate,
+    which,
+)
+from .state import reset
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backend", "BackendNotAvailableError", "CacheCorruptionError", "ConfigurationError", "CudaGraphUnsafeError",
+    "ExecutionPlan", "InvalidInputError", "KernelExecutionError", "KernelSpec", "LayerZeroError",
+    "NoKernelFoundError", "PolicyValidationError", "Reason", "Rejection", "SelectionContext", "SelectionReport",
+    "SelectionTimeoutError", "UnknownNameError", "attention", "backends", "explain", "group_norm", "layer_norm",
+    "list_kernels", "register_backend", "register_kernel", "reset", "rms_norm", "select", "validate", "which",
+]

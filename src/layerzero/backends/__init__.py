@@ -1,0 +1,1 @@
+"""One module per kernel library. Each defines `BACKEND` and imports its library lazily."""

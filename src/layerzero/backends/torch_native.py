@@ -1,0 +1,109 @@
+"""torch's own kernels: the four SDPA sub-backends, each pinned with `sdpa_kernel`, and the
+fused norm functions of `torch.nn.functional`.
+
+Constraints follow torch's dispatcher checks (aten/src/ATen/native/transformers/sdp_utils*):
+flash needs SM 8.0-12.1, fp16/bf16, head_dim <= 256, no mask, and a square causal mask;
+memory-efficient takes masks and fp32 with head_dim a multiple of 8; cuDNN needs SM >= 8.0,
+fp16/bf16 and head_dim <= 128 (multiple of 8); math runs everything. The GPU test suite checks
+these declarations against `torch.backends.cuda.can_use_*` on the H100.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..kernel import ALL_FLOAT_DTYPES, FLOAT_DTYPES, HALF_DTYPES, Backend, KernelSpec
+from .reference import causal_mask
+
+ATTENTION_OPS = ("attention.causal", "attention.full", "attention.masked")
+_ANY_MASK = frozenset({"none", "bool", "float"})
+_CPU_CUDA = frozenset({"cpu", "cuda"})
+
+# sdpa_kernel sets process-wide flags; the lock keeps two threads from pinning different
+# sub-backends at once (it guards the Python dispatch only: the GPU work is asynchronous).
+_PIN_LOCK = threading.Lock()
+
+
+def _sdpa(backend_name: str) -> Callable[..., torch.Tensor]:
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+            is_causal: bool, dropout_p: float, scale: float | None) -> torch.Tensor:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        if is_causal and q.shape[2] != k.shape[2]:
+            # torch's is_causal is aligned top-left; ours bottom-right (see ops.attention).
+            attn_mask, is_causal = causal_mask(q.shape[2], k.shape[2], q.device), False
+        with _PIN_LOCK, sdpa_kernel(getattr(SDPBackend, backend_name)):
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                enable_gqa=q.shape[1] != k.shape[1],
+            )
+
+    run.__qualname__ = f"sdpa_{backend_name.lower()}"
+    return run
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+               eps: float) -> torch.Tensor:
+    return F.group_norm(x, num_groups, weight, bias, eps)
+
+
+
+BACKEND = Backend(
+    name="torch",
+    aliases=("torch_sdpa", "pytorch", "sdpa"),
+    description="torch.nn.functional: SDPA sub-backends and fused norms",
+    kernels=(
+        KernelSpec(
+            id="torch.sdpa_flash", ops=ATTENTION_OPS, impl=_sdpa("FLASH_ATTENTION"), priority=80,
+            platforms=frozenset({"cuda"}), min_sm=80, max_sm=121, dtypes=HALF_DTYPES, max_head_dim=256,
+            causal_non_square=False, supports_dropout=True, supports_backward=True, deterministic=False,
+            description="FlashAttention-2 inside torch (SDPBackend.FLASH_ATTENTION)",
+        ),
+        KernelSpec(
+            id="torch.sdpa_flash_cpu", ops=ATTENTION_OPS, impl=_sdpa("FLASH_ATTENTION"), priority=60,
+            platforms=frozenset({"cpu"}), dtypes=ALL_FLOAT_DTYPES, mask_kinds=_ANY_MASK, supports_backward=True,
+            description="torch's CPU flash-attention kernel (SDPBackend.FLASH_ATTENTION on CPU)",
+        ),
+        KernelSpec(
+            id="torch.sdpa_efficient", ops=ATTENTION_OPS, impl=_sdpa("EFFICIENT_ATTENTION"), priority=60,
+            platforms=frozenset({"cuda"}), min_sm=50, max_sm=121, dtypes=FLOAT_DTYPES, head_dim_multiple=8,
+            mask_kinds=_ANY_MASK, supports_dropout=True, supports_backward=True, deterministic=False,
+            description="xFormers-derived memory-efficient kernel (SDPBackend.EFFICIENT_ATTENTION)",
+        ),
+        KernelSpec(
+            id="torch.sdpa_cudnn", ops=ATTENTION_OPS, impl=_sdpa("CUDNN_ATTENTION"), priority=85,
+            platforms=frozenset({"cuda"}), min_sm=80, dtypes=HALF_DTYPES, max_head_dim=128, head_dim_multiple=8,
+            supports_gqa=False, causal_non_square=False, supports_backward=True, deterministic=False,
+            description="cuDNN fused attention (SDPBackend.CUDNN_ATTENTION)",
+        ),
+        KernelSpec(
+            id="torch.sdpa_math", ops=ATTENTION_OPS, impl=_sdpa("MATH"), priority=20, platforms=_CPU_CUDA,
+            dtypes=ALL_FLOAT_DTYPES, mask_kinds=_ANY_MASK, supports_dropout=True, supports_backward=True,
+            same_head_dim_v=False, description="unfused matmul-softmax-matmul (SDPBackend.MATH)",
+        ),
+        KernelSpec(
+            id="torch.rms_norm", ops=("norm.rms",), impl=rms_norm, priority=50, platforms=_CPU_CUDA,
+            dtypes=ALL_FLOAT_DTYPES, supports_backward=True, description="torch.nn.functional.rms_norm",
+        ),
+        KernelSpec(
+            id="torch.layer_norm", ops=("norm.layer",), impl=layer_norm, priority=50, platforms=_CPU_CUDA,
+            dtypes=ALL_FLOAT_DTYPES, supports_backward=True, description="torch.nn.functional.layer_norm",
+        ),
+        KernelSpec(
+            id="torch.group_norm", ops=("norm.group",), impl=group_norm, priority=50, platforms=_CPU_CUDA,
+            dtypes=ALL_FLOAT_DTYPES, supports_backward=True, description="torch.nn.functional.group_norm",
+        ),
+    ),
+)

@@ -1,0 +1,79 @@
+"""The README's demo: what this machine has, what LayerZero picks, and why.
+
+    python -m layerzero.demo
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+import layerzero as lz
+from layerzero.device import device_info
+
+
+def _device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def main() -> None:
+    device = _device()
+    info = device_info(device)
+    print(f"LayerZero {lz.__version__} with torch {torch.__version__}")
+    sm = f", SM {info.sm // 10}.{info.sm % 10} ({info.generation})" if info.type == "cuda" else ""
+    isa = f", ISA {' '.join(sorted(info.isa))}" if info.isa else ""
+    print(f"device: {info.type} {info.name}{sm}{isa}\n")
+
+    print("backends:")
+    for b in lz.backends():
+        state = f"available, version {b.version}" if b.available else f"unavailable ({b.reason})"
+        print(f"  {b.name:<12} {state}")
+
+    print("\nkernels per op:")
+    by_op: dict[str, list[str]] = {}
+    for k in lz.list_kernels():
+        for op in k.ops:
+            by_op.setdefault(op, []).append(k.id + ("" if k.available else " (unavailable)"))
+    for op in sorted(by_op):
+        print(f"  {op:<18} {', '.join(by_op[op])}")
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    print(f"\nattention ({dtype}, BSHD):")
+    shapes = [  # (batch, seq_q, seq_k, heads_q, heads_kv, head_dim, causal)
+        (1, 128, 128, 8, 8, 64, True),
+        (4, 256, 256, 16, 4, 128, True),
+        (2, 1, 512, 32, 8, 128, True),
+        (2, 200, 200, 8, 8, 80, False),
+        (1, 64, 64, 4, 4, 256, False),
+    ]
+    gen = torch.Generator(device=device).manual_seed(0)
+    for b, sq, sk, hq, hkv, d, causal in shapes:
+        q = torch.randn(b, sq, hq, d, device=device, dtype=dtype, generator=gen)
+        k = torch.randn(b, sk, hkv, d, device=device, dtype=dtype, generator=gen)
+        v = torch.randn(b, sk, hkv, d, device=device, dtype=dtype, generator=gen)
+        out = lz.attention(q, k, v, is_causal=causal)
+        kernel = lz.which("attention", q, k, v, is_causal=causal)
+        print(f"  B={b} Sq={sq} Sk={sk} Hq={hq} Hkv={hkv} D={d} causal={causal!s:<5} -> {kernel:<22} out {tuple(out.shape)}")
+
+    print(f"\nrms_norm ({dtype}):")
+    for rows, hidden in [(1, 4096), (64, 4096), (8192, 2048)]:
+        x = torch.randn(rows, hidden, device=device, dtype=dtype, generator=gen)
+        w = torch.randn(hidden, device=device, dtype=dtype, generator=gen)
+        lz.rms_norm(x, w)
+        t0 = time.perf_counter()
+        for _ in range(10):
+            lz.rms_norm(x, w)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        us = (time.perf_counter() - t0) / 10 * 1e6
+        print(f"  rows={rows:<5} hidden={hidden:<5} -> {lz.which('rms_norm', x, w):<22} {us:8.1f} us/call")
+
+    q = torch.randn(2, 300, 8, 64, device=device, dtype=dtype, generator=gen)
+    kv = torch.randn(2, 300, 2, 64, device=device, dtype=dtype, generator=gen)
+    print("\nexplain: lz.attention(q, k, v, is_causal=True) with GQA 8:2, head_dim 64")
+    print(lz.explain("attention", q, kv, kv, is_causal=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""KernelSpec (what a kernel can run, as data), the one generic constraint check, and Backend."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import torch
+
+from .context import SelectionContext
+from .reasons import Reason, Rejection
+
+FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
+HALF_DTYPES = frozenset({torch.float16, torch.bfloat16})
+ALL_FLOAT_DTYPES = FLOAT_DTYPES | {torch.float64}
+LAYOUTS = ("BSHD", "BHSD")
+
+
+@dataclass(frozen=True, slots=True)
+class KernelSpec:
+    """One kernel: its id, the ops it implements, how to call it, and its constraints as data.
+
+    `impl` takes the op's calling convention (see the op module). For attention that is
+    `impl(q, k, v, attn_mask, is_causal, dropout_p, scale)` with q/k/v in `layout` and causal
+    aligned bottom-right; the plan adds the layout transforms around it.
+    """
+
+    id: str  # "backend.kernel"
+    ops: tuple[str, ...]
+    impl: Callable[..., Any] = field(compare=False, repr=False)
+    priority: int = 50
+    platforms: frozenset[str] = frozenset({"cuda"})
+    min_sm: int = 0
+    max_sm: int = 10_000
+    generations: frozenset[str] | None = None
+    dtypes: frozenset[torch.dtype] = FLOAT_DTYPES
+    min_head_dim: int = 1
+    max_head_dim: int = 1 << 30
+    head_dim_multiple: int = 1
+    head_dims: frozenset[int] | None = None  # explicit compiled sizes, if the kernel has them
+    same_head_dim_v: bool = True
+    supports_gqa: bool = True
+    mask_kinds: frozenset[str] = frozenset({"none"})
+    supports_causal: bool = True
+    supports_non_causal: bool = True
+    causal_non_square: bool = True
+    supports_dropout: bool = False
+    supports_window: bool = False
+    supports_softcap: bool = False
+    supports_backward: bool = False
+    layout: str = "BHSD"
+    requires_contiguous: bool = False
+    graph_safe: bool = True
+    deterministic: bool = True
+    needs_jit: bool = False
+    max_hidden_size: int = 1 << 30
+    cpu_isa: frozenset[str] = frozenset()  # all of these are required
+    check: Callable[[SelectionContext], list[Rejection]] | None = field(default=None, compare=False, repr=False)
+    workspace_bytes: Callable[[SelectionContext], int] | None = field(default=None, compare=False, repr=False)
+    description: str = ""
+
+    @property
+    def backend(self) -> str:
+        return self.id.split(".", 1)[0]
+
+
+def check_constraints(spec: KernelSpec, ctx: SelectionContext) -> list[Rejection]:
+    """Every reason why `spec` cannot run `ctx` (empty list: it can)."""
+    out: list[Rejection] = []
+
+    def reject(reason: Reason, detail: str) -> None:
+        out.append(Rejection(reason, detail))
+
+    if ctx.op not in spec.ops:
+        reject(Reason.OP_UNSUPPORTED, f"{ctx.op} not in {', '.join(spec.ops)}")
+    if ctx.device_type not in spec.platforms:
+        reject(Reason.PLATFORM_MISMATCH, f"device {ctx.device_type}, kernel runs on {'/'.join(sorted(spec.platforms))}")
+    if ctx.device_type == "cuda":
+        if ctx.sm < spec.min_sm:
+            reject(Reason.SM_TOO_OLD, f"sm {ctx.sm} < min {spec.min_sm}")
+        if ctx.sm > spec.max_sm:
+            reject(Reason.SM_TOO_NEW, f"sm {ctx.sm} > max {spec.max_sm}")
+        if spec.generations is not None and ctx.generation not in spec.generations:
+            reject(Reason.GPU_GENERATION_UNSUPPORTED, f"{ctx.generation} not in {sorted(spec.generations)}")
+    if ctx.device_type == "cpu" and spec.cpu_isa and not spec.cpu_isa <= ctx.isa:
+        reject(Reason.CPU_ISA_UNSUPPORTED, f"needs {sorted(spec.cpu_isa - ctx.isa)}")
+    if ctx.dtype not in spec.dtypes:
+        names = sorted(str(d).removeprefix("torch.") for d in spec.dtypes)
+        reject(Reason.DTYPE_UNSUPPORTED, f"dtype {ctx.dtype_name} not in {names}")
+    if ctx.head_dim:
+        d = ctx.head_dim
+        if d > spec.max_head_dim:
+            reject(Reason.HEAD_DIM_TOO_LARGE, f"head_dim {d} > max {spec.max_head_dim}")
+        if d < spec.min_head_dim:
+            reject(Reason.HEAD_DIM_TOO_SMALL, f"head_dim {d} < min {spec.min_head_dim}")
+        if d % spec.head_dim_multiple:
+            reject(Reason.HEAD_DIM_ALIGNMENT, f"head_dim {d} is not a multiple of {spec.head_dim_multiple}")
+        if spec.head_dims is not None and d not in spec.head_dims:
+            reject(Reason.HEAD_DIM_UNSUPPORTED, f"head_dim {d} not in {sorted(spec.head_dims)}")
+        if spec.same_head_dim_v and ctx.head_dim_v != d:
+            reject(Reason.HEAD_DIM_V_MISMATCH, f"head_dim_v {ctx.head_dim_v} != head_dim {d}")
+        if not spec.supports_gqa and ctx.num_kv_heads != ctx.num_heads:
+            reject(Reason.GQA_UNSUPPORTED, f"num_heads {ctx.num_heads} != num_kv_heads {ctx.num_kv_heads}")
+        if ctx.is_causal and not spec.supports_causal:
+            reject(Reason.CAUSAL_UNSUPPORTED, "is_causal=True")
+        if not ctx.is_causal and not spec.supports_non_causal:
+            reject(Reason.NON_CAUSAL_UNSUPPORTED, "is_causal=False")
+        if ctx.is_causal and not spec.causal_non_square and ctx.seq_len_q != ctx.seq_len_k:
+            reject(Reason.CAUSAL_NON_SQUARE, f"seq_len_q {ctx.seq_len_q} != seq_len_k {ctx.seq_len_k}")
+    if ctx.mask_kind not in spec.mask_kinds:
+        reason = {"bool": Reason.BOOL_MASK_UNSUPPORTED, "float": Reason.FLOAT_MASK_UNSUPPORTED}.get(
+            ctx.mask_kind, Reason.MASK_UNSUPPORTED
+        )
+        reject(reason, f"{ctx.mask_kind} attn_mask given")
+    if ctx.dropout and not spec.supports_dropout:
+        reject(Reason.DROPOUT_UNSUPPORTED, "dropout_p > 0")
+    if ctx.window is not None and not spec.supports_window:
+        reject(Reason.WINDOW_UNSUPPORTED, f"window {ctx.window}")
+    if ctx.softcap and not spec.supports_softcap:
+        reject(Reason.SOFTCAP_UNSUPPORTED, f"softcap {ctx.softcap}")
+    if ctx.requires_grad and not spec.supports_backward:
+        reject(Reason.BACKWARD_UNSUPPORTED, "an input requires grad")
+    if ctx.graph_capture and not spec.graph_safe:
+        reject(Reason.NOT_GRAPH_SAFE, "the current CUDA stream is capturing")
+    if ctx.deterministic and not spec.deterministic:
+        reject(Reason.NOT_DETERMINISTIC, "torch.use_deterministic_algorithms(True) is on")
+    if ctx.hidden_size > spec.max_hidden_size:
+        reject(Reason.HIDDEN_SIZE_TOO_LARGE, f"hidden size {ctx.hidden_size} > max {spec.max_hidden_size}")
+    if spec.check is not None and not out:
+        out.extend(spec.check(ctx))
+    return out
+
+
+@dataclass(eq=False)
+class Backend:
+    """A kernel library: how to find it without importing it, and the kernels it provides."""
+
+    name: str
+    kernels: tuple[KernelSpec, ...]
+    module: str | None = None  # import name probed with find_spec; None = always present
+    distribution: str | None = None  # pip distribution name, for the version
+    aliases: tuple[str, ...] = ()
+    min_version: str | None = None
+    description: str = ""
+
+    @cached_property
+    def availability(self) -> tuple[bool, str | None, Rejection | None]:
+        """(available, version, why not). Probed once, without importing the library."""
+        if self.module is None:
+            return True, torch.__version__, None
+        try:
+            found = importlib.util.find_spec(self.module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            return False, None, Rejection(Reason.BACKEND_NOT_INSTALLED, f"python module {self.module!r} not found")
+        version = None
+        try:
+            version = importlib.metadata.version(self.distribution or self.module)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+        if self.min_version and version and _version_tuple(version) < _version_tuple(self.min_version):
+            return False, version, Rejection(
+                Reason.BACKEND_VERSION_UNSUPPORTED, f"{self.name} {version} < required {self.min_version}"
+            )
+        return True, version, None
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split("+")[0].split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)

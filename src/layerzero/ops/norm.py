@@ -1,0 +1,159 @@
+"""Normalization: `lz.rms_norm`, `lz.layer_norm`, `lz.group_norm`.
+
+Kernel calling conventions: rms_norm `impl(x, weight, eps)`, layer_norm `impl(x, weight, bias,
+eps)`, group_norm `impl(x, num_groups, weight, bias, eps)`; weight and bias may be None.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..context import SelectionContext
+from ..errors import InvalidInputError
+from ..kernel import KernelSpec
+from ..state import runtime
+from . import OpFamily, register_family
+
+_grad_enabled = torch.is_grad_enabled
+
+
+def _param_key(t: torch.Tensor | None) -> Any:
+    return None if t is None else (t.shape, t.dtype, t.device, t.requires_grad)
+
+
+def _rms_key(x: Any, weight: Any = None, eps: float = 1e-6) -> tuple[Any, ...]:
+    return ("norm.rms", x.shape, x.dtype, x.device, _param_key(weight), _grad_enabled() and x.requires_grad)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over the last dimension: x / sqrt(mean(x^2) + eps) * weight.
+
+    x: (..., hidden); weight: (hidden,) or None. Returns x's shape and dtype.
+    """
+    try:
+        key = ("norm.rms", x.shape, x.dtype, x.device, None if weight is None else
+               (weight.shape, weight.dtype, weight.device, weight.requires_grad), _grad_enabled() and x.requires_grad)
+    except AttributeError:
+        _check(x=x, weight=weight)
+        raise
+    plan = runtime.plans.data.get(key)
+    if plan is None:
+        plan = runtime.plan(RMS_NORM, key, (x, weight, eps), {})
+    return plan.run(x, weight, eps)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+               eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm over the last dimension. x: (..., hidden); weight, bias: (hidden,) or None."""
+    try:
+        key = _layer_key(x, weight, bias)
+    except AttributeError:
+        _check(x=x, weight=weight, bias=bias)
+        raise
+    plan = runtime.plans.data.get(key)
+    if plan is None:
+        plan = runtime.plan(LAYER_NORM, key, (x, weight, bias, eps), {})
+    return plan.run(x, weight, bias, eps)
+
+
+def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    """GroupNorm. x: (N, C, *); C divisible by num_groups; weight, bias: (C,) or None."""
+    try:
+        key = _group_key(x, num_groups, weight, bias)
+    except AttributeError:
+        _check(x=x, weight=weight, bias=bias)
+        raise
+    plan = runtime.plans.data.get(key)
+    if plan is None:
+        plan = runtime.plan(GROUP_NORM, key, (x, num_groups, weight, bias, eps), {})
+    return plan.run(x, num_groups, weight, bias, eps)
+
+
+def _layer_key(x: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) -> tuple[Any, ...]:
+    return ("norm.layer", x.shape, x.dtype, x.device, _param_key(weight), _param_key(bias),
+            _grad_enabled() and x.requires_grad)
+
+
+def _group_key(x: Any, num_groups: int, weight: Any = None, bias: Any = None, eps: float = 1e-5) -> tuple[Any, ...]:
+    return ("norm.group", x.shape, x.dtype, x.device, num_groups, _param_key(weight), _param_key(bias),
+            _grad_enabled() and x.requires_grad)
+
+
+def _check(**tensors: Any) -> None:
+    for name, t in tensors.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise InvalidInputError(name, "a torch.Tensor", type(t).__name__)
+
+
+def _check_param(name: str, t: torch.Tensor | None, x: torch.Tensor, size: int) -> None:
+    if t is None:
+        return
+    if tuple(t.shape) != (size,):
+        raise InvalidInputError(name, f"shape ({size},)", tuple(t.shape))
+    if t.device != x.device:
+        raise InvalidInputError(name, f"device {x.device} (as x)", t.device)
+    if t.dtype != x.dtype and not (t.is_floating_point() and x.is_floating_point()):
+        raise InvalidInputError(name, f"a floating-point dtype (x is {x.dtype})", t.dtype)
+
+
+def _row_context(op: str, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                 min_dim: int = 1) -> SelectionContext:
+    _check(x=x, weight=weight, bias=bias)
+    if x.dim() < min_dim:
+        raise InvalidInputError("x", f"a tensor with at least {min_dim} dimension(s)", f"{x.dim()}-D")
+    if not x.is_floating_point():
+        raise InvalidInputError("x", "a floating-point dtype", x.dtype)
+    hidden = x.shape[-1] if op != "norm.group" else x.shape[1]
+    if hidden == 0:
+        raise InvalidInputError("x", "a non-empty normalized dimension", tuple(x.shape))
+    _check_param("weight", weight, x, hidden)
+    _check_param("bias", bias, x, hidden)
+    # Kernels that take the weight in x's dtype get it cast by the reference only; record mixing.
+    return SelectionContext(
+        op=op,
+        **SelectionContext.device_fields(x.device),  # type: ignore[arg-type]
+        dtype=x.dtype, hidden_size=hidden, num_rows=x.numel() // max(hidden, 1),
+        has_weight=weight is not None, has_bias=bias is not None,
+        requires_grad=torch.is_grad_enabled() and x.requires_grad,
+    )
+
+
+def _rms_context(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6) -> SelectionContext:
+    return _row_context("norm.rms", x, weight, None)
+
+
+def _layer_context(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                   eps: float = 1e-5) -> SelectionContext:
+    return _row_context("norm.layer", x, weight, bias)
+
+
+def _group_context(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None, eps: float = 1e-5) -> SelectionContext:
+    ctx = _row_context("norm.group", x, weight, bias, min_dim=2)
+    if not isinstance(num_groups, int) or num_groups <= 0 or x.shape[1] % num_groups:
+        raise InvalidInputError("num_groups", f"a positive divisor of the channel count {x.shape[1]}", num_groups)
+    return ctx.replace(num_groups=num_groups, num_rows=x.shape[0])
+
+
+def _no_transforms(spec: KernelSpec, ctx: SelectionContext) -> tuple[str, ...]:
+    return ("contiguous",) if spec.requires_contiguous else ()
+
+
+def _bind(spec: KernelSpec, ctx: SelectionContext) -> tuple[Callable[..., torch.Tensor], tuple[str, ...]]:
+    impl = spec.impl
+    if not spec.requires_contiguous:
+        return impl, ()
+
+    def run(x: torch.Tensor, *rest: Any) -> torch.Tensor:
+        return impl(x.contiguous(), *rest)
+
+    return run, ("contiguous",)
+
+
+RMS_NORM = register_family(OpFamily("rms_norm", _rms_key, _rms_context, _bind, _no_transforms))
+LAYER_NORM = register_family(OpFamily("layer_norm", _layer_key, _layer_context, _bind, _no_transforms))
+GROUP_NORM = register_family(OpFamily("group_norm", _group_key, _group_context, _bind, _no_transforms))

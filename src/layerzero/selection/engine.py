@@ -1,0 +1,195 @@
+"""SelectionEngine: lock -> candidates -> allow/deny -> constraints -> score -> ExecutionPlan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..context import SelectionContext
+from ..errors import NoKernelFoundError
+from ..kernel import KernelSpec, check_constraints
+from ..reasons import Reason, Rejection
+
+if TYPE_CHECKING:
+    from ..state import Runtime
+
+log = logging.getLogger("layerzero")
+
+REFERENCE_BACKEND = "reference"
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionPlan:
+    """The chosen kernel for one call signature, bound with its transforms into `run`."""
+
+    kernel_id: str
+    op: str
+    run: Callable[..., Any] = field(repr=False, compare=False)
+    transforms: tuple[str, ...] = ()
+    score: float = 0.0
+    generation: int = 0
+    fallback: bool = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.run(*args, **kwargs)
+
+
+@dataclass(slots=True)
+class Candidate:
+    """One kernel's fate in a selection: rejections, or the score it got and why."""
+
+    kernel_id: str
+    backend: str
+    priority: int
+    rejections: list[Rejection] = field(default_factory=list)
+    score: float | None = None
+    transforms: tuple[str, ...] = ()
+    rules: list[str] = field(default_factory=list)
+
+    @property
+    def eligible(self) -> bool:
+        return not self.rejections
+
+
+@dataclass(slots=True)
+class SelectionReport:
+    """What `lz.explain` returns: every candidate with its reasons or score, and the choice."""
+
+    op: str
+    context: SelectionContext
+    selected_kernel: str
+    score: float
+    candidates: list[Candidate]
+    cached: bool = False
+    fallback: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def rejection_reasons(self) -> dict[str, list[Reason]]:
+        return {c.kernel_id: [r.reason for r in c.rejections] for c in self.candidates if c.rejections}
+
+    @property
+    def scores(self) -> dict[str, float]:
+        return {c.kernel_id: c.score for c in self.candidates if c.score is not None}
+
+    def __str__(self) -> str:
+        lines = [
+            f"op {self.op}: selected {self.selected_kernel} (score {self.score:g}"
+            f"{', cached' if self.cached else ''}{', reference fallback' if self.fallback else ''})",
+            f"  context: {self.context.summary()}",
+        ]
+        ranked = sorted(self.candidates, key=lambda c: (c.score is None, -(c.score or 0.0), c.kernel_id))
+        for c in ranked:
+            mark = "*" if c.kernel_id == self.selected_kernel else " "
+            if c.rejections:
+                why = "; ".join(str(r) for r in c.rejections)
+                lines.append(f" {mark} {c.kernel_id:<28} rejected: {why}")
+            else:
+                extra = f" transforms={'+'.join(c.transforms)}" if c.transforms else ""
+                rules = f" rules: {'; '.join(c.rules)}" if c.rules else ""
+                lines.append(f" {mark} {c.kernel_id:<28} score {c.score:g} (priority {c.priority}){extra}{rules}")
+        lines.extend(f"  note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+Binder = Callable[[KernelSpec, SelectionContext], tuple[Callable[..., Any], tuple[str, ...]]]
+
+# Each transform (layout transpose, contiguous copy) costs a little against the priority score.
+TRANSFORM_PENALTY = 2.0
+
+
+class SelectionEngine:
+    """Chooses kernels for contexts using the runtime's registry, policy and health."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def evaluate(self, ctx: SelectionContext, transforms_of: Callable[[KernelSpec, SelectionContext], tuple[str, ...]]) -> SelectionReport:
+        """Score or reject every kernel registered for `ctx.op`."""
+        rt = self.runtime
+        policy = rt.policy
+        specs = rt.registry.candidates(ctx.op)
+        candidates = {s.id: Candidate(s.id, s.backend, s.priority) for s in specs}
+        notes: list[str] = []
+
+        for spec in specs:
+            cand = candidates[spec.id]
+            available, _, why = rt.registry.backend(spec.backend).availability
+            if not available and why is not None:
+                cand.rejections.append(why)
+                continue
+            cand.rejections.extend(rt.health_rejections(spec))
+            cand.rejections.extend(check_constraints(spec, ctx))
+            if spec.backend != REFERENCE_BACKEND and spec.backend in rt.disabled_backends:
+                cand.rejections.append(Rejection(Reason.BACKEND_DISABLED, "disabled by lz.disabled()"))
+
+        lock = policy.lock_for(ctx)
+        locked_ok = False
+        if lock is not None:
+            locked = [s for s in specs if lock.targets(s)]
+            locked_ok = any(candidates[s.id].eligible for s in locked)
+            if locked_ok:
+                for spec in specs:
+                    if not lock.targets(spec):
+                        candidates[spec.id].rejections.append(Rejection(Reason.POLICY_LOCKED_OTHER, lock.describe()))
+                    else:
+                        candidates[spec.id].rules.append(lock.describe())
+            else:
+                msg = f"lock {lock.describe()} cannot run this call; " + (
+                    "strict mode" if policy.strict else "selecting among the other kernels"
+                )
+                if policy.strict:
+                    report = SelectionReport(ctx.op, ctx, "", 0.0, list(candidates.values()), notes=[msg])
+                    raise NoKernelFoundError(f"locked kernel for {ctx.op} cannot run these inputs", report)
+                notes.append(msg)
+                rt.warn_once(("lock", lock, ctx.op), msg)
+
+        if not locked_ok:
+            allows = policy.allow_rules(ctx)
+            for spec in specs:
+                if spec.backend == REFERENCE_BACKEND:
+                    continue  # the reference always stays: a call always runs
+                cand = candidates[spec.id]
+                if allows and not any(r.targets(spec) for r in allows):
+                    cand.rejections.append(
+                        Rejection(Reason.POLICY_NOT_ALLOWED, "; ".join(r.describe() for r in allows))
+                    )
+                deny = policy.deny_rule(spec, ctx)
+                if deny is not None:
+                    cand.rejections.append(Rejection(Reason.POLICY_DENIED, deny.describe()))
+
+        for spec in specs:
+            cand = candidates[spec.id]
+            if cand.rejections:
+                continue
+            factor, rules = policy.boost(spec, ctx)
+            cand.rules.extend(r.describe() for r in rules)
+            cand.transforms = transforms_of(spec, ctx)
+            cand.score = rt.score(spec, ctx) * factor - TRANSFORM_PENALTY * len(cand.transforms)
+
+        eligible = [c for c in candidates.values() if c.score is not None]
+        non_reference = [c for c in eligible if c.backend != REFERENCE_BACKEND]
+        pool = non_reference or eligible
+        if not pool:
+            report = SelectionReport(ctx.op, ctx, "", 0.0, list(candidates.values()), notes=notes)
+            raise NoKernelFoundError(f"no kernel can run {ctx.op}", report)
+        best = max(pool, key=lambda c: (c.score, c.kernel_id))
+        fallback = not non_reference
+        if fallback:
+            notes.append("no accelerated kernel can run this call; the torch reference runs")
+        return SelectionReport(ctx.op, ctx, best.kernel_id, best.score or 0.0, list(candidates.values()), fallback=fallback, notes=notes)
+
+    def select(self, ctx: SelectionContext, bind: Binder, transforms_of: Callable[[KernelSpec, SelectionContext], tuple[str, ...]]) -> tuple[ExecutionPlan, SelectionReport]:
+        """Evaluate and bind the winner into an ExecutionPlan."""
+        generation = self.runtime.generation
+        report = self.evaluate(ctx, transforms_of)
+        if report.fallback and self.runtime.policy.strict:
+            raise NoKernelFoundError(f"strict mode: only the reference can run {ctx.op}", report)
+        if report.fallback:
+            self.runtime.warn_once(("fallback", ctx.op, ctx.device_type), f"{ctx.op}: {report.notes[-1]}; see lz.explain for reasons")
+        spec = self.runtime.registry.kernel(report.selected_kernel)
+        run, transforms = bind(spec, ctx)
+        plan = ExecutionPlan(spec.id, ctx.op, run, transforms, report.score, generation, report.fallback)
+        return plan, report

@@ -1,0 +1,121 @@
+"""Inspection and registration: select, explain, which, list_kernels, validate, register_kernel."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import UnknownNameError
+from ..kernel import Backend, KernelSpec, check_constraints
+from ..ops import FAMILIES, OpFamily
+from ..reasons import Reason
+from ..state import runtime
+from .engine import ExecutionPlan, SelectionReport
+
+
+def _family(op: str | Callable[..., Any]) -> OpFamily:
+    name = op if isinstance(op, str) else getattr(op, "__name__", repr(op))
+    family = FAMILIES.get(name)
+    if family is None:
+        raise UnknownNameError("operation", name, FAMILIES)
+    return family
+
+
+def select(op: str | Callable[..., Any], *args: Any, **kwargs: Any) -> ExecutionPlan:
+    """The ExecutionPlan a call `op(*args, **kwargs)` would run (cached like a real call)."""
+    family = _family(op)
+    key = family.key(*args, **kwargs)
+    plan = runtime.plans.data.get(key)
+    return plan if plan is not None else runtime.plan(family, key, args, kwargs)
+
+
+def explain(op: str | Callable[..., Any], *args: Any, **kwargs: Any) -> SelectionReport:
+    """Every candidate kernel for `op(*args, **kwargs)` with its rejection reasons or score.
+
+    `op` is a public op name ("attention", "rms_norm", ...) or the function itself (lz.attention).
+    """
+    family = _family(op)
+    return runtime.explain(family, family.key(*args, **kwargs), args, kwargs)
+
+
+def which(op: str | Callable[..., Any], *args: Any, **kwargs: Any) -> str:
+    """The id of the kernel that `op(*args, **kwargs)` runs."""
+    return select(op, *args, **kwargs).kernel_id
+
+
+@dataclass(frozen=True, slots=True)
+class KernelInfo:
+    id: str
+    backend: str
+    ops: tuple[str, ...]
+    priority: int
+    available: bool
+    description: str
+
+
+def list_kernels(pattern: str = "*") -> list[KernelInfo]:
+    """Registered kernels whose id or one of whose op ids matches the glob `pattern`."""
+    runtime.ensure_loaded()
+    out = []
+    for spec in runtime.registry.kernels.values():
+        if fnmatch.fnmatchcase(spec.id, pattern) or any(fnmatch.fnmatchcase(op, pattern) for op in spec.ops):
+            available = runtime.registry.backend(spec.backend).availability[0]
+            out.append(KernelInfo(spec.id, spec.backend, spec.ops, spec.priority, available, spec.description))
+    return sorted(out, key=lambda k: k.id)
+
+
+def validate(kernel_id: str, op: str | Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[bool, list[Reason]]:
+    """Can `kernel_id` run `op(*args, **kwargs)`? Returns (ok, reasons); policy is not consulted."""
+    runtime.ensure_loaded()
+    spec = runtime.registry.kernel(kernel_id)
+    ctx = _family(op).context(*args, **kwargs)
+    rejections = []
+    available, _, why = runtime.registry.backend(spec.backend).availability
+    if not available and why is not None:
+        rejections.append(why)
+    rejections.extend(check_constraints(spec, ctx))
+    return not rejections, [r.reason for r in rejections]
+
+
+def register_kernel(spec: KernelSpec | None = None, /, **fields: Any) -> KernelSpec:
+    """Add a user kernel; it competes in selection like the built-in ones.
+
+    Pass a KernelSpec, or its fields: `lz.register_kernel(id="mine.rms", ops=("norm.rms",),
+    impl=fn, platforms=frozenset({"cpu"}), priority=90)`. The impl takes the op's calling
+    convention (see the op modules). Replaces a kernel with the same id. Cached plans are dropped.
+    """
+    if spec is None:
+        spec = KernelSpec(**fields)
+    elif fields:
+        raise TypeError("pass a KernelSpec or keyword fields, not both")
+    if "." not in spec.id:
+        raise UnknownNameError("kernel id (expected 'backend.name')", spec.id, [])
+    runtime.register(spec)
+    return spec
+
+
+def register_backend(backend: Backend) -> Backend:
+    """Add a whole backend (a library with several kernels)."""
+    runtime.register(backend)
+    return backend
+
+
+@dataclass(frozen=True, slots=True)
+class BackendInfo:
+    name: str
+    available: bool
+    version: str | None
+    reason: str | None
+    kernels: tuple[str, ...]
+
+
+def backends() -> list[BackendInfo]:
+    """Every registered backend with its version or the reason it is unavailable."""
+    runtime.ensure_loaded()
+    out = []
+    for b in runtime.registry.backends.values():
+        ok, version, why = b.availability
+        out.append(BackendInfo(b.name, ok, version, None if why is None else str(why), tuple(k.id for k in b.kernels)))
+    return out

@@ -1,0 +1,161 @@
+"""The one runtime object: kernel registry, policy, plan cache, health. Tests reset it."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+from collections.abc import Hashable
+from typing import Any
+
+from .context import SelectionContext
+from .errors import UnknownNameError
+from .kernel import Backend, KernelSpec
+from .policy.model import Policy
+from .reasons import Rejection
+from .selection.cache import PlanCache
+from .selection.engine import ExecutionPlan, SelectionEngine, SelectionReport
+
+log = logging.getLogger("layerzero")
+
+# Built-in backend modules under layerzero.backends; each defines BACKEND. None of them imports
+# its kernel library at module import time.
+BUILTIN_BACKENDS = ("reference", "torch_native")
+
+
+class Registry:
+    """Backends and their kernels, indexed by id and by op."""
+
+    def __init__(self) -> None:
+        self.backends: dict[str, Backend] = {}
+        self.kernels: dict[str, KernelSpec] = {}
+        self.by_op: dict[str, list[KernelSpec]] = {}
+        self.aliases: dict[str, str] = {}
+
+    def add_backend(self, backend: Backend) -> None:
+        self.backends[backend.name] = backend
+        for alias in backend.aliases:
+            self.aliases[alias] = backend.name
+        for spec in backend.kernels:
+            self.add_kernel(spec)
+
+    def add_kernel(self, spec: KernelSpec) -> None:
+        if spec.backend not in self.backends:
+            self.backends[spec.backend] = Backend(spec.backend, ())
+        old = self.kernels.get(spec.id)
+        if old is not None:
+            for op in old.ops:
+                self.by_op[op] = [s for s in self.by_op[op] if s.id != spec.id]
+        self.kernels[spec.id] = spec
+        for op in spec.ops:
+            self.by_op.setdefault(op, []).append(spec)
+
+    def backend_name(self, name: str) -> str:
+        """Canonical backend name for a name or alias (`torch_sdpa` -> `torch`)."""
+        if name in self.backends:
+            return name
+        if name in self.aliases:
+            return self.aliases[name]
+        raise UnknownNameError("backend", name, list(self.backends) + list(self.aliases))
+
+    def backend(self, name: str) -> Backend:
+        return self.backends[self.backend_name(name)]
+
+    def kernel(self, kernel_id: str) -> KernelSpec:
+        spec = self.kernels.get(kernel_id)
+        if spec is None:
+            raise UnknownNameError("kernel", kernel_id, self.kernels)
+        return spec
+
+    def candidates(self, op: str) -> list[KernelSpec]:
+        return self.by_op.get(op, [])
+
+
+class Runtime:
+    """All mutable state of LayerZero in one place."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.registry = Registry()
+        self.policy = Policy()
+        self.plans = PlanCache()
+        self.engine = SelectionEngine(self)
+        self.disabled_backends: frozenset[str] = frozenset()
+        self.kernel_failures: dict[str, int] = {}
+        self._warned: set[Hashable] = set()
+        self._loaded = False
+
+    @property
+    def generation(self) -> int:
+        return self.plans.generation
+
+    def ensure_loaded(self) -> None:
+        if self._loaded:
+            return
+        with self._lock:
+            if self._loaded:
+                return
+            for name in BUILTIN_BACKENDS:
+                module = importlib.import_module(f"layerzero.backends.{name}")
+                self.registry.add_backend(module.BACKEND)
+            self._loaded = True
+
+    def bump(self) -> None:
+        """Invalidate every cached plan (policy, registry, health or perf data changed)."""
+        self.plans.invalidate()
+
+    def set_policy(self, policy: Policy) -> None:
+        with self._lock:
+            self.policy = policy
+            self.bump()
+
+    def register(self, item: Backend | KernelSpec) -> None:
+        self.ensure_loaded()
+        with self._lock:
+            if isinstance(item, Backend):
+                self.registry.add_backend(item)
+            else:
+                self.registry.add_kernel(item)
+            self.bump()
+
+    def score(self, spec: KernelSpec, ctx: SelectionContext) -> float:
+        return float(spec.priority)
+
+    def health_rejections(self, spec: KernelSpec) -> list[Rejection]:
+        return []
+
+    def warn_once(self, key: Hashable, message: str) -> None:
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        log.warning(message)
+
+    def plan(self, family: Any, key: Hashable, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ExecutionPlan:
+        """The miss path: build the context, select, bind, cache (once per key and generation)."""
+        self.ensure_loaded()
+
+        def compute() -> ExecutionPlan:
+            ctx = family.context(*args, **kwargs)
+            plan, _ = self.engine.select(ctx, family.bind, family.transforms)
+            return plan
+
+        return self.plans.get_or_compute(key, compute)
+
+    def explain(self, family: Any, key: Hashable, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SelectionReport:
+        self.ensure_loaded()
+        ctx = family.context(*args, **kwargs)
+        report = self.engine.evaluate(ctx, family.transforms)
+        cached = self.plans.data.get(key)
+        report.cached = cached is not None and cached.kernel_id == report.selected_kernel
+        return report
+
+
+runtime = Runtime()
+
+
+def reset() -> None:
+    """Fresh runtime state (tests): registry reloaded, policy cleared, caches empty."""
+    global runtime
+    fresh = Runtime()
+    runtime.__dict__.update(fresh.__dict__)
+    runtime.engine.runtime = runtime
