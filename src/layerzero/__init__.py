@@ -25,8 +25,8 @@ from .ops.norm import group_norm, layer_norm, rms_norm
 from .reasons import Reason, Rejection
 from .selection.engine import ExecutionPlan, SelectionReport
 from .selection.inspect import (
-    backends,
     explain,
+    list_backends,
     list_kernels,
     register_backend,
     register_kernel,
@@ -42,6 +42,6 @@ __all__ = [
     "Backend", "BackendNotAvailableError", "CacheCorruptionError", "ConfigurationError", "CudaGraphUnsafeError",
     "ExecutionPlan", "InvalidInputError", "KernelExecutionError", "KernelSpec", "LayerZeroError",
     "NoKernelFoundError", "PolicyValidationError", "Reason", "Rejection", "SelectionContext", "SelectionReport",
-    "SelectionTimeoutError", "UnknownNameError", "attention", "backends", "explain", "group_norm", "layer_norm",
-    "list_kernels", "register_backend", "register_kernel", "reset", "rms_norm", "select", "validate", "which",
+    "SelectionTimeoutError", "UnknownNameError", "attention", "explain", "group_norm", "layer_norm",
+    "list_backends", "list_kernels", "register_backend", "register_kernel", "reset", "rms_norm", "select", "validate", "which",
 ]

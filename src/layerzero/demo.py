@@ -26,7 +26,7 @@ def main() -> None:
     print(f"device: {info.type} {info.name}{sm}{isa}\n")
 
     print("backends:")
-    for b in lz.backends():
+    for b in lz.list_backends():
         state = f"available, version {b.version}" if b.available else f"unavailable ({b.reason})"
         print(f"  {b.name:<12} {state}")
 

@@ -18,9 +18,14 @@ from .selection.engine import ExecutionPlan, SelectionEngine, SelectionReport
 
 log = logging.getLogger("layerzero")
 
-# Built-in backend modules under layerzero.backends; each defines BACKEND. None of them imports
-# its kernel library at module import time.
-BUILTIN_BACKENDS = ("reference", "torch_native")
+
+
+def builtin_backend_modules() -> list[str]:
+    """Every module of layerzero.backends that defines BACKEND (none imports its library)."""
+    import pkgutil
+
+    package = importlib.import_module("layerzero.backends")
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
 
 
 class Registry:
@@ -95,9 +100,11 @@ class Runtime:
         with self._lock:
             if self._loaded:
                 return
-            for name in BUILTIN_BACKENDS:
+            for name in builtin_backend_modules():
                 module = importlib.import_module(f"layerzero.backends.{name}")
-                self.registry.add_backend(module.BACKEND)
+                backend = getattr(module, "BACKEND", None)
+                if backend is not None:
+                    self.registry.add_backend(backend)
             self._loaded = True
 
     def bump(self) -> None:

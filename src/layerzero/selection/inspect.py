@@ -111,7 +111,7 @@ class BackendInfo:
     kernels: tuple[str, ...]
 
 
-def backends() -> list[BackendInfo]:
+def list_backends() -> list[BackendInfo]:
     """Every registered backend with its version or the reason it is unavailable."""
     runtime.ensure_loaded()
     out = []

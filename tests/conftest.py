@@ -1,0 +1,42 @@
+"""Shared fixtures: a fresh LayerZero runtime per test, and GPU tests skipped without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import layerzero as lz
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run with -m gpu on the GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def fresh_runtime():
+    """Every test starts from a clean registry, policy and plan cache."""
+    lz.reset()
+    yield
+    lz.reset()
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def tolerance(dtype: torch.dtype) -> dict[str, float]:
+    """Tolerances per dtype for comparing a kernel with a float64 reference."""
+    return {
+        torch.float16: {"rtol": 1e-3, "atol": 1e-3},
+        torch.bfloat16: {"rtol": 1e-2, "atol": 1e-2},
+        torch.float32: {"rtol": 1e-4, "atol": 1e-5},
+        torch.float64: {"rtol": 1e-7, "atol": 1e-9},
+    }[dtype]
