@@ -20,7 +20,7 @@ from .errors import (
     UnknownNameError,
 )
 from .kernel import Backend, KernelSpec
-from .ops.attention import attention
+from .ops.attention import attention, attention_varlen, paged_attention
 from .ops.norm import group_norm, layer_norm, rms_norm
 from .reasons import Reason, Rejection
 from .selection.engine import ExecutionPlan, SelectionReport
@@ -42,6 +42,6 @@ __all__ = [
     "Backend", "BackendNotAvailableError", "CacheCorruptionError", "ConfigurationError", "CudaGraphUnsafeError",
     "ExecutionPlan", "InvalidInputError", "KernelExecutionError", "KernelSpec", "LayerZeroError",
     "NoKernelFoundError", "PolicyValidationError", "Reason", "Rejection", "SelectionContext", "SelectionReport",
-    "SelectionTimeoutError", "UnknownNameError", "attention", "explain", "group_norm", "layer_norm",
+    "SelectionTimeoutError", "UnknownNameError", "attention", "attention_varlen", "explain", "group_norm", "layer_norm", "paged_attention",
     "list_backends", "list_kernels", "register_backend", "register_kernel", "reset", "rms_norm", "select", "validate", "which",
 ]

@@ -35,7 +35,8 @@ class SelectionContext:
     is_causal: bool = False
     mask_kind: str = "none"  # "none" | "bool" | "float"
     window: tuple[int, int] | None = None  # (left, right); -1 = unbounded on that side
-    softcap: float = 0.0
+    softcap: float = 0.0  # 0 = off; the value itself is passed at run time
+    alibi: bool = False
     dropout: bool = False
     requires_grad: bool = False
     graph_capture: bool = False

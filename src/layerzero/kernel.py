@@ -51,6 +51,10 @@ class KernelSpec:
     supports_dropout: bool = False
     supports_window: bool = False
     supports_softcap: bool = False
+    supports_alibi: bool = False
+    kv_layouts: frozenset[str] = frozenset({"NHD", "HND"})  # paged KV-cache layouts taken
+    page_sizes: frozenset[int] | None = None  # None: any page size >= min_page_size
+    min_page_size: int = 1
     supports_backward: bool = False
     layout: str = "BHSD"
     requires_contiguous: bool = False
@@ -122,6 +126,14 @@ def check_constraints(spec: KernelSpec, ctx: SelectionContext) -> list[Rejection
         reject(Reason.WINDOW_UNSUPPORTED, f"window {ctx.window}")
     if ctx.softcap and not spec.supports_softcap:
         reject(Reason.SOFTCAP_UNSUPPORTED, f"softcap {ctx.softcap}")
+    if ctx.alibi and not spec.supports_alibi:
+        reject(Reason.ALIBI_UNSUPPORTED, "alibi_slopes given")
+    if ctx.kv_layout is not None:
+        if ctx.kv_layout not in spec.kv_layouts:
+            reject(Reason.KV_LAYOUT_UNSUPPORTED, f"kv_layout {ctx.kv_layout} not in {sorted(spec.kv_layouts)}")
+        if ctx.page_size < spec.min_page_size or (spec.page_sizes is not None and ctx.page_size not in spec.page_sizes):
+            allowed = sorted(spec.page_sizes) if spec.page_sizes is not None else f">= {spec.min_page_size}"
+            reject(Reason.PAGE_SIZE_UNSUPPORTED, f"page_size {ctx.page_size}, kernel takes {allowed}")
     if ctx.requires_grad and not spec.supports_backward:
         reject(Reason.BACKWARD_UNSUPPORTED, "an input requires grad")
     if ctx.graph_capture and not spec.graph_safe:

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from ..kernel import ALL_FLOAT_DTYPES, FLOAT_DTYPES, HALF_DTYPES, Backend, KernelSpec
-from .reference import causal_mask
+from .reference import alibi_bias, band_mask
 
-ATTENTION_OPS = ("attention.causal", "attention.full", "attention.masked")
+ATTENTION_OPS = ("attention.causal", "attention.full", "attention.masked", "attention.sliding_window")
 _ANY_MASK = frozenset({"none", "bool", "float"})
 _CPU_CUDA = frozenset({"cpu", "cuda"})
 
@@ -30,12 +30,15 @@ _PIN_LOCK = threading.Lock()
 
 def _sdpa(backend_name: str) -> Callable[..., torch.Tensor]:
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-            is_causal: bool, dropout_p: float, scale: float | None) -> torch.Tensor:
+            is_causal: bool, dropout_p: float, scale: float | None, window: tuple[int, int] | None = None,
+            softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        if is_causal and q.shape[2] != k.shape[2]:
-            # torch's is_causal is aligned top-left; ours bottom-right (see ops.attention).
-            attn_mask, is_causal = causal_mask(q.shape[2], k.shape[2], q.device), False
+        if window is not None or alibi_slopes is not None or (is_causal and q.shape[2] != k.shape[2]):
+            # torch's is_causal is aligned top-left, ours bottom-right; windows and ALiBi become a
+            # materialized mask (only kernels that take masks declare support for them).
+            attn_mask = _materialize_mask(q, k, attn_mask, is_causal, window, alibi_slopes)
+            is_causal = False
         with _PIN_LOCK, sdpa_kernel(getattr(SDPBackend, backend_name)):
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
@@ -44,6 +47,22 @@ def _sdpa(backend_name: str) -> Callable[..., torch.Tensor]:
 
     run.__qualname__ = f"sdpa_{backend_name.lower()}"
     return run
+
+
+def _materialize_mask(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
+                      window: tuple[int, int] | None, alibi_slopes: torch.Tensor | None) -> torch.Tensor:
+    sq, sk = q.shape[2], k.shape[2]
+    keep = band_mask(sq, sk, is_causal, window, q.device)
+    if alibi_slopes is None and (attn_mask is None or attn_mask.dtype == torch.bool):
+        assert keep is not None or attn_mask is not None
+        return keep if attn_mask is None else (attn_mask if keep is None else attn_mask & keep)
+    bias = torch.zeros(sq, sk, dtype=q.dtype, device=q.device) if alibi_slopes is None else alibi_bias(
+        alibi_slopes, sq, sk).to(q.dtype)
+    if attn_mask is not None:
+        bias = bias.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else bias + attn_mask
+    if keep is not None:
+        bias = bias.masked_fill(~keep, float("-inf"))
+    return bias
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -74,13 +93,14 @@ BACKEND = Backend(
         KernelSpec(
             id="torch.sdpa_flash_cpu", ops=ATTENTION_OPS, impl=_sdpa("FLASH_ATTENTION"), priority=60,
             platforms=frozenset({"cpu"}), dtypes=ALL_FLOAT_DTYPES, mask_kinds=_ANY_MASK, supports_backward=True,
+            supports_window=True, supports_alibi=True,
             description="torch's CPU flash-attention kernel (SDPBackend.FLASH_ATTENTION on CPU)",
         ),
         KernelSpec(
             id="torch.sdpa_efficient", ops=ATTENTION_OPS, impl=_sdpa("EFFICIENT_ATTENTION"), priority=60,
             platforms=frozenset({"cuda"}), min_sm=50, max_sm=121, dtypes=FLOAT_DTYPES, head_dim_multiple=8,
             mask_kinds=_ANY_MASK, supports_dropout=True, supports_backward=True, deterministic=False,
-            description="xFormers-derived memory-efficient kernel (SDPBackend.EFFICIENT_ATTENTION)",
+            supports_window=True, supports_alibi=True, description="xFormers-derived memory-efficient kernel (SDPBackend.EFFICIENT_ATTENTION)",
         ),
         KernelSpec(
             id="torch.sdpa_cudnn", ops=ATTENTION_OPS, impl=_sdpa("CUDNN_ATTENTION"), priority=85,
@@ -91,7 +111,7 @@ BACKEND = Backend(
         KernelSpec(
             id="torch.sdpa_math", ops=ATTENTION_OPS, impl=_sdpa("MATH"), priority=20, platforms=_CPU_CUDA,
             dtypes=ALL_FLOAT_DTYPES, mask_kinds=_ANY_MASK, supports_dropout=True, supports_backward=True,
-            same_head_dim_v=False, description="unfused matmul-softmax-matmul (SDPBackend.MATH)",
+            supports_window=True, supports_alibi=True, same_head_dim_v=False, description="unfused matmul-softmax-matmul (SDPBackend.MATH)",
         ),
         KernelSpec(
             id="torch.rms_norm", ops=("norm.rms",), impl=rms_norm, priority=50, platforms=_CPU_CUDA,

@@ -1,8 +1,25 @@
-"""Attention: `lz.attention(q, k, v, ...)` over BSHD (default) or BHSD tensors.
+"""Attention: dense (`lz.attention`), variable-length packed (`lz.attention_varlen`) and paged
+KV cache (`lz.paged_attention`).
 
-Causal masking is aligned to the bottom-right corner when seq_len_q != seq_len_k (query i sees
-keys up to i + seq_len_k - seq_len_q), as in flash-attn and FlashInfer: that is what decoding
-with a KV cache needs. With seq_len_q == seq_len_k it is the usual lower-triangular mask.
+Semantics shared by every kernel (kernels are tested against backends/reference.py):
+- Causal masking is aligned to the bottom-right corner when seq_len_q != seq_len_k: query i sees
+  keys up to i + seq_len_k - seq_len_q, as in flash-attn and FlashInfer (what decoding with a KV
+  cache needs). With seq_len_q == seq_len_k it is the usual lower-triangular mask.
+- window_size=(left, right), flash-attn style: query at position p (bottom-right aligned) sees keys
+  in [p - left, p + right]; -1 means unbounded on that side.
+- softcap > 0: scores become softcap * tanh(scores / softcap) before masking (Gemma-2).
+- alibi_slopes (Hq,) or (B, Hq), float32: scores get -slope * |p - j| added.
+- A query row that sees no key gives zeros.
+
+Kernel calling conventions (what KernelSpec.impl receives, already in the kernel's layout):
+- dense:  impl(q, k, v, attn_mask, is_causal, dropout_p, scale, window, softcap, alibi_slopes)
+- varlen: impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
+               window, softcap)            q: (total_q, Hq, D), k/v: (total_k, Hkv, D)
+- paged:  impl(q, k_cache, v_cache, page_table, seq_lens, is_causal, scale, window, softcap, kv_layout)
+          q: (B, Sq, Hq, D); caches (num_pages, page_size, Hkv, D) for NHD or
+          (num_pages, Hkv, page_size, D) for HND; page_table (B, max_pages) int32; seq_lens (B,) int32
+          counts every cached token of a sequence including the Sq new ones.
+window is None or (left, right); softcap is a float (0 = off).
 """
 
 from __future__ import annotations
@@ -20,6 +37,7 @@ from . import OpFamily, register_family
 
 _capturing = torch.cuda.is_current_stream_capturing
 _grad_enabled = torch.is_grad_enabled
+KV_LAYOUTS = ("NHD", "HND")
 
 
 def attention(
@@ -31,31 +49,37 @@ def attention(
     dropout_p: float = 0.0,
     scale: float | None = None,
     layout: str = "BSHD",
+    window_size: tuple[int, int] | None = None,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention with the fastest kernel that can run these inputs.
 
     q: (B, Sq, Hq, D) in BSHD or (B, Hq, Sq, D) in BHSD; k, v: the same with Sk and Hkv heads,
     Hq a multiple of Hkv (GQA/MQA). attn_mask: bool (True = attend) or additive float,
-    broadcastable to (B, Hq, Sq, Sk), in either layout. Returns the output in q's layout.
+    broadcastable to (B, Hq, Sq, Sk) whatever the layout. Returns the output in q's layout.
     """
     try:
-        key = _key(q, k, v, attn_mask, is_causal, dropout_p, scale, layout)
+        key = _key(q, k, v, attn_mask, is_causal, dropout_p, scale, layout, window_size, softcap, alibi_slopes)
     except AttributeError:
-        _check_tensors(q=q, k=k, v=v, attn_mask=attn_mask)
+        _check_tensors(q=q, k=k, v=v, attn_mask=attn_mask, alibi_slopes=alibi_slopes)
         raise
     plan = runtime.plans.data.get(key)
     if plan is None:
-        plan = runtime.plan(ATTENTION, key, (q, k, v, attn_mask, is_causal, dropout_p, scale, layout), {})
-    return plan.run(q, k, v, attn_mask, is_causal, dropout_p, scale)
+        args = (q, k, v, attn_mask, is_causal, dropout_p, scale, layout, window_size, softcap, alibi_slopes)
+        plan = runtime.plan(ATTENTION, key, args, {})
+    return plan.run(q, k, v, attn_mask, is_causal, dropout_p, scale, window_size, softcap, alibi_slopes)
 
 
 def _key(q: Any, k: Any, v: Any, attn_mask: Any = None, is_causal: bool = False, dropout_p: float = 0.0,
-         scale: float | None = None, layout: str = "BSHD") -> tuple[Any, ...]:
+         scale: float | None = None, layout: str = "BSHD", window_size: Any = None, softcap: float = 0.0,
+         alibi_slopes: Any = None) -> tuple[Any, ...]:
     """The plan-cache key: everything selection depends on, nothing it does not (not scale)."""
     return (
         "attention", layout, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
         None if attn_mask is None else (attn_mask.shape, attn_mask.dtype, attn_mask.device),
-        is_causal, dropout_p > 0.0,
+        is_causal, dropout_p > 0.0, window_size, softcap > 0.0,
+        None if alibi_slopes is None else (alibi_slopes.shape, alibi_slopes.dtype, alibi_slopes.device),
         _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
         q.is_cuda and _capturing(),
     )
@@ -85,31 +109,76 @@ def _shape_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: st
         return InvalidInputError("k", f"head_dim {D} (as q)", Dk)
     if Sv != Sk:
         return InvalidInputError("v", f"seq_len {Sk} (as k) in {layout}", Sv)
+    return _heads_problem(Hq, Hk, Hv, f" in {layout}")
+
+
+def _heads_problem(Hq: int, Hk: int, Hv: int, where: str = "") -> InvalidInputError | None:
     if Hv != Hk:
-        return InvalidInputError("v", f"{Hk} heads (as k) in {layout}", Hv)
+        return InvalidInputError("v", f"{Hk} heads (as k){where}", Hv)
     if Hk == 0 or Hq % Hk:
-        return InvalidInputError("k", f"a head count dividing q's {Hq} heads (GQA/MQA) in {layout}", Hk)
+        return InvalidInputError("k", f"a head count dividing q's {Hq} heads (GQA/MQA){where}", Hk)
     return None
+
+
+def _same_dtype_device(q: torch.Tensor, **others: torch.Tensor) -> None:
+    if not q.is_floating_point():
+        raise InvalidInputError("q", "a floating-point dtype", q.dtype)
+    for name, t in others.items():
+        if t.dtype != q.dtype:
+            raise InvalidInputError(name, f"dtype {q.dtype} (as q)", t.dtype)
+        if t.device != q.device:
+            raise InvalidInputError(name, f"device {q.device} (as q)", t.device)
+
+
+def _check_options(window_size: Any, softcap: float, scale: float | None) -> tuple[int, int] | None:
+    """Validated window (None when unbounded on both sides)."""
+    if window_size is not None:
+        ok = (isinstance(window_size, tuple | list) and len(window_size) == 2
+              and all(isinstance(w, int) and w >= -1 for w in window_size))
+        if not ok:
+            raise InvalidInputError("window_size", "(left, right) ints >= -1 (-1 = unbounded)", window_size)
+        window_size = (int(window_size[0]), int(window_size[1]))
+        if window_size == (-1, -1):
+            window_size = None
+    if not isinstance(softcap, int | float) or softcap < 0:
+        raise InvalidInputError("softcap", "a float >= 0 (0 = off)", softcap)
+    if scale is not None and not isinstance(scale, int | float):
+        raise InvalidInputError("scale", "None or a float", type(scale).__name__)
+    return window_size
+
+
+def _check_alibi(alibi_slopes: torch.Tensor | None, batch: int, heads: int, device: torch.device) -> None:
+    if alibi_slopes is None:
+        return
+    if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
+        raise InvalidInputError("alibi_slopes", f"shape ({heads},) or ({batch}, {heads})", tuple(alibi_slopes.shape))
+    if alibi_slopes.dtype != torch.float32:
+        raise InvalidInputError("alibi_slopes", "dtype torch.float32", alibi_slopes.dtype)
+    if alibi_slopes.device != device:
+        raise InvalidInputError("alibi_slopes", f"device {device} (as q)", alibi_slopes.device)
+
+
+def _op_id(is_causal: bool, window: Any, masked: bool) -> str:
+    if window is not None:
+        return "attention.sliding_window"
+    if is_causal:
+        return "attention.causal"
+    return "attention.masked" if masked else "attention.full"
 
 
 def _context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
              is_causal: bool = False, dropout_p: float = 0.0, scale: float | None = None,
-             layout: str = "BSHD") -> SelectionContext:
+             layout: str = "BSHD", window_size: tuple[int, int] | None = None, softcap: float = 0.0,
+             alibi_slopes: torch.Tensor | None = None) -> SelectionContext:
     """Validate the inputs and describe the call (miss path only)."""
-    _check_tensors(q=q, k=k, v=v, attn_mask=attn_mask)
+    _check_tensors(q=q, k=k, v=v, attn_mask=attn_mask, alibi_slopes=alibi_slopes)
     if layout not in LAYOUTS:
         raise UnknownNameError("layout", str(layout), LAYOUTS)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise InvalidInputError(name, f"a 4-D tensor ({'B, S, H, D' if layout == 'BSHD' else 'B, H, S, D'})",
                                     f"{t.dim()}-D shape {tuple(t.shape)}")
-    if not q.is_floating_point():
-        raise InvalidInputError("q", "a floating-point dtype", q.dtype)
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise InvalidInputError(name, f"dtype {q.dtype} (as q)", t.dtype)
-        if t.device != q.device:
-            raise InvalidInputError(name, f"device {q.device} (as q)", t.device)
+    _same_dtype_device(q, k=k, v=v)
     problem = _shape_problem(q, k, v, layout)
     if problem is not None:
         other = "BHSD" if layout == "BSHD" else "BSHD"
@@ -119,7 +188,8 @@ def _context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch
         raise problem
     B, Sq, Hq, D = _dims(q, layout)
     _, Sk, Hk, _ = _dims(k, layout)
-    Dv = v.shape[-1]
+    window = _check_options(window_size, softcap, scale)
+    _check_alibi(alibi_slopes, B, Hq, q.device)
     mask_kind = "none"
     if attn_mask is not None:
         if is_causal:
@@ -137,22 +207,21 @@ def _context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch
         shape = tuple(attn_mask.shape)
         if not 2 <= len(shape) <= 4 or any(m not in (1, t) for m, t in zip(reversed(shape), reversed(target), strict=False)):
             raise InvalidInputError("attn_mask", f"a shape broadcastable to (B, Hq, Sq, Sk) = {target}", shape)
-    if not 0.0 <= dropout_p < 1.0:
+    if not isinstance(dropout_p, int | float) or not 0.0 <= dropout_p < 1.0:
         raise InvalidInputError("dropout_p", "a probability in [0, 1)", dropout_p)
-    op = "attention.causal" if is_causal else ("attention.masked" if attn_mask is not None else "attention.full")
     return SelectionContext(
-        op=op,
+        op=_op_id(is_causal, window, attn_mask is not None),
         **SelectionContext.device_fields(q.device),  # type: ignore[arg-type]
         dtype=q.dtype, batch=B, seq_len_q=Sq, seq_len_k=Sk, num_heads=Hq, num_kv_heads=Hk,
-        head_dim=D, head_dim_v=Dv, layout=layout, is_causal=bool(is_causal), mask_kind=mask_kind,
-        dropout=dropout_p > 0.0,
+        head_dim=D, head_dim_v=v.shape[-1], layout=layout, is_causal=bool(is_causal), mask_kind=mask_kind,
+        window=window, softcap=float(softcap), alibi=alibi_slopes is not None, dropout=dropout_p > 0.0,
         requires_grad=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
     )
 
 
 def _transforms(spec: KernelSpec, ctx: SelectionContext) -> tuple[str, ...]:
     out = []
-    if spec.layout != ctx.layout:
+    if ctx.layout in LAYOUTS and spec.layout != ctx.layout:
         out.append(f"{ctx.layout}->{spec.layout}")
     if spec.requires_contiguous:
         out.append("contiguous")
@@ -167,16 +236,216 @@ def _bind(spec: KernelSpec, ctx: SelectionContext) -> tuple[Callable[..., torch.
         return impl, transforms
     transpose = spec.layout != ctx.layout
 
-    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-            is_causal: bool, dropout_p: float, scale: float | None) -> torch.Tensor:
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *rest: Any) -> torch.Tensor:
         if transpose:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if contiguous:
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out = impl(q, k, v, attn_mask, is_causal, dropout_p, scale)
+        out = impl(q, k, v, *rest)
         return out.transpose(1, 2) if transpose else out
 
     return run, transforms
 
 
 ATTENTION = register_family(OpFamily("attention", _key, _context, _bind, _transforms))
+
+
+# ----------------------------------------------------------------------------- varlen (packed)
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    is_causal: bool = False,
+    scale: float | None = None,
+    window_size: tuple[int, int] | None = None,
+    softcap: float = 0.0,
+) -> torch.Tensor:
+    """Attention over a batch of packed sequences of different lengths (flash-attn varlen / FlashInfer ragged).
+
+    q: (total_q, Hq, D); k, v: (total_k, Hkv, D); cu_seqlens_q/k: (B + 1,) int32 prefix sums of the
+    lengths. max_seqlen_q/k: the longest sequence (a hint for kernels). Returns (total_q, Hq, D).
+    """
+    try:
+        key = _varlen_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
+                          window_size, softcap)
+    except AttributeError:
+        _check_tensors(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+        raise
+    plan = runtime.plans.data.get(key)
+    if plan is None:
+        args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale, window_size, softcap)
+        plan = runtime.plan(ATTENTION_VARLEN, key, args, {})
+    return plan.run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
+                    window_size, softcap)
+
+
+def _varlen_key(q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any, max_seqlen_q: int = 0,
+                max_seqlen_k: int = 0, is_causal: bool = False, scale: float | None = None,
+                window_size: Any = None, softcap: float = 0.0) -> tuple[Any, ...]:
+    return ("attention.varlen", q.shape[1:], k.shape[1:], v.shape[1:], q.dtype, k.dtype, v.dtype, q.device,
+            k.device, v.device, cu_seqlens_q.shape, cu_seqlens_q.dtype, cu_seqlens_k.shape, cu_seqlens_k.dtype,
+            is_causal, window_size, softcap > 0.0,
+            _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
+            q.is_cuda and _capturing())
+
+
+def _varlen_context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                    cu_seqlens_k: torch.Tensor, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+                    is_causal: bool = False, scale: float | None = None,
+                    window_size: tuple[int, int] | None = None, softcap: float = 0.0) -> SelectionContext:
+    _check_tensors(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise InvalidInputError(name, "a 3-D packed tensor (total_tokens, H, D)", f"{t.dim()}-D shape {tuple(t.shape)}")
+    _same_dtype_device(q, k=k, v=v)
+    if k.shape[0] != v.shape[0]:
+        raise InvalidInputError("v", f"{k.shape[0]} tokens (as k)", v.shape[0])
+    if k.shape[2] != q.shape[2]:
+        raise InvalidInputError("k", f"head_dim {q.shape[2]} (as q)", k.shape[2])
+    problem = _heads_problem(q.shape[1], k.shape[1], v.shape[1])
+    if problem is not None:
+        raise problem
+    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
+        if cu.dim() != 1 or cu.dtype != torch.int32 or cu.numel() < 2:
+            raise InvalidInputError(name, "a 1-D int32 tensor of B + 1 prefix sums", f"{cu.dtype} shape {tuple(cu.shape)}")
+        if cu.device != q.device:
+            raise InvalidInputError(name, f"device {q.device} (as q)", cu.device)
+        first, last = int(cu[0]), int(cu[-1])
+        if first != 0 or last != total or bool((cu[1:] < cu[:-1]).any()):
+            raise InvalidInputError(name, f"non-decreasing prefix sums from 0 to {total}", cu.tolist())
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise InvalidInputError("cu_seqlens_k", f"{cu_seqlens_q.numel()} entries (as cu_seqlens_q)", cu_seqlens_k.numel())
+    lens_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1])
+    lens_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1])
+    longest_q, longest_k = int(lens_q.max()), int(lens_k.max())
+    if max_seqlen_q < longest_q or max_seqlen_k < longest_k:
+        raise InvalidInputError("max_seqlen_q/max_seqlen_k", f">= the longest sequences ({longest_q}, {longest_k})",
+                                (max_seqlen_q, max_seqlen_k))
+    window = _check_options(window_size, softcap, scale)
+    return SelectionContext(
+        op="attention.varlen",
+        **SelectionContext.device_fields(q.device),  # type: ignore[arg-type]
+        dtype=q.dtype, batch=cu_seqlens_q.numel() - 1, seq_len_q=max_seqlen_q, seq_len_k=max_seqlen_k,
+        num_heads=q.shape[1], num_kv_heads=k.shape[1], head_dim=q.shape[2], head_dim_v=v.shape[2],
+        layout="THD", is_causal=bool(is_causal), window=window, softcap=float(softcap),
+        requires_grad=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
+    )
+
+
+def _packed_transforms(spec: KernelSpec, ctx: SelectionContext) -> tuple[str, ...]:
+    return ("contiguous",) if spec.requires_contiguous else ()
+
+
+def _bind_packed(spec: KernelSpec, ctx: SelectionContext) -> tuple[Callable[..., torch.Tensor], tuple[str, ...]]:
+    impl = spec.impl
+    if not spec.requires_contiguous:
+        return impl, ()
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *rest: Any) -> torch.Tensor:
+        return impl(q.contiguous(), k.contiguous(), v.contiguous(), *rest)
+
+    return run, ("contiguous",)
+
+
+ATTENTION_VARLEN = register_family(
+    OpFamily("attention_varlen", _varlen_key, _varlen_context, _bind_packed, _packed_transforms)
+)
+
+
+# ----------------------------------------------------------------------------- paged KV cache
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    is_causal: bool = True,
+    scale: float | None = None,
+    kv_layout: str = "NHD",
+    window_size: tuple[int, int] | None = None,
+    softcap: float = 0.0,
+) -> torch.Tensor:
+    """Attention of new query tokens over a paged KV cache (decode when Sq == 1, else chunked prefill).
+
+    q: (B, Sq, Hq, D); k_cache, v_cache: (num_pages, page_size, Hkv, D) for kv_layout="NHD" or
+    (num_pages, Hkv, page_size, D) for "HND"; page_table: (B, max_pages) int32 page ids (vLLM block
+    table); seq_lens: (B,) int32 cached tokens per sequence, the Sq new ones included (they are
+    already written to the cache). Returns (B, Sq, Hq, D).
+    """
+    try:
+        key = _paged_key(q, k_cache, v_cache, page_table, seq_lens, is_causal, scale, kv_layout, window_size, softcap)
+    except AttributeError:
+        _check_tensors(q=q, k_cache=k_cache, v_cache=v_cache, page_table=page_table, seq_lens=seq_lens)
+        raise
+    plan = runtime.plans.data.get(key)
+    if plan is None:
+        args = (q, k_cache, v_cache, page_table, seq_lens, is_causal, scale, kv_layout, window_size, softcap)
+        plan = runtime.plan(PAGED_ATTENTION, key, args, {})
+    return plan.run(q, k_cache, v_cache, page_table, seq_lens, is_causal, scale, window_size, softcap, kv_layout)
+
+
+def _paged_key(q: Any, k_cache: Any, v_cache: Any, page_table: Any, seq_lens: Any, is_causal: bool = True,
+               scale: float | None = None, kv_layout: str = "NHD", window_size: Any = None,
+               softcap: float = 0.0) -> tuple[Any, ...]:
+    return ("attention.paged", kv_layout, q.shape, k_cache.shape, v_cache.shape, q.dtype, k_cache.dtype,
+            v_cache.dtype, q.device, k_cache.device, page_table.shape, page_table.dtype, seq_lens.shape,
+            seq_lens.dtype, is_causal, window_size, softcap > 0.0, q.is_cuda and _capturing())
+
+
+def _paged_context(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
+                   seq_lens: torch.Tensor, is_causal: bool = True, scale: float | None = None,
+                   kv_layout: str = "NHD", window_size: tuple[int, int] | None = None,
+                   softcap: float = 0.0) -> SelectionContext:
+    _check_tensors(q=q, k_cache=k_cache, v_cache=v_cache, page_table=page_table, seq_lens=seq_lens)
+    if kv_layout not in KV_LAYOUTS:
+        raise UnknownNameError("kv_layout", str(kv_layout), KV_LAYOUTS)
+    if q.dim() != 4:
+        raise InvalidInputError("q", "a 4-D tensor (B, Sq, Hq, D)", f"{q.dim()}-D shape {tuple(q.shape)}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dim() != 4:
+            dims = "(num_pages, page_size, Hkv, D)" if kv_layout == "NHD" else "(num_pages, Hkv, page_size, D)"
+            raise InvalidInputError(name, f"a 4-D tensor {dims}", f"{t.dim()}-D shape {tuple(t.shape)}")
+    _same_dtype_device(q, k_cache=k_cache, v_cache=v_cache)
+    if v_cache.shape[:3] != k_cache.shape[:3]:
+        raise InvalidInputError("v_cache", f"leading shape {tuple(k_cache.shape[:3])} (as k_cache)", tuple(v_cache.shape))
+    B, Sq, Hq, D = q.shape
+    num_pages, a, b, Dk = k_cache.shape
+    page_size, Hk = (a, b) if kv_layout == "NHD" else (b, a)
+    if Dk != D:
+        raise InvalidInputError("k_cache", f"head_dim {D} (as q)", Dk)
+    problem = _heads_problem(Hq, Hk, Hk, f" (kv_layout {kv_layout})")
+    if problem is not None:
+        other = "HND" if kv_layout == "NHD" else "NHD"
+        raise InvalidInputError("k_cache", problem.expected, problem.got,
+                                f"check kv_layout (given {kv_layout!r}; {other!r} would read the heads from the other axis)")
+    for name, t, shape in (("page_table", page_table, f"({B}, max_pages)"), ("seq_lens", seq_lens, f"({B},)")):
+        if t.dtype != torch.int32:
+            raise InvalidInputError(name, "dtype torch.int32", t.dtype)
+        if t.device != q.device:
+            raise InvalidInputError(name, f"device {q.device} (as q)", t.device)
+        if t.shape[0] != B or t.dim() != (2 if name == "page_table" else 1):
+            raise InvalidInputError(name, f"shape {shape}", tuple(t.shape))
+    if not q.is_cuda or not _capturing():  # values can be read outside graph capture only
+        lens = seq_lens.tolist()
+        capacity = page_table.shape[1] * page_size
+        if min(lens) < Sq or max(lens) > capacity:
+            raise InvalidInputError("seq_lens", f"values in [{Sq}, {capacity}] (Sq .. max_pages * page_size)", lens)
+    window = _check_options(window_size, softcap, scale)
+    return SelectionContext(
+        op="attention.decode" if Sq == 1 else "attention.paged",
+        **SelectionContext.device_fields(q.device),  # type: ignore[arg-type]
+        dtype=q.dtype, batch=B, seq_len_q=Sq, seq_len_k=page_table.shape[1] * page_size, num_heads=Hq,
+        num_kv_heads=Hk, head_dim=D, head_dim_v=v_cache.shape[-1], layout="BSHD", is_causal=bool(is_causal),
+        window=window, softcap=float(softcap), kv_layout=kv_layout, page_size=page_size,
+    )
+
+
+PAGED_ATTENTION = register_family(
+    OpFamily("paged_attention", _paged_key, _paged_context, _bind_packed, _packed_transforms)
+)
