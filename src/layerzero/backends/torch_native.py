@@ -3,8 +3,9 @@ fused norm functions of `torch.nn.functional`.
 
 Constraints follow torch's dispatcher checks (aten/src/ATen/native/transformers/sdp_utils*):
 flash needs SM 8.0-12.1, fp16/bf16, head_dim <= 256, no mask, and a square causal mask;
-memory-efficient takes masks and fp32 with head_dim a multiple of 8; cuDNN needs SM >= 8.0,
-fp16/bf16 and head_dim <= 128 (multiple of 8); math runs everything. The GPU test suite checks
+memory-efficient takes masks and fp32 with head_dim a multiple of 8 but no GQA (seen on the H100 with
+torch 2.11: "both fused kernels require query, key and value to have the same num_heads"); cuDNN
+needs SM >= 8.0, fp16/bf16, head_dim <= 128 (multiple of 8) and no GQA; math runs everything. The GPU test suite checks
 these declarations against `torch.backends.cuda.can_use_*` on the H100.
 """
 
@@ -99,7 +100,7 @@ BACKEND = Backend(
         KernelSpec(
             id="torch.sdpa_efficient", ops=ATTENTION_OPS, impl=_sdpa("EFFICIENT_ATTENTION"), priority=60,
             platforms=frozenset({"cuda"}), min_sm=50, max_sm=121, dtypes=FLOAT_DTYPES, head_dim_multiple=8,
-            mask_kinds=_ANY_MASK, supports_dropout=True, supports_backward=True, deterministic=False,
+            supports_gqa=False, mask_kinds=_ANY_MASK, supports_dropout=True, supports_backward=True, deterministic=False,
             supports_window=True, supports_alibi=True, description="xFormers-derived memory-efficient kernel (SDPBackend.EFFICIENT_ATTENTION)",
         ),
         KernelSpec(
