@@ -11,8 +11,9 @@ from typing import Any
 from .context import SelectionContext
 from .errors import UnknownNameError
 from .kernel import Backend, KernelSpec
+from .perf.perfdb import Measurements, default_path
 from .policy.model import Policy
-from .reasons import Rejection
+from .reasons import Reason, Rejection
 from .selection.cache import PlanCache
 from .selection.engine import ExecutionPlan, SelectionEngine, SelectionReport
 
@@ -89,6 +90,8 @@ class Runtime:
         self.kernel_failures: dict[str, int] = {}
         self._warned: set[Hashable] = set()
         self._loaded = False
+        self.measurements = Measurements(default_path(), self._backend_version)
+        self.trace: list[tuple[str, SelectionContext]] | None = None  # lz.perf.tune.record_trace
 
     @property
     def generation(self) -> int:
@@ -126,7 +129,30 @@ class Runtime:
             self.bump()
 
     def score(self, spec: KernelSpec, ctx: SelectionContext) -> float:
-        return float(spec.priority)
+        """Measured speed relative to the bucket's fastest (PerfDB, when confident), else the priority."""
+        measured = self.measurements.score(spec.id, ctx)
+        return float(spec.priority) if measured is None else measured
+
+    def measured_us(self, spec: KernelSpec, ctx: SelectionContext) -> float | None:
+        record = self.measurements.lookup(spec.id, ctx)
+        return None if record is None or not record.correct else record.median_us
+
+    def perf_rejections(self, spec: KernelSpec, ctx: SelectionContext) -> list[Rejection]:
+        record = self.measurements.lookup(spec.id, ctx)
+        if record is None or record.correct:
+            return []
+        detail = record.error or f"max error {record.max_error:.3g} vs the reference on shape {record.shape}"
+        return [Rejection(Reason.PERF_INCORRECT, detail)]
+
+    def set_measurements(self, measurements: Measurements) -> None:
+        """Use another PerfDB view (lz.perfdb(path)); cached plans are dropped."""
+        with self._lock:
+            self.measurements = measurements
+            self.bump()
+
+    def _backend_version(self, kernel_id: str) -> str | None:
+        backend = self.registry.backends.get(kernel_id.split(".", 1)[0])
+        return None if backend is None else backend.availability[1]
 
     def health_rejections(self, spec: KernelSpec) -> list[Rejection]:
         return []
@@ -143,6 +169,8 @@ class Runtime:
 
         def compute() -> ExecutionPlan:
             ctx = family.context(*args, **kwargs)
+            if self.trace is not None:
+                self.trace.append((family.name, ctx))
             plan, _ = self.engine.select(ctx, family.bind, family.transforms)
             return plan
 

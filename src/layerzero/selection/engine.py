@@ -47,6 +47,7 @@ class Candidate:
     score: float | None = None
     transforms: tuple[str, ...] = ()
     rules: list[str] = field(default_factory=list)
+    measured_us: float | None = None  # PerfDB median for this bucket, when measured
 
     @property
     def eligible(self) -> bool:
@@ -89,7 +90,8 @@ class SelectionReport:
             else:
                 extra = f" transforms={'+'.join(c.transforms)}" if c.transforms else ""
                 rules = f" rules: {'; '.join(c.rules)}" if c.rules else ""
-                lines.append(f" {mark} {c.kernel_id:<28} score {c.score:g} (priority {c.priority}){extra}{rules}")
+                measured = "" if c.measured_us is None else f", measured {c.measured_us:.4g} us"
+                lines.append(f" {mark} {c.kernel_id:<28} score {c.score:g} (priority {c.priority}{measured}){extra}{rules}")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -122,6 +124,7 @@ class SelectionEngine:
                 continue
             cand.rejections.extend(rt.health_rejections(spec))
             cand.rejections.extend(check_constraints(spec, ctx))
+            cand.rejections.extend(rt.perf_rejections(spec, ctx))
             if spec.backend != REFERENCE_BACKEND and spec.backend in rt.disabled_backends:
                 cand.rejections.append(Rejection(Reason.BACKEND_DISABLED, "disabled by lz.disabled()"))
 
@@ -167,6 +170,7 @@ class SelectionEngine:
             factor, rules = policy.boost(spec, ctx)
             cand.rules.extend(r.describe() for r in rules)
             cand.transforms = transforms_of(spec, ctx)
+            cand.measured_us = rt.measured_us(spec, ctx)
             cand.score = rt.score(spec, ctx) * factor - TRANSFORM_PENALTY * len(cand.transforms)
 
         eligible = [c for c in candidates.values() if c.score is not None]
