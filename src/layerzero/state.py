@@ -22,7 +22,7 @@ log = logging.getLogger("layerzero")
 
 
 def builtin_backend_modules() -> list[str]:
-    """Every module of layerzero.backends that defines BACKEND (none imports its library)."""
+    """Every module of layerzero.backends; each defines BACKEND or BACKENDS (none imports its library)."""
     import pkgutil
 
     package = importlib.import_module("layerzero.backends")
@@ -105,9 +105,9 @@ class Runtime:
                 return
             for name in builtin_backend_modules():
                 module = importlib.import_module(f"layerzero.backends.{name}")
-                backend = getattr(module, "BACKEND", None)
-                if backend is not None:
-                    self.registry.add_backend(backend)
+                for backend in getattr(module, "BACKENDS", None) or (getattr(module, "BACKEND", None),):
+                    if backend is not None:
+                        self.registry.add_backend(backend)
             self._loaded = True
 
     def bump(self) -> None:
