@@ -30,6 +30,8 @@ _PIN_LOCK = threading.Lock()
 
 
 def _sdpa(backend_name: str) -> Callable[..., torch.Tensor]:
+    fused = backend_name != "MATH"
+
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
             is_causal: bool, dropout_p: float, scale: float | None, window: tuple[int, int] | None = None,
             softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
@@ -40,6 +42,10 @@ def _sdpa(backend_name: str) -> Callable[..., torch.Tensor]:
             # materialized mask (only kernels that take masks declare support for them).
             attn_mask = _materialize_mask(q, k, attn_mask, is_causal, window, alibi_slopes)
             is_causal = False
+        if fused and (q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1):
+            # torch's fused kernels refuse a last dimension with stride != 1 ("No available kernel");
+            # the plan key has no strides, so the copy is decided here, per call.
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         with _PIN_LOCK, sdpa_kernel(getattr(SDPBackend, backend_name)):
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
