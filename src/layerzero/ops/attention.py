@@ -59,6 +59,8 @@ def attention(
     Hq a multiple of Hkv (GQA/MQA). attn_mask: bool (True = attend) or additive float,
     broadcastable to (B, Hq, Sq, Sk) whatever the layout. Returns the output in q's layout.
     """
+    if window_size is not None:  # lists are not hashable and (-1, -1) is no window: normalize before the key
+        window_size = _check_options(window_size, softcap, scale)
     try:
         key = _key(q, k, v, attn_mask, is_causal, dropout_p, scale, layout, window_size, softcap, alibi_slopes)
     except AttributeError:
@@ -270,6 +272,8 @@ def attention_varlen(
     q: (total_q, Hq, D); k, v: (total_k, Hkv, D); cu_seqlens_q/k: (B + 1,) int32 prefix sums of the
     lengths. max_seqlen_q/k: the longest sequence (a hint for kernels). Returns (total_q, Hq, D).
     """
+    if window_size is not None:  # lists are not hashable and (-1, -1) is no window: normalize before the key
+        window_size = _check_options(window_size, softcap, scale)
     try:
         key = _varlen_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
                           window_size, softcap)
@@ -378,6 +382,8 @@ def paged_attention(
     table); seq_lens: (B,) int32 cached tokens per sequence, the Sq new ones included (they are
     already written to the cache). Returns (B, Sq, Hq, D).
     """
+    if window_size is not None:  # lists are not hashable and (-1, -1) is no window: normalize before the key
+        window_size = _check_options(window_size, softcap, scale)
     try:
         key = _paged_key(q, k_cache, v_cache, page_table, seq_lens, is_causal, scale, kv_layout, window_size, softcap)
     except AttributeError:
