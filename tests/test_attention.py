@@ -1,0 +1,287 @@
+"""Dense attention (`lz.attention`): every CPU kernel against an independent float64 reference.
+
+Tolerance (see `attention_tolerance`): the reference is computed in float64 from the *same*
+low-precision inputs, so only the kernel's own rounding is measured. rtol is conftest's
+`tolerance(dtype)`; atol is 1e-5 for fp32 and 2 * finfo(dtype).eps for half types (about 2e-3
+for fp16 and 1.6e-2 for bf16: a few output ulps, since the outputs are O(1) averages of v).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import layerzero as lz
+from layerzero.ops.attention import ATTENTION
+from layerzero.state import runtime
+from tests.conftest import tolerance
+
+CPU_ATTENTION_KERNELS = ["torch.sdpa_flash_cpu", "torch.sdpa_math", "reference.attention"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+LAYOUTS = ["BSHD", "BHSD"]
+
+# (batch, seq_len_q, seq_len_k, num_heads, num_kv_heads, head_dim): odd lengths, GQA 1/4/8,
+# MQA, head_dim 64/80/128/256, Sq < Sk (decode-like) and Sq > Sk (rows that see no key when causal).
+SHAPES = [
+    (1, 1, 1, 1, 1, 64),
+    (2, 13, 13, 4, 4, 64),
+    (2, 7, 19, 8, 2, 80),
+    (1, 17, 17, 8, 1, 128),
+    (2, 5, 9, 4, 1, 256),
+    (1, 1, 33, 8, 8, 128),
+    (1, 11, 6, 2, 2, 64),
+]
+
+
+def attention_tolerance(dtype: torch.dtype) -> dict[str, float]:
+    """Tolerance for a low-precision attention output against the float64 reference of the same inputs."""
+    atol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+    return {"rtol": tolerance(dtype)["rtol"], "atol": atol}
+
+
+def reference_attention(q, k, v, *, layout="BSHD", is_causal=False, attn_mask=None, scale=None,
+                        window_size=None, softcap=0.0, alibi_slopes=None) -> torch.Tensor:
+    """float64 attention written independently of layerzero's reference; output in `layout`.
+
+    Conventions of ops/attention.py: bottom-right causal/window alignment, softcap before masking,
+    ALiBi -slope*|p - j|, a query row that sees no key gives zeros.
+    """
+    if layout == "BSHD":
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    q, k, v = q.double(), k.double(), v.double()
+    _, hq, sq, d = q.shape
+    hk, sk = k.shape[1], k.shape[2]
+    k = k.repeat_interleave(hq // hk, dim=1)
+    v = v.repeat_interleave(hq // hk, dim=1)
+    s = torch.einsum("bhqd,bhkd->bhqk", q, k) * (scale if scale is not None else 1.0 / math.sqrt(d))
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    pos = torch.arange(sq)[:, None] + (sk - sq)  # each query's position among the keys
+    j = torch.arange(sk)[None, :]
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.double()
+        slopes = slopes[None, :, None, None] if slopes.dim() == 1 else slopes[:, :, None, None]
+        s = s - slopes * (pos - j).abs()
+    keep = torch.ones(sq, sk, dtype=torch.bool)
+    if is_causal:
+        keep &= j <= pos
+    if window_size is not None:
+        left, right = window_size
+        if left >= 0:
+            keep &= j >= pos - left
+        if right >= 0:
+            keep &= j <= pos + right
+    s = s.masked_fill(~keep, -math.inf)
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else s + attn_mask.double()
+    p = torch.softmax(s, dim=-1)
+    p = torch.where(torch.isnan(p), torch.zeros_like(p), p)
+    out = torch.einsum("bhqk,bhkd->bhqd", p, v)
+    return out.transpose(1, 2) if layout == "BSHD" else out
+
+
+def make_qkv(shape, dtype, layout="BSHD", seed=0, contiguous=True):
+    """Random q, k, v in `layout`; non-contiguous ones are views into a larger tensor."""
+    b, sq, sk, hq, hk, d = shape
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(s, h):
+        if contiguous:
+            t = torch.randn(b, s, h, d, generator=g).to(dtype)
+        else:  # every other head_dim element of a wider tensor: strided in all dims
+            t = torch.randn(b, s, h, 2 * d, generator=g).to(dtype)[..., ::2]
+        return t if layout == "BSHD" else t.transpose(1, 2)
+
+    q, k, v = rand(sq, hq), rand(sk, hk), rand(sk, hk)
+    if not contiguous:
+        assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    return q, k, v
+
+
+def spec_of(kernel_id: str):
+    runtime.ensure_loaded()
+    return runtime.registry.kernel(kernel_id)
+
+
+def run_kernel(kernel_id, q, k, v, attn_mask=None, is_causal=False, scale=None, layout="BSHD", window_size=None,
+               softcap=0.0, alibi_slopes=None):
+    """Run one kernel, bound by the attention family as a plan would bind it (validates first)."""
+    args = (q, k, v, attn_mask, is_causal, 0.0, scale, layout, window_size, softcap, alibi_slopes)
+    ok, reasons = lz.validate(kernel_id, "attention", *args)
+    assert ok, f"{kernel_id} rejected these inputs: {reasons}"
+    run, _ = ATTENTION.bind(spec_of(kernel_id), ATTENTION.context(*args))
+    return run(q, k, v, attn_mask, is_causal, 0.0, scale, window_size, softcap, alibi_slopes)
+
+
+def assert_close(out, ref, dtype, what=""):
+    assert out.dtype == dtype, f"{what}: output dtype {out.dtype}, expected {dtype}"
+    assert out.shape == ref.shape, f"{what}: output shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{what}: non-finite output"
+    torch.testing.assert_close(out.double(), ref, **attention_tolerance(dtype), msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("kernel_id", CPU_ATTENTION_KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_kernel_matches_reference(kernel_id, dtype, shape, is_causal, layout):
+    q, k, v = make_qkv(shape, dtype, layout, seed=hash((shape, is_causal)) % 1000)
+    out = run_kernel(kernel_id, q, k, v, is_causal=is_causal, layout=layout)
+    ref = reference_attention(q, k, v, layout=layout, is_causal=is_causal)
+    assert_close(out, ref, dtype, kernel_id)
+
+
+MASK_SHAPES = {  # as a function of (B, Hq, Sq, Sk): full, per-batch broadcast over heads, 2-D, key padding
+    "full": lambda b, h, sq, sk: (b, h, sq, sk),
+    "b1qk": lambda b, h, sq, sk: (b, 1, sq, sk),
+    "qk": lambda b, h, sq, sk: (sq, sk),
+    "b11k": lambda b, h, sq, sk: (b, 1, 1, sk),
+}
+
+
+def make_mask(kind, shape_name, b, h, sq, sk, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    shape = MASK_SHAPES[shape_name](b, h, sq, sk)
+    if kind == "bool":
+        mask = torch.rand(shape, generator=g) > 0.3
+        mask[..., 0] = True  # every row sees at least one key...
+        if len(shape) == 4 and shape[2] > 1:
+            mask[..., 1, :] = False  # ...except one row, which must come out as zeros
+        return mask
+    return (torch.randn(shape, generator=g) * 2).to(dtype)
+
+
+@pytest.mark.parametrize("kernel_id", CPU_ATTENTION_KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+@pytest.mark.parametrize("mask_shape", list(MASK_SHAPES))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_kernel_with_mask_matches_reference(kernel_id, dtype, mask_kind, mask_shape, layout):
+    b, sq, sk, hq, hk, d = 2, 9, 14, 8, 2, 64
+    q, k, v = make_qkv((b, sq, sk, hq, hk, d), dtype, layout, seed=3)
+    mask = make_mask(mask_kind, mask_shape, b, hq, sq, sk, dtype)
+    out = run_kernel(kernel_id, q, k, v, attn_mask=mask, layout=layout)
+    ref = reference_attention(q, k, v, layout=layout, attn_mask=mask)
+    assert_close(out, ref, dtype, f"{kernel_id} {mask_kind} mask {tuple(mask.shape)}")
+
+
+@pytest.mark.parametrize("kernel_id", CPU_ATTENTION_KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_kernel_non_contiguous_inputs(kernel_id, dtype, layout, is_causal):
+    q, k, v = make_qkv((2, 7, 10, 4, 2, 64), dtype, layout, seed=5, contiguous=False)
+    out = run_kernel(kernel_id, q, k, v, is_causal=is_causal, layout=layout)
+    assert_close(out, reference_attention(q, k, v, layout=layout, is_causal=is_causal), dtype, kernel_id)
+
+
+@pytest.mark.parametrize("kernel_id", CPU_ATTENTION_KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"scale": 0.3},
+        {"window_size": (3, 0), "is_causal": True},
+        {"window_size": (2, 1)},
+        {"window_size": (-1, 2)},
+        {"softcap": 5.0, "is_causal": True},
+        {"alibi_slopes": "per_head", "is_causal": True},
+        {"alibi_slopes": "per_batch_head"},
+    ],
+    ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_kernel_options_match_reference(kernel_id, dtype, options):
+    """scale, sliding window, softcap and ALiBi, for the kernels that declare them."""
+    b, sq, sk, hq, hk, d = 2, 6, 11, 4, 2, 64
+    q, k, v = make_qkv((b, sq, sk, hq, hk, d), dtype, "BSHD", seed=7)
+    options = dict(options)
+    if options.get("alibi_slopes") == "per_head":
+        options["alibi_slopes"] = torch.rand(hq) + 0.1
+    elif options.get("alibi_slopes") == "per_batch_head":
+        options["alibi_slopes"] = torch.rand(b, hq) + 0.1
+    spec = spec_of(kernel_id)
+    needs = {"window_size": spec.supports_window, "softcap": spec.supports_softcap, "alibi_slopes": spec.supports_alibi}
+    unsupported = [name for name, ok in needs.items() if name in options and not ok]
+    if unsupported:
+        ok, reasons = lz.validate(kernel_id, "attention", q, k, v, **options)
+        assert not ok and reasons, f"{kernel_id} declares no {unsupported} yet validated"
+        return
+    out = run_kernel(kernel_id, q, k, v, **options)
+    assert_close(out, reference_attention(q, k, v, **options), dtype, f"{kernel_id} {options}")
+
+
+# ----------------------------------------------------------------------------- the public path
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES[1:5], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_lz_attention_matches_reference(dtype, layout, shape, is_causal):
+    q, k, v = make_qkv(shape, dtype, layout, seed=11)
+    out = lz.attention(q, k, v, is_causal=is_causal, layout=layout)
+    chosen = lz.which("attention", q, k, v, is_causal=is_causal, layout=layout)
+    assert chosen in runtime.registry.kernels
+    assert_close(out, reference_attention(q, k, v, layout=layout, is_causal=is_causal), dtype, f"lz.attention via {chosen}")
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+def test_lz_attention_with_mask_matches_reference(mask_kind):
+    q, k, v = make_qkv((2, 5, 8, 4, 1, 80), torch.float32, "BSHD", seed=13)
+    mask = make_mask(mask_kind, "b1qk", 2, 4, 5, 8, torch.float32)
+    out = lz.attention(q, k, v, attn_mask=mask)
+    assert_close(out, reference_attention(q, k, v, attn_mask=mask), torch.float32, "lz.attention masked")
+    assert lz.explain("attention", q, k, v, attn_mask=mask).context.mask_kind == mask_kind
+
+
+def test_output_keeps_the_input_layout():
+    q, k, v = make_qkv((2, 5, 7, 6, 3, 64), torch.float32, "BSHD")
+    assert lz.attention(q, k, v).shape == (2, 5, 6, 64)
+    qb, kb, vb = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    out_bhsd = lz.attention(qb, kb, vb, layout="BHSD")
+    assert out_bhsd.shape == (2, 6, 5, 64)
+    torch.testing.assert_close(out_bhsd.transpose(1, 2), lz.attention(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+def test_window_given_as_list_runs_and_unbounded_window_is_no_window():
+    """window_size=[l, r] is accepted like a tuple; (-1, -1) means no window at all."""
+    q, k, v = make_qkv((1, 6, 6, 2, 2, 64), torch.float32, "BSHD", seed=17)
+    out = lz.attention(q, k, v, is_causal=True, window_size=[2, 0])
+    assert_close(out, reference_attention(q, k, v, is_causal=True, window_size=(2, 0)), torch.float32, "list window")
+    report = lz.explain("attention", q, k, v, is_causal=True, window_size=(-1, -1))
+    assert report.context.window is None and report.context.op == "attention.causal"
+    out = lz.attention(q, k, v, is_causal=True, window_size=(-1, -1))
+    assert_close(out, reference_attention(q, k, v, is_causal=True), torch.float32, "unbounded window")
+
+
+def test_dropout_is_applied_by_a_kernel_that_supports_it():
+    q, k, v = make_qkv((1, 16, 16, 2, 2, 64), torch.float32, "BSHD", seed=19)
+    plan = lz.select("attention", q, k, v, dropout_p=0.5)
+    assert runtime.registry.kernel(plan.kernel_id).supports_dropout
+    torch.manual_seed(0)
+    dropped = lz.attention(q, k, v, dropout_p=0.5)
+    assert not torch.allclose(dropped, lz.attention(q, k, v), atol=1e-3), "dropout_p=0.5 changed nothing"
+    assert torch.isfinite(dropped).all()
+
+
+def test_gradients_match_reference():
+    """requires_grad selects a kernel with a backward, and its gradients are right."""
+    q, k, v = (t.requires_grad_() for t in make_qkv((2, 5, 7, 4, 2, 64), torch.float64, "BSHD", seed=23))
+    assert runtime.registry.kernel(lz.which("attention", q, k, v, is_causal=True)).supports_backward
+    lz.attention(q, k, v, is_causal=True).sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    reference_attention(q, k, v, is_causal=True).sum().backward()
+    for got, t in zip(grads, (q, k, v), strict=True):
+        torch.testing.assert_close(got, t.grad, rtol=1e-7, atol=1e-9)
+
+
+def test_float64_runs_on_a_kernel_that_declares_it():
+    q, k, v = make_qkv((1, 4, 4, 2, 2, 64), torch.float64, "BSHD", seed=29)
+    chosen = lz.which("attention", q, k, v)
+    assert torch.float64 in runtime.registry.kernel(chosen).dtypes
+    torch.testing.assert_close(lz.attention(q, k, v), reference_attention(q, k, v), rtol=1e-10, atol=1e-12)
