@@ -22,6 +22,18 @@ from .errors import (
 from .kernel import Backend, KernelSpec
 from .ops.attention import attention, attention_varlen, paged_attention
 from .ops.norm import group_norm, layer_norm, rms_norm
+from .ops.embedding import embedding
+from .ops.quant import (
+    PackedFormat,
+    QuantFormat,
+    QuantizedTensor,
+    awq_format,
+    dequantize,
+    gptq_format,
+    quant_linear,
+    quantize,
+)
+from .ops.sampling import sample, sample_greedy, sample_topk, sample_topp
 from .reasons import Reason, Rejection
 from .selection.engine import ExecutionPlan, SelectionReport
 from .selection.inspect import (
@@ -39,6 +51,8 @@ from .state import reset
 __version__ = "0.1.0"
 
 __all__ = [
+    "PackedFormat", "QuantFormat", "QuantizedTensor", "awq_format", "dequantize", "embedding", "gptq_format",
+    "quant_linear", "quantize", "sample", "sample_greedy", "sample_topk", "sample_topp",
     "Backend", "BackendNotAvailableError", "CacheCorruptionError", "ConfigurationError", "CudaGraphUnsafeError",
     "ExecutionPlan", "InvalidInputError", "KernelExecutionError", "KernelSpec", "LayerZeroError",
     "NoKernelFoundError", "PolicyValidationError", "Reason", "Rejection", "SelectionContext", "SelectionReport",
