@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -164,11 +165,7 @@ class Backend:
         """(available, version, why not). Probed once, without importing the library."""
         if self.module is None:
             return True, torch.__version__, None
-        try:
-            found = importlib.util.find_spec(self.module) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
+        if not module_exists(self.module):
             return False, None, Rejection(Reason.BACKEND_NOT_INSTALLED, f"python module {self.module!r} not found")
         version = None
         try:
@@ -180,6 +177,25 @@ class Backend:
                 Reason.BACKEND_VERSION_UNSUPPORTED, f"{self.name} {version} < required {self.min_version}"
             )
         return True, version, None
+
+
+def module_exists(name: str) -> bool:
+    """Whether `name` (dotted or not) is importable, without importing it or its parents."""
+    top, _, rest = name.partition(".")
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return False
+    if spec is None or not rest:
+        return spec is not None
+    locations = list(spec.submodule_search_locations or [])
+    for part in rest.split("."):
+        found = [p for loc in locations for p in (os.path.join(loc, part), os.path.join(loc, part + ".py"))
+                 if os.path.exists(p)]
+        if not found:
+            return False
+        locations = [p for p in found if os.path.isdir(p)]
+    return True
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:

@@ -1,0 +1,180 @@
+"""FlashAttention v2 (`flash_attn`), v3 (`flash_attn_interface`, Hopper) and v4 (`flash_attn.cute`,
+Hopper/Blackwell), routed by GPU generation.
+
+Facts from the libraries' interfaces (flash-attn 2.7/2.8, FA3 hopper/, FA4 flash_attn/cute/interface.py):
+- All take BSHD tensors (B, S, H, D), fp16/bf16, GQA by fewer k/v heads, causal aligned bottom-right,
+  `softmax_scale`, `softcap`. v2 also has dropout, ALiBi (`alibi_slopes`, fp32 (H,) or (B, H)) and
+  windows as `window_size=(left, right)` with -1 = unbounded; v4 spells unbounded as None.
+- v2 runs on SM 8.0+ (Ampere, Ada, Hopper), head_dim <= 256; its paged path
+  (`flash_attn_with_kvcache(block_table=...)`) needs page sizes that are multiples of 256.
+- v3 runs on SM 9.0 only (never Blackwell), head_dim <= 256 (multiple of 8); `flash_attn_func` returns
+  the output, or (output, lse) in the 3.0 betas; paged KV through `page_table` with any page size.
+- v4 (CuTe DSL) runs on SM 9.x/10.x/11.x, head_dim <= 256 (multiple of 8), returns (output, lse); it is
+  the one preferred on Blackwell.
+None of them could be installed on the H100 we measure on (see ../shared/gpu/README.md): these adapters
+are verified on CPU by tests/test_flash_attn_mapping.py with a stand-in module, not on a GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..context import SelectionContext
+from ..kernel import HALF_DTYPES, Backend, KernelSpec
+from ..reasons import Reason, Rejection
+
+_CUDA = frozenset({"cuda"})
+DENSE_OPS = ("attention.causal", "attention.full", "attention.sliding_window")
+PAGED_OPS = ("attention.paged", "attention.decode")
+
+
+def _window(window: tuple[int, int] | None, unbounded: Any = -1) -> tuple[Any, Any]:
+    if window is None:
+        return (unbounded, unbounded)
+    return tuple(unbounded if w < 0 else w for w in window)  # type: ignore[return-value]
+
+
+def _first(result: Any) -> torch.Tensor:
+    return result[0] if isinstance(result, tuple | list) else result
+
+
+# ------------------------------------------------------------------------------------------ v2
+
+def v2_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
+             dropout_p: float, scale: float | None, window: tuple[int, int] | None, softcap: float,
+             alibi_slopes: torch.Tensor | None) -> torch.Tensor:
+    from flash_attn import flash_attn_func
+
+    return flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=scale, causal=is_causal,
+                           window_size=_window(window), softcap=softcap, alibi_slopes=alibi_slopes)
+
+
+def v2_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+              cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, is_causal: bool,
+              scale: float | None, window: tuple[int, int] | None, softcap: float) -> torch.Tensor:
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  softmax_scale=scale, causal=is_causal, window_size=_window(window),
+                                  softcap=softcap)
+
+
+def v2_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
+             seq_lens: torch.Tensor, is_causal: bool, scale: float | None, window: tuple[int, int] | None,
+             softcap: float, kv_layout: str) -> torch.Tensor:
+    from flash_attn import flash_attn_with_kvcache
+
+    # The new tokens are already in the cache: cache_seqlens counts them, no k/v to append.
+    return flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seq_lens, block_table=page_table,
+                                   softmax_scale=scale, causal=is_causal, window_size=_window(window),
+                                   softcap=softcap)
+
+
+# ------------------------------------------------------------------------------------------ v3
+
+def v3_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
+             dropout_p: float, scale: float | None, window: tuple[int, int] | None, softcap: float,
+             alibi_slopes: torch.Tensor | None) -> torch.Tensor:
+    from flash_attn_interface import flash_attn_func
+
+    return _first(flash_attn_func(q, k, v, softmax_scale=scale, causal=is_causal, window_size=_window(window),
+                                  softcap=softcap))
+
+
+def v3_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+              cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, is_causal: bool,
+              scale: float | None, window: tuple[int, int] | None, softcap: float) -> torch.Tensor:
+    from flash_attn_interface import flash_attn_varlen_func
+
+    return _first(flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                         softmax_scale=scale, causal=is_causal, window_size=_window(window),
+                                         softcap=softcap))
+
+
+def v3_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
+             seq_lens: torch.Tensor, is_causal: bool, scale: float | None, window: tuple[int, int] | None,
+             softcap: float, kv_layout: str) -> torch.Tensor:
+    from flash_attn_interface import flash_attn_with_kvcache
+
+    return _first(flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seq_lens, page_table=page_table,
+                                          softmax_scale=scale, causal=is_causal, window_size=_window(window),
+                                          softcap=softcap))
+
+
+# ------------------------------------------------------------------------------------------ v4
+
+def v4_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
+             dropout_p: float, scale: float | None, window: tuple[int, int] | None, softcap: float,
+             alibi_slopes: torch.Tensor | None) -> torch.Tensor:
+    from flash_attn.cute import flash_attn_func
+
+    return _first(flash_attn_func(q, k, v, softmax_scale=scale, causal=is_causal,
+                                  window_size=_window(window, None), softcap=softcap))
+
+
+def v4_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+              cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, is_causal: bool,
+              scale: float | None, window: tuple[int, int] | None, softcap: float) -> torch.Tensor:
+    from flash_attn.cute import flash_attn_varlen_func
+
+    return _first(flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                                         softmax_scale=scale, causal=is_causal,
+                                         window_size=_window(window, None), softcap=softcap))
+
+
+def _v2_check(ctx: SelectionContext) -> list[Rejection]:
+    """FA2 has no ALiBi together with softcap (the two score modifiers are exclusive in its kernels)."""
+    if ctx.alibi and ctx.softcap:
+        return [Rejection(Reason.SOFTCAP_UNSUPPORTED, "flash_attn v2 takes ALiBi or softcap, not both")]
+    return []
+
+
+_common: dict[str, Any] = dict(platforms=_CUDA, dtypes=HALF_DTYPES, max_head_dim=256, layout="BSHD",
+                               supports_window=True, supports_softcap=True, deterministic=False)
+
+BACKENDS = (
+    Backend(
+        name="flash_attn", module="flash_attn", distribution="flash-attn", aliases=("flash_attn2", "fa2"),
+        description="FlashAttention-2 (Ampere, Ada, Hopper)",
+        kernels=(
+            KernelSpec(id="flash_attn.v2", ops=DENSE_OPS, impl=v2_dense, priority=82, min_sm=80,
+                       supports_dropout=True, supports_alibi=True, supports_backward=True,
+                       check=_v2_check, description="flash_attn_func", **_common),
+            KernelSpec(id="flash_attn.v2_varlen", ops=("attention.varlen",), impl=v2_varlen, priority=82,
+                       min_sm=80, supports_backward=True, description="flash_attn_varlen_func", **_common),
+            KernelSpec(id="flash_attn.v2_kvcache", ops=PAGED_OPS, impl=v2_paged, priority=70, min_sm=80,
+                       kv_layouts=frozenset({"NHD"}), min_page_size=256,
+                       page_sizes=frozenset(range(256, 65537, 256)),
+                       description="flash_attn_with_kvcache(block_table=...)", **_common),
+        ),
+    ),
+    Backend(
+        name="flash_attn3", module="flash_attn_interface", distribution="flash-attn-3", aliases=("fa3",),
+        description="FlashAttention-3 (Hopper only)",
+        kernels=(
+            KernelSpec(id="flash_attn3.fwd", ops=DENSE_OPS, impl=v3_dense, priority=90, min_sm=90, max_sm=90,
+                       head_dim_multiple=8, supports_backward=True, description="FA3 flash_attn_func", **_common),
+            KernelSpec(id="flash_attn3.varlen", ops=("attention.varlen",), impl=v3_varlen, priority=90, min_sm=90,
+                       max_sm=90, head_dim_multiple=8, supports_backward=True,
+                       description="FA3 flash_attn_varlen_func", **_common),
+            KernelSpec(id="flash_attn3.kvcache", ops=PAGED_OPS, impl=v3_paged, priority=88, min_sm=90, max_sm=90,
+                       head_dim_multiple=8, kv_layouts=frozenset({"NHD"}),
+                       description="FA3 flash_attn_with_kvcache(page_table=...)", **_common),
+        ),
+    ),
+    Backend(
+        name="flash_attn4", module="flash_attn.cute", distribution="flash-attn-4", aliases=("fa4",),
+        description="FlashAttention-4, CuTe DSL (Hopper, Blackwell)",
+        kernels=(
+            KernelSpec(id="flash_attn4.fwd", ops=DENSE_OPS, impl=v4_dense, priority=86, min_sm=90, max_sm=119,
+                       head_dim_multiple=8, generations=frozenset({"hopper", "blackwell"}),
+                       description="flash_attn.cute.flash_attn_func (preferred on Blackwell)", **_common),
+            KernelSpec(id="flash_attn4.varlen", ops=("attention.varlen",), impl=v4_varlen, priority=86, min_sm=90,
+                       max_sm=119, head_dim_multiple=8, generations=frozenset({"hopper", "blackwell"}),
+                       description="flash_attn.cute.flash_attn_varlen_func", **_common),
+        ),
+    ),
+)
