@@ -34,6 +34,18 @@ from .ops.quant import (
     quantize,
 )
 from .ops.sampling import sample, sample_greedy, sample_topk, sample_topp
+from .policy.config import (
+    PolicyWatcher,
+    configure,
+    disabled,
+    get_config,
+    get_locks,
+    load_config,
+    lock,
+    prefer,
+    unlock,
+    watch_policy,
+)
 from .reasons import Reason, Rejection
 from .selection.engine import ExecutionPlan, SelectionReport
 from .selection.inspect import (
@@ -53,6 +65,8 @@ __version__ = "0.1.0"
 __all__ = [
     "PackedFormat", "QuantFormat", "QuantizedTensor", "awq_format", "dequantize", "embedding", "gptq_format",
     "quant_linear", "quantize", "sample", "sample_greedy", "sample_topk", "sample_topp",
+    "PolicyWatcher", "configure", "disabled", "get_config", "get_locks", "load_config", "lock", "prefer", "unlock",
+    "watch_policy",
     "Backend", "BackendNotAvailableError", "CacheCorruptionError", "ConfigurationError", "CudaGraphUnsafeError",
     "ExecutionPlan", "InvalidInputError", "KernelExecutionError", "KernelSpec", "LayerZeroError",
     "NoKernelFoundError", "PolicyValidationError", "Reason", "Rejection", "SelectionContext", "SelectionReport",

@@ -12,7 +12,7 @@ from .context import SelectionContext
 from .errors import UnknownNameError
 from .kernel import Backend, KernelSpec
 from .perf.perfdb import Measurements, default_path
-from .policy.model import Policy
+from .policy.model import Policy, PolicyLayers
 from .reasons import Reason, Rejection
 from .selection.cache import PlanCache
 from .selection.engine import ExecutionPlan, SelectionEngine, SelectionReport
@@ -86,7 +86,9 @@ class Runtime:
         self.policy = Policy()
         self.plans = PlanCache()
         self.engine = SelectionEngine(self)
-        self.disabled_backends: frozenset[str] = frozenset()
+        self.disabled_backends: frozenset[str] = frozenset()  # "*": every backend but the reference
+        self.policy_layers = PolicyLayers()  # code > env > file; `policy` is their merge
+        self.policy_watcher: Any = None  # policy.config.PolicyWatcher of lz.watch_policy
         self.kernel_failures: dict[str, int] = {}
         self._warned: set[Hashable] = set()
         self._loaded = False
@@ -108,6 +110,9 @@ class Runtime:
                 for backend in getattr(module, "BACKENDS", None) or (getattr(module, "BACKEND", None),):
                     if backend is not None:
                         self.registry.add_backend(backend)
+            from .policy.config import load_environment
+
+            load_environment(self)  # LAYERZERO_* variables; PolicyValidationError if invalid
             self._loaded = True
 
     def bump(self) -> None:
@@ -130,6 +135,9 @@ class Runtime:
 
     def score(self, spec: KernelSpec, ctx: SelectionContext) -> float:
         """Measured speed relative to the bucket's fastest (PerfDB, when confident), else the priority."""
+        prefer = self.policy.prefer_rule(spec, ctx)  # lz.prefer / prefer rules override both
+        if prefer is not None:
+            return prefer.priority
         measured = self.measurements.score(spec.id, ctx)
         return float(spec.priority) if measured is None else measured
 
@@ -191,6 +199,9 @@ runtime = Runtime()
 def reset() -> None:
     """Fresh runtime state (tests): registry reloaded, policy cleared, caches empty."""
     global runtime
+    if runtime.policy_watcher is not None:
+        runtime.policy_watcher.stop()
+    runtime.plans.close()
     fresh = Runtime()
     runtime.__dict__.update(fresh.__dict__)
     runtime.engine.runtime = runtime

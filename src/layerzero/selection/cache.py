@@ -1,77 +1,222 @@
-"""The plan cache: one dict lookup on a hit, O(1) invalidation, single-flight misses."""
+"""The plan cache: one dict lookup on a hit, O(1) invalidation, single-flight misses, bounded.
+
+The hit path of every op is `runtime.plans.data.get(key)`: a plain dict read without a lock.
+Everything else (insert, eviction, expiry, waiting for another thread) happens on the miss
+path, under one lock held only for dict operations, never while a plan is computed.
+
+Eviction is least-recently-used at the granularity of half the cache ("two segments"): new
+plans go into `data`; when it holds maxsize/2 plans it becomes the old segment and a fresh
+`data` starts. A miss whose key is in the old segment moves the plan back (no selection), so
+a key used at least once per maxsize/2 insertions is never evicted; the rest drop out when the
+old segment is replaced. This keeps the hit path a single lookup, which a true LRU could not.
+
+Measured (benchmarks/results/selection-cpu.md): sharding buys nothing here. Hits take no lock,
+and a miss holds the lock for well under a microsecond of its tens of microseconds.
+"""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from typing import Any
 
-from ..errors import SelectionTimeoutError
+from ..errors import ConfigurationError, SelectionTimeoutError
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    """Counters of the miss path (hits are not counted: that would cost the hit path)."""
+
+    size: int
+    maxsize: int
+    ttl_s: float | None
+    generation: int
+    computes: int
+    promotions: int
+    evictions: int
+    expirations: int
+    waits: int
+
+
+class _Flight:
+    """One in-progress computation of a (generation, key): its owner thread and a done event."""
+
+    __slots__ = ("owner", "done")
+
+    def __init__(self, owner: int) -> None:
+        self.owner = owner
+        self.done = threading.Event()
 
 
 class PlanCache:
-    """Maps call keys to ExecutionPlans.
+    """Maps call keys to ExecutionPlans; see the module docstring for the guarantees.
 
-    `data` is a plain dict read without a lock on the hit path. Invalidation replaces it with a
-    new dict (O(1)); a miss computed against an older generation is never inserted into the new
-    one. Misses for the same key are computed once while other threads wait (single flight).
-    When full, the oldest entries are evicted first.
+    `compute_log`, when set to a list, records `(generation, key)` for every computation
+    (tests use it to check single flight; None costs nothing).
     """
 
-    def __init__(self, maxsize: int = 4096, wait_timeout_s: float = 60.0) -> None:
+    def __init__(self, maxsize: int = 4096, ttl_s: float | None = None, wait_timeout_s: float = 60.0) -> None:
         self.data: dict[Hashable, Any] = {}
-        self.maxsize = maxsize
-        self.wait_timeout_s = wait_timeout_s
         self.generation = 0
+        self.maxsize = 0
+        self.ttl_s: float | None = None
+        self.wait_timeout_s = wait_timeout_s
+        self.compute_log: list[tuple[int, Hashable]] | None = None
+        self.computes = self.promotions = self.evictions = self.expirations = self.waits = 0
         self.hits_on_miss_path = 0
-        self.computes = 0
+        self._older: dict[Hashable, Any] = {}
+        self._born: dict[Hashable, float] = {}  # insertion times, kept only with a TTL
         self._lock = threading.Lock()
-        self._inflight: dict[Hashable, threading.Event] = {}
+        self._inflight: dict[tuple[int, Hashable], _Flight] = {}
+        self._sweeper: threading.Thread | None = None
+        self._sweeper_stop = threading.Event()
+        self.configure(maxsize, ttl_s)
+
+    # ---- settings and invalidation
+
+    def configure(self, maxsize: int | None = None, ttl_s: float | None = None) -> None:
+        """Resize (maxsize >= 2 plans) and set the TTL (seconds, or None for none); drops the plans."""
+        if maxsize is not None and (isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 2):
+            raise ConfigurationError(f"plan cache maxsize: expected an int >= 2, got {maxsize!r}")
+        if ttl_s is not None and (isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or not ttl_s > 0):
+            raise ConfigurationError(f"plan cache ttl_s: expected seconds > 0 or None, got {ttl_s!r}")
+        with self._lock:
+            if maxsize is not None:
+                self.maxsize = maxsize
+            self.ttl_s = None if ttl_s is None else float(ttl_s)
+            self.data, self._older, self._born = {}, {}, {}
+        self._stop_sweeper()
+        if self.ttl_s is not None:
+            self._sweeper_stop = threading.Event()
+            self._sweeper = threading.Thread(target=self._sweep, args=(self._sweeper_stop,),
+                                             name="layerzero-plan-ttl", daemon=True)
+            self._sweeper.start()
 
     def invalidate(self) -> int:
-        """Drop every plan; returns the new generation."""
+        """Drop every plan (O(1): the dicts are replaced); returns the new generation."""
         with self._lock:
             self.generation += 1
-            self.data = {}
+            self.data, self._older, self._born = {}, {}, {}
             return self.generation
 
+    def close(self) -> None:
+        """Stop the TTL sweeper thread, if any."""
+        self._stop_sweeper()
+
     def __len__(self) -> int:
-        return len(self.data)
+        return len(self.data) + len(self._older)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self.data or key in self._older
+
+    def stats(self) -> CacheStats:
+        return CacheStats(len(self), self.maxsize, self.ttl_s, self.generation, self.computes, self.promotions,
+                          self.evictions, self.expirations, self.waits)
+
+    # ---- the miss path
 
     def get_or_compute(self, key: Hashable, compute: Callable[[], Any], max_rounds: int = 8) -> Any:
-        """The plan for `key`, computing it at most once per generation across threads."""
+        """The plan for `key`, computing it at most once per generation across threads.
+
+        A thread that finds another computing the same key waits for it (at most
+        `wait_timeout_s`, then SelectionTimeoutError). A plan computed while the generation
+        changed is not cached; the call computes again for the new generation, at most
+        `max_rounds` times, then returns an uncached plan of the newest policy. A compute that
+        re-enters the same key in the same thread runs uncached instead of waiting on itself.
+        """
+        me = threading.get_ident()
         for _ in range(max_rounds):
             with self._lock:
-                data, generation = self.data, self.generation
-                plan = data.get(key)
+                generation = self.generation
+                plan = self._lookup(key)
                 if plan is not None:
                     self.hits_on_miss_path += 1
                     return plan
-                event = self._inflight.get((generation, key))
-                owner = event is None
-                if owner:
-                    event = self._inflight[(generation, key)] = threading.Event()
-            assert event is not None
+                flight = self._inflight.get((generation, key))
+                owner = flight is None
+                if flight is None:
+                    flight = self._inflight[(generation, key)] = _Flight(me)
+                elif flight.owner == me:
+                    break  # re-entered from inside our own compute
             if not owner:
-                if not event.wait(self.wait_timeout_s):
+                self.waits += 1
+                if not flight.done.wait(self.wait_timeout_s):
                     raise SelectionTimeoutError(
                         f"waited {self.wait_timeout_s}s for another thread's selection of {key!r}"
                     )
                 continue
             try:
+                if self.compute_log is not None:
+                    self.compute_log.append((generation, key))
                 plan = compute()
                 self.computes += 1
                 with self._lock:
                     if self.generation == generation:
-                        if len(data) >= self.maxsize:
-                            for old in list(data)[: max(1, self.maxsize // 8)]:
-                                del data[old]
-                        data[key] = plan
+                        self._insert(key, plan)
                         return plan
                 # Policy, registry or health changed while we computed: compute again for the
                 # new generation rather than return a plan from the old one.
             finally:
                 with self._lock:
                     self._inflight.pop((generation, key), None)
-                event.set()
-        return compute()  # the generation kept changing; a fresh plan, uncached
+                flight.done.set()
+        self.computes += 1
+        return compute()  # the generation kept changing (or re-entry): a fresh plan, uncached
+
+    def _lookup(self, key: Hashable) -> Any:
+        """Under the lock: the plan in `data`, or moved back from the old segment, or None."""
+        plan = self.data.get(key)
+        if plan is not None:
+            return plan
+        plan = self._older.pop(key, None)
+        if plan is None:
+            return None
+        if self.ttl_s is not None and time.monotonic() - self._born.get(key, 0.0) >= self.ttl_s:
+            self._born.pop(key, None)
+            self.expirations += 1
+            return None
+        self.promotions += 1
+        self._insert(key, plan, promoted=True)
+        return plan
+
+    def _insert(self, key: Hashable, plan: Any, promoted: bool = False) -> None:
+        """Under the lock: add to `data`, rotating segments when it is half the capacity."""
+        if len(self.data) >= self.maxsize // 2:
+            dropped = self._older
+            self.evictions += len(dropped)
+            if self._born:
+                for old in dropped:
+                    self._born.pop(old, None)
+            self._older, self.data = self.data, {}
+        self.data[key] = plan
+        if self.ttl_s is not None and not promoted:
+            self._born[key] = time.monotonic()
+
+    # ---- TTL
+
+    def expire(self) -> int:
+        """Drop plans older than the TTL; returns how many. The sweeper calls it periodically."""
+        if self.ttl_s is None:
+            return 0
+        with self._lock:
+            cutoff = time.monotonic() - self.ttl_s
+            old = [k for k, born in self._born.items() if born <= cutoff]
+            for key in old:
+                del self._born[key]
+                self.data.pop(key, None)
+                self._older.pop(key, None)
+            self.expirations += len(old)
+            return len(old)
+
+    def _sweep(self, stop: threading.Event) -> None:
+        ttl = self.ttl_s or 1.0
+        while not stop.wait(min(ttl / 4, 1.0)):
+            self.expire()
+
+    def _stop_sweeper(self) -> None:
+        self._sweeper_stop.set()
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None and sweeper is not threading.current_thread():
+            sweeper.join(timeout=5.0)

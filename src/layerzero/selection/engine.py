@@ -91,7 +91,8 @@ class SelectionReport:
                 extra = f" transforms={'+'.join(c.transforms)}" if c.transforms else ""
                 rules = f" rules: {'; '.join(c.rules)}" if c.rules else ""
                 measured = "" if c.measured_us is None else f", measured {c.measured_us:.4g} us"
-                lines.append(f" {mark} {c.kernel_id:<28} score {c.score:g} (priority {c.priority}{measured}){extra}{rules}")
+                score = "not scored" if c.score is None else f"score {c.score:g}"  # strict mode stops before scoring
+                lines.append(f" {mark} {c.kernel_id:<28} {score} (priority {c.priority}{measured}){extra}{rules}")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -125,13 +126,17 @@ class SelectionEngine:
             cand.rejections.extend(rt.health_rejections(spec))
             cand.rejections.extend(check_constraints(spec, ctx))
             cand.rejections.extend(rt.perf_rejections(spec, ctx))
-            if spec.backend != REFERENCE_BACKEND and spec.backend in rt.disabled_backends:
+            if spec.backend != REFERENCE_BACKEND and (spec.backend in rt.disabled_backends or "*" in rt.disabled_backends):
                 cand.rejections.append(Rejection(Reason.BACKEND_DISABLED, "disabled by lz.disabled()"))
 
         lock = policy.lock_for(ctx)
         locked_ok = False
         if lock is not None:
             locked = [s for s in specs if lock.targets(s)]
+            for s in locked:  # a deny from a higher source than the lock's (code > env > file) wins
+                deny = policy.deny_rule(s, ctx, above_rank=lock.rank) if s.backend != REFERENCE_BACKEND else None
+                if deny is not None:
+                    candidates[s.id].rejections.append(Rejection(Reason.POLICY_DENIED, deny.describe()))
             locked_ok = any(candidates[s.id].eligible for s in locked)
             if locked_ok:
                 for spec in specs:
@@ -159,8 +164,9 @@ class SelectionEngine:
                     cand.rejections.append(
                         Rejection(Reason.POLICY_NOT_ALLOWED, "; ".join(r.describe() for r in allows))
                     )
+                cand.rules.extend(r.describe() for r in allows if r.targets(spec))
                 deny = policy.deny_rule(spec, ctx)
-                if deny is not None:
+                if deny is not None and not any(r.reason is Reason.POLICY_DENIED for r in cand.rejections):
                     cand.rejections.append(Rejection(Reason.POLICY_DENIED, deny.describe()))
 
         for spec in specs:
@@ -169,6 +175,9 @@ class SelectionEngine:
                 continue
             factor, rules = policy.boost(spec, ctx)
             cand.rules.extend(r.describe() for r in rules)
+            prefer = policy.prefer_rule(spec, ctx)  # its priority replaces the score in rt.score
+            if prefer is not None:
+                cand.rules.append(prefer.describe())
             cand.transforms = transforms_of(spec, ctx)
             cand.measured_us = rt.measured_us(spec, ctx)
             cand.score = rt.score(spec, ctx) * factor - TRANSFORM_PENALTY * len(cand.transforms)

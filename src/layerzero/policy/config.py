@@ -1,0 +1,448 @@
+"""The code API of policy: configure, lock, prefer, disabled, watch_policy, and the env layer.
+
+Every change builds new immutable layers, merges them and swaps the runtime's policy, which
+bumps the plan-cache generation: no call that starts after the change returns gets a plan of
+the old policy. Changes are process-wide (plans are shared by all threads).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+from types import TracebackType
+from typing import Any
+
+from ..errors import ConfigurationError, PolicyValidationError
+from ..selection.engine import REFERENCE_BACKEND
+from ..state import Runtime, runtime
+from .conditions import parse_condition
+from .loader import (
+    DEFAULT_PREFER_PRIORITY,
+    ENV_VARS,
+    check_kernel_op,
+    check_operation,
+    environment_policy,
+    load_policy_file,
+    parse_policy_mapping,
+    resolve_target,
+)
+from .model import LAYERS, Policy, PolicyLayers, Rule
+
+log = logging.getLogger("layerzero")
+
+PathLike = str | os.PathLike[str]
+
+
+# ---- installing layers
+
+
+def _install(rt: Runtime, layers: PolicyLayers) -> None:
+    with rt._lock:
+        rt.policy_layers = layers
+        rt.set_policy(layers.merged())
+
+
+def _update_layer(layer: str, change: Any) -> Policy:
+    """Apply `change(policy) -> policy` to one layer atomically; returns the merged policy."""
+    runtime.ensure_loaded()
+    with runtime._lock:
+        layers = runtime.policy_layers
+        _install(runtime, replace(layers, **{layer: change(getattr(layers, layer))}))
+        return runtime.policy
+
+
+def load_environment(rt: Runtime, environ: Mapping[str, str] | None = None) -> None:
+    """Read LAYERZERO_* into the env layer (and LAYERZERO_POLICY into the file layer).
+
+    Called when the runtime loads its backends and by `lz.load_config()`; it uses the registry
+    directly and never calls `ensure_loaded`. Nothing changes unless everything is valid.
+    """
+    environ = os.environ if environ is None else environ
+    env_policy = environment_policy(environ, rt.registry)
+    path = environ.get("LAYERZERO_POLICY") or None
+    with rt._lock:
+        layers = rt.policy_layers
+        if path is not None:
+            layers = replace(layers, file=load_policy_file(path, rt.registry), file_path=path)
+        _install(rt, replace(layers, env=env_policy))
+
+
+# ---- configure / load_config / get_config
+
+
+def configure(
+    source: PathLike | Mapping[str, Any] | None = None,
+    *,
+    strict_mode: bool | None = None,
+    lock: Mapping[str, str] | None = None,
+    allow: Iterable[str] | Mapping[str, Iterable[str]] | None = None,
+    deny: Iterable[str] | Mapping[str, Iterable[str]] | None = None,
+    prefer: Mapping[str, float] | None = None,
+    plan_cache_size: int | None = None,
+    plan_cache_ttl_s: float | None = None,
+    watch: bool = False,
+    interval_s: float = 1.0,
+) -> dict[str, Any]:
+    """Configure selection; returns `get_config()`.
+
+    source: a policy file path (becomes the file source; `watch=True` hot-reloads it) or a
+    mapping in the file schema (replaces the code source's rules). Keywords change the code
+    source: `lock={"attention.causal": "torch.sdpa_flash"}`, `allow=["torch", "reference"]` or
+    `{op_pattern: [targets]}`, `deny=` the same, `prefer={"torch": 90}`, `strict_mode=True`.
+    `plan_cache_size` / `plan_cache_ttl_s` size the plan cache (TTL None = no expiry).
+    """
+    runtime.ensure_loaded()
+    if isinstance(source, Mapping):
+        code = parse_policy_mapping(source, runtime.registry)
+        _update_layer("code", lambda _: code)
+    elif source is not None:
+        if watch:
+            watch_policy(source, interval_s)
+        else:
+            _set_file(load_policy_file(source, runtime.registry), os.fspath(source))
+    elif watch:
+        raise ConfigurationError("configure: watch=True needs a policy file path as `source`")
+    for op, target in (lock or {}).items():
+        _set_lock(op, target)
+    for kind, spec in (("allow", allow), ("deny", deny)):
+        if spec is None:
+            continue
+        items = spec.items() if isinstance(spec, Mapping) else [("*", spec)]
+        rules = []
+        for op, targets in items:
+            for target in [targets] if isinstance(targets, str) else targets:
+                rules.append(_code_rule(kind, op, target))
+        field = kind + "s" if kind == "allow" else "denies"
+        _update_layer("code", lambda p, f=field, r=tuple(rules): replace(p, **{f: getattr(p, f) + r}))
+    for target, priority in (prefer or {}).items():
+        _Prefer(target, priority)
+    if strict_mode is not None:
+        if not isinstance(strict_mode, bool):
+            raise ConfigurationError(f"strict_mode: expected True or False, got {strict_mode!r}")
+        _update_layer("code", lambda p: replace(p, strict=strict_mode))
+    if plan_cache_size is not None or plan_cache_ttl_s is not None:
+        runtime.plans.configure(
+            maxsize=plan_cache_size,
+            ttl_s=plan_cache_ttl_s if plan_cache_ttl_s is not None else runtime.plans.ttl_s,
+        )
+    return get_config()
+
+
+def load_config(path: PathLike | None = None) -> dict[str, Any]:
+    """Re-read the environment and the policy file; returns `get_config()`.
+
+    The file is `path`, else LAYERZERO_POLICY, else the file read last. Nothing changes unless
+    every source is valid (PolicyValidationError otherwise).
+    """
+    runtime.ensure_loaded()
+    with runtime._lock:
+        env_policy = environment_policy(os.environ, runtime.registry)
+        file_path = os.fspath(path) if path is not None else (
+            os.environ.get("LAYERZERO_POLICY") or runtime.policy_layers.file_path
+        )
+        file_policy = load_policy_file(file_path, runtime.registry) if file_path else None
+        _install(runtime, replace(runtime.policy_layers, env=env_policy))
+        if file_policy is not None:
+            _set_file(file_policy, file_path)
+    return get_config()
+
+
+def _set_file(policy: Policy, path: str) -> None:
+    """Install the file source; a watcher of another file stops (it would overwrite this one)."""
+    with runtime._lock:
+        watcher = runtime.policy_watcher
+        _install(runtime, replace(runtime.policy_layers, file=policy, file_path=path))
+    if watcher is not None and os.path.abspath(watcher.path) != os.path.abspath(path):
+        watcher.stop()
+
+
+def get_config() -> dict[str, Any]:
+    """The policy in force (rules in precedence order, each with its source), the plan cache
+    settings, disabled backends and where the configuration came from."""
+    runtime.ensure_loaded()
+    policy, layers = runtime.policy, runtime.policy_layers
+    watcher = runtime.policy_watcher
+    return {
+        "version": "1.0",
+        "strict_mode": bool(policy.strict),
+        "locks": [r.to_dict() for r in policy.locks],
+        "allows": [r.to_dict() for r in policy.allows],
+        "denies": [r.to_dict() for r in policy.denies],
+        "boosts": [r.to_dict() for r in policy.boosts],
+        "prefer": [r.to_dict() for r in policy.prefers],
+        "disabled_backends": sorted(runtime.disabled_backends),
+        "plan_cache": {"size": runtime.plans.maxsize, "ttl_s": runtime.plans.ttl_s},
+        "sources": {
+            "precedence": list(LAYERS),
+            "file": layers.file_path,
+            "watching": watcher.path if watcher is not None and watcher.running else None,
+            "environment": {k: os.environ[k] for k in ENV_VARS if k in os.environ},
+        },
+    }
+
+
+# ---- locks
+
+
+def _code_rule(kind: str, op: str, target: str, condition: str | None = None, **extra: Any) -> Rule:
+    if not isinstance(op, str):
+        raise PolicyValidationError(f"operation: expected an op id or pattern like 'attention.*', got {op!r}")
+    if not isinstance(target, str):
+        raise PolicyValidationError(f"{kind} target: expected a backend name or kernel id, got {target!r}")
+    check_operation(runtime.registry, op)
+    backends, kernels = resolve_target(runtime.registry, target)
+    fn = parse_condition(condition) if condition else None
+    return Rule(kind, op, backends, kernels, fn, condition or "", source="code", layer="code", **extra)
+
+
+def lock(op: str, kernel: str, condition: str | None = None) -> None:
+    """Run `op` (an op id or glob) with `kernel` (a kernel id or backend name) whenever it can.
+
+    Replaces an earlier code lock of the same op. If the kernel cannot run a call, LayerZero
+    warns once and selects among the rest, or raises NoKernelFoundError in strict mode.
+    """
+    _set_lock(op, kernel, condition)
+
+
+def _set_lock(op: str, kernel: str, condition: str | None = None) -> None:
+    runtime.ensure_loaded()
+    rule = _code_rule("lock", op, kernel, condition)
+    for kernel_id in rule.kernels:
+        check_kernel_op(runtime.registry, kernel_id, op)
+    _update_layer("code", lambda p: replace(p, locks=(rule, *(r for r in p.locks if r.operation != op))))
+
+
+def unlock(op: str) -> bool:
+    """Remove the locks on exactly `op` from every source (until that source is read again).
+
+    Returns whether a lock was removed.
+    """
+    runtime.ensure_loaded()
+    with runtime._lock:
+        layers = runtime.policy_layers
+        changed = {}
+        for name in LAYERS:
+            policy = getattr(layers, name)
+            kept = tuple(r for r in policy.locks if r.operation != op)
+            if len(kept) != len(policy.locks):
+                changed[name] = replace(policy, locks=kept)
+        if changed:
+            _install(runtime, replace(layers, **changed))
+        return bool(changed)
+
+
+def get_locks() -> dict[str, str]:
+    """{op pattern: target} of the locks in force, the winning one per pattern (see get_config
+    for their conditions and sources)."""
+    runtime.ensure_loaded()
+    out: dict[str, str] = {}
+    for rule in runtime.policy.locks:
+        out.setdefault(rule.operation, rule.target)
+    return out
+
+
+# ---- prefer and disabled
+
+
+class prefer:  # noqa: N801 - used like a function: lz.prefer("torch") or `with lz.prefer("torch"):`
+    """Give the kernels of `target` (a backend or kernel id) the priority `priority` for `op`.
+
+    Takes effect at once and stays (a setting); used as a context manager it is undone on
+    exit, also when the block raises. The default priority (1000) is above every built-in one.
+    """
+
+    def __init__(self, target: str, priority: float = DEFAULT_PREFER_PRIORITY, *, op: str = "*",
+                 condition: str | None = None) -> None:
+        runtime.ensure_loaded()
+        if isinstance(priority, bool) or not isinstance(priority, (int, float)) or priority != priority:
+            raise PolicyValidationError(f"prefer: priority: expected a number, got {priority!r}")
+        self.rule = _code_rule("prefer", op, target, condition, priority=float(priority))
+        self.replaced: Rule | None = None
+        key = (self.rule.operation, self.rule.backends, self.rule.kernels, self.rule.condition_text)
+
+        def change(p: Policy) -> Policy:
+            same = [r for r in p.prefers if (r.operation, r.backends, r.kernels, r.condition_text) == key]
+            self.replaced = same[0] if same else None
+            return replace(p, prefers=(self.rule, *(r for r in p.prefers if r not in same)))
+
+        _update_layer("code", change)
+
+    def undo(self) -> None:
+        """Remove this preference, restoring the one it replaced."""
+        restored = (self.replaced,) if self.replaced is not None else ()
+        _update_layer("code", lambda p: replace(
+            p, prefers=tuple(x for r in p.prefers for x in ((r,) if r is not self.rule else restored))))
+
+    def __enter__(self) -> prefer:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.undo()
+
+    def __repr__(self) -> str:
+        return f"<prefer {self.rule.describe()}>"
+
+
+_Prefer = prefer  # `configure(prefer=...)` shadows the name
+
+
+class disabled:  # noqa: N801 - a context manager used like a function
+    """`with lz.disabled("flashinfer", "xformers"):` selection skips those backends in the block.
+
+    With no arguments, every backend but the torch reference is skipped (reference-only mode).
+    Process-wide; restored on exit, also when the block raises. The reference cannot be disabled.
+    """
+
+    def __init__(self, *backends: str) -> None:
+        runtime.ensure_loaded()
+        names = []
+        for name in backends:
+            if not isinstance(name, str):
+                raise ConfigurationError(f"disabled: expected backend names, got {name!r}")
+            canonical = runtime.registry.backend_name(name)
+            if canonical == REFERENCE_BACKEND:
+                raise ConfigurationError("disabled: the reference backend cannot be disabled (a call always runs)")
+            names.append(canonical)
+        self.backends = frozenset(names) if names else frozenset({"*"})
+        self.added: frozenset[str] = frozenset()
+
+    def __enter__(self) -> disabled:
+        with runtime._lock:
+            self.added = self.backends - runtime.disabled_backends
+            runtime.disabled_backends = runtime.disabled_backends | self.added
+            runtime.bump()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        with runtime._lock:
+            runtime.disabled_backends = runtime.disabled_backends - self.added
+            runtime.bump()
+
+
+# ---- hot reload
+
+
+class PolicyWatcher:
+    """Polls a policy file and swaps the file source when its content changes.
+
+    An invalid new version is logged (an error, once per version) and the old policy stays.
+    `check()` polls once now (tests call it to avoid sleeping); `stop()` ends the thread.
+    """
+
+    def __init__(self, path: PathLike, interval_s: float) -> None:
+        self.path = os.fspath(path)
+        self.interval_s = interval_s
+        self.reloads = 0
+        self.errors = 0
+        self.last_error: str | None = None
+        self._seen: bytes | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="layerzero-policy-watch", daemon=True)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    def load_now(self) -> None:
+        """Load the file and install it; raises PolicyValidationError if it is invalid."""
+        content = self._read()
+        policy = _parse_file_bytes(content, self.path)
+        self._install(policy, content)
+
+    def check(self) -> bool:
+        """Poll once: True when a new valid version was installed."""
+        try:
+            content = self._read()
+        except PolicyValidationError as exc:
+            content, error = None, str(exc)
+        else:
+            if content == self._seen:
+                return False
+            try:
+                policy = _parse_file_bytes(content, self.path)
+                error = None
+            except PolicyValidationError as exc:
+                error = str(exc)
+        if error is not None:
+            if content != self._seen or self.last_error != error:
+                self.errors += 1
+                self.last_error = error
+                log.error("policy %s not reloaded, the previous policy stays in force: %s", self.path, error)
+            self._seen = content
+            return False
+        return self._install(policy, content)
+
+    def _read(self) -> bytes:
+        try:
+            with open(self.path, "rb") as f:
+                return f.read()
+        except OSError as exc:
+            raise PolicyValidationError(f"{self.path}: cannot read the policy file: {exc.strerror or exc}") from None
+
+    def _install(self, policy: Policy, content: bytes) -> bool:
+        with runtime._lock:
+            if self._stop.is_set():
+                return False
+            _install(runtime, replace(runtime.policy_layers, file=policy, file_path=self.path))
+            self._seen = content
+            self.reloads += 1
+            self.last_error = None
+        log.info("policy %s loaded (%d rules)", self.path, len(policy.rules()))
+        return True
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.check()
+            except Exception:  # noqa: BLE001 - the watcher must keep running
+                log.exception("policy watcher for %s failed to poll", self.path)
+
+    def start(self) -> PolicyWatcher:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5.0)
+        if runtime.policy_watcher is self:
+            runtime.policy_watcher = None
+
+    def __enter__(self) -> PolicyWatcher:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def _parse_file_bytes(content: bytes, path: str) -> Policy:
+    from .loader import parse_policy_text
+
+    return parse_policy_text(content, runtime.registry, source=path)
+
+
+def watch_policy(path: PathLike, interval_s: float = 1.0) -> PolicyWatcher:
+    """Load `path` now (raising if invalid), then poll it every `interval_s` and swap the policy
+    atomically when it changes. Replaces an earlier watcher; `.stop()` or `with` ends it."""
+    if isinstance(interval_s, bool) or not isinstance(interval_s, (int, float)) or not interval_s > 0:
+        raise ConfigurationError(f"interval_s: expected a number of seconds > 0, got {interval_s!r}")
+    runtime.ensure_loaded()
+    watcher = PolicyWatcher(path, float(interval_s))
+    watcher.load_now()
+    with runtime._lock:
+        previous, runtime.policy_watcher = runtime.policy_watcher, watcher
+    if previous is not None:
+        previous.stop()
+    return watcher.start()
+
+
+__all__ = [
+    "PolicyWatcher", "configure", "disabled", "get_config", "get_locks", "load_config", "load_environment",
+    "lock", "prefer", "unlock", "watch_policy",
+]
