@@ -63,6 +63,10 @@ class KernelSpec:
     deterministic: bool = True
     needs_jit: bool = False
     max_hidden_size: int = 1 << 30
+    min_seq_len: int = 0  # applies to max(seq_len_q, seq_len_k)
+    max_seq_len: int = 1 << 30
+    max_batch: int = 1 << 30
+    tp_sizes: frozenset[int] | None = None  # tensor-parallel sizes the kernel supports; None: any
     cpu_isa: frozenset[str] = frozenset()  # all of these are required
     check: Callable[[SelectionContext], list[Rejection]] | None = field(default=None, compare=False, repr=False)
     workspace_bytes: Callable[[SelectionContext], int] | None = field(default=None, compare=False, repr=False)
@@ -143,6 +147,14 @@ def check_constraints(spec: KernelSpec, ctx: SelectionContext) -> list[Rejection
         reject(Reason.NOT_DETERMINISTIC, "torch.use_deterministic_algorithms(True) is on")
     if ctx.hidden_size > spec.max_hidden_size:
         reject(Reason.HIDDEN_SIZE_TOO_LARGE, f"hidden size {ctx.hidden_size} > max {spec.max_hidden_size}")
+    if ctx.seq_len > spec.max_seq_len:
+        reject(Reason.SEQ_LEN_TOO_LONG, f"seq_len {ctx.seq_len} > max {spec.max_seq_len}")
+    if ctx.head_dim and ctx.seq_len < spec.min_seq_len:
+        reject(Reason.SEQ_LEN_TOO_SHORT, f"seq_len {ctx.seq_len} < min {spec.min_seq_len}")
+    if ctx.batch > spec.max_batch:
+        reject(Reason.BATCH_TOO_LARGE, f"batch {ctx.batch} > max {spec.max_batch}")
+    if spec.tp_sizes is not None and ctx.tp_size not in spec.tp_sizes:
+        reject(Reason.TP_UNSUPPORTED, f"tp_size {ctx.tp_size} not in {sorted(spec.tp_sizes)}")
     if spec.check is not None and not out:
         out.extend(spec.check(ctx))
     return out
