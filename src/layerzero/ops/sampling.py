@@ -62,7 +62,7 @@ def _normalize(logits: Any, top_k: Param, top_p: Param, min_p: Param, temperatur
             min_p = None
     if not isinstance(temperature, _Tensor):
         _scalar("temperature", temperature, 0.0, float("inf"), False, "a float >= 0 (0 = greedy)")
-        if temperature == 0.0 or top_k == 1:
+        if temperature == 0.0 or (type(top_k) is int and top_k == 1):
             return "sampling.greedy", None, None, None, 0.0
         temperature = float(temperature)  # type: ignore[arg-type]
     active = (top_k is not None, top_p is not None, min_p is not None)
@@ -89,7 +89,7 @@ def sample(logits: torch.Tensor, top_k: Param = None, top_p: Param = None, min_p
     try:
         key, k, p, m, t = _key_args(logits, top_k, top_p, min_p, temperature, generator)
     except AttributeError:
-        _check_logits(logits)
+        _context(logits, top_k, top_p, min_p, temperature, generator)  # raises the precise error
         raise
     plan = runtime.plans.data.get(key)
     if plan is None:
