@@ -377,10 +377,14 @@ class Measurements:
         return self.bucket_records(ctx).get(kernel_id)
 
     def score(self, kernel_id: str, ctx: SelectionContext) -> float | None:
-        """PERF_SCALE * (fastest confident time in the bucket) / (this kernel's time), or None if unmeasured."""
+        """PERF_SCALE * (fastest time in the bucket) / (this kernel's time); None when the kernel is
+        unmeasured or the bucket's data is not confident (one noisy timing would skew the ranking,
+        so a bucket is used only when every correct timing in it is confident)."""
         records = self.bucket_records(ctx)
         mine = records.get(kernel_id)
-        if mine is None or not mine.confident:
+        if mine is None or not mine.correct:
             return None
-        best = min(r.median_us for r in records.values() if r.confident)
-        return PERF_SCALE * best / mine.median_us
+        timed = [r for r in records.values() if r.correct]
+        if not all(r.confident for r in timed):
+            return None
+        return PERF_SCALE * min(r.median_us for r in timed) / mine.median_us

@@ -1,0 +1,424 @@
+"""`lz.solve`: compile selection decisions into a standalone Python module.
+
+For each op, each dtype and each combination of exact dims (heads, head_dim, hidden, causal), the
+ranged dims (batch, seq_q, seq_k, rows) are split into power-of-two buckets; the engine chooses a
+kernel for each bucket (from PerfDB timings where confident, priorities otherwise) at the bucket's
+corners, and only a kernel valid at every corner is kept. Adjacent buckets with the same choice
+merge, and the result is written as nested `if lo <= X <= hi:` chains that call the kernel
+functions directly. Calls outside the solved ranges, with options the solve did not cover (masks,
+dropout, grad, ...), or on a machine whose signature differs, go to dynamic selection.
+
+    lz.solve({"attention": dict(batch=(1, 64), seq_q=(1, 8192), seq_k=(1, 8192), heads=[32],
+                                kv_heads=[8], head_dim=[128], causal=[True])},
+             "solved_llama.py", dtypes=[torch.bfloat16])
+    import solved_llama; out = solved_llama.attention(q, k, v, is_causal=True)
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import inspect
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..context import SelectionContext
+from ..errors import ConfigurationError, InvalidInputError, NoKernelFoundError
+from ..kernel import KernelSpec, check_constraints
+from ..selection.engine import REFERENCE_BACKEND
+from ..state import builtin_backend_modules, runtime
+from . import workloads
+from .perfdb import bucket_low, current_signature, pow2_bucket
+
+Interval = tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class FamilyCode:
+    """What the generator knows about calling one family's kernels without the engine.
+
+    handled: public parameters the solved code reads; every other parameter must be at its default
+    (else dynamic selection runs). required: parameters that must not be None. dims: code that
+    binds the workload dims from the arguments (after the guard). call: the kernel call, with {K}
+    for the kernel and {pre}/{post} for layout transforms. tensors: arguments checked for grad.
+    """
+
+    handled: tuple[str, ...]
+    required: tuple[str, ...]
+    first: str
+    tensors: tuple[str, ...]
+    prologue: tuple[str, ...]
+    names: Mapping[str, str]  # workload dim -> variable in the generated code
+    call: str
+
+
+_ATTENTION = FamilyCode(
+    handled=("q", "k", "v", "is_causal", "scale"), required=(), first="q", tensors=("q", "k", "v"),
+    prologue=("if q.dim() == 4 and k.dim() == 4 and k.dtype is q.dtype and v.dtype is q.dtype and v.shape == k.shape:",
+              "    B, Sq, Hq, D = q.shape", "    Bk, Sk, Hkv, Dk = k.shape", "    dt = q.dtype",
+              "    if Bk == B and Dk == D:"),
+    names={"batch": "B", "seq_q": "Sq", "seq_k": "Sk", "heads": "Hq", "kv_heads": "Hkv", "head_dim": "D",
+           "causal": "is_causal"},
+    call="{K}({q}, {k}, {v}, attn_mask, is_causal, dropout_p, scale, window_size, softcap, alibi_slopes){post}",
+)
+_ROWS = ("if x.dim() >= 1 and x.shape[-1] > 0:", "    dt = x.dtype", "    H = x.shape[-1]", "    R = x.numel() // H")
+FAMILY_CODE: dict[str, FamilyCode] = {
+    "attention": _ATTENTION,
+    "rms_norm": FamilyCode(("x", "weight", "eps"), ("weight",), "x", ("x", "weight"), _ROWS,
+                           {"rows": "R", "hidden": "H"}, "{K}({x}, weight, eps)"),
+    "layer_norm": FamilyCode(("x", "weight", "bias", "eps"), ("weight", "bias"), "x", ("x", "weight", "bias"), _ROWS,
+                             {"rows": "R", "hidden": "H"}, "{K}({x}, weight, bias, eps)"),
+}
+# Pairs of ranged dims whose equality changes what kernels may run (causal masks on Sq == Sk).
+SQUARE = {"attention": ("seq_q", "seq_k")}
+
+
+@dataclass(frozen=True, slots=True)
+class SolveResult:
+    """What `lz.solve` wrote."""
+
+    path: Path
+    kernels: dict[str, str]  # variable in the module -> kernel id
+    buckets: int  # buckets (cells) decided
+    branches: int  # kernel calls in the generated code after merging
+    notes: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        used = ", ".join(sorted(set(self.kernels.values()))) or "none"
+        lines = [f"wrote {self.path}: {self.buckets} buckets -> {self.branches} branches; kernels: {used}"]
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+
+# --- deciding ---------------------------------------------------------------------------------------
+
+def _intervals(lo: int, hi: int) -> list[Interval]:
+    """Power-of-two buckets covering [lo, hi], the first starting at lo."""
+    out, upper = [], pow2_bucket(lo)
+    while True:
+        out.append((max(lo, bucket_low(upper)), upper))
+        if upper >= hi:
+            return out
+        upper = max(upper * 2, 1)
+
+
+def _rank(report: Any) -> list[str]:
+    """Eligible kernel ids in the engine's order of preference (accelerated first, then score, then id)."""
+    eligible = [c for c in report.candidates if c.score is not None]
+    eligible.sort(key=lambda c: (c.backend != REFERENCE_BACKEND, c.score, c.kernel_id), reverse=True)
+    return [c.kernel_id for c in eligible]
+
+
+def _decide(name: str, corners: list[SelectionContext], notes: list[str]) -> str | None:
+    """The kernel the engine picks at every corner, or the best kernel eligible at all of them."""
+    fam = workloads.family(name)
+    rankings = []
+    for ctx in corners:
+        try:
+            rankings.append(_rank(runtime.engine.evaluate(ctx, fam.transforms)))
+        except NoKernelFoundError:
+            return None
+    common = set(rankings[0]).intersection(*rankings[1:])
+    firsts = {r[0] for r in rankings if r}
+    if len(firsts) == 1 and firsts <= common:
+        return firsts.pop()
+    pick = next((k for k in rankings[-1] if k in common), None)
+    notes.append(f"{name}: choice varies inside a bucket ({', '.join(sorted(firsts))}); "
+                 f"solved with {pick or 'dynamic selection'}, valid at every corner")
+    return pick
+
+
+def _tree(name: str, template: SelectionContext, ranged: list[str], intervals: dict[str, list[Interval]],
+          notes: list[str], counter: list[int]) -> Any:
+    """Nested [(lo, hi, child)] over `ranged` dims; leaves are kernel ids, None (dynamic) or
+    ("square", same, other) where Sq == Sk matters."""
+    fields = workloads.CONTEXT_FIELDS
+    pair = SQUARE.get(name)
+
+    def leaf(chosen: dict[str, Interval]) -> Any:
+        counter[0] += 1
+        axes = [sorted({lo, hi}) for lo, hi in (chosen[d] for d in ranged)]
+        points = [dict(zip(ranged, p, strict=True)) for p in itertools.product(*axes)]
+        if pair is None or chosen[pair[0]] != chosen[pair[1]]:
+            return _decide(name, [_at(p) for p in points], notes)
+        same = [p for p in points if p[pair[0]] == p[pair[1]]]
+        other = [p for p in points if p[pair[0]] != p[pair[1]]]
+        a = _decide(name, [_at(p) for p in same], notes)
+        if not other:  # a one-value bucket: every shape in it is square
+            return a
+        b = _decide(name, [_at(p) for p in other], notes)
+        return a if a == b else ("square", a, b)
+
+    def _at(point: dict[str, int]) -> SelectionContext:
+        return template.replace(**{fields[d]: v for d, v in point.items()})
+
+    def build(i: int, chosen: dict[str, Interval]) -> Any:
+        if i == len(ranged):
+            return leaf(chosen)
+        merged: list[list[Any]] = []
+        for iv in intervals[ranged[i]]:
+            child = build(i + 1, {**chosen, ranged[i]: iv})
+            if merged and merged[-1][2] == child:
+                merged[-1][1] = iv[1]
+            else:
+                merged.append([iv[0], iv[1], child])
+        return [tuple(m) for m in merged]
+
+    return build(0, {})
+
+
+# --- writing ------------------------------------------------------------------------------------------
+
+class _Writer:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.kernels: dict[str, str] = {}  # kernel id -> variable
+        self.branches = 0
+
+    def emit(self, depth: int, text: str) -> None:
+        self.lines.append("    " * depth + text)
+
+    def var(self, kernel_id: str) -> str:
+        if kernel_id not in self.kernels:
+            self.kernels[kernel_id] = f"_K{len(self.kernels)}"
+        return self.kernels[kernel_id]
+
+
+def _call(code: FamilyCode, spec: KernelSpec, var: str) -> str:
+    if code is _ATTENTION:
+        t = ".transpose(1, 2)" if spec.layout != "BSHD" else ""
+        c = ".contiguous()" if spec.requires_contiguous else ""
+        return code.call.format(K=var, q=f"q{t}{c}", k=f"k{t}{c}", v=f"v{t}{c}", post=t)
+    return code.call.format(K=var, x="x.contiguous()" if spec.requires_contiguous else "x")
+
+
+def _emit_leaf(w: _Writer, code: FamilyCode, node: Any, depth: int) -> None:
+    if node is None:
+        w.emit(depth, "pass  # no kernel valid in the whole bucket: dynamic selection")
+        return
+    if isinstance(node, tuple) and node and node[0] == "square":
+        _, same, other = node
+        w.emit(depth, "if Sq == Sk:")
+        _emit_leaf(w, code, same, depth + 1)
+        w.emit(depth, "else:")
+        _emit_leaf(w, code, other, depth + 1)
+        return
+    spec = runtime.registry.kernel(node)
+    var = w.var(node)
+    w.branches += 1
+    guards = []
+    if not spec.deterministic:
+        guards.append("_deterministic()")
+    if not spec.graph_safe:
+        guards.append("_capturing()")
+    if guards:
+        w.emit(depth, f"if not ({' or '.join(guards)}):")
+        w.emit(depth + 1, f"return {_call(code, spec, var)}")
+    else:
+        w.emit(depth, f"return {_call(code, spec, var)}")
+
+
+def _emit_tree(w: _Writer, code: FamilyCode, ranged: list[str], node: Any, depth: int, i: int = 0) -> None:
+    if i == len(ranged):
+        _emit_leaf(w, code, node, depth)
+        return
+    var = code.names[ranged[i]]
+    for j, (lo, hi, child) in enumerate(node):
+        w.emit(depth, f"{'if' if j == 0 else 'elif'} {lo} <= {var} <= {hi}:")
+        _emit_tree(w, code, ranged, child, depth + 1, i + 1)
+
+
+def _kernel_source(spec: KernelSpec, modules: dict[str, str]) -> str:
+    if spec.backend in modules:
+        return f"_kernel({modules[spec.backend]!r}, {spec.id!r})"
+    module, qualname = getattr(spec.impl, "__module__", None), getattr(spec.impl, "__qualname__", "")
+    if not module or "<" in qualname:
+        raise ConfigurationError(f"kernel {spec.id}: its impl {spec.impl!r} cannot be imported by a solved module; "
+                                 "define it at module level (or register it in a backend module)")
+    return f"_attr({module!r}, {qualname!r})"
+
+
+def _backend_modules() -> dict[str, str]:
+    out = {}
+    for name in builtin_backend_modules():
+        module = importlib.import_module(f"layerzero.backends.{name}")
+        backend = getattr(module, "BACKEND", None)
+        if backend is not None:
+            out[backend.name] = module.__name__
+    return out
+
+
+def _parse_dims(name: str, dims: Mapping[str, Any]) -> tuple[dict[str, Interval], dict[str, list[int]]]:
+    wl = workloads.workload(name)
+    unknown = set(dims) - set(wl.dims)
+    if unknown:
+        raise InvalidInputError(f"{name} dims", f"names among {', '.join(wl.dims)}", ", ".join(sorted(unknown)))
+    ranges, exact = {}, {}
+    for d in wl.dims:
+        if d not in dims:
+            raise InvalidInputError(f"{name}.{d}", "(lo, hi) for a ranged dim or a list of values", "nothing")
+        value = dims[d]
+        if d in wl.ranged:
+            if not (isinstance(value, tuple | list) and len(value) == 2 and 1 <= int(value[0]) <= int(value[1])):
+                raise InvalidInputError(f"{name}.{d}", "a range (lo, hi) with 1 <= lo <= hi", value)
+            ranges[d] = (int(value[0]), int(value[1]))
+        else:
+            values = list(value) if isinstance(value, list | tuple | set) else [value]
+            if not values:
+                raise InvalidInputError(f"{name}.{d}", "at least one value", value)
+            exact[d] = [int(x) for x in values]
+    return ranges, exact
+
+
+def solve(ops: str | Mapping[str, Mapping[str, Any]], path: str | Path, *, dtypes: Sequence[torch.dtype] = (),
+          device: str | torch.device | None = None, **dims: Any) -> SolveResult:
+    """Write a module at `path` that dispatches `ops` by flat bucket bounds, with no selection engine.
+
+    ops: an op family name with its dims as keyword arguments, or {name: {dim: value}}. Ranged dims
+    (attention batch/seq_q/seq_k, norm rows) take (lo, hi); the others a list of exact values.
+    """
+    if isinstance(ops, str):
+        ops = {ops: dims}
+    elif dims:
+        raise TypeError("pass dims inside the ops mapping or as keywords with one op name, not both")
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_list = list(dtypes) or [torch.bfloat16 if dev.type == "cuda" else torch.float32]
+    runtime.ensure_loaded()
+    modules = _backend_modules()
+    w = _Writer()
+    notes: list[str] = []
+    cells = 0
+    bodies: list[list[str]] = []
+    names = list(ops)
+    for name in names:
+        if name not in FAMILY_CODE:
+            raise InvalidInputError("ops", f"op families among {', '.join(FAMILY_CODE)}", name)
+        code = FAMILY_CODE[name]
+        wl = workloads.workload(name)
+        ranges, exact = _parse_dims(name, ops[name])
+        ranged = [d for d in wl.dims if d in wl.ranged]
+        intervals = {d: _intervals(*ranges[d]) for d in ranged}
+        sig = inspect.signature(workloads.public_op(name))
+        params = list(sig.parameters.values())
+        start = len(w.lines)
+        w.emit(0, f"def {name}({', '.join(str(p).split(':')[0].strip() + ('' if p.default is p.empty else '=' + repr(p.default)) for p in params)}):")
+        w.emit(1, f'"""Solved {name}: see the module docstring; anything else goes to layerzero.{name}."""')
+        guard = [f"{code.first}.{'is_cuda' if dev.type == 'cuda' else 'is_cpu'}"]
+        guard += [f"{p.name} is not None" for p in params if p.name in code.required]
+        for p in params:
+            if p.name in code.handled or p.default is p.empty:
+                continue
+            guard.append(f"{p.name} is None" if p.default is None else f"{p.name} == {p.default!r}")
+        guard.append(f"not ({' or '.join(t + '.requires_grad' for t in code.tensors)})")
+        w.emit(1, f"if {' and '.join(guard)}:")
+        for line in code.prologue:
+            w.emit(2, line)
+        depth = 2 + sum(1 for line in code.prologue if line.rstrip().endswith(":"))
+        first = True
+        for dtype in dtype_list:
+            for combo in itertools.product(*(exact[d] for d in wl.dims if d in exact)):
+                fixed = dict(zip([d for d in wl.dims if d in exact], combo, strict=True))
+                shape = tuple(fixed.get(d, ranges.get(d, (1, 1))[0]) for d in wl.dims)
+                template = workloads.context_for(name, shape, dtype, dev)
+                counter = [0]
+                node = _tree(name, template, ranged, intervals, notes, counter)
+                cells += counter[0]
+                conds = [f"dt is _{str(dtype).removeprefix('torch.')}"]
+                for d, value in fixed.items():
+                    var = code.names[d]
+                    conds.append(("" if value else "not ") + var if d == "causal" else f"{var} == {value}")
+                w.emit(depth, f"{'if' if first else 'elif'} {' and '.join(conds)}:")
+                first = False
+                _emit_tree(w, code, ranged, node, depth + 1)
+        args = ", ".join(p.name for p in params)
+        w.emit(1, f"return _dynamic_{name}({args})")
+        bodies.append(w.lines[start:])
+        del w.lines[start:]
+    sig = current_signature(dev.type, dev.index or 0)
+    specs = {kid: runtime.registry.kernel(kid) for kid in w.kernels}
+    used_backends = sorted({s.backend for s in specs.values() if s.backend in modules})
+    versions = {b: runtime.registry.backend(b).availability[1] for b in used_backends}
+    text = _module_text(names, ops, dtype_list, dev, sig.as_dict(), versions, modules, specs, w, bodies)
+    path = Path(path)
+    path.write_text(text)
+    return SolveResult(path, {v: k for k, v in w.kernels.items()}, cells, w.branches, tuple(dict.fromkeys(notes)))
+
+
+def _module_text(names: list[str], ops: Mapping[str, Mapping[str, Any]], dtypes: list[torch.dtype], dev: torch.device,
+                 signature: dict[str, Any], versions: dict[str, str | None], modules: dict[str, str],
+                 specs: dict[str, KernelSpec], w: _Writer, bodies: list[list[str]]) -> str:
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    solved = "\n".join(f"    {n}: {dict(ops[n])}" for n in names)
+    out = [
+        f'"""Generated by layerzero.solve on {stamp}; do not edit (solve again instead).',
+        "",
+        f"Solved for {dev.type} {signature['device']!r}, dtypes {', '.join(str(d).removeprefix('torch.') for d in dtypes)}:",
+        solved,
+        "Each function dispatches by flat bucket bounds straight to a kernel; other calls, and every call",
+        "on a machine whose signature differs from SIGNATURE, go to LayerZero's dynamic selection.",
+        '"""',
+        "",
+        "import importlib",
+        "import warnings",
+        "",
+        "import torch",
+        "",
+        f"SIGNATURE = {signature!r}",
+        f"BACKEND_VERSIONS = {versions!r}",
+        f"KERNEL_IDS = {{{', '.join(f'{v!r}: {k!r}' for k, v in w.kernels.items())}}}",
+        "",
+        "",
+        "def _kernel(module, kernel_id):",
+        "    for spec in importlib.import_module(module).BACKEND.kernels:",
+        "        if spec.id == kernel_id:",
+        "            return spec.impl",
+        "    raise ImportError(f'{module} no longer defines kernel {kernel_id}; solve again')",
+        "",
+        "",
+        "def _attr(module, qualname):",
+        "    obj = importlib.import_module(module)",
+        "    for part in qualname.split('.'):",
+        "        obj = getattr(obj, part)",
+        "    return obj",
+        "",
+        "",
+        "def signature_problems():",
+        '    """How this machine differs from the one the module was solved on (empty: it matches)."""',
+        "    from layerzero.perf.perfdb import current_signature",
+        "",
+        f"    here = current_signature({dev.type!r}, 0).as_dict()",
+        "    out = [f'{k}: solved for {v!r}, here {here.get(k)!r}' for k, v in SIGNATURE.items() if here.get(k) != v]",
+        "    for backend, version in BACKEND_VERSIONS.items():",
+        "        now = importlib.import_module(_BACKEND_MODULES[backend]).BACKEND.availability[1]",
+        "        if now != version:",
+        "            out.append(f'{backend}: solved for {version!r}, here {now!r}')",
+        "    return out",
+        "",
+        "",
+        f"_BACKEND_MODULES = {({b: modules[b] for b in versions})!r}",
+        "_deterministic = torch.are_deterministic_algorithms_enabled",
+        "_capturing = torch.cuda.is_current_stream_capturing",
+    ]
+    for d in dtypes:
+        name = str(d).removeprefix("torch.")
+        out.append(f"_{name} = torch.{name}")
+    for kid, spec in specs.items():
+        out.append(f"{w.kernels[kid]} = {_kernel_source(spec, modules)}  # {kid}")
+    out.append("")
+    for n in names:
+        out.append(f"from layerzero import {n} as _dynamic_{n}  # noqa: E402")
+    out += ["", ""]
+    for body in bodies:
+        out += body + ["", ""]
+    out += [
+        "PROBLEMS = signature_problems()",
+        "if PROBLEMS:",
+        "    warnings.warn(f'{__name__} was solved on another machine or software ({\"; \".join(PROBLEMS)}); '",
+        "                  'using dynamic selection', RuntimeWarning, stacklevel=2)",
+    ]
+    out += [f"    {n} = _dynamic_{n}  # noqa: F811" for n in names]
+    return "\n".join(out) + "\n"

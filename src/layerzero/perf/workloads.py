@@ -1,0 +1,201 @@
+"""Inputs for measuring an op family: random tensors for a shape, and the reference to check against.
+
+A shape is a tuple of ints named by `Workload.dims`:
+- attention:  (batch, seq_q, seq_k, heads, kv_heads, head_dim, causal), q/k/v in BSHD
+- rms_norm / layer_norm: (rows, hidden), with weight (and bias) of size hidden
+
+Other op families join by calling `register_workload`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..context import SelectionContext
+from ..errors import InvalidInputError, UnknownNameError
+from ..kernel import KernelSpec, check_constraints
+from ..ops import FAMILIES, OpFamily
+from ..selection.engine import REFERENCE_BACKEND, ExecutionPlan
+from ..state import runtime
+
+Shape = tuple[int, ...]
+Args = tuple[Any, ...]
+
+# Workload dim -> the SelectionContext field that holds it.
+CONTEXT_FIELDS = {"batch": "batch", "seq_q": "seq_len_q", "seq_k": "seq_len_k", "heads": "num_heads",
+                  "kv_heads": "num_kv_heads", "head_dim": "head_dim", "causal": "is_causal", "rows": "num_rows",
+                  "hidden": "hidden_size"}
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """How to build and check one op family's inputs.
+
+    make(shape, dtype, device, generator) -> the public op's positional arguments.
+    ranged: dims bucketed by powers of two (the rest are exact).
+    reference_view(args) -> (smaller args, function slicing the full output the same way): the
+    slice of the problem checked against the reference, so the check stays cheap on huge shapes.
+    """
+
+    family: str
+    dims: tuple[str, ...]
+    ranged: tuple[str, ...]
+    make: Callable[[Shape, torch.dtype, torch.device, torch.Generator], Args]
+    reference_view: Callable[[Args], tuple[Args, Callable[[Any], Any]]] | None = None
+
+    def check_shape(self, shape: Any) -> Shape:
+        """The shape as a tuple of ints, or InvalidInputError naming the dims expected."""
+        if isinstance(shape, str):
+            shape = tuple(int(x) for x in shape.replace(",", "x").split("x") if x)
+        if not isinstance(shape, tuple | list) or len(shape) != len(self.dims) or not all(
+                isinstance(x, int | bool) and x >= 0 for x in shape):
+            raise InvalidInputError("shape", f"{len(self.dims)} non-negative ints ({', '.join(self.dims)}) for "
+                                    f"{self.family}", shape)
+        return tuple(int(x) for x in shape)
+
+    def label(self, shape: Shape) -> str:
+        return "x".join(str(x) for x in shape)
+
+
+WORKLOADS: dict[str, Workload] = {}
+
+
+def register_workload(workload: Workload) -> Workload:
+    WORKLOADS[workload.family] = workload
+    return workload
+
+
+def workload(name: str) -> Workload:
+    found = WORKLOADS.get(name)
+    if found is None:
+        raise UnknownNameError("operation with a perf workload", name, WORKLOADS)
+    return found
+
+
+def family(name: str) -> OpFamily:
+    import layerzero  # noqa: F401 - registers every op family
+
+    found = FAMILIES.get(name)
+    if found is None:
+        raise UnknownNameError("operation", name, FAMILIES)
+    return found
+
+
+def public_op(name: str) -> Callable[..., Any]:
+    """The public function of a family (`lz.attention` for "attention")."""
+    return getattr(importlib.import_module("layerzero"), name)
+
+
+def run_args(name: str, args: Args) -> Args:
+    """The arguments the public op passes to its plan's `run` for `args` (the kernel convention).
+
+    Captured by calling the op once with a recording plan in the cache slot of this call, so this
+    follows each op's convention without restating it.
+    """
+    fam = family(name)
+    key = fam.key(*args)
+    captured: list[Args] = []
+    data = runtime.plans.data
+    saved = data.get(key)
+    data[key] = ExecutionPlan("perf.capture", "", lambda *a: captured.append(a))
+    try:
+        public_op(name)(*args)
+    finally:
+        if saved is None:
+            data.pop(key, None)
+        else:
+            data[key] = saved
+    if not captured:
+        raise RuntimeError(f"{name}: could not capture the run arguments")
+    return captured[0]
+
+
+def context_for(name: str, shape: Shape, dtype: torch.dtype, device: torch.device) -> SelectionContext:
+    """The SelectionContext of `shape` without allocating it (tiny tensors, then the real sizes)."""
+    wl = workload(name)
+    shape = wl.check_shape(shape)
+    tiny = tuple(1 if d in wl.ranged else x for d, x in zip(wl.dims, shape, strict=True))
+    args = wl.make(tiny, dtype, device, torch.Generator(device=device).manual_seed(0))
+    ctx = family(name).context(*args)
+    sizes = dict(zip(wl.dims, shape, strict=True))
+    return ctx.replace(**{CONTEXT_FIELDS[d]: sizes[d] for d in wl.ranged})
+
+
+def shape_of(name: str, ctx: SelectionContext) -> Shape | None:
+    """The workload shape that reproduces a call's context (same op and bucket), or None."""
+    wl = workload(name)
+    shape = tuple(int(getattr(ctx, CONTEXT_FIELDS[d])) for d in wl.dims)
+    try:
+        made = context_for(name, shape, ctx.dtype, torch.device(ctx.device_type, ctx.device_index)
+                           if ctx.device_type == "cuda" else torch.device(ctx.device_type))
+    except Exception:  # noqa: BLE001 - a context the workload cannot build is simply not reproducible
+        return None
+    from .perfdb import Bucket
+
+    return shape if made.op == ctx.op and Bucket.of(made) == Bucket.of(ctx) else None
+
+
+def reference_spec(ctx: SelectionContext) -> KernelSpec:
+    for spec in runtime.registry.candidates(ctx.op):
+        if spec.backend == REFERENCE_BACKEND and not check_constraints(spec, ctx):
+            return spec
+    raise UnknownNameError(f"reference kernel for {ctx.op}", ctx.op, [s.id for s in runtime.registry.candidates(ctx.op)])
+
+
+def reference_output(name: str, args: Args) -> tuple[Any, Callable[[Any], Any]]:
+    """(reference output, slicer): the reference on float64 (CPU) / float32 (GPU) copies of the
+    inputs, and the function that cuts the kernel's full output down to what it covers."""
+    wl = workload(name)
+    view, cut = wl.reference_view(args) if wl.reference_view is not None else (args, lambda out: out)
+    wide = torch.float64
+    if any(isinstance(a, torch.Tensor) and a.is_cuda for a in view):
+        wide = torch.float32
+    up = tuple(a.to(wide) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in view)
+    fam = family(name)
+    ctx = fam.context(*up)
+    run, _ = fam.bind(reference_spec(ctx), ctx)
+    return run(*run_args(name, up)), cut
+
+
+# --- the built-in workloads -----------------------------------------------------------------------
+
+def _randn(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
+
+
+def _attention_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> Args:
+    b, sq, sk, hq, hkv, d, causal = shape
+    q = _randn((b, sq, hq, d), dtype, device, gen)
+    k = _randn((b, sk, hkv, d), dtype, device, gen)
+    v = _randn((b, sk, hkv, d), dtype, device, gen)
+    return (q, k, v, None, bool(causal))
+
+
+def _attention_view(args: Args) -> tuple[Args, Callable[[Any], Any]]:
+    """Batch 0 and the query heads of the first KV head: memory Sq*Sk*group, whatever the batch."""
+    q, k, v, *rest = args
+    group = q.shape[2] // k.shape[2]
+    return (q[:1, :, :group], k[:1, :, :1], v[:1, :, :1], *rest), lambda out: out[:1, :, :group]
+
+
+def _rows_inputs(bias: bool) -> Callable[[Shape, torch.dtype, torch.device, torch.Generator], Args]:
+    def make(shape: Shape, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> Args:
+        rows, hidden = shape
+        x = _randn((rows, hidden), dtype, device, gen)
+        weight = (1.0 + 0.1 * _randn((hidden,), torch.float32, device, gen)).to(dtype)
+        if not bias:
+            return (x, weight)
+        return (x, weight, (0.1 * _randn((hidden,), torch.float32, device, gen)).to(dtype))
+
+    return make
+
+
+register_workload(Workload("attention", ("batch", "seq_q", "seq_k", "heads", "kv_heads", "head_dim", "causal"),
+                           ("batch", "seq_q", "seq_k"), _attention_inputs, _attention_view))
+register_workload(Workload("rms_norm", ("rows", "hidden"), ("rows",), _rows_inputs(bias=False)))
+register_workload(Workload("layer_norm", ("rows", "hidden"), ("rows",), _rows_inputs(bias=True)))

@@ -1,0 +1,241 @@
+"""PerfDB: storage, migrations, versions, processes, kill -9, and how scoring uses it."""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import signal
+import sqlite3
+import time
+
+import pytest
+import torch
+
+import layerzero as lz
+from layerzero.perf.perfdb import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    Bucket,
+    PerfDB,
+    PerfRecord,
+    current_signature,
+    pow2_bucket,
+)
+from layerzero.state import runtime
+
+SIG = current_signature("cpu", 0)
+
+
+def rec(kernel: str, ctx: lz.SelectionContext, median: float, samples: int = 10, variance: float | None = None,
+        correct: bool = True, signature=SIG, version: str | None = None) -> PerfRecord:
+    var = (0.05 * median) ** 2 if variance is None else variance
+    if version is None:
+        runtime.ensure_loaded()
+        version = runtime._backend_version(kernel) or ""
+    return PerfRecord(kernel, ctx.op, ctx.dtype_name, Bucket.of(ctx), signature, version, median, median * 1.1,
+                      samples, var, correct, 0.0 if correct else 3.5, shape="test")
+
+
+def attn_ctx(q, k) -> lz.SelectionContext:
+    from layerzero.ops.attention import ATTENTION
+
+    return ATTENTION.context(q, k, k, None, True)
+
+
+@pytest.fixture
+def db(tmp_path):
+    lz.perfdb(tmp_path / "perf.sqlite")
+    return runtime.measurements.db
+
+
+def test_pow2_buckets():
+    assert [pow2_bucket(n) for n in (0, 1, 2, 3, 4, 5, 1000, 1024, 1025)] == [0, 1, 2, 4, 4, 8, 1024, 1024, 2048]
+
+
+def test_bucket_exact_dims_and_variant():
+    q = torch.randn(3, 100, 8, 64)
+    k = torch.randn(3, 100, 2, 64)
+    b = Bucket.of(attn_ctx(q, k))
+    assert (b.batch, b.seq_q, b.seq_k, b.heads, b.kv_heads, b.head_dim) == (4, 128, 128, 8, 2, 64)
+    assert "layout=BSHD" in b.variant and "is_causal=True" in b.variant
+
+
+def test_record_roundtrip_and_upsert(db):
+    ctx = attn_ctx(torch.randn(1, 16, 2, 8), torch.randn(1, 16, 2, 8))
+    db.record([rec("torch.sdpa_math", ctx, 10.0)])
+    db.record([rec("torch.sdpa_math", ctx, 7.0)])  # same key: replaces
+    rows = db.records()
+    assert len(rows) == 1 and rows[0].median_us == 7.0 and rows[0].bucket == Bucket.of(ctx)
+    assert rows[0].signature == SIG and db.schema_version == SCHEMA_VERSION
+
+
+def test_wal_mode(db):
+    db.record([])
+    conn = sqlite3.connect(db.path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_migration_from_v1_keeps_rows(tmp_path):
+    path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    conn.execute("INSERT INTO schema_version VALUES (1)")
+    for statement in MIGRATIONS[0]:
+        conn.execute(statement)
+    conn.execute("INSERT INTO timings VALUES ('a.k', 'norm.rms', 'float32', 0, 0, 0, 0, 0, 0, 64, 128, '', 'dev', 0,"
+                 " '', '', 't', 'v', 5.0, 6.0, 10, 0.1, 1, 0.0, '', 0.0)")
+    conn.commit()
+    conn.close()
+    db = PerfDB(path)
+    assert db.schema_version == SCHEMA_VERSION == 2
+    (row,) = db.records()
+    assert row.kernel == "a.k" and row.median_us == 5.0 and row.shape == ""
+
+
+def test_newer_schema_is_refused_and_selection_survives(tmp_path):
+    path = tmp_path / "future.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    conn.execute("INSERT INTO schema_version VALUES (99)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(lz.CacheCorruptionError, match="schema version 99"):
+        PerfDB(path).records()
+    lz.perfdb(path)
+    q = torch.randn(1, 8, 2, 8)
+    assert lz.which("attention", q, q, q) == lz.explain("attention", q, q, q).selected_kernel  # DB ignored
+    assert "schema version 99" in runtime.measurements.error
+
+
+def test_corrupt_file_raises_cache_corruption(tmp_path):
+    path = tmp_path / "junk.sqlite"
+    path.write_bytes(b"not a database" * 100)
+    with pytest.raises(lz.CacheCorruptionError, match="unreadable"):
+        PerfDB(path).records()
+
+
+def test_confident_measurements_change_the_choice_and_explain_shows_them(db):
+    q = torch.randn(1, 32, 2, 16)
+    ctx = attn_ctx(q, q)
+    base = lz.which("attention", q, q, q, is_causal=True)  # by priority
+    assert base != "torch.sdpa_math"  # priority 20: never the priority choice
+    generation = runtime.generation
+    db.record([rec(base, ctx, 50.0), rec("torch.sdpa_math", ctx, 20.0)])
+    lz.perfdb(db.path)
+    assert runtime.generation > generation
+    assert lz.which("attention", q, q, q, is_causal=True) == "torch.sdpa_math"
+    report = lz.explain("attention", q, q, q, is_causal=True)
+    assert report.scores["torch.sdpa_math"] > report.scores[base]
+    assert "measured 20 us" in str(report) and "measured 50 us" in str(report)
+    # another bucket (seq 64 -> bucket 64, not 32) keeps priorities
+    q2 = torch.randn(1, 64, 2, 16)
+    assert lz.which("attention", q2, q2, q2, is_causal=True) == base
+
+
+def test_noisy_or_few_samples_fall_back_to_priorities(db):
+    q = torch.randn(1, 32, 2, 16)
+    ctx = attn_ctx(q, q)
+    base = lz.which("attention", q, q, q, is_causal=True)
+    db.record([rec(base, ctx, 50.0, variance=40.0 ** 2), rec("torch.sdpa_math", ctx, 20.0)])
+    lz.perfdb(db.path)
+    assert lz.which("attention", q, q, q, is_causal=True) == base
+    db.record([rec(base, ctx, 50.0, samples=2), rec("torch.sdpa_math", ctx, 20.0)])
+    lz.perfdb(db.path)
+    assert lz.which("attention", q, q, q, is_causal=True) == base
+
+
+def test_kernel_measured_wrong_is_rejected(db):
+    q = torch.randn(1, 32, 2, 16)
+    ctx = attn_ctx(q, q)
+    base = lz.which("attention", q, q, q, is_causal=True)
+    db.record([rec(base, ctx, 1.0, correct=False)])
+    lz.perfdb(db.path)
+    report = lz.explain("attention", q, q, q, is_causal=True)
+    assert report.selected_kernel != base
+    assert report.rejection_reasons[base] == [lz.Reason.PERF_INCORRECT]
+    assert "max error 3.5" in str(report)
+
+
+def test_other_versions_are_ignored_but_kept(db):
+    q = torch.randn(1, 32, 2, 16)
+    ctx = attn_ctx(q, q)
+    other_torch = dataclasses.replace(SIG, torch="1.0.0")
+    other_device = dataclasses.replace(SIG, device="Some Other CPU")
+    base = lz.which("attention", q, q, q, is_causal=True)
+    db.record([rec(base, ctx, 50.0, signature=other_torch),
+               rec("torch.sdpa_math", ctx, 20.0, signature=other_torch),
+               rec(base, ctx, 50.0, signature=other_device),
+               rec("torch.sdpa_math", ctx, 20.0, signature=other_device),
+               rec(base, ctx, 50.0, version="0.0.1"),  # another backend version
+               rec("torch.sdpa_math", ctx, 20.0, version="0.0.1")])
+    lz.perfdb(db.path)
+    report = lz.explain("attention", q, q, q, is_causal=True)
+    assert report.selected_kernel == base
+    assert all(c.measured_us is None for c in report.candidates)
+    assert len(db.records()) == 6 and db.records(signature=SIG) == db.records(signature=SIG)
+    assert len(db.records(signature=other_torch)) == 2
+
+
+def test_perfdb_off_by_env(monkeypatch):
+    monkeypatch.setenv("LAYERZERO_PERFDB", "off")
+    lz.reset()
+    assert lz.perfdb() is None
+    with pytest.raises(lz.ConfigurationError, match="PerfDB is off"):
+        lz.tune("rms_norm", shapes=[(4, 8)])
+
+
+# --- processes --------------------------------------------------------------------------------------
+
+def _writer(path: str, worker: int, count: int) -> None:
+    db = PerfDB(path)
+    ctx = lz.SelectionContext(op="norm.rms", hidden_size=64, num_rows=8)
+    for i in range(count):
+        db.record([rec(f"w{worker}.k{i}", ctx, 1.0 + i)])
+    os._exit(0)
+
+
+def test_concurrent_writers_from_several_processes(tmp_path):
+    path = str(tmp_path / "shared.sqlite")
+    PerfDB(path).records()  # create it first
+    fork = multiprocessing.get_context("fork")
+    procs = [fork.Process(target=_writer, args=(path, w, 40)) for w in range(4)]
+    for p in procs:
+        p.start()
+    reader = PerfDB(path)
+    while any(p.is_alive() for p in procs):
+        reader.records()  # readers never block writers in WAL mode
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert len(reader.records()) == 160
+    assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def _batch_writer(path: str) -> None:
+    db = PerfDB(path)
+    ctx = lz.SelectionContext(op="norm.rms", hidden_size=64, num_rows=8)
+    for i in range(10**6):
+        db.record([rec(f"b{i}.k{j}", ctx, 1.0 + j) for j in range(25)])
+
+
+def test_kill_9_mid_write_leaves_the_database_intact(tmp_path):
+    path = str(tmp_path / "killed.sqlite")
+    PerfDB(path).records()
+    proc = multiprocessing.get_context("fork").Process(target=_batch_writer, args=(path,))
+    proc.start()
+    probe = PerfDB(path)
+    deadline = time.time() + 20
+    while len(probe.records()) < 100 and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(10)
+    assert proc.exitcode == -signal.SIGKILL
+    probe.close()
+    after = PerfDB(path)
+    count = len(after.records())
+    assert count >= 100 and count % 25 == 0  # whole transactions only
+    assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    ctx = lz.SelectionContext(op="norm.rms", hidden_size=64, num_rows=8)
+    after.record([rec("after.kill", ctx, 1.0)])
+    assert len(after.records()) == count + 1
