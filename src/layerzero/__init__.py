@@ -62,7 +62,20 @@ from .state import reset
 
 __version__ = "0.1.0"
 
+# Measured selection (lz.tune, lz.solve, ...) loads on first use: `import layerzero` stays light.
+_PERF = {"perfdb": "tune", "record_trace": "tune", "save_trace": "tune", "tune": "tune", "solve": "solve",
+         "warmup": "warmup"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _PERF:
+        import importlib
+
+        return getattr(importlib.import_module(f".perf.{_PERF[name]}", __name__), name)
+    raise AttributeError(f"module 'layerzero' has no attribute {name!r}")
+
 __all__ = [
+    "perfdb", "record_trace", "save_trace", "solve", "tune", "warmup",
     "PackedFormat", "QuantFormat", "QuantizedTensor", "awq_format", "dequantize", "embedding", "gptq_format",
     "quant_linear", "quantize", "sample", "sample_greedy", "sample_topk", "sample_topp",
     "PolicyWatcher", "configure", "disabled", "get_config", "get_locks", "load_config", "lock", "prefer", "unlock",
