@@ -22,6 +22,8 @@ from .errors import (
 from .kernel import Backend, KernelSpec
 from .ops.attention import attention, attention_varlen, paged_attention
 from .ops.norm import group_norm, layer_norm, rms_norm
+from .ops.activation import fused_mlp, geglu, gelu, silu, swiglu
+from .ops.posenc import alibi_slopes, rope, rope_cache, rope_inv_freq, rope_qk
 from .ops.embedding import embedding
 from .ops.quant import (
     PackedFormat,
@@ -75,6 +77,7 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'layerzero' has no attribute {name!r}")
 
 __all__ = [
+    "alibi_slopes", "fused_mlp", "geglu", "gelu", "rope", "rope_cache", "rope_inv_freq", "rope_qk", "silu", "swiglu",
     "perfdb", "record_trace", "save_trace", "solve", "tune", "warmup",
     "PackedFormat", "QuantFormat", "QuantizedTensor", "awq_format", "dequantize", "embedding", "gptq_format",
     "quant_linear", "quantize", "sample", "sample_greedy", "sample_topk", "sample_topp",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import threading
@@ -39,6 +40,13 @@ class Registry:
         self.aliases: dict[str, str] = {}
 
     def add_backend(self, backend: Backend) -> None:
+        old = self.backends.get(backend.name)
+        if old is not None and old is not backend:
+            # One library's kernels may be declared in several modules (torch_native, torch_posenc_act):
+            # the first declaration keeps its probe and gains the other's kernels and aliases.
+            ids = {s.id for s in backend.kernels}
+            backend = dataclasses.replace(old, kernels=tuple(s for s in old.kernels if s.id not in ids)
+                                          + backend.kernels, aliases=old.aliases + backend.aliases)
         self.backends[backend.name] = backend
         for alias in backend.aliases:
             self.aliases[alias] = backend.name
