@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -74,10 +75,12 @@ class _Source:
         return err
 
 
+@functools.lru_cache(maxsize=1)
 def _yaml_loader() -> type:
+    """A safe YAML loader (libyaml's when available) whose mappings and lists remember lines."""
     import yaml
 
-    class Loader(yaml.SafeLoader):
+    class Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
         pass
 
     def mapping(loader: Any, node: Any) -> _Located:
