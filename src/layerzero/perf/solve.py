@@ -113,15 +113,21 @@ def _rank(report: Any) -> list[str]:
     return [c.kernel_id for c in eligible]
 
 
-def _decide(name: str, corners: list[SelectionContext], notes: list[str]) -> str | None:
+def _decide(name: str, corners: list[SelectionContext], notes: list[str],
+            memo: dict[SelectionContext, list[str] | None]) -> str | None:
     """The kernel the engine picks at every corner, or the best kernel eligible at all of them."""
     fam = workloads.family(name)
     rankings = []
     for ctx in corners:
-        try:
-            rankings.append(_rank(runtime.engine.evaluate(ctx, fam.transforms)))
-        except NoKernelFoundError:
+        if ctx not in memo:  # neighbouring buckets share corners
+            try:
+                memo[ctx] = _rank(runtime.engine.evaluate(ctx, fam.transforms))
+            except NoKernelFoundError:
+                memo[ctx] = None
+        ranking = memo[ctx]
+        if ranking is None:
             return None
+        rankings.append(ranking)
     common = set(rankings[0]).intersection(*rankings[1:])
     firsts = {r[0] for r in rankings if r}
     if len(firsts) == 1 and firsts <= common:
@@ -138,19 +144,20 @@ def _tree(name: str, template: SelectionContext, ranged: list[str], intervals: d
     ("square", same, other) where Sq == Sk matters."""
     fields = workloads.CONTEXT_FIELDS
     pair = SQUARE.get(name)
+    memo: dict[SelectionContext, list[str] | None] = {}
 
     def leaf(chosen: dict[str, Interval]) -> Any:
         counter[0] += 1
         axes = [sorted({lo, hi}) for lo, hi in (chosen[d] for d in ranged)]
         points = [dict(zip(ranged, p, strict=True)) for p in itertools.product(*axes)]
         if pair is None or chosen[pair[0]] != chosen[pair[1]]:
-            return _decide(name, [_at(p) for p in points], notes)
+            return _decide(name, [_at(p) for p in points], notes, memo)
         same = [p for p in points if p[pair[0]] == p[pair[1]]]
         other = [p for p in points if p[pair[0]] != p[pair[1]]]
-        a = _decide(name, [_at(p) for p in same], notes)
+        a = _decide(name, [_at(p) for p in same], notes, memo)
         if not other:  # a one-value bucket: every shape in it is square
             return a
-        b = _decide(name, [_at(p) for p in other], notes)
+        b = _decide(name, [_at(p) for p in other], notes, memo)
         return a if a == b else ("square", a, b)
 
     def _at(point: dict[str, int]) -> SelectionContext:
@@ -233,8 +240,8 @@ def _emit_tree(w: _Writer, code: FamilyCode, ranged: list[str], node: Any, depth
 
 
 def _kernel_source(spec: KernelSpec, modules: dict[str, str]) -> str:
-    if spec.backend in modules:
-        return f"_kernel({modules[spec.backend]!r}, {spec.id!r})"
+    if spec.id in modules:
+        return f"_kernel({modules[spec.id]!r}, {spec.id!r})"
     module, qualname = getattr(spec.impl, "__module__", None), getattr(spec.impl, "__qualname__", "")
     if not module or "<" in qualname:
         raise ConfigurationError(f"kernel {spec.id}: its impl {spec.impl!r} cannot be imported by a solved module; "
@@ -243,12 +250,14 @@ def _kernel_source(spec: KernelSpec, modules: dict[str, str]) -> str:
 
 
 def _backend_modules() -> dict[str, str]:
+    """Kernel id and backend name -> the built-in module that defines it."""
     out = {}
     for name in builtin_backend_modules():
         module = importlib.import_module(f"layerzero.backends.{name}")
         backend = getattr(module, "BACKEND", None)
         if backend is not None:
-            out[backend.name] = module.__name__
+            out.setdefault(backend.name, module.__name__)
+            out.update({spec.id: module.__name__ for spec in backend.kernels})
     return out
 
 
@@ -340,7 +349,7 @@ def solve(ops: str | Mapping[str, Mapping[str, Any]], path: str | Path, *, dtype
         del w.lines[start:]
     sig = current_signature(dev.type, dev.index or 0)
     specs = {kid: runtime.registry.kernel(kid) for kid in w.kernels}
-    used_backends = sorted({s.backend for s in specs.values() if s.backend in modules})
+    used_backends = sorted({s.backend for s in specs.values() if s.id in modules})
     versions = {b: runtime.registry.backend(b).availability[1] for b in used_backends}
     text = _module_text(names, ops, dtype_list, dev, sig.as_dict(), versions, modules, specs, w, bodies)
     path = Path(path)

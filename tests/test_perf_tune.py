@@ -1,0 +1,156 @@
+"""lz.tune on CPU kernels (check before timing, store, select from measurements), traces, warmup."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+import layerzero as lz
+from layerzero.backends.reference import rms_norm as reference_rms_norm
+from layerzero.perf.bench import compare, rotation_count, time_calls
+from layerzero.state import runtime
+
+
+def slow_rms(x, weight, eps):
+    time.sleep(0.004)
+    return reference_rms_norm(x, weight, eps)
+
+
+def fast_rms(x, weight, eps):
+    time.sleep(0.001)
+    return reference_rms_norm(x, weight, eps)
+
+
+def wrong_rms(x, weight, eps):
+    return torch.zeros_like(x)
+
+
+def raising_rms(x, weight, eps):
+    raise RuntimeError("no kernel image for this shape")
+
+
+def _register(**kernels) -> None:
+    for name, (impl, priority) in kernels.items():
+        lz.register_kernel(id=f"mine.{name}", ops=("norm.rms",), impl=impl, platforms=frozenset({"cpu"}),
+                           priority=priority, dtypes=frozenset({torch.float32}))
+
+
+@pytest.fixture
+def perf_path(tmp_path):
+    path = tmp_path / "perf.sqlite"
+    lz.perfdb(path)
+    return path
+
+
+def test_time_calls_reports_sane_statistics():
+    t = time_calls(lambda: time.sleep(0.002), [()], torch.device("cpu"), warmup=1, repeats=5, min_sample_s=0.001)
+    assert t.samples == 5 and t.iters == 1
+    assert 1900 < t.median_us < 20_000 and t.p95_us >= t.median_us
+
+
+def test_rotation_exceeds_l2():
+    n = rotation_count(64 << 10, torch.device("cpu"))
+    from layerzero.perf.bench import l2_bytes
+
+    assert n * (64 << 10) > 2 * l2_bytes(torch.device("cpu")) or n == 64
+
+
+def test_compare_tolerances():
+    ref = torch.randn(8, 8, dtype=torch.float64)
+    assert compare(ref.to(torch.bfloat16), ref, torch.bfloat16)[0]
+    ok, err = compare(ref.to(torch.float32) + 0.1, ref, torch.float32)
+    assert not ok and err == pytest.approx(0.1, rel=1e-3)
+    assert not compare(torch.full((8, 8), float("nan")), ref, torch.float32)[0]
+
+
+def test_tune_switches_selection_to_the_measured_fastest(perf_path, tmp_path):
+    _register(slow=(slow_rms, 99), fast=(fast_rms, 98), wrong=(wrong_rms, 100), broken=(raising_rms, 97))
+    x, w = torch.randn(16, 64), torch.randn(64)
+    assert lz.which("rms_norm", x, w) == "mine.wrong"  # by priority
+    report = lz.tune("rms_norm", shapes=[(16, 64)], dtypes=[torch.float32], kernels="mine.*", repeats=5,
+                     warmup=1, min_sample_s=0.0, report=tmp_path / "report", progress=False)
+    (res,) = report.results
+    by_kernel = {r.kernel: r for r in res.records}
+    assert set(by_kernel) == {"mine.slow", "mine.fast", "mine.wrong", "mine.broken"}
+    assert not by_kernel["mine.wrong"].correct and by_kernel["mine.wrong"].max_error > 0.1
+    assert not by_kernel["mine.broken"].correct and "no kernel image" in by_kernel["mine.broken"].error
+    assert by_kernel["mine.fast"].median_us < by_kernel["mine.slow"].median_us
+    assert res.best.kernel == "mine.fast"
+    # stored, and selection now follows the measurements (the wrong kernel is never selected)
+    assert {r.kernel for r in lz.perfdb().records()} == set(by_kernel)
+    explained = lz.explain("rms_norm", x, w)
+    assert explained.selected_kernel == "mine.fast", str(explained)
+    assert explained.rejection_reasons["mine.wrong"] == [lz.Reason.PERF_INCORRECT]
+    assert explained.rejection_reasons["mine.broken"] == [lz.Reason.PERF_INCORRECT]
+    assert "no kernel image" in str(explained)
+    # the report: table and heatmap
+    table = report.table()
+    assert "mine.fast" in table and "wrong" in table and "error" in table and "*" in table
+    assert (tmp_path / "report" / "tune_report.md").read_text().startswith("tuned 1 shape")
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "report" / "tune_heatmap.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tune_builtin_cpu_kernels_attention_and_norms(perf_path):
+    # torch.* only: FlexAttention on CPU compiles for tens of seconds (a warmup matter, not a tune test)
+    report = lz.tune("attention", shapes=[(1, 16, 16, 2, 1, 16, 1), "1x1x16x2x2x16x0"], dtypes=[torch.float32],
+                     kernels="torch.*", repeats=3, warmup=1, min_sample_s=0.0, progress=False)
+    assert len(report.results) == 2
+    for res in report.results:
+        assert res.records and all(r.correct for r in res.records), [r.error for r in res.records]
+        assert {r.kernel for r in res.records} >= {"torch.sdpa_math"}
+        assert all(r.shape == "x".join(map(str, res.shape)) for r in res.records)
+    assert report.results[1].op == "attention.full"
+    norms = lz.tune("layer_norm", shapes=[(8, 32)], dtypes=[torch.float32, torch.bfloat16], kernels="torch.*",
+                    repeats=3, warmup=1, min_sample_s=0.0, progress=False)
+    assert [r.dtype for r in norms.results] == ["float32", "bfloat16"]
+    assert all(r.correct for res in norms.results for r in res.records)
+
+
+def test_tune_rejects_bad_shapes(perf_path):
+    with pytest.raises(lz.InvalidInputError, match="7 non-negative ints"):
+        lz.tune("attention", shapes=[(1, 2, 3)])
+    with pytest.raises(lz.UnknownNameError, match="rms_norm"):
+        lz.tune("rms_norn", shapes=[(1, 2)])
+
+
+def test_tune_from_a_recorded_trace(perf_path, tmp_path):
+    x1, x2, w = torch.randn(4, 32), torch.randn(3, 5, 32), torch.randn(32)
+    with lz.record_trace() as trace:
+        for _ in range(3):
+            lz.rms_norm(x1, w)
+            lz.rms_norm(x2, w)
+        lz.rms_norm(x1)  # no weight: no workload reproduces this variant
+    assert [name for name, _ in trace] == ["rms_norm"] * 3
+    path = lz.save_trace(trace, tmp_path / "trace.json")
+    rows = json.loads(path.read_text())
+    assert [r["shape"] for r in rows] == [[4, 32], [15, 32], None]
+    report = lz.tune(trace=path, repeats=3, warmup=1, min_sample_s=0.0, progress=False)
+    assert [res.shape for res in report.results] == [(4, 32), (15, 32)]
+    assert any("skipped" in n for n in report.notes)
+    assert lz.tune(trace=trace, repeats=3, warmup=1, min_sample_s=0.0, progress=False).results
+
+
+def jit_rms(x, weight, eps):
+    if not getattr(jit_rms, "compiled", False):
+        time.sleep(0.05)  # stands in for a JIT compile on the first call
+        jit_rms.compiled = True
+    return reference_rms_norm(x, weight, eps)
+
+
+def test_warmup_preselects_and_reports_compilation():
+    lz.register_kernel(id="mine.jit", ops=("norm.rms",), impl=jit_rms, platforms=frozenset({"cpu"}), priority=99,
+                       needs_jit=True)
+    jit_rms.compiled = False
+    report = lz.warmup("rms_norm", shapes=[(4, 32), (64, 32)], dtypes=[torch.float32])
+    assert [e.kernel for e in report.entries] == ["mine.jit", "mine.jit"]
+    first = report.entries[0]
+    assert first.compiled and first.first_ms >= 50 and first.compile_ms > 40
+    assert "mine.jit" in str(report) and "compiled" in str(report)
+    x = torch.randn(64, 32)
+    w = (1.0 + 0.1 * torch.randn(32)).to(torch.float32)
+    assert lz.explain("rms_norm", x, w).cached  # the plan for this shape was pre-selected
+    assert runtime.plans.computes == 2
