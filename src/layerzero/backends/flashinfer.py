@@ -1,0 +1,557 @@
+"""FlashInfer (flashinfer-python 0.7.x): dense, varlen and paged attention through its plan/run wrappers.
+
+Every kernel here runs one of two compiled FlashInfer modules:
+- the batch *prefill* module (FA3 on Hopper, FA2 elsewhere), whose ragged and paged entry points
+  serve `flashinfer.prefill` (dense lz.attention), `flashinfer.ragged_prefill`
+  (lz.attention_varlen) and `flashinfer.paged_prefill` (lz.paged_attention with Sq > 1);
+- the batch *decode* module (CUDA-core decode), serving `flashinfer.decode` (dense, Sq == 1) and
+  `flashinfer.paged_decode`.
+Dense prefill goes through BatchPrefillWithRaggedKVCacheWrapper rather than one
+single_prefill_with_kv_cache call per sequence: one launch for the whole batch, a plan that never
+changes for a shape (so no host sync), and one compiled module shared with the varlen and paged
+kernels (each FlashInfer prefill module costs 75-110 s of nvcc on first use).
+Dense decode views the (B, Sk, H, D) keys as a paged cache whose pages are runs of P tokens of each
+sequence (any strides; no copy), so that the decode planner can split long sequences over CTAs.
+
+Semantics mapped (ops/attention.py): FlashInfer's causal mask is bottom-right aligned like ours;
+its sliding window has only a left bound (`window_left`: key j is seen by the query at position p
+when j >= p - window_left), so a window (left, right) maps to causal=True when is_causal or
+right == 0, to causal=False when right == -1, and is not supported otherwise (Sq > 1).
+`logits_soft_cap` and `sm_scale` are ours. No masks, dropout, ALiBi slopes (FlashInfer's ALiBi
+computes its own slopes), or backward.
+
+Modules compile on first use. A variant (Variant: prefill/decode, dtype, head_dim, window,
+softcap) is selected only when it is known compiled: run in this process, compiled by
+`warmup(...)`, or found in FlashInfer's JIT cache on disk
+($FLASHINFER_WORKSPACE_BASE/.cache/flashinfer/<version>/<arch>/cached_ops/<uri>/<uri>.so);
+LAYERZERO_ALLOW_JIT=1 lets selection pick it anyway (the first call then compiles).
+
+State kept here (documented exception to "all state on runtime"): one float workspace per device
+and an LRU of planned wrappers, dropped when lz.reset() replaces the runtime's plan cache; the set
+of variants compiled in this process, which stays true across resets. FlashInfer plans on the
+host, so varlen and paged calls copy cu_seqlens / seq_lens to the host once per call (one sync);
+a plan is reused while those lengths do not change (e.g. across the layers of one step), and the
+page indices are rebuilt on the GPU every call. The shared workspace assumes the kernels of one
+device run on one stream.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.metadata
+import math
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..context import SelectionContext
+from ..errors import BackendNotAvailableError, InvalidInputError
+from ..kernel import HALF_DTYPES, Backend, KernelSpec
+from ..reasons import Reason, Rejection
+from ..state import runtime
+
+HEAD_DIMS = frozenset({64, 128, 256})  # FA3 prefill instantiates only these; FA2 and decode are tested on them
+DECODE_GROUP_SIZES = frozenset({1, 2, 3, 4, 6, 8, 16})  # DISPATCH_GQA_GROUP_SIZE of the decode module
+DENSE_OPS = ("attention.causal", "attention.full", "attention.sliding_window")
+WORKSPACE_BYTES = 128 << 20  # float workspace (split-KV partial results), one per device; FlashInfer's advice
+INT_WORKSPACE_BYTES = 8 << 20  # each wrapper allocates this on the device (and as much pinned host memory)
+MAX_WRAPPERS = 16
+ALLOW_JIT_ENV = "LAYERZERO_ALLOW_JIT"
+
+
+# ----------------------------------------------------------------------------- compiled variants
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """One FlashInfer module that nvcc builds on first use (causal and scale are run-time arguments)."""
+
+    kind: str  # "prefill" (batch prefill: ragged + paged) | "decode" (batch decode, CUDA cores)
+    backend: str  # "fa3" | "fa2" for prefill; "fa2" for decode
+    dtype: torch.dtype
+    head_dim: int
+    sliding_window: bool
+    softcap: bool
+
+    @property
+    def uri(self) -> str:
+        """The module's name in FlashInfer's JIT cache (jit/attention/modules.py of 0.7.2)."""
+        dt = {torch.float16: "f16", torch.bfloat16: "bf16"}[self.dtype]
+        common = (f"dtype_q_{dt}_dtype_kv_{dt}_dtype_o_{dt}_dtype_idx_i32_head_dim_qk_{self.head_dim}_"
+                  f"head_dim_vo_{self.head_dim}_posenc_0_use_swa_{self.sliding_window}_"
+                  f"use_logits_cap_{self.softcap}")
+        if self.kind == "decode":
+            return f"batch_decode_with_kv_cache_{common}"
+        suffix = "_sm90" if self.backend == "fa3" else "_kv_stride_equal"
+        return f"batch_prefill_with_kv_cache_{common}_f16qk_False{suffix}"
+
+
+def prefill_backend(sm: int) -> str:
+    """What FlashInfer's `auto` picks for our inputs (fp16/bf16, head_dim 64/128/256, no custom mask)."""
+    cuda = tuple(int(x) for x in (torch.version.cuda or "0.0").split(".")[:2])
+    return "fa3" if sm // 10 == 9 and cuda >= (12, 3) else "fa2"
+
+
+def variant_for(kind: str, ctx: SelectionContext) -> Variant:
+    backend = prefill_backend(ctx.sm) if kind == "prefill" else "fa2"
+    window = ctx.window is not None and ctx.window[0] >= 0
+    return Variant(kind, backend, ctx.dtype, ctx.head_dim, window, ctx.softcap > 0)
+
+
+def _variant_of(kind: str, device: torch.device, dtype: torch.dtype, head_dim: int, window_left: int,
+                softcap: float) -> Variant:
+    sm = _sm(device)
+    backend = prefill_backend(sm) if kind == "prefill" else "fa2"
+    return Variant(kind, backend, dtype, head_dim, window_left >= 0, softcap > 0)
+
+
+def _sm(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+def _flashinfer_version() -> str | None:
+    try:
+        return importlib.metadata.version("flashinfer-python")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def jit_cache_dir() -> str:
+    """FlashInfer's JIT cache root (jit/env.py): $FLASHINFER_WORKSPACE_BASE or ~, then .cache/flashinfer."""
+    base = os.environ.get("FLASHINFER_WORKSPACE_BASE") or os.path.expanduser("~")
+    return os.path.join(base, ".cache", "flashinfer")
+
+
+def compiled_on_disk(variant: Variant, sm: int) -> bool:
+    """Whether FlashInfer's JIT cache holds this module for this GPU (`<version>/<arch>/cached_ops/<uri>/<uri>.so`)."""
+    version = _flashinfer_version() or "*"
+    pattern = os.path.join(glob.escape(jit_cache_dir()), version, "*", "cached_ops", variant.uri, variant.uri + ".so")
+    arch = f"{sm // 10}{sm % 10}"
+    for path in glob.glob(pattern):
+        arch_dir = os.path.basename(os.path.dirname(os.path.dirname(os.path.dirname(path))))
+        if any(token.startswith(arch) for token in arch_dir.split("_")):
+            return True
+    return False
+
+
+def is_compiled(variant: Variant, sm: int) -> bool:
+    """Known compiled: run or warmed in this process, or in the JIT cache on disk."""
+    cache = _cache()
+    if variant in cache.compiled:
+        return True
+    if compiled_on_disk(variant, sm):
+        cache.compiled.add(variant)
+        return True
+    return False
+
+
+def _mark_compiled(variant: Variant) -> None:
+    cache = _cache()
+    if variant not in cache.compiled:
+        cache.compiled.add(variant)
+        runtime.bump()  # plans chosen while it was uncompiled may now pick it
+
+
+# ----------------------------------------------------------------------------- workspace and planned wrappers
+
+@dataclass(eq=False)
+class _Planned:
+    """A FlashInfer wrapper and what its current plan was made for."""
+
+    wrapper: Any
+    variant: Variant
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    data_key: Hashable = None  # lengths the plan was made for; None = not planned yet
+    indices: torch.Tensor | None = None  # the kv_indices tensor the plan reads (paged kernels)
+    ran: bool = False
+
+
+class _Cache:
+    """One float workspace per device and an LRU of planned wrappers (bounded: each holds 16 MiB)."""
+
+    def __init__(self, owner: object = None, compiled: set[Variant] | None = None) -> None:
+        self.owner = owner  # runtime.plans when made: lz.reset() replaces it, and we start over
+        self.lock = threading.Lock()
+        self.workspaces: dict[torch.device, torch.Tensor] = {}
+        self.wrappers: OrderedDict[Hashable, _Planned] = OrderedDict()
+        self.compiled: set[Variant] = compiled if compiled is not None else set()
+
+
+_CACHE = _Cache()
+
+
+def _cache() -> _Cache:
+    global _CACHE
+    cache = _CACHE
+    if cache.owner is not runtime.plans:
+        cache = _CACHE = _Cache(runtime.plans, cache.compiled)
+    return cache
+
+
+def reset(forget_compiled: bool = False) -> None:
+    """Drop workspaces and plans (and, if asked, what this process knows to be compiled)."""
+    global _CACHE
+    _CACHE = _Cache(runtime.plans, None if forget_compiled else _CACHE.compiled)
+
+
+def _workspace(cache: _Cache, device: torch.device) -> torch.Tensor:
+    ws = cache.workspaces.get(device)
+    if ws is None:  # zeroed: the decode wrapper asks for a zero-initialized buffer on first use
+        ws = cache.workspaces[device] = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+    return ws
+
+
+def _entry(config: tuple[Any, ...], variant: Variant, make: Callable[[Any, torch.Tensor], Any]) -> _Planned:
+    """The wrapper for `config` (kind, device, ... : everything but the lengths), made on first use."""
+    cache = _cache()
+    with cache.lock:
+        entry = cache.wrappers.get(config)
+        if entry is not None:
+            cache.wrappers.move_to_end(config)
+            return entry
+        try:
+            import flashinfer
+        except Exception as e:  # a broken install must raise a LayerZero error, never crash
+            raise BackendNotAvailableError(f"flashinfer failed to import: {type(e).__name__}: {e}") from e
+        entry = _Planned(make(flashinfer, _workspace(cache, config[1])), variant)
+        cache.wrappers[config] = entry
+        while len(cache.wrappers) > MAX_WRAPPERS:
+            cache.wrappers.popitem(last=False)
+        return entry
+
+
+def _ran(entry: _Planned) -> None:
+    if not entry.ran:
+        entry.ran = True
+        _mark_compiled(entry.variant)
+
+
+# ----------------------------------------------------------------------------- argument mapping
+
+def mask_args(is_causal: bool, window: tuple[int, int] | None, seq_len_q: int) -> tuple[bool, int]:
+    """(causal, window_left) for FlashInfer from our is_causal and (left, right) window."""
+    if window is None:
+        return bool(is_causal), -1
+    left, right = window
+    if is_causal or right == 0 or seq_len_q == 1:  # one query token sees no key to its right anyway
+        return bool(is_causal) or right == 0, left
+    if right == -1:
+        return False, left
+    raise InvalidInputError("window_size", "a right bound of 0 or -1 unless is_causal (FlashInfer has only "
+                            "window_left)", window)
+
+
+def _scale(scale: float | None, head_dim: int) -> float:
+    return float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
+
+
+def dense_page_size(seq_len_k: int) -> int:
+    """Tokens per page when dense keys are viewed as a paged cache: a power of two <= 16 dividing Sk."""
+    return min(seq_len_k & -seq_len_k, 16)
+
+
+def dense_pages(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """BSHD (B, Sk, H, D) keys/values (any strides) as an NHD paged cache without copying.
+
+    Page p holds tokens [p, p + P) of the flat token axis (page stride = token stride), so the
+    pages of sequence b are b * (batch stride / token stride) + i * P. Returns the two cache views,
+    the page size P and the batch stride in tokens.
+    """
+    B, Sk, H, D = k.shape
+    if (k.stride() != v.stride() or k.stride(1) <= 0 or k.stride(-1) != 1
+            or (B > 1 and k.stride(0) % k.stride(1))):
+        k, v = k.contiguous(), v.contiguous()
+    page = dense_page_size(Sk)
+    ss, sh = k.stride(1), k.stride(2)
+    per_batch = k.stride(0) // ss if B > 1 else Sk
+    num_pages = (B - 1) * per_batch + Sk - page + 1  # the last page ends at the last token of the last sequence
+    shape, strides = (num_pages, page, H, D), (ss, ss, sh, 1)
+    return (k.as_strided(shape, strides, k.storage_offset()), v.as_strided(shape, strides, v.storage_offset()),
+            page, per_batch)
+
+
+def paged_metadata(seq_lens: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Host (lengths, kv_indptr, kv_last_page_len, total pages) for FlashInfer's planner; one D2H copy."""
+    lens = seq_lens.to("cpu", torch.int32)
+    pages = (lens + page_size - 1) // page_size
+    indptr = torch.zeros(lens.numel() + 1, dtype=torch.int32)
+    indptr[1:] = pages.cumsum(0)
+    last = lens - (pages - 1).clamp(min=0) * page_size  # 0 for an empty sequence
+    return lens, indptr, last.to(torch.int32), int(indptr[-1])
+
+
+def paged_indices(page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int, total: int) -> torch.Tensor:
+    """CSR kv_indices: the used prefix of each row of the (B, max_pages) page table, on its device, no sync."""
+    device = page_table.device
+    pages = (seq_lens.to(torch.int64) + page_size - 1) // page_size
+    row = torch.repeat_interleave(torch.arange(page_table.shape[0], device=device), pages, output_size=total)
+    start = torch.cumsum(pages, 0) - pages
+    col = torch.arange(total, device=device) - start[row]
+    return page_table[row, col].to(torch.int32)
+
+
+def _check_same_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    if k_cache.stride() != v_cache.stride():
+        raise InvalidInputError("v_cache", f"the strides of k_cache {k_cache.stride()} (FlashInfer reads both with "
+                                "one set of strides)", v_cache.stride())
+
+
+# ----------------------------------------------------------------------------- kernels
+
+def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
+            dropout_p: float, scale: float | None, window: tuple[int, int] | None = None, softcap: float = 0.0,
+            alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense BSHD attention: q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) as a ragged batch of equal lengths."""
+    B, Sq, Hq, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    causal, window_left = mask_args(is_causal, window, Sq)
+    sm_scale = _scale(scale, D)
+    variant = _variant_of("prefill", q.device, q.dtype, D, window_left, softcap)
+    config = ("dense_prefill", q.device, q.dtype, Hq, Hkv, D, causal, window_left, softcap, sm_scale, B, Sq, Sk)
+    entry = _entry(config, variant, lambda fi, ws: fi.BatchPrefillWithRaggedKVCacheWrapper(
+        ws, "NHD", backend=variant.backend))
+    with entry.lock:
+        if entry.data_key is None:  # equal lengths: the plan never changes for this shape
+            qo_indptr = torch.arange(0, (B + 1) * Sq, Sq, dtype=torch.int32)[: B + 1]
+            kv_indptr = torch.arange(0, (B + 1) * Sk, Sk, dtype=torch.int32)[: B + 1]
+            entry.wrapper.plan(qo_indptr, kv_indptr, Hq, Hkv, D, causal=causal, window_left=window_left,
+                               logits_soft_cap=float(softcap), sm_scale=sm_scale, q_data_type=q.dtype,
+                               kv_data_type=k.dtype)
+            entry.data_key = (B, Sq, Sk)
+        out = entry.wrapper.run(q.reshape(B * Sq, Hq, D), k.reshape(B * Sk, Hkv, D), v.reshape(B * Sk, Hkv, D))
+    _ran(entry)
+    return out.view(B, Sq, Hq, out.shape[-1])
+
+
+def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
+           dropout_p: float, scale: float | None, window: tuple[int, int] | None = None, softcap: float = 0.0,
+           alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense decode: q (B, 1, Hq, D), k/v (B, Sk, Hkv, D) viewed as a paged cache (no copy)."""
+    B, _, Hq, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    _, window_left = mask_args(is_causal, window, 1)
+    k_pages, v_pages, page, per_batch = dense_pages(k, v)
+    sm_scale = _scale(scale, D)
+    variant = _variant_of("decode", q.device, q.dtype, D, window_left, softcap)
+    config = ("dense_decode", q.device, q.dtype, Hq, Hkv, D, window_left, softcap, sm_scale, B, Sk, page, per_batch)
+    entry = _entry(config, variant, lambda fi, ws: fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", backend="fa2"))
+    with entry.lock:
+        if entry.data_key is None:
+            n = Sk // page
+            indices = (torch.arange(B, device=q.device, dtype=torch.int32)[:, None] * per_batch
+                       + torch.arange(0, Sk, page, device=q.device, dtype=torch.int32)[None, :]).reshape(-1)
+            indptr = torch.arange(0, (B + 1) * n, n, dtype=torch.int32)[: B + 1]
+            last = torch.full((B,), page, dtype=torch.int32)
+            entry.wrapper.plan(indptr, indices, last, Hq, Hkv, D, page, window_left=window_left,
+                               logits_soft_cap=float(softcap), q_data_type=q.dtype, kv_data_type=k.dtype,
+                               sm_scale=sm_scale)
+            entry.indices, entry.data_key = indices, (B, Sk)
+        out = entry.wrapper.run(q[:, 0], (k_pages, v_pages))
+    _ran(entry)
+    return out.unsqueeze(1)
+
+
+def ragged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                   cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, is_causal: bool,
+                   scale: float | None, window: tuple[int, int] | None, softcap: float) -> torch.Tensor:
+    """Packed varlen attention: q (total_q, Hq, D), k/v (total_k, Hkv, D), cu_seqlens (B + 1,) int32."""
+    _, Hq, D = q.shape
+    Hkv = k.shape[1]
+    causal, window_left = mask_args(is_causal, window, max_seqlen_q)
+    sm_scale = _scale(scale, D)
+    variant = _variant_of("prefill", q.device, q.dtype, D, window_left, softcap)
+    config = ("ragged_prefill", q.device, q.dtype, Hq, Hkv, D, causal, window_left, softcap, sm_scale)
+    entry = _entry(config, variant, lambda fi, ws: fi.BatchPrefillWithRaggedKVCacheWrapper(
+        ws, "NHD", backend=variant.backend))
+    host = torch.cat([cu_seqlens_q, cu_seqlens_k]).to("cpu", torch.int32)  # the planner needs them on the host
+    data_key = host.numpy().tobytes()
+    with entry.lock:
+        if entry.data_key != data_key:
+            n = cu_seqlens_q.numel()
+            entry.wrapper.plan(host[:n].clone(), host[n:].clone(), Hq, Hkv, D, causal=causal,
+                               window_left=window_left, logits_soft_cap=float(softcap), sm_scale=sm_scale,
+                               q_data_type=q.dtype, kv_data_type=k.dtype)
+            entry.data_key = data_key
+        out = entry.wrapper.run(q, k, v)
+    _ran(entry)
+    return out
+
+
+def _paged(kind: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
+           seq_lens: torch.Tensor, is_causal: bool, scale: float | None, window: tuple[int, int] | None,
+           softcap: float, kv_layout: str) -> torch.Tensor:
+    _check_same_strides(k_cache, v_cache)
+    B, Sq, Hq, D = q.shape
+    page_size, Hkv = (k_cache.shape[1], k_cache.shape[2]) if kv_layout == "NHD" else (k_cache.shape[2], k_cache.shape[1])
+    causal, window_left = mask_args(is_causal, window, Sq)
+    sm_scale = _scale(scale, D)
+    variant = _variant_of(kind, q.device, q.dtype, D, window_left, softcap)
+    if kind == "decode":
+        config = ("paged_decode", q.device, q.dtype, Hq, Hkv, D, kv_layout, page_size, window_left, softcap, sm_scale)
+        entry = _entry(config, variant, lambda fi, ws: fi.BatchDecodeWithPagedKVCacheWrapper(
+            ws, kv_layout, backend="fa2"))
+    else:
+        config = ("paged_prefill", q.device, q.dtype, Hq, Hkv, D, kv_layout, page_size, causal, window_left,
+                  softcap, sm_scale, Sq)
+        entry = _entry(config, variant, lambda fi, ws: fi.BatchPrefillWithPagedKVCacheWrapper(
+            ws, kv_layout, backend=variant.backend))
+    lens, indptr, last, total = paged_metadata(seq_lens, page_size)
+    indices = paged_indices(page_table, seq_lens, page_size, total)
+    data_key = lens.numpy().tobytes()
+    with entry.lock:
+        if entry.data_key != data_key:
+            if kind == "decode":
+                entry.wrapper.plan(indptr, indices, last, Hq, Hkv, D, page_size, window_left=window_left,
+                                   logits_soft_cap=float(softcap), q_data_type=q.dtype, kv_data_type=k_cache.dtype,
+                                   sm_scale=sm_scale)
+            else:
+                qo_indptr = torch.arange(0, (B + 1) * Sq, Sq, dtype=torch.int32)[: B + 1]
+                entry.wrapper.plan(qo_indptr, indptr, indices, last, Hq, Hkv, D, page_size, causal=causal,
+                                   window_left=window_left, logits_soft_cap=float(softcap), sm_scale=sm_scale,
+                                   q_data_type=q.dtype, kv_data_type=k_cache.dtype)
+            entry.indices, entry.data_key = indices, data_key
+        else:  # same lengths, maybe other pages: the plan reads entry.indices (a device tensor, kept by reference)
+            assert entry.indices is not None
+            entry.indices.copy_(indices)
+        if kind == "decode":
+            out = entry.wrapper.run(q[:, 0], (k_cache, v_cache)).unsqueeze(1)
+        else:
+            out = entry.wrapper.run(q.reshape(B * Sq, Hq, D), (k_cache, v_cache)).view(B, Sq, Hq, -1)
+    _ran(entry)
+    return out
+
+
+def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
+                  seq_lens: torch.Tensor, is_causal: bool, scale: float | None, window: tuple[int, int] | None,
+                  softcap: float, kv_layout: str) -> torch.Tensor:
+    """Chunked prefill over a paged cache: q (B, Sq, Hq, D); page_table (B, max_pages) -> CSR indices."""
+    return _paged("prefill", q, k_cache, v_cache, page_table, seq_lens, is_causal, scale, window, softcap, kv_layout)
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
+                 seq_lens: torch.Tensor, is_causal: bool, scale: float | None, window: tuple[int, int] | None,
+                 softcap: float, kv_layout: str) -> torch.Tensor:
+    """Decode over a paged cache: q (B, 1, Hq, D); page_table (B, max_pages) -> CSR indices."""
+    return _paged("decode", q, k_cache, v_cache, page_table, seq_lens, is_causal, scale, window, softcap, kv_layout)
+
+
+# ----------------------------------------------------------------------------- warmup
+
+def warmup_variant(kind: str, dtype: torch.dtype = torch.bfloat16, head_dim: int = 128, *,
+                   sliding_window: bool = False, softcap: bool = False,
+                   device: torch.device | str | None = None) -> Variant:
+    """Compile (or load from FlashInfer's JIT cache) one module by running it on tiny inputs.
+
+    kind: "prefill" (serves flashinfer.prefill, ragged_prefill, paged_prefill) or "decode"
+    (flashinfer.decode, paged_decode). Takes 13 s (decode) to 110 s (prefill) when nothing is cached.
+    """
+    if kind not in ("prefill", "decode"):
+        raise InvalidInputError("kind", "'prefill' or 'decode'", kind)
+    if dtype not in HALF_DTYPES:
+        raise InvalidInputError("dtype", "torch.float16 or torch.bfloat16", dtype)
+    if head_dim not in HEAD_DIMS:
+        raise InvalidInputError("head_dim", f"one of {sorted(HEAD_DIMS)}", head_dim)
+    dev = torch.device(device if device is not None else "cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (torch.randn(1, 16, 1, head_dim, device=dev, dtype=dtype, generator=gen) for _ in range(3))
+    window = (8, 0) if sliding_window else None
+    cap = 30.0 if softcap else 0.0
+    if kind == "prefill":
+        prefill(q, k, v, None, True, 0.0, None, window, cap)
+    else:
+        decode(q[:, :1], k, v, None, False, 0.0, None, window, cap)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return _variant_of(kind, dev, dtype, head_dim, 8 if sliding_window else -1, cap)
+
+
+def warmup(ctx: SelectionContext) -> list[Variant]:
+    """Compile the module the FlashInfer kernels need for an attention context (lz.warmup calls this).
+
+    Decode contexts (Sq == 1 or op attention.decode) warm the decode module, others the prefill
+    module. Contexts FlashInfer cannot run, or a missing FlashInfer, warm nothing.
+    """
+    if (ctx.device_type != "cuda" or ctx.dtype not in HALF_DTYPES or ctx.head_dim not in HEAD_DIMS
+            or not BACKEND.availability[0] or not ctx.op.startswith("attention.")):
+        return []
+    kind = "decode" if ctx.op == "attention.decode" or ctx.seq_len_q == 1 else "prefill"
+    variant = variant_for(kind, ctx)
+    if variant in _cache().compiled:
+        return [variant]
+    device = torch.device("cuda", ctx.device_index)
+    return [warmup_variant(kind, ctx.dtype, ctx.head_dim, sliding_window=variant.sliding_window,
+                           softcap=variant.softcap, device=device)]
+
+
+# ----------------------------------------------------------------------------- constraints
+
+def _checker(kind: str, dense_decode: bool = False) -> Callable[[SelectionContext], list[Rejection]]:
+    """FlashInfer rules the generic constraints cannot say, and the JIT gate."""
+
+    def check(ctx: SelectionContext) -> list[Rejection]:
+        out: list[Rejection] = []
+        if ctx.dtype == torch.bfloat16 and ctx.sm < 80:
+            out.append(Rejection(Reason.DTYPE_UNSUPPORTED, f"bfloat16 needs sm 80+, device is sm {ctx.sm}"))
+        if dense_decode and ctx.seq_len_q != 1:
+            out.append(Rejection(Reason.SEQ_LEN_TOO_LONG, f"the decode kernel takes seq_len_q 1, got {ctx.seq_len_q}"))
+        if kind == "decode" and ctx.gqa_ratio not in DECODE_GROUP_SIZES:
+            out.append(Rejection(Reason.GQA_UNSUPPORTED, f"decode group size {ctx.gqa_ratio} not in "
+                                 f"{sorted(DECODE_GROUP_SIZES)}"))
+        if ctx.window is not None and not ctx.is_causal and ctx.seq_len_q > 1 and ctx.window[1] not in (0, -1):
+            out.append(Rejection(Reason.WINDOW_UNSUPPORTED, f"window {ctx.window}: FlashInfer has only a left "
+                                 "bound (right must be 0 or -1 unless causal)"))
+        if out:
+            return out
+        if os.environ.get(ALLOW_JIT_ENV, "") not in ("", "0"):
+            return out
+        variant = variant_for(kind, ctx)
+        if not is_compiled(variant, ctx.sm):
+            out.append(Rejection(Reason.NEEDS_JIT_COMPILE, f"{variant.uri} is not compiled (about "
+                                 f"{'13' if kind == 'decode' else '100'} s of nvcc): warm it with "
+                                 f"layerzero.backends.flashinfer.warmup or set {ALLOW_JIT_ENV}=1"))
+        return out
+
+    return check
+
+
+def _workspace_bytes(ctx: SelectionContext) -> int:
+    """A new wrapper's int workspace, plus the shared float workspace if this device has none yet."""
+    device = torch.device(ctx.device_type, ctx.device_index) if ctx.device_type == "cuda" else torch.device("cpu")
+    return INT_WORKSPACE_BYTES + (0 if device in _cache().workspaces else WORKSPACE_BYTES)
+
+
+def _spec(name: str, ops: tuple[str, ...], impl: Callable[..., Any], priority: int, kind: str,
+          description: str, dense_decode: bool = False, **kw: Any) -> KernelSpec:
+    return KernelSpec(
+        id=f"flashinfer.{name}", ops=ops, impl=impl, priority=priority, platforms=frozenset({"cuda"}), min_sm=75,
+        dtypes=HALF_DTYPES, head_dims=HEAD_DIMS, supports_window=True, supports_softcap=True, graph_safe=False,
+        needs_jit=True, check=_checker(kind, dense_decode), workspace_bytes=_workspace_bytes,
+        description=description, **kw,
+    )
+
+
+BACKEND = Backend(
+    name="flashinfer",
+    module="flashinfer",
+    distribution="flashinfer-python",
+    description="FlashInfer plan/run attention kernels (JIT-compiled per variant)",
+    kernels=(
+        _spec("prefill", DENSE_OPS, prefill, 78, "prefill", layout="BSHD",
+              description="dense prefill as an equal-length ragged batch (BatchPrefillWithRaggedKVCacheWrapper)"),
+        _spec("decode", DENSE_OPS, decode, 92, "decode", dense_decode=True, layout="BSHD",
+              description="dense decode (Sq == 1) over keys viewed as pages (BatchDecodeWithPagedKVCacheWrapper)"),
+        _spec("ragged_prefill", ("attention.varlen",), ragged_prefill, 84, "prefill",
+              description="packed varlen attention (BatchPrefillWithRaggedKVCacheWrapper)"),
+        _spec("paged_prefill", ("attention.paged",), paged_prefill, 91, "prefill",
+              description="chunked prefill over a paged KV cache (BatchPrefillWithPagedKVCacheWrapper)"),
+        _spec("paged_decode", ("attention.decode",), paged_decode, 92, "decode",
+              description="decode over a paged KV cache (BatchDecodeWithPagedKVCacheWrapper)"),
+    ),
+)
