@@ -154,3 +154,17 @@ def test_warmup_preselects_and_reports_compilation():
     w = (1.0 + 0.1 * torch.randn(32)).to(torch.float32)
     assert lz.explain("rms_norm", x, w).cached  # the plan for this shape was pre-selected
     assert runtime.plans.computes == 2
+
+
+def test_cli_tune_and_solve(tmp_path, capsys):
+    from layerzero.cli import main
+
+    db = tmp_path / "cli.sqlite"
+    assert main(["tune", "rms_norm", "--shape", "8x32", "--dtype", "float32", "--repeats", "3", "--kernels", "torch.*",
+                 "--perfdb", str(db), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out[0]["best"] == "torch.rms_norm" and out[0]["shape"] == [8, 32]
+    assert main(["solve", "rms_norm", "--dim", "rows=1:64", "--dim", "hidden=32", "--out", str(tmp_path / "s.py"),
+                 "--dtype", "float32", "--device", "cpu"]) == 0
+    assert "torch.rms_norm" in capsys.readouterr().out and (tmp_path / "s.py").exists()
+    assert main(["solve", "rms_norm", "--dim", "rows", "--out", str(tmp_path / "t.py")]) == 2

@@ -25,6 +25,8 @@ SUBCOMMANDS: list[str] = [
     "layerzero.cli:add_list",
     "layerzero.cli:add_backends",
     "layerzero.cli:add_explain",
+    "layerzero.perf.tune:add_tune_command",
+    "layerzero.perf.solve:add_solve_command",
 ]
 
 Runner = Callable[[argparse.Namespace], int]

@@ -431,3 +431,35 @@ def _module_text(names: list[str], ops: Mapping[str, Mapping[str, Any]], dtypes:
     ]
     out += [f"    {n} = _dynamic_{n}  # noqa: F811" for n in names]
     return "\n".join(out) + "\n"
+
+
+def add_solve_command(sub: Any) -> None:
+    """`layerzero solve OP --dim batch=1:64 --dim heads=32 ... --out solved.py` (cli.SUBCOMMANDS)."""
+    from ..cli import add_command
+
+    p = add_command(sub, "solve", "write a standalone module dispatching an op by shape buckets", _solve_command)
+    p.add_argument("op", help="attention, rms_norm, layer_norm")
+    p.add_argument("--dim", action="append", default=[], help="NAME=LO:HI for a ranged dim, NAME=V1,V2 for exact")
+    p.add_argument("--dtype", action="append", default=[], help="repeatable; default bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True, help="path of the module to write")
+
+
+def _solve_command(args: Any) -> int:
+    dims: dict[str, Any] = {}
+    for item in args.dim:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise InvalidInputError("--dim", "NAME=LO:HI or NAME=V1,V2", item)
+        if ":" in value:
+            lo, hi = value.split(":", 1)
+            dims[name] = (int(lo), int(hi))
+        else:
+            dims[name] = [int(v) for v in value.split(",") if v]
+    dtypes = [getattr(torch, d) for d in args.dtype]
+    result = solve(args.op, args.out, dtypes=dtypes, device=args.device, **dims)
+    from ..cli import emit
+
+    emit(args, {"path": str(result.path), "kernels": result.kernels, "buckets": result.buckets,
+                "branches": result.branches, "notes": list(result.notes)}, str(result))
+    return 0

@@ -280,3 +280,36 @@ def perfdb(path: str | Path | None = None) -> PerfDB | None:
 
         runtime.set_measurements(Measurements(path, runtime.measurements.version_of))
     return runtime.measurements.db
+
+
+def add_tune_command(sub: Any) -> None:
+    """`layerzero tune OP --shape AxBx... [--dtype ...] [--report DIR]` (registered in cli.SUBCOMMANDS)."""
+    from ..cli import add_command
+
+    p = add_command(sub, "tune", "measure every valid kernel for shapes, store in PerfDB, report", _tune_command)
+    p.add_argument("op", nargs="?", help="attention, rms_norm, layer_norm")
+    p.add_argument("--shape", action="append", default=[], help="dims joined by x (repeat for several shapes)")
+    p.add_argument("--dtype", action="append", default=[], help="float16, bfloat16, float32 (repeatable)")
+    p.add_argument("--trace", help="a trace JSON written by lz.save_trace")
+    p.add_argument("--device", default=None)
+    p.add_argument("--kernels", default="*", help="glob on kernel ids or backends")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--perfdb", default=None, help="PerfDB file (default: $LAYERZERO_PERFDB or the cache dir)")
+    p.add_argument("--report", default=None, help="directory for tune_report.md and tune_heatmap.png")
+
+
+def _tune_command(args: Any) -> int:
+    dtypes = []
+    for name in args.dtype:
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype):
+            raise InvalidInputError("--dtype", "a torch dtype name such as bfloat16", name)
+        dtypes.append(dtype)
+    report = tune(args.op, shapes=args.shape, dtypes=dtypes, trace=args.trace, device=args.device,
+                  kernels=args.kernels, repeats=args.repeats, perfdb=args.perfdb, report=args.report)
+    data = [{"op": r.op, "shape": list(r.shape), "dtype": r.dtype, "best": r.best.kernel if r.best else None,
+             "kernels": {x.kernel: (x.median_us if x.correct else "wrong") for x in r.records}} for r in report.results]
+    from ..cli import emit
+
+    emit(args, data, str(report))
+    return 0
