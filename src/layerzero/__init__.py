@@ -36,6 +36,15 @@ from .ops.quant import (
     quantize,
 )
 from .ops.sampling import sample, sample_greedy, sample_topk, sample_topp
+from .ops.tokenize import (
+    BatchEncoding,
+    Tokenizer,
+    detokenize,
+    get_tokenizer,
+    register_tokenizer,
+    tokenize,
+    tokenize_batch,
+)
 from .policy.config import (
     PolicyWatcher,
     configure,
@@ -81,6 +90,7 @@ __all__ = [
     "perfdb", "record_trace", "save_trace", "solve", "tune", "warmup",
     "PackedFormat", "QuantFormat", "QuantizedTensor", "awq_format", "dequantize", "embedding", "gptq_format",
     "quant_linear", "quantize", "sample", "sample_greedy", "sample_topk", "sample_topp",
+    "BatchEncoding", "Tokenizer", "detokenize", "get_tokenizer", "register_tokenizer", "tokenize", "tokenize_batch",
     "PolicyWatcher", "configure", "disabled", "get_config", "get_locks", "load_config", "lock", "prefer", "unlock",
     "watch_policy",
     "Backend", "BackendNotAvailableError", "CacheCorruptionError", "ConfigurationError", "CudaGraphUnsafeError",
