@@ -76,14 +76,17 @@ class MemoryGuard:
         self.config = config
         self._cache.clear()
 
-    def free(self, device_type: str, index: int) -> tuple[int, int] | None:
+    def free(self, device_type: str, index: int, capturing: bool = False) -> tuple[int, int] | None:
+        """(free, total) bytes; under CUDA graph capture only a cached value (no driver query)."""
         measure = self.config.free_memory
         if measure is not None:
             return measure(device_type, index)
         now = time.monotonic()
         hit = self._cache.get((device_type, index))
-        if hit is not None and now - hit[0] < _FREE_MEMORY_TTL_S:
+        if hit is not None and (capturing or now - hit[0] < _FREE_MEMORY_TTL_S):
             return hit[1]
+        if capturing:
+            return None
         value = free_memory(device_type, index)
         self._cache[(device_type, index)] = (now, value)
         return value
@@ -98,7 +101,7 @@ class MemoryGuard:
             return [Rejection(Reason.CUSTOM_CHECK_FAILED, f"workspace estimate raised {type(e).__name__}: {e}")]
         if need <= 0:
             return []
-        measured = self.free(ctx.device_type, ctx.device_index)
+        measured = self.free(ctx.device_type, ctx.device_index, ctx.graph_capture)
         if measured is None:
             return []
         free, total = measured
