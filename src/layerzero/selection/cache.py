@@ -41,13 +41,16 @@ class CacheStats:
 
 
 class _Flight:
-    """One in-progress computation of a (generation, key): its owner thread and a done event."""
+    """One in-progress computation of a (generation, key): its owner thread and whether it ended.
+
+    Waiters sleep on the cache's condition variable, so an uncontended miss allocates no event.
+    """
 
     __slots__ = ("owner", "done")
 
     def __init__(self, owner: int) -> None:
         self.owner = owner
-        self.done = threading.Event()
+        self.done = False
 
 
 class PlanCache:
@@ -69,6 +72,7 @@ class PlanCache:
         self._older: dict[Hashable, Any] = {}
         self._born: dict[Hashable, float] = {}  # insertion times, kept only with a TTL
         self._lock = threading.Lock()
+        self._flight_done = threading.Condition(self._lock)
         self._inflight: dict[tuple[int, Hashable], _Flight] = {}
         self._sweeper: threading.Thread | None = None
         self._sweeper_stop = threading.Event()
@@ -135,35 +139,45 @@ class PlanCache:
                     self.hits_on_miss_path += 1
                     return plan
                 flight = self._inflight.get((generation, key))
-                owner = flight is None
                 if flight is None:
                     flight = self._inflight[(generation, key)] = _Flight(me)
                 elif flight.owner == me:
                     break  # re-entered from inside our own compute
-            if not owner:
-                self.waits += 1
-                if not flight.done.wait(self.wait_timeout_s):
-                    raise SelectionTimeoutError(
-                        f"waited {self.wait_timeout_s}s for another thread's selection of {key!r}"
-                    )
-                continue
+                else:
+                    self.waits += 1
+                    deadline = time.monotonic() + self.wait_timeout_s
+                    while not flight.done:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            raise SelectionTimeoutError(
+                                f"waited {self.wait_timeout_s}s for another thread's selection of {key!r}"
+                            )
+                        self._flight_done.wait(remaining)
+                    continue  # look again: the plan is in, or the owner failed and we compute
             try:
                 if self.compute_log is not None:
                     self.compute_log.append((generation, key))
                 plan = compute()
-                self.computes += 1
+            except BaseException:
                 with self._lock:
-                    if self.generation == generation:
-                        self._insert(key, plan)
-                        return plan
-                # Policy, registry or health changed while we computed: compute again for the
-                # new generation rather than return a plan from the old one.
-            finally:
-                with self._lock:
-                    self._inflight.pop((generation, key), None)
-                flight.done.set()
+                    self._land(generation, key, flight)
+                raise
+            self.computes += 1
+            with self._lock:
+                self._land(generation, key, flight)
+                if self.generation == generation:
+                    self._insert(key, plan)
+                    return plan
+            # Policy, registry or health changed while we computed: compute again for the new
+            # generation rather than return a plan from the old one.
         self.computes += 1
         return compute()  # the generation kept changing (or re-entry): a fresh plan, uncached
+
+    def _land(self, generation: int, key: Hashable, flight: _Flight) -> None:
+        """Under the lock: end a flight and wake its waiters (they look again under the lock)."""
+        self._inflight.pop((generation, key), None)
+        flight.done = True
+        self._flight_done.notify_all()
 
     def _lookup(self, key: Hashable) -> Any:
         """Under the lock: the plan in `data`, or moved back from the old segment, or None."""
