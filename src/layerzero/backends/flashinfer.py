@@ -208,8 +208,9 @@ def _workspace(cache: _Cache, device: torch.device) -> torch.Tensor:
     return ws
 
 
-def _entry(config: tuple[Any, ...], variant: Variant, make: Callable[[Any, torch.Tensor], Any]) -> _Planned:
-    """The wrapper for `config` (kind, device, ... : everything but the lengths), made on first use."""
+def _entry(config: tuple[Any, ...], make: Callable[[Any, torch.Tensor], Any], kind: str, q: torch.Tensor,
+           window_left: int, softcap: float) -> _Planned:
+    """The wrapper for `config` (name, device, ...: everything but the lengths), made on first use."""
     cache = _cache()
     with cache.lock:
         entry = cache.wrappers.get(config)
@@ -220,7 +221,8 @@ def _entry(config: tuple[Any, ...], variant: Variant, make: Callable[[Any, torch
             import flashinfer
         except Exception as e:  # a broken install must raise a LayerZero error, never crash
             raise BackendNotAvailableError(f"flashinfer failed to import: {type(e).__name__}: {e}") from e
-        entry = _Planned(make(flashinfer, _workspace(cache, config[1])), variant)
+        variant = _variant_of(kind, q.device, q.dtype, q.shape[-1], window_left, softcap)
+        entry = _Planned(make(flashinfer, _workspace(cache, q.device)), variant)
         cache.wrappers[config] = entry
         while len(cache.wrappers) > MAX_WRAPPERS:
             cache.wrappers.popitem(last=False)
@@ -313,10 +315,9 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.
     Sk, Hkv = k.shape[1], k.shape[2]
     causal, window_left = mask_args(is_causal, window, Sq)
     sm_scale = _scale(scale, D)
-    variant = _variant_of("prefill", q.device, q.dtype, D, window_left, softcap)
     config = ("dense_prefill", q.device, q.dtype, Hq, Hkv, D, causal, window_left, softcap, sm_scale, B, Sq, Sk)
-    entry = _entry(config, variant, lambda fi, ws: fi.BatchPrefillWithRaggedKVCacheWrapper(
-        ws, "NHD", backend=variant.backend))
+    entry = _entry(config, lambda fi, ws: fi.BatchPrefillWithRaggedKVCacheWrapper(
+        ws, "NHD", backend=prefill_backend(_sm(q.device))), "prefill", q, window_left, softcap)
     with entry.lock:
         if entry.data_key is None:  # equal lengths: the plan never changes for this shape
             qo_indptr = torch.arange(0, (B + 1) * Sq, Sq, dtype=torch.int32)[: B + 1]
@@ -339,9 +340,9 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.T
     _, window_left = mask_args(is_causal, window, 1)
     k_pages, v_pages, page, per_batch = dense_pages(k, v)
     sm_scale = _scale(scale, D)
-    variant = _variant_of("decode", q.device, q.dtype, D, window_left, softcap)
     config = ("dense_decode", q.device, q.dtype, Hq, Hkv, D, window_left, softcap, sm_scale, B, Sk, page, per_batch)
-    entry = _entry(config, variant, lambda fi, ws: fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", backend="fa2"))
+    entry = _entry(config, lambda fi, ws: fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", backend="fa2"),
+                   "decode", q, window_left, softcap)
     with entry.lock:
         if entry.data_key is None:
             n = Sk // page
@@ -366,12 +367,11 @@ def ragged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
     Hkv = k.shape[1]
     causal, window_left = mask_args(is_causal, window, max_seqlen_q)
     sm_scale = _scale(scale, D)
-    variant = _variant_of("prefill", q.device, q.dtype, D, window_left, softcap)
     config = ("ragged_prefill", q.device, q.dtype, Hq, Hkv, D, causal, window_left, softcap, sm_scale)
-    entry = _entry(config, variant, lambda fi, ws: fi.BatchPrefillWithRaggedKVCacheWrapper(
-        ws, "NHD", backend=variant.backend))
+    entry = _entry(config, lambda fi, ws: fi.BatchPrefillWithRaggedKVCacheWrapper(
+        ws, "NHD", backend=prefill_backend(_sm(q.device))), "prefill", q, window_left, softcap)
     host = torch.cat([cu_seqlens_q, cu_seqlens_k]).to("cpu", torch.int32)  # the planner needs them on the host
-    data_key = host.numpy().tobytes()
+    data_key = tuple(host.tolist())
     with entry.lock:
         if entry.data_key != data_key:
             n = cu_seqlens_q.numel()
@@ -392,19 +392,18 @@ def _paged(kind: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     page_size, Hkv = (k_cache.shape[1], k_cache.shape[2]) if kv_layout == "NHD" else (k_cache.shape[2], k_cache.shape[1])
     causal, window_left = mask_args(is_causal, window, Sq)
     sm_scale = _scale(scale, D)
-    variant = _variant_of(kind, q.device, q.dtype, D, window_left, softcap)
     if kind == "decode":
         config = ("paged_decode", q.device, q.dtype, Hq, Hkv, D, kv_layout, page_size, window_left, softcap, sm_scale)
-        entry = _entry(config, variant, lambda fi, ws: fi.BatchDecodeWithPagedKVCacheWrapper(
-            ws, kv_layout, backend="fa2"))
+        entry = _entry(config, lambda fi, ws: fi.BatchDecodeWithPagedKVCacheWrapper(
+            ws, kv_layout, backend="fa2"), kind, q, window_left, softcap)
     else:
         config = ("paged_prefill", q.device, q.dtype, Hq, Hkv, D, kv_layout, page_size, causal, window_left,
                   softcap, sm_scale, Sq)
-        entry = _entry(config, variant, lambda fi, ws: fi.BatchPrefillWithPagedKVCacheWrapper(
-            ws, kv_layout, backend=variant.backend))
+        entry = _entry(config, lambda fi, ws: fi.BatchPrefillWithPagedKVCacheWrapper(
+            ws, kv_layout, backend=prefill_backend(_sm(q.device))), kind, q, window_left, softcap)
     lens, indptr, last, total = paged_metadata(seq_lens, page_size)
     indices = paged_indices(page_table, seq_lens, page_size, total)
-    data_key = lens.numpy().tobytes()
+    data_key = tuple(lens.tolist())
     with entry.lock:
         if entry.data_key != data_key:
             if kind == "decode":
