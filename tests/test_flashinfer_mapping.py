@@ -289,7 +289,7 @@ def test_missing_flashinfer_raises_backend_not_available(monkeypatch):
 
 
 def test_backend_declared_and_not_installed_here():
-    ids = [k.id for k in lz.list_kernels("flashinfer.*")]
+    ids = [k.id for k in lz.list_kernels("flashinfer.*") if k.ops[0].startswith("attention.")]
     assert ids == ["flashinfer.decode", "flashinfer.paged_decode", "flashinfer.paged_prefill", "flashinfer.prefill",
                    "flashinfer.ragged_prefill"]
     if not fi.BACKEND.availability[0]:
@@ -462,7 +462,7 @@ def test_broken_flashinfer_never_takes_the_process_down(tmp_path):
         "import sys, torch, layerzero as lz\n"
         "from layerzero.backends import flashinfer as fi\n"
         "assert 'flashinfer' not in sys.modules, 'imported at load time'\n"
-        "assert [k.available for k in lz.list_kernels('flashinfer.*')] == [True] * 5\n"
+        "assert [k.available for k in lz.list_kernels('flashinfer.prefill')] == [True]\n"
         "q = torch.randn(1, 4, 2, 64)\n"
         "lz.attention(q, q, q, is_causal=True)\n"
         "assert 'flashinfer' not in sys.modules\n"
