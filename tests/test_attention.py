@@ -58,13 +58,13 @@ def reference_attention(q, k, v, *, layout="BSHD", is_causal=False, attn_mask=No
     s = torch.einsum("bhqd,bhkd->bhqk", q, k) * (scale if scale is not None else 1.0 / math.sqrt(d))
     if softcap:
         s = softcap * torch.tanh(s / softcap)
-    pos = torch.arange(sq)[:, None] + (sk - sq)  # each query's position among the keys
-    j = torch.arange(sk)[None, :]
+    pos = torch.arange(sq, device=q.device)[:, None] + (sk - sq)  # each query's position among the keys
+    j = torch.arange(sk, device=q.device)[None, :]
     if alibi_slopes is not None:
         slopes = alibi_slopes.double()
         slopes = slopes[None, :, None, None] if slopes.dim() == 1 else slopes[:, :, None, None]
         s = s - slopes * (pos - j).abs()
-    keep = torch.ones(sq, sk, dtype=torch.bool)
+    keep = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
     if is_causal:
         keep &= j <= pos
     if window_size is not None:
