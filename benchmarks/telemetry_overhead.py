@@ -25,10 +25,10 @@ import layerzero as lz
 from layerzero.state import runtime
 
 
-def per_call_us(fn, number: int, repeat: int) -> float:
-    """Minimum over repeats (robust to other load on the machine), microseconds per call."""
-    fn()
-    return min(timeit.repeat(fn, number=number, repeat=repeat)) / number * 1e6
+def per_call_us(fn, args: tuple, number: int, repeat: int) -> float:
+    """Minimum over repeats (robust to other load on the machine), microseconds per call of fn(*args)."""
+    fn(*args)
+    return min(timeit.repeat(lambda: fn(*args), number=number, repeat=repeat)) / number * 1e6
 
 
 def _noop_rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -64,11 +64,11 @@ def measure(device: torch.device, number: int, repeat: int, real: bool) -> list[
         spec = runtime.registry.kernel(plan.kernel_id)
         kernel_args = bhsd_args if spec.layout == "BHSD" else plan_args
         row = {"case": name, "kernel": plan.kernel_id}
-        row["kernel_us"] = per_call_us(lambda: spec.impl(*kernel_args), number, repeat)
-        row["plan_run_us"] = per_call_us(lambda: plan.run(*plan_args), number, repeat)
-        row["lz_off_us"] = per_call_us(lambda: op(*args), number, repeat)
+        row["kernel_us"] = per_call_us(spec.impl, kernel_args, number, repeat)
+        row["plan_run_us"] = per_call_us(plan.run, plan_args, number, repeat)
+        row["lz_off_us"] = per_call_us(op, args, number, repeat)
         lz.enable_telemetry(prometheus=False, opentelemetry=False)
-        row["lz_on_us"] = per_call_us(lambda: op(*args), number, repeat)
+        row["lz_on_us"] = per_call_us(op, args, number, repeat)
         lz.disable_telemetry()
         sync()
         row["telemetry_cost_us"] = row["lz_on_us"] - row["lz_off_us"]
@@ -91,10 +91,11 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     meta = {"device": f"{device.type}: {name}", "torch": torch.__version__, "python": platform.python_version(),
             "date": datetime.date.today().isoformat(), "number": args.number, "repeat": args.repeat}
-    header = "| case | kernel | kernel µs | plan.run µs | lz (telemetry off) µs | lz (telemetry on) µs | telemetry cost µs |"
+    header = ("| case | kernel | kernel µs | plan.run µs | lz (telemetry off) µs | lz (telemetry on) µs "
+              "| telemetry cost µs |")
     lines = [f"# Telemetry overhead on the hot path ({meta['device']}, torch {meta['torch']}, {meta['date']})", "",
-             "Minimum over repeats, per call, tiny inputs; `plan.run - kernel` is the fallback guard's cost.", "", header,
-             "|---|---|---|---|---|---|---|"]
+             "Minimum over repeats, per call, tiny inputs; `plan.run - kernel` is the fallback guard's cost.", "",
+             header, "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['kernel']} | {r['kernel_us']:.2f} | {r['plan_run_us']:.2f} | "
                      f"{r['lz_off_us']:.2f} | {r['lz_on_us']:.2f} | {r['telemetry_cost_us']:+.2f} |")

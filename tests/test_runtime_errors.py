@@ -78,7 +78,7 @@ def test_cache_corruption_error_for_an_unreadable_perfdb(tmp_path):
     path = tmp_path / "perfdb.sqlite"
     path.write_bytes(b"this is not a sqlite database" * 100)
     with pytest.raises(lz.CacheCorruptionError, match="is unreadable"):
-        PerfDB(path).schema_version
+        _ = PerfDB(path).schema_version
 
 
 def test_backend_not_available_for_a_missing_exporter(monkeypatch):

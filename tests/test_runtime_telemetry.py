@@ -70,7 +70,8 @@ def test_prometheus_reports_failures_fallbacks_and_breaker_state():
     m = scrape(registry)
     assert m[("layerzero_kernel_failures_total", (("error", "ValueError"), ("kernel", "flaky.rms")))] == 2
     assert m[("layerzero_fallbacks_total", (("from_kernel", "flaky.rms"), ("to_kernel", "torch.rms_norm")))] == 2
-    assert m[("layerzero_breaker_transitions_total", (("kind", "kernel"), ("name", "flaky.rms"), ("state", "open")))] == 1
+    opened = (("kind", "kernel"), ("name", "flaky.rms"), ("state", "open"))
+    assert m[("layerzero_breaker_transitions_total", opened)] == 1
     assert m[("layerzero_breaker_state", (("kind", "kernel"), ("name", "flaky.rms")))] == 2  # open
     assert m[("layerzero_kernel_calls_total", (("kernel", "torch.rms_norm"), ("op", "norm.rms")))] == 1
 

@@ -80,7 +80,8 @@ class DoctorReport:
         pc = self.plan_cache
         lines.append(f"plan cache: {pc['size']} plans, generation {pc['generation']}, {pc['selections']} selections")
         db = self.perfdb
-        lines.append(f"perfdb: {db.get('path') or 'off'}" + (f", {db['rows']} rows" if db.get("rows") is not None else "")
+        rows = f", {db['rows']} rows" if db.get("rows") is not None else ""
+        lines.append(f"perfdb: {db.get('path') or 'off'}{rows}"
                      + (f", error: {db['error']}" if db.get("error") else ""))
         lines.append(f"telemetry: {'on' if self.telemetry['enabled'] else 'off'}"
                      f" (prometheus_client {self.telemetry['prometheus_client'] or 'not installed'}, "
@@ -137,8 +138,9 @@ def _driver() -> str:
 def _perfdb(runtime: Any) -> dict[str, Any]:
     m = getattr(runtime, "measurements", None)
     path = getattr(m, "path", None)
-    out: dict[str, Any] = {"path": None if path is None else str(path), "rows": None, "error": getattr(m, "error", None)}
-    if path is not None and path.exists():
+    out: dict[str, Any] = {"path": None if path is None else str(path), "rows": None,
+                           "error": getattr(m, "error", None)}
+    if m is not None and path is not None and path.exists():
         try:
             out["rows"] = len(m.db.records())
         except Exception as e:  # doctor reports; it never fails
@@ -190,7 +192,8 @@ def _smoke() -> list[str]:
     try:
         q, k, v = (torch.randn(1, 16, 4, 64, generator=gen).to(device, dtype) for _ in range(3))
         out = attention(q, k, v, is_causal=True)
-        ref = reference.attention(*(t.double().transpose(1, 2) for t in (q, k, v)), None, True, 0.0, None).transpose(1, 2)
+        qd, kd, vd = (t.double().transpose(1, 2) for t in (q, k, v))
+        ref = reference.attention(qd, kd, vd, None, True, 0.0, None).transpose(1, 2)
         err = float((out.double() - ref).abs().max())
         if not err <= tol:
             issues.append(f"attention smoke test on {device} differs from the reference by {err:.3g}")

@@ -201,7 +201,8 @@ class Health:
         unknown = set(changes) - set(HealthConfig.__dataclass_fields__)
         if unknown:
             raise ConfigurationError(
-                f"unknown health setting(s) {sorted(unknown)}; expected some of {sorted(HealthConfig.__dataclass_fields__)}"
+                f"unknown health setting(s) {sorted(unknown)}; "
+                f"expected some of {sorted(HealthConfig.__dataclass_fields__)}"
             )
         self.config = replace(self.config, **changes)
         self.runtime.bump()
