@@ -20,11 +20,10 @@ TRIGGERED: set[Reason] = set()
 # Codes with no producer in src/layerzero today (see the report of issue 2): input mismatches are
 # raised as InvalidInputError before selection (DEVICE_MISMATCH, DTYPE_MISMATCH); layouts and
 # contiguity are transforms, not rejections (LAYOUT_UNSUPPORTED, NOT_CONTIGUOUS, STRIDE_UNSUPPORTED);
-# paged KV is its own op (OP_UNSUPPORTED covers it); availability never imports (BACKEND_IMPORT_FAILED);
-# there is no "JIT on the hot path" setting (NEEDS_JIT_COMPILE).
+# paged KV is its own op (OP_UNSUPPORTED covers it); availability never imports (BACKEND_IMPORT_FAILED).
 NO_MECHANISM = {
     Reason.DEVICE_MISMATCH, Reason.DTYPE_MISMATCH, Reason.LAYOUT_UNSUPPORTED, Reason.NOT_CONTIGUOUS,
-    Reason.STRIDE_UNSUPPORTED, Reason.PAGED_KV_UNSUPPORTED, Reason.BACKEND_IMPORT_FAILED, Reason.NEEDS_JIT_COMPILE,
+    Reason.STRIDE_UNSUPPORTED, Reason.PAGED_KV_UNSUPPORTED, Reason.BACKEND_IMPORT_FAILED,
 }
 
 
@@ -242,6 +241,21 @@ def test_quant_reasons_from_backend_checks():
         pytest.skip("no quantization kernels registered")
     assert {Reason.QUANT_FORMAT_UNSUPPORTED, Reason.FP8_NEEDS_SM89} <= seen, seen
     TRIGGERED.update({Reason.QUANT_FORMAT_UNSUPPORTED, Reason.FP8_NEEDS_SM89})
+
+
+def test_needs_jit_compile_from_the_flashinfer_gate(monkeypatch):
+    """FlashInfer kernels whose variant is not compiled are rejected unless JIT is allowed."""
+    runtime.ensure_loaded()
+    if "flashinfer.prefill" not in runtime.registry.kernels:
+        pytest.skip("no FlashInfer backend module")
+    import layerzero.backends.flashinfer as flashinfer_backend
+
+    monkeypatch.delenv("LAYERZERO_ALLOW_JIT", raising=False)
+    monkeypatch.setattr(flashinfer_backend, "is_compiled", lambda *args: False)  # also where it is AOT-built
+    kernel = runtime.registry.kernel("flashinfer.prefill")
+    c = cuda(op="attention.causal", is_causal=True, head_dim=128, head_dim_v=128)
+    assert [r.reason for r in check_constraints(kernel, c)] == [Reason.NEEDS_JIT_COMPILE]
+    TRIGGERED.add(Reason.NEEDS_JIT_COMPILE)
 
 
 # ----------------------------------------------------------------------------- the codes themselves
