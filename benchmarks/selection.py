@@ -52,7 +52,7 @@ def threaded_per_call(work: Callable[[int, int], object], calls_per_thread: int,
         setup()
         barrier = threading.Barrier(threads + 1)
 
-        def run(t: int) -> None:
+        def run(t: int, barrier: threading.Barrier = barrier) -> None:
             barrier.wait()
             work(t, calls_per_thread)
 

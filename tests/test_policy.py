@@ -307,7 +307,8 @@ def test_environment_errors(monkeypatch, var, value, message):
 
 
 def test_policy_file_from_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("LAYERZERO_POLICY", write(tmp_path, "locks: [{operation: attention.full, kernel: torch.sdpa_math}]\n"))
+    path = write(tmp_path, "locks: [{operation: attention.full, kernel: torch.sdpa_math}]\n")
+    monkeypatch.setenv("LAYERZERO_POLICY", path)
     lz.load_config()
     assert which(*qkv()) == "torch.sdpa_math"
 
@@ -397,14 +398,18 @@ def test_every_policy_change_bumps_the_generation(tmp_path):
         assert runtime.generation > seen[-1]
         seen.append(runtime.generation)
 
-    lz.lock("attention.full", "torch.sdpa_math"); changed()
-    lz.unlock("attention.full"); changed()
-    lz.prefer("torch").undo(); changed()
+    for change in (
+        lambda: lz.lock("attention.full", "torch.sdpa_math"),
+        lambda: lz.unlock("attention.full"),
+        lambda: lz.prefer("torch").undo(),
+        lambda: lz.configure(write(tmp_path, "denies: [{backend: torch}]\n")),
+        lambda: lz.configure(strict_mode=False),
+    ):
+        change()
+        changed()
     with lz.disabled("torch"):
         changed()
     changed()
-    lz.configure(write(tmp_path, "denies: [{backend: torch}]\n")); changed()
-    lz.configure(strict_mode=False); changed()
 
 
 def test_prefer_setting_and_context_manager_restore_on_exception():

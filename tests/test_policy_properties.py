@@ -178,8 +178,7 @@ def test_cache_never_serves_a_plan_of_an_older_generation(ops, maxsize):
         if op[0] == "invalidate":
             cache.invalidate()
             continue
-        generation = cache.generation
-        plan = cache.get_or_compute(op[1], lambda: (generation, op[1]))
+        plan = cache.get_or_compute(op[1], lambda g=cache.generation, k=op[1]: (g, k))
         assert plan == (cache.generation, op[1])
         assert len(cache) <= maxsize
 

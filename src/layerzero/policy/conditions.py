@@ -18,6 +18,7 @@ import ast
 import difflib
 import functools
 import operator
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import fields
 from typing import Any
@@ -167,7 +168,8 @@ class _Compiler:
                     raise self.fail(left.node, f"'{symbol} {right.field}' needs a string on the left")
                 return
             if left.field is None or right.kind != "list":
-                raise self.fail(right.node, f"'{symbol}' needs a field on the left and a list of constants on the right")
+                raise self.fail(right.node, f"'{symbol}' needs a field on the left and a list of constants on "
+                                            "the right")
             for item in right.value:
                 self.check_value(left, symbol, item, right.node)
             if left.kind == "dtype":
@@ -189,7 +191,8 @@ class _Compiler:
             if (field.kind in _NUMERIC) != (const.kind in _NUMERIC) or (
                 field.kind not in _NUMERIC and field.kind != const.kind
             ):
-                raise self.fail(field.node, f"cannot compare {field.field!r} ({field.kind}) with {const.field!r} ({const.kind})")
+                raise self.fail(field.node, f"cannot compare {field.field!r} ({field.kind}) with "
+                                            f"{const.field!r} ({const.kind})")
             return
         self.check_value(field, symbol, const.value, const.node)
         if field.kind == "dtype":
@@ -240,7 +243,8 @@ class _Compiler:
             return node.value
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
             inner = node.operand
-            if isinstance(inner, ast.Constant) and isinstance(inner.value, (int, float)) and not isinstance(inner.value, bool):
+            number = isinstance(inner, ast.Constant) and type(inner.value) in (int, float)
+            if number:
                 return -inner.value if isinstance(node.op, ast.USub) else inner.value
         raise self.fail(node, f"{self.describe(node)} is not allowed here (use a field, a number, a string or a list)")
 
@@ -261,7 +265,9 @@ def parse_condition(text: str) -> Condition:
         raise PolicyValidationError(f"condition: expected at most {MAX_CONDITION_LENGTH} characters, got {len(text)}")
     compiler = _Compiler(text)
     try:
-        tree = ast.parse(text.strip(), mode="eval")
+        with warnings.catch_warnings():  # "1abc" warns before it fails; the error below says it all
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as exc:
         column = f" at column {exc.offset}" if exc.offset else ""
         raise PolicyValidationError(f"condition {text!r}: invalid syntax ({exc.msg}){column}") from None

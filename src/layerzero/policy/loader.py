@@ -124,7 +124,8 @@ def parse_policy_text(text: str | bytes, registry: Registry, source: str = "<pol
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise _Source(source).error(0, "", f"expected UTF-8 text, got undecodable bytes at offset {exc.start}") from None
+            message = f"expected UTF-8 text, got undecodable bytes at offset {exc.start}"
+            raise _Source(source).error(0, "", message) from None
     src = _Source(source, text)
     if len(text) > MAX_POLICY_BYTES:
         raise src.error(0, "", f"expected at most {MAX_POLICY_BYTES} bytes, got {len(text)}")
@@ -218,8 +219,8 @@ class _Validator:
         allowed = _RULE_KEYS[kind]
         for key in entry:
             if key not in allowed:
-                raise self.fail(self.line_of(entry, key), where,
-                                f"unknown key {key!r}{_hint(key, allowed)} (allowed in {kind} rules: {', '.join(allowed)})")
+                raise self.fail(self.line_of(entry, key), where, f"unknown key {key!r}{_hint(key, allowed)} "
+                                f"(allowed in {kind} rules: {', '.join(allowed)})")
         line = getattr(entry, "line", line)
         source = f"{self.src.name}:{line}" if line else self.src.name
 
@@ -254,7 +255,8 @@ class _Validator:
                 except UnknownNameError as exc:
                     raise self.fail(*at(key), str(exc)) from None
         if not backends and not kernels:
-            raise self.fail(line, where, f"a {kind} rule needs a target: one of {', '.join(k for k in _TARGET_KEYS if k in allowed)}")
+            keys = ", ".join(k for k in _TARGET_KEYS if k in allowed)
+            raise self.fail(line, where, f"a {kind} rule needs a target: one of {keys}")
         if kind == "lock" and len(backends) + len(kernels) != 1:
             raise self.fail(line, where, "a lock names exactly one target: backend or kernel, not both")
         for kernel_id in kernels:
@@ -374,7 +376,8 @@ def environment_policy(environ: Mapping[str, str], registry: Registry) -> Policy
             operation, eq, target = entry.rpartition("=")
             if not eq:
                 if kind == "lock":
-                    raise PolicyValidationError(f"{var}: entry {entry!r}: expected op=kernel (e.g. attention.causal=torch.sdpa_math)")
+                    raise PolicyValidationError(
+                        f"{var}: entry {entry!r}: expected op=kernel (e.g. attention.causal=torch.sdpa_math)")
                 operation = "*"
             operation = operation.strip() or "*"
             target = target.strip()
@@ -384,7 +387,8 @@ def environment_policy(environ: Mapping[str, str], registry: Registry) -> Policy
                 try:
                     priority = float(number)
                 except ValueError:
-                    raise PolicyValidationError(f"{var}: entry {entry!r}: expected a number after ':', got {number!r}") from None
+                    raise PolicyValidationError(
+                        f"{var}: entry {entry!r}: expected a number after ':', got {number!r}") from None
             try:
                 check_operation(registry, operation)
                 backends, kernels = resolve_target(registry, target)
