@@ -107,7 +107,8 @@ def main() -> int:
             f"Python {platform.python_version()}, 1 thread, grad off, {datetime.date.today().isoformat()}; "
             f"median of {args.rounds} rounds x {args.calls} calls; attention kernel chosen: {chosen_attention}")
     lines = [head, f"load average at the end: {load()}", "",
-             "| call | LayerZero (us, median) | direct (us, median) | overhead (us, median) | overhead (us, best round) |",
+             "| call | LayerZero (us, median) | direct (us, median) | overhead (us, median) "
+             "| overhead (us, best round) |",
              "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['name']} | {r['lz_us']:.2f} | {r['direct_us']:.2f} | {r['overhead_us']:+.2f} | "
               f"{r['overhead_min_us']:+.2f} |" for r in rows]

@@ -162,7 +162,8 @@ def test_paged_decode_and_prefill_are_different_ops():
 
 
 def _paged_args(kv_layout="NHD"):
-    q, kc, vc, table, lens, _, _ = make_paged([6, 3], 1, 6, 2, 64, 4, kv_layout, torch.float32)  # Hq 6: not a multiple of 4
+    # Hq 6: not a multiple of 4, so reading the NHD cache as HND (4 heads) is caught
+    q, kc, vc, table, lens, _, _ = make_paged([6, 3], 1, 6, 2, 64, 4, kv_layout, torch.float32)
     return {"q": q, "k_cache": kc, "v_cache": vc, "page_table": table, "seq_lens": lens, "kv_layout": kv_layout}
 
 
