@@ -313,3 +313,27 @@ def test_fallback_is_thread_safe():
         th.join()
     assert not errors
     assert lz.health().failures == lz.health().fallbacks > 0
+
+
+def test_half_open_seen_by_any_reader_reselects_every_cached_plan():
+    clock = FakeClock()
+    lz.configure_health(failure_threshold=1, cooldown_s=5, clock=clock)
+    fail = [True]
+
+    def sometimes(x, w, eps):
+        if fail[0]:
+            raise RuntimeError("transient")
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
+
+    register_rms("flaky.rms", sometimes)
+    x1, x2 = torch.randn(2, 8), torch.randn(3, 8)
+    lz.rms_norm(x1)  # opens the breaker
+    assert lz.which("rms_norm", x1) == "torch.rms_norm"
+    fail[0] = False
+    clock.advance(5)
+    lz.explain("rms_norm", x2)  # another reader sees the cooldown over first (and probes nothing)
+    assert lz.health().state("flaky.rms") is BreakerState.HALF_OPEN
+    lz.rms_norm(x1)
+    assert lz.which("rms_norm", x1) == "flaky.rms"  # x1's plan was dropped too, not stuck on torch
+    lz.rms_norm(x1)
+    assert lz.health().state("flaky.rms") is BreakerState.CLOSED

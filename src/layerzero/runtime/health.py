@@ -211,13 +211,16 @@ class Health:
     def report(self) -> HealthReport:
         now = self.config.clock()
         with self._lock:
-            self._tick(now)
+            changed = self._tick(now)
             infos = tuple(
                 BreakerInfo(b.name, b.kind, b.state, len(b.recent), b.total_failures, b.times_opened,
                             None if b.state is not BreakerState.OPEN else max(0.0, b.retry_at - now), b.last_error)
                 for b in [*self.kernels.values(), *self.backends.values()]
             )
-            return HealthReport(infos, self.failures, self.fallbacks, self.config)
+            report = HealthReport(infos, self.failures, self.fallbacks, self.config)
+        if changed:
+            self.runtime.bump()
+        return report
 
     def rejections(self, spec: KernelSpec) -> list[Rejection]:
         """KERNEL_UNHEALTHY / BACKEND_UNHEALTHY while the kernel's or its backend's breaker is open."""
@@ -225,12 +228,14 @@ class Health:
             return []
         out = []
         with self._lock:
-            self._tick(self.config.clock())
+            changed = self._tick(self.config.clock())
             for breaker, reason in ((self.kernels.get(spec.id), Reason.KERNEL_UNHEALTHY),
                                     (self.backends.get(spec.backend), Reason.BACKEND_UNHEALTHY)):
                 if breaker is not None and breaker.state is BreakerState.OPEN:
                     out.append(Rejection(reason, f"{breaker.kind} {breaker.name} breaker open after "
                                                  f"{breaker.total_failures} failure(s), last: {breaker.last_error}"))
+        if changed:  # plans that kept this kernel out must re-select now that it may be probed
+            self.runtime.bump()
         return out
 
     # -- recording -----------------------------------------------------------------------------
