@@ -105,7 +105,10 @@ def main() -> int:
             own = sorted((s for s in specs if s.backend == backend), key=lambda s: (-s.priority, s.id))
             own = [s for s in own if s.id in times]
             policies[backend] = own[0].id if own else before
-        ratio = lambda k: times.get(k, math.inf) / times[best]  # noqa: E731 - a wrong or failed pick is infinite
+
+        def ratio(kernel: str, times: dict[str, float] = times, best: str = best) -> float:
+            return times.get(kernel, math.inf) / times[best]  # a wrong or failed pick is infinite
+
         rows.append({"op": ctx.op, "shape": list(shape), "label": label, "best": best, "best_us": times[best],
                      "before": before, "before_ratio": ratio(before), "after": after, "after_ratio": ratio(after),
                      "tuned_confident": all(r.confident for r in tuned if r.correct),
@@ -138,7 +141,8 @@ def main() -> int:
               f"{'PASS' if all(g_after < g for b, g in g_pol.items() if b != 'reference') else 'FAIL'}"]
     wrong = sorted({k for r in rows for k in r["wrong"]})
     if wrong:
-        lines.append(f"kernels that failed the reference check on some shape (never selected there): {', '.join(wrong)}")
+        lines.append("kernels that failed the reference check on some shape (never selected there): "
+                     + ", ".join(wrong))
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -93,7 +93,8 @@ class Bucket:
                       ctx.num_kv_heads, ctx.head_dim, pow2_bucket(ctx.num_rows), ctx.hidden_size, ",".join(parts))
 
     def label(self) -> str:
-        named = [f"{f.name}={getattr(self, f.name)}" for f in fields(self) if f.name != "variant" and getattr(self, f.name)]
+        named = [f"{f.name}={getattr(self, f.name)}" for f in fields(self)
+                 if f.name != "variant" and getattr(self, f.name)]
         return " ".join(named + ([self.variant] if self.variant else []))
 
 

@@ -168,7 +168,10 @@ def save_trace(trace: Iterable[TraceEntry], path: str | Path) -> Path:
     return path
 
 
-def _problems_from_trace(trace: Iterable[TraceEntry] | str | Path, notes: list[str]) -> list[tuple[str, tuple[int, ...], torch.dtype, str]]:
+Problem = tuple[str, tuple[int, ...], torch.dtype, str]  # family, shape, dtype, device type
+
+
+def _problems_from_trace(trace: Iterable[TraceEntry] | str | Path, notes: list[str]) -> list[Problem]:
     out = []
     if isinstance(trace, str | Path):
         for row in json.loads(Path(trace).read_text()):
@@ -230,7 +233,7 @@ def tune(operation: str | None = None, shapes: Sequence[Any] = (), dtypes: Seque
     if db is None:
         raise ConfigurationError("PerfDB is off (LAYERZERO_PERFDB=off); pass perfdb=PATH to lz.tune")
     notes: list[str] = []
-    problems: list[tuple[str, tuple[int, ...], torch.dtype, str]] = []
+    problems: list[Problem] = []
     if trace is not None:
         problems.extend(_problems_from_trace(trace, notes))
     if operation is not None:

@@ -36,7 +36,8 @@ class WarmupEntry:
 
     @property
     def compiled(self) -> bool:
-        return self.needs_jit or (self.first_ms > COMPILE_RATIO * self.second_ms and self.first_ms - self.second_ms > 1.0)
+        slow_first = self.first_ms > COMPILE_RATIO * self.second_ms and self.first_ms - self.second_ms > 1.0
+        return self.needs_jit or slow_first
 
     @property
     def compile_ms(self) -> float:
@@ -55,7 +56,8 @@ class WarmupReport:
     def __str__(self) -> str:
         lines = [f"warmed {len(self.entries)} shape(s) in {self.seconds:.2f} s; compiled: "
                  f"{', '.join(sorted({e.kernel for e in self.compiled})) or 'nothing'}",
-                 f"{'op':<12} {'shape':<26} {'dtype':<9} {'kernel':<28} {'select ms':>9} {'1st ms':>9} {'2nd ms':>9}  jit"]
+                 f"{'op':<12} {'shape':<26} {'dtype':<9} {'kernel':<28} {'select ms':>9} {'1st ms':>9} "
+                 f"{'2nd ms':>9}  jit"]
         for e in self.entries:
             lines.append(f"{e.family:<12} {'x'.join(map(str, e.shape)):<26} {e.dtype:<9} {e.kernel:<28} "
                          f"{e.select_ms:>9.3f} {e.first_ms:>9.3f} {e.second_ms:>9.3f}  "
@@ -94,8 +96,8 @@ def warmup(operation: str, shapes: Sequence[Any], dtypes: Sequence[torch.dtype] 
             t0 = time.perf_counter()
             plan = runtime.plan(fam, fam.key(*args), args, {})
             select_ms = (time.perf_counter() - t0) * 1e3
-            first = _timed(lambda: op(*args), dev)
-            second = _timed(lambda: op(*args), dev)
+            first = _timed(lambda args=args: op(*args), dev)
+            second = _timed(lambda args=args: op(*args), dev)
             spec = runtime.registry.kernel(plan.kernel_id)
             entries.append(WarmupEntry(operation, shape, str(dtype).removeprefix("torch."), plan.kernel_id,
                                        spec.needs_jit, select_ms, first, second))

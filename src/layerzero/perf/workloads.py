@@ -144,7 +144,8 @@ def reference_spec(ctx: SelectionContext) -> KernelSpec:
     for spec in runtime.registry.candidates(ctx.op):
         if spec.backend == REFERENCE_BACKEND and not check_constraints(spec, ctx):
             return spec
-    raise UnknownNameError(f"reference kernel for {ctx.op}", ctx.op, [s.id for s in runtime.registry.candidates(ctx.op)])
+    known = [s.id for s in runtime.registry.candidates(ctx.op)]
+    raise UnknownNameError(f"reference kernel for {ctx.op}", ctx.op, known)
 
 
 def reference_output(name: str, args: Args) -> tuple[Any, Callable[[Any], Any]]:
