@@ -66,7 +66,9 @@ def test_compare_tolerances():
     assert not compare(torch.full((8, 8), float("nan")), ref, torch.float32)[0]
 
 
-def test_tune_switches_selection_to_the_measured_fastest(perf_path, tmp_path):
+def test_tune_switches_selection_to_the_measured_fastest(perf_path, tmp_path, monkeypatch):
+    # sleep() jitters on a loaded machine; the confidence gate has its own tests (test_perf_db)
+    monkeypatch.setattr("layerzero.perf.perfdb.MAX_CV", 1.0)
     _register(slow=(slow_rms, 99), fast=(fast_rms, 98), wrong=(wrong_rms, 100), broken=(raising_rms, 97))
     x, w = torch.randn(16, 64), torch.randn(64)
     assert lz.which("rms_norm", x, w) == "mine.wrong"  # by priority

@@ -13,7 +13,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -145,22 +145,21 @@ def measure(op_family: str, shape: tuple[int, ...], dtype: torch.dtype, device: 
     records = []
     for spec in kernels:
         version = runtime.registry.backend(spec.backend).availability[1] or ""
-        base = dict(kernel=spec.id, op=ctx.op, dtype=ctx.dtype_name, bucket=bucket, signature=sig,
-                    backend_version=version, shape=wl.label(shape), created=time.time())
+        failed = PerfRecord(spec.id, ctx.op, ctx.dtype_name, bucket, sig, version, median_us=math.inf,
+                            p95_us=math.inf, samples=0, variance=0.0, correct=False, max_error=math.inf,
+                            shape=wl.label(shape), created=time.time())
         fn, _ = fam.bind(spec, ctx)
         try:
             out = fn(*run)
             _sync(device)
             ok, err = compare(cut(out), reference, dtype)
             if not ok:
-                records.append(PerfRecord(**base, median_us=math.inf, p95_us=math.inf, samples=0, variance=0.0,
-                                          correct=False, max_error=err))
+                records.append(replace(failed, max_error=err))
                 continue
             t = time_calls(fn, sets, device, warmup=warmup, repeats=repeats, min_sample_s=min_sample_s)
         except Exception as e:  # noqa: BLE001 - a failing kernel is recorded, never fatal to tuning
-            records.append(PerfRecord(**base, median_us=math.inf, p95_us=math.inf, samples=0, variance=0.0,
-                                      correct=False, max_error=math.inf, error=f"{type(e).__name__}: {e}"[:500]))
+            records.append(replace(failed, error=f"{type(e).__name__}: {e}"[:500]))
             continue
-        records.append(PerfRecord(**base, median_us=t.median_us, p95_us=t.p95_us, samples=t.samples,
-                                  variance=t.variance, correct=True, max_error=err))
+        records.append(replace(failed, median_us=t.median_us, p95_us=t.p95_us, samples=t.samples,
+                               variance=t.variance, correct=True, max_error=err))
     return ctx, records

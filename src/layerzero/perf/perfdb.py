@@ -123,7 +123,7 @@ def _nvidia_driver() -> str:
     import torch
 
     try:
-        v = torch._C._cuda_getDriverVersion()  # the CUDA driver API version, when NVML text is missing
+        v = int(torch._C._cuda_getDriverVersion())  # type: ignore[attr-defined]  # the CUDA driver API version, when NVML text is missing
         return f"cuda-driver-{v // 1000}.{v % 1000 // 10}"
     except Exception:  # noqa: BLE001 - any failure means "unknown"
         return ""

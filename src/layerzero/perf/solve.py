@@ -251,7 +251,7 @@ def _kernel_source(spec: KernelSpec, modules: dict[str, str]) -> str:
 
 def _backend_modules() -> dict[str, str]:
     """Kernel id and backend name -> the built-in module that defines it."""
-    out = {}
+    out: dict[str, str] = {}
     for name in builtin_backend_modules():
         module = importlib.import_module(f"layerzero.backends.{name}")
         backend = getattr(module, "BACKEND", None)
@@ -348,11 +348,11 @@ def solve(ops: str | Mapping[str, Mapping[str, Any]], path: str | Path, *, dtype
         w.emit(1, f"return _dynamic_{name}({args})")
         bodies.append(w.lines[start:])
         del w.lines[start:]
-    sig = current_signature(dev.type, dev.index or 0)
+    here = current_signature(dev.type, dev.index or 0)
     specs = {kid: runtime.registry.kernel(kid) for kid in w.kernels}
     used_backends = sorted({s.backend for s in specs.values() if s.id in modules})
     versions = {b: runtime.registry.backend(b).availability[1] for b in used_backends}
-    text = _module_text(names, ops, dtype_list, dev, sig.as_dict(), versions, modules, specs, w, bodies)
+    text = _module_text(names, ops, dtype_list, dev, here.as_dict(), versions, modules, specs, w, bodies)
     path = Path(path)
     path.write_text(text)
     return SolveResult(path, {v: k for k, v in w.kernels.items()}, cells, w.branches, tuple(dict.fromkeys(notes)))
