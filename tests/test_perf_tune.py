@@ -73,7 +73,7 @@ def test_tune_switches_selection_to_the_measured_fastest(perf_path, tmp_path, mo
     x, w = torch.randn(16, 64), torch.randn(64)
     assert lz.which("rms_norm", x, w) == "mine.wrong"  # by priority
     report = lz.tune("rms_norm", shapes=[(16, 64)], dtypes=[torch.float32], kernels="mine.*", repeats=5,
-                     warmup=1, min_sample_s=0.0, report=tmp_path / "report", progress=False)
+                     warmup=1, min_sample_s=0.0, report=tmp_path / "report", progress=False, device="cpu")
     (res,) = report.results
     by_kernel = {r.kernel: r for r in res.records}
     assert set(by_kernel) == {"mine.slow", "mine.fast", "mine.wrong", "mine.broken"}
@@ -99,7 +99,7 @@ def test_tune_switches_selection_to_the_measured_fastest(perf_path, tmp_path, mo
 def test_tune_builtin_cpu_kernels_attention_and_norms(perf_path):
     # torch.* only: FlexAttention on CPU compiles for tens of seconds (a warmup matter, not a tune test)
     report = lz.tune("attention", shapes=[(1, 16, 16, 2, 1, 16, 1), "1x1x16x2x2x16x0"], dtypes=[torch.float32],
-                     kernels="torch.*", repeats=3, warmup=1, min_sample_s=0.0, progress=False)
+                     kernels="torch.*", repeats=3, warmup=1, min_sample_s=0.0, progress=False, device="cpu")
     assert len(report.results) == 2
     for res in report.results:
         assert res.records and all(r.correct for r in res.records), [r.error for r in res.records]
@@ -107,7 +107,7 @@ def test_tune_builtin_cpu_kernels_attention_and_norms(perf_path):
         assert all(r.shape == "x".join(map(str, res.shape)) for r in res.records)
     assert report.results[1].op == "attention.full"
     norms = lz.tune("layer_norm", shapes=[(8, 32)], dtypes=[torch.float32, torch.bfloat16], kernels="torch.*",
-                    repeats=3, warmup=1, min_sample_s=0.0, progress=False)
+                    repeats=3, warmup=1, min_sample_s=0.0, progress=False, device="cpu")
     assert [r.dtype for r in norms.results] == ["float32", "bfloat16"]
     assert all(r.correct for res in norms.results for r in res.records)
 
@@ -130,10 +130,10 @@ def test_tune_from_a_recorded_trace(perf_path, tmp_path):
     path = lz.save_trace(trace, tmp_path / "trace.json")
     rows = json.loads(path.read_text())
     assert [r["shape"] for r in rows] == [[4, 32], [15, 32], None]
-    report = lz.tune(trace=path, repeats=3, warmup=1, min_sample_s=0.0, progress=False)
+    report = lz.tune(trace=path, repeats=3, warmup=1, min_sample_s=0.0, progress=False, device="cpu")
     assert [res.shape for res in report.results] == [(4, 32), (15, 32)]
     assert any("skipped" in n for n in report.notes)
-    assert lz.tune(trace=trace, repeats=3, warmup=1, min_sample_s=0.0, progress=False).results
+    assert lz.tune(trace=trace, repeats=3, warmup=1, min_sample_s=0.0, progress=False, device="cpu").results
 
 
 def jit_rms(x, weight, eps):
@@ -147,7 +147,7 @@ def test_warmup_preselects_and_reports_compilation():
     lz.register_kernel(id="mine.jit", ops=("norm.rms",), impl=jit_rms, platforms=frozenset({"cpu"}), priority=99,
                        needs_jit=True)
     jit_rms.compiled = False
-    report = lz.warmup("rms_norm", shapes=[(4, 32), (64, 32)], dtypes=[torch.float32])
+    report = lz.warmup("rms_norm", shapes=[(4, 32), (64, 32)], dtypes=[torch.float32], device="cpu")
     assert [e.kernel for e in report.entries] == ["mine.jit", "mine.jit"]
     first = report.entries[0]
     assert first.compiled and first.first_ms >= 50 and first.compile_ms > 40
@@ -163,7 +163,7 @@ def test_cli_tune_and_solve(tmp_path, capsys):
 
     db = tmp_path / "cli.sqlite"
     assert main(["tune", "rms_norm", "--shape", "8x32", "--dtype", "float32", "--repeats", "3", "--kernels", "torch.*",
-                 "--perfdb", str(db), "--json"]) == 0
+                 "--perfdb", str(db), "--device", "cpu", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out[0]["best"] == "torch.rms_norm" and out[0]["shape"] == [8, 32]
     assert main(["solve", "rms_norm", "--dim", "rows=1:64", "--dim", "hidden=32", "--out", str(tmp_path / "s.py"),
