@@ -33,3 +33,10 @@ FAMILIES: dict[str, OpFamily] = {}
 def register_family(family: OpFamily) -> OpFamily:
     FAMILIES[family.name] = family
     return family
+
+
+def traced_ops() -> Any:
+    """The torch.library ops that torch.compile/export trace in place of `lz.*` (imported on first trace)."""
+    from ..integrations import torch_ops
+
+    return torch_ops

@@ -27,7 +27,9 @@ from ..context import SelectionContext
 from ..errors import InvalidInputError
 from ..kernel import KernelSpec
 from ..state import runtime
-from . import OpFamily, register_family
+from . import OpFamily, register_family, traced_ops
+
+_compiling = torch.compiler.is_compiling
 
 _grad_enabled = torch.is_grad_enabled
 APPROXIMATIONS = ("none", "tanh")
@@ -36,6 +38,8 @@ MLP_ACTIVATIONS = ("swiglu", "geglu")
 
 def silu(x: torch.Tensor) -> torch.Tensor:
     """x * sigmoid(x), elementwise. x: any shape, floating point."""
+    if _compiling():  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+        return traced_ops().silu(x)
     try:
         key = _silu_key(x)
     except AttributeError:
@@ -49,6 +53,8 @@ def silu(x: torch.Tensor) -> torch.Tensor:
 
 def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """GELU, elementwise: exact (erf) with approximate="none", the tanh form with "tanh"."""
+    if _compiling():  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+        return traced_ops().gelu(x, approximate)
     try:
         key = _gelu_key(x, approximate)
     except AttributeError:
@@ -62,6 +68,8 @@ def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up. gate, up: (..., d_ff), same shape/dtype/device."""
+    if _compiling():  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+        return traced_ops().swiglu(gate, up)
     try:
         key = _gated_key("activation.swiglu", gate, up)
     except AttributeError:
@@ -75,6 +83,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """gelu(gate, approximate) * up. gate, up: (..., d_ff), same shape/dtype/device."""
+    if _compiling():  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+        return traced_ops().geglu(gate, up, approximate)
     try:
         key = _gated_key("activation.geglu", gate, up, approximate)
     except AttributeError:
@@ -93,6 +103,8 @@ def fused_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
     x: (..., d_model); w_gate, w_up: (d_ff, d_model); w_down: (d_model, d_ff), nn.Linear layout.
     activation: "swiglu" or "geglu" (approximate applies to geglu). Returns (..., d_model).
     """
+    if _compiling():  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+        return traced_ops().fused_mlp(x, w_gate, w_up, w_down, activation, approximate)
     try:
         key = _mlp_key(x, w_gate, w_up, w_down, activation, approximate)
     except AttributeError:

@@ -33,7 +33,9 @@ from ..context import SelectionContext
 from ..errors import InvalidInputError, UnknownNameError
 from ..kernel import LAYOUTS, KernelSpec
 from ..state import runtime
-from . import OpFamily, register_family
+from . import OpFamily, register_family, traced_ops
+
+_compiling = torch.compiler.is_compiling
 
 _capturing = torch.cuda.is_current_stream_capturing
 _grad_enabled = torch.is_grad_enabled
@@ -59,6 +61,9 @@ def attention(
     Hq a multiple of Hkv (GQA/MQA). attn_mask: bool (True = attend) or additive float,
     broadcastable to (B, Hq, Sq, Sk) whatever the layout. Returns the output in q's layout.
     """
+    if _compiling():  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+        return traced_ops().attention(q, k, v, attn_mask, is_causal, dropout_p, scale, layout, window_size, softcap,
+                                     alibi_slopes)
     if window_size is not None:  # lists are not hashable and (-1, -1) is no window: normalize before the key
         window_size = _check_options(window_size, softcap, scale)
     try:

@@ -15,7 +15,9 @@ from ..context import SelectionContext
 from ..errors import InvalidInputError
 from ..kernel import KernelSpec
 from ..state import runtime
-from . import OpFamily, register_family
+from . import OpFamily, register_family, traced_ops
+
+_compiling = torch.compiler.is_compiling
 
 _grad_enabled = torch.is_grad_enabled
 
@@ -33,6 +35,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
 
     x: (..., hidden); weight: (hidden,) or None. Returns x's shape and dtype.
     """
+    if _compiling():  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+        return traced_ops().rms_norm(x, weight, eps)
     try:
         key = ("norm.rms", x.shape, x.dtype, x.device, None if weight is None else
                (weight.shape, weight.dtype, weight.device, weight.requires_grad), _grad_enabled() and x.requires_grad)
@@ -48,6 +52,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dimension. x: (..., hidden); weight, bias: (hidden,) or None."""
+    if _compiling():  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+        return traced_ops().layer_norm(x, weight, bias, eps)
     try:
         key = _layer_key(x, weight, bias)
     except AttributeError:
@@ -62,6 +68,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
     """GroupNorm. x: (N, C, *); C divisible by num_groups; weight, bias: (C,) or None."""
+    if _compiling():  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+        return traced_ops().group_norm(x, num_groups, weight, bias, eps)
     try:
         key = _group_key(x, num_groups, weight, bias)
     except AttributeError:

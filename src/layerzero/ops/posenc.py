@@ -32,7 +32,9 @@ from ..context import SelectionContext
 from ..errors import InvalidInputError, UnknownNameError
 from ..kernel import LAYOUTS, KernelSpec
 from ..state import runtime
-from . import OpFamily, register_family
+from . import OpFamily, register_family, traced_ops
+
+_compiling = torch.compiler.is_compiling
 
 _grad_enabled = torch.is_grad_enabled
 
@@ -54,6 +56,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: boo
 
     cos/sin: (S, R), (B, S, R), or a (max_positions, R) cache with position_ids; see the module doc.
     """
+    if _compiling():  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+        return traced_ops().rope(x, cos, sin, interleaved, position_ids, layout)
     try:
         key = _key(x, None, cos, sin, interleaved, position_ids, layout)
     except AttributeError:
@@ -72,6 +76,8 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 
     q: (B, S, Hq, D), k: (B, S, Hk, D) (GQA: Hk may differ), same layout; returns (q_out, k_out).
     """
+    if _compiling():  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+        return traced_ops().rope_qk(q, k, cos, sin, interleaved, position_ids, layout)
     try:
         key = _key(q, k, cos, sin, interleaved, position_ids, layout)
     except AttributeError:
