@@ -188,3 +188,24 @@ def test_import_layerzero_stays_light():
             "'torch._dynamo') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead", "max-autotune-no-cudagraphs"])
+def test_compile_modes_on_gpu(mode: str):
+    torch._dynamo.reset()
+
+    def f(x, w, q, k, v):
+        h = lz.rms_norm(x, w)
+        return lz.attention(q, k, v, is_causal=True, layout="BHSD"), lz.swiglu(h, h)
+
+    dev, dt = "cuda", torch.bfloat16
+    args = (torch.randn(8, 256, device=dev, dtype=dt), torch.randn(256, device=dev, dtype=dt),
+            torch.randn(2, 8, 128, 64, device=dev, dtype=dt), torch.randn(2, 2, 128, 64, device=dev, dtype=dt),
+            torch.randn(2, 2, 128, 64, device=dev, dtype=dt))
+    expected = f(*args)
+    cf = torch.compile(f, fullgraph=True, mode=mode)
+    for _ in range(3):  # warmup, capture, replay
+        got = cf(*args)
+    for e, o in zip(expected, got, strict=True):
+        torch.testing.assert_close(o, e, rtol=2e-2, atol=2e-2)

@@ -29,7 +29,7 @@ _RECORD = "_layerzero_previous_processors"
 class LayerZeroAttnProcessor:
     """diffusers attention processor on `lz.attention` (BSHD, the module's scale, masks as additive/bool)."""
 
-    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args: Any,
                  **kwargs: Any) -> torch.Tensor:
         residual = hidden_states
@@ -73,7 +73,7 @@ class LayerZeroAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def _attention_modules(model: nn.Module) -> list[nn.Module]:
+def _attention_modules(model: nn.Module) -> list[Any]:
     from diffusers.models.attention_processor import Attention
 
     return [m for m in model.modules() if isinstance(m, Attention)]

@@ -144,8 +144,8 @@ def _rope_qk_fake(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
             torch.empty_like(k, memory_format=torch.contiguous_format))
 
 
-def _mlp_fake(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, activation: str = "swiglu",
-              approximate: str = "none") -> torch.Tensor:
+def _mlp_fake(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+              activation: str = "swiglu", approximate: str = "none") -> torch.Tensor:
     _act._mlp_context(x, w_gate, w_up, w_down, activation, approximate)
     return x.new_empty((*x.shape[:-1], w_down.shape[0]))
 

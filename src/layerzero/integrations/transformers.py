@@ -101,22 +101,22 @@ register()
 
 # ----------------------------------------------------------------------------- module forwards
 
-def _rms_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+def _rms_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
-def _offset_rms_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _offset_rms_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     weight = 1.0 + self.weight.float()
     if x.dtype == torch.float32:
         return rms_norm(x, weight, self.eps)
     return rms_norm(x.float(), weight, self.eps).type_as(x)  # Gemma scales in float32, then casts
 
 
-def _layer_norm_forward(self: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+def _layer_norm_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     return layer_norm(x, self.weight, self.bias, self.eps)
 
 
-def _gated(act: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def _gated(act: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     kind, approximate = ACTIVATIONS[type(act).__name__]
     if kind == "swiglu":
         return swiglu
@@ -124,14 +124,14 @@ def _gated(act: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tenso
 
 
 def _gated_mlp_forward(gated: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def forward(self: Any, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(gated(self.gate_proj(x), self.up_proj(x)))
 
     return forward
 
 
 def _fused_gated_mlp_forward(gated: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    def forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(hidden_states).chunk(2, dim=-1)
         return self.down_proj(gated(gate, up))
 
@@ -139,7 +139,7 @@ def _fused_gated_mlp_forward(gated: Callable[..., torch.Tensor]) -> Callable[...
 
 
 def _activation_forward(approximate: str) -> Callable[..., torch.Tensor]:
-    def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def forward(self: Any, x: torch.Tensor) -> torch.Tensor:
         return gelu(x, approximate)
 
     return forward
@@ -177,7 +177,7 @@ def _with_globals(fn: Any, replacements: dict[str, Any]) -> Any:
     copy.__dict__.update(fn.__dict__)
     copy.__qualname__, copy.__module__, copy.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
     if inner is not None and closure:
-        copy.__wrapped__ = new_inner
+        copy.__wrapped__ = new_inner  # type: ignore[attr-defined]
     return copy
 
 
@@ -216,7 +216,7 @@ class PatchReport:
 _RECORD = "_layerzero_patch"
 
 
-def _forward_for(module: nn.Module, rope: bool) -> tuple[str, Callable[..., Any]] | None:
+def _forward_for(module: Any, rope: bool) -> tuple[str, Callable[..., Any]] | None:
     """(kind, forward function taking self) for a module patch knows, else None."""
     name = type(module).__name__
     if name in RMS_NORMS and hasattr(module, "variance_epsilon"):
@@ -233,7 +233,7 @@ def _forward_for(module: nn.Module, rope: bool) -> tuple[str, Callable[..., Any]
         original = type(module).forward
         inner = original
         while getattr(inner, "__wrapped__", None) is not None:
-            inner = inner.__wrapped__
+            inner = inner.__wrapped__  # type: ignore[attr-defined]
         replacement = _rope_function(inner.__globals__["apply_rotary_pos_emb"])
         return "rope", _with_globals(original, {"apply_rotary_pos_emb": replacement})
     return None
@@ -288,7 +288,7 @@ def patch(model: nn.Module, attention: bool = True, norms: bool = True, rope: bo
     return report
 
 
-def unpatch(model: nn.Module) -> None:
+def unpatch(model: Any) -> None:
     """Undo `patch(model)`: the patched modules get their class forward back, attention its implementation."""
     report = getattr(model, "__dict__", {}).get(_RECORD)
     if report is None:
