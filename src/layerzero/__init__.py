@@ -69,6 +69,11 @@ from .selection.inspect import (
     validate,
     which,
 )
+from .runtime.doctor import DoctorReport, doctor, readiness_check
+from .runtime.graphs import GraphValidation, is_graph_safe, validate_graph_capture, warmup_for_capture
+from .runtime.health import BreakerState, HealthReport, configure_health, health
+from .runtime.memory import configure_memory
+from .runtime.telemetry import disable_telemetry, enable_telemetry, start_metrics_server, telemetry
 from .state import reset
 
 __version__ = "0.1.0"
@@ -93,6 +98,9 @@ __all__ = [
     "BatchEncoding", "Tokenizer", "detokenize", "get_tokenizer", "register_tokenizer", "tokenize", "tokenize_batch",
     "PolicyWatcher", "configure", "disabled", "get_config", "get_locks", "load_config", "lock", "prefer", "unlock",
     "watch_policy",
+    "BreakerState", "DoctorReport", "GraphValidation", "HealthReport", "configure_health", "configure_memory",
+    "disable_telemetry", "doctor", "enable_telemetry", "health", "is_graph_safe", "readiness_check",
+    "start_metrics_server", "telemetry", "validate_graph_capture", "warmup_for_capture",
     "Backend", "BackendNotAvailableError", "CacheCorruptionError", "ConfigurationError", "CudaGraphUnsafeError",
     "ExecutionPlan", "InvalidInputError", "KernelExecutionError", "KernelSpec", "LayerZeroError",
     "NoKernelFoundError", "PolicyValidationError", "Reason", "Rejection", "SelectionContext", "SelectionReport",

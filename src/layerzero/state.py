@@ -6,16 +6,20 @@ import dataclasses
 import importlib
 import logging
 import threading
+import time
 from collections.abc import Hashable
 from typing import Any
 
 from .context import SelectionContext
 from .errors import UnknownNameError
-from .kernel import Backend, KernelSpec
+from .kernel import Backend, KernelSpec, priority_for
 from .perf.perfdb import Measurements, default_path
 from .policy.model import Policy, PolicyLayers
 from .reasons import Reason, Rejection
 from .selection.cache import PlanCache
+from .runtime.health import Health
+from .runtime.memory import MemoryGuard
+from .runtime.telemetry import Telemetry
 from .selection.engine import ExecutionPlan, SelectionEngine, SelectionReport
 
 log = logging.getLogger("layerzero")
@@ -97,7 +101,9 @@ class Runtime:
         self.disabled_backends: frozenset[str] = frozenset()  # "*": every backend but the reference
         self.policy_layers = PolicyLayers()  # code > env > file; `policy` is their merge
         self.policy_watcher: Any = None  # policy.config.PolicyWatcher of lz.watch_policy
-        self.kernel_failures: dict[str, int] = {}
+        self.health = Health(self)
+        self.telemetry = Telemetry(self)
+        self.memory = MemoryGuard()
         self._warned: set[Hashable] = set()
         self._loaded = False
         self.measurements = Measurements(default_path(), self._backend_version)
@@ -147,7 +153,7 @@ class Runtime:
         if prefer is not None:
             return prefer.priority
         measured = self.measurements.score(spec.id, ctx)
-        return float(spec.priority) if measured is None else measured
+        return float(priority_for(spec, ctx)) if measured is None else measured
 
     def measured_us(self, spec: KernelSpec, ctx: SelectionContext) -> float | None:
         record = self.measurements.lookup(spec.id, ctx)
@@ -170,8 +176,12 @@ class Runtime:
         backend = self.registry.backends.get(kernel_id.split(".", 1)[0])
         return None if backend is None else backend.availability[1]
 
-    def health_rejections(self, spec: KernelSpec) -> list[Rejection]:
-        return []
+    def health_rejections(self, spec: KernelSpec, ctx: SelectionContext | None = None) -> list[Rejection]:
+        """Open circuit breakers (runtime.health) and, given a context, the memory headroom."""
+        out = self.health.rejections(spec)
+        if ctx is not None and spec.workspace_bytes is not None:
+            out.extend(self.memory.rejections(spec, ctx))
+        return out
 
     def warn_once(self, key: Hashable, message: str) -> None:
         if key in self._warned:
@@ -184,12 +194,16 @@ class Runtime:
         self.ensure_loaded()
 
         def compute() -> ExecutionPlan:
+            start = time.perf_counter()
             ctx = family.context(*args, **kwargs)
             if self.trace is not None:
                 self.trace.append((family.name, ctx))
-            plan, _ = self.engine.select(ctx, family.bind, family.transforms)
+            plan, report = self.engine.select(ctx, family.bind, family.transforms)
+            plan = self.health.guard(plan, report, ctx, family)  # runtime fallback, call counting
+            self.telemetry.selected(ctx, plan, time.perf_counter() - start)
             return plan
 
+        self.telemetry.miss(family.name)
         return self.plans.get_or_compute(key, compute)
 
     def explain(self, family: Any, key: Hashable, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SelectionReport:
@@ -207,9 +221,11 @@ runtime = Runtime()
 def reset() -> None:
     """Fresh runtime state (tests): registry reloaded, policy cleared, caches empty."""
     global runtime
+    runtime.telemetry.close()
     if runtime.policy_watcher is not None:
         runtime.policy_watcher.stop()
     runtime.plans.close()
     fresh = Runtime()
     runtime.__dict__.update(fresh.__dict__)
     runtime.engine.runtime = runtime
+    runtime.health.runtime = runtime.telemetry.runtime = runtime

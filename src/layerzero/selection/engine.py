@@ -123,7 +123,7 @@ class SelectionEngine:
             if not available and why is not None:
                 cand.rejections.append(why)
                 continue
-            cand.rejections.extend(rt.health_rejections(spec))
+            cand.rejections.extend(rt.health_rejections(spec, ctx))
             cand.rejections.extend(check_constraints(spec, ctx))
             cand.rejections.extend(rt.perf_rejections(spec, ctx))
             if spec.backend != REFERENCE_BACKEND and (spec.backend in rt.disabled_backends or "*" in rt.disabled_backends):
