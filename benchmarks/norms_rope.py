@@ -54,6 +54,9 @@ def cases(rows: int, dtype: torch.dtype):
            lambda: R.swiglu(gate.double(), up.double()))
 
 
+SKIP_COMPILED = False  # --no-compile: leave torch.compile'd candidates out (their compiles cost minutes)
+
+
 def _compiled_norm(name: str):
     fn = {"rms_norm": R.rms_norm, "layer_norm": R.layer_norm}[name]
     return torch.compile(fn, dynamic=True)
@@ -66,11 +69,13 @@ def candidates(name: str, public_args: tuple, kernel_args: tuple):
     for spec in runtime.registry.candidates(ctx.op):
         if spec.backend == "reference" or not runtime.registry.backend(spec.backend).availability[0]:
             continue
+        if SKIP_COMPILED and spec.id.endswith("_compiled"):
+            continue
         if check_constraints(spec, ctx):
             continue
         run, _ = family.bind(spec, ctx)
         yield spec.id, (lambda run=run: run(*kernel_args))
-    if name in ("rms_norm", "layer_norm"):
+    if name in ("rms_norm", "layer_norm") and not SKIP_COMPILED:
         compiled = _compiled_norm(name)
         yield "compiled (bench only)", (lambda: compiled(*kernel_args))
 
@@ -83,7 +88,10 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="rows 4, 4096, 65536 only")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile'd candidates")
     args = parser.parse_args()
+    global SKIP_COMPILED
+    SKIP_COMPILED = args.no_compile
     import triton.testing
 
     runtime.ensure_loaded()

@@ -286,3 +286,21 @@ def test_float64_runs_on_a_kernel_that_declares_it():
     chosen = lz.which("attention", q, k, v)
     assert torch.float64 in runtime.registry.kernel(chosen).dtypes
     torch.testing.assert_close(lz.attention(q, k, v), reference_attention(q, k, v), rtol=1e-10, atol=1e-12)
+
+
+def test_causal_decode_row_runs_on_square_only_causal_kernels():
+    """Sq == 1 with bottom-right causal sees every key, so kernels whose causal mask needs Sq == Sk
+    (torch flash, cuDNN) can run it without a mask; the result equals non-causal attention."""
+    from layerzero.context import SelectionContext
+    from layerzero.kernel import check_constraints
+    from layerzero.state import runtime
+
+    runtime.ensure_loaded()
+    ctx = SelectionContext(op="attention.causal", device_type="cuda", sm=90, generation="hopper",
+                           dtype=torch.bfloat16, batch=2, seq_len_q=1, seq_len_k=4096, num_heads=8,
+                           num_kv_heads=8, head_dim=128, head_dim_v=128, layout="BSHD", is_causal=True)
+    assert check_constraints(runtime.registry.kernel("torch.sdpa_flash"), ctx) == []
+    reasons = [r.reason for r in check_constraints(runtime.registry.kernel("torch.sdpa_flash"), ctx.replace(seq_len_q=2))]
+    assert reasons == [lz.Reason.CAUSAL_NON_SQUARE]
+    q, k, v = torch.randn(2, 1, 4, 32), torch.randn(2, 9, 4, 32), torch.randn(2, 9, 4, 32)
+    torch.testing.assert_close(lz.attention(q, k, v, is_causal=True), lz.attention(q, k, v), rtol=1e-5, atol=1e-6)

@@ -207,14 +207,19 @@ def test_rejects_what_liger_cannot_run(kernel_id, op, changes, reason):
     assert reason in [r.reason for r in check_constraints(_spec(kernel_id), ctx)]
 
 
-def test_selection_on_hopper_prefers_liger_then_our_triton(standin):
+def test_selection_on_hopper_follows_the_h100_measurements(standin):
     runtime.ensure_loaded()
     pick = lambda ctx: runtime.engine.evaluate(ctx, activation._transforms).selected_kernel  # noqa: E731
-    assert pick(_cuda_ctx("activation.swiglu")) == "liger.swiglu"
-    assert pick(_cuda_ctx("activation.geglu_tanh")) == "liger.geglu"
     triton_ok = runtime.registry.backend("triton_act").availability[0]
+    # our Triton gate*act tied Liger at many rows and beat it 12x at 4 rows on the H100
+    assert pick(_cuda_ctx("activation.swiglu")) == ("triton_act.swiglu" if triton_ok else "liger.swiglu")
+    assert pick(_cuda_ctx("activation.geglu_tanh")) == ("triton_act.geglu" if triton_ok else "liger.geglu")
     assert pick(_cuda_ctx("activation.geglu")) == ("triton_act.geglu" if triton_ok else "torch.geglu")
     assert pick(_cuda_ctx("activation.swiglu", dtype=torch.float64)) == "torch.swiglu"
+    # norms: torch's fused kernels up to a few thousand rows, Liger from 16384 rows on
+    norm = _cuda_ctx("norm.rms", num_rows=4096)
+    assert runtime.engine.evaluate(norm, activation._transforms).selected_kernel == "torch.rms_norm"
+    assert runtime.engine.evaluate(norm.replace(num_rows=65536), activation._transforms).selected_kernel == "liger.rms_norm"
     rope = _cuda_ctx("posenc.rope", head_dim=128, head_dim_v=128, num_heads=32, num_kv_heads=8, layout="BSHD")
     assert runtime.engine.evaluate(rope, posenc._transforms).selected_kernel == "liger.rope"
     interleaved = rope.replace(op="posenc.rope_interleaved")

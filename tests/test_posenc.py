@@ -105,7 +105,8 @@ def test_rope_selects_torch_on_cpu_and_explains_liger():
     assert lz.explain("rope_qk", x, x, cos, sin, interleaved=True).selected_kernel == "torch.rope_interleaved"
     liger = report.rejection_reasons.get("liger.rope", [])
     assert Reason.BACKEND_NOT_INSTALLED in liger or Reason.PLATFORM_MISMATCH in liger
-    assert report.rejection_reasons["torch.rope_compiled"] == [Reason.PLATFORM_MISMATCH]
+    # torch.compile'd RoPE was removed: on the H100 it hit dynamo's recompile limit across dtypes/modes
+    assert not any("compiled" in c.kernel_id for c in report.candidates)
 
 
 @pytest.mark.parametrize("call, argument, fragment", [

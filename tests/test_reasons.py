@@ -64,7 +64,7 @@ CONSTRAINT_CASES = [
     (Reason.GQA_UNSUPPORTED, {"supports_gqa": False}, ctx(num_kv_heads=2)),
     (Reason.CAUSAL_UNSUPPORTED, {"supports_causal": False}, ctx(op="attention.causal", is_causal=True)),
     (Reason.NON_CAUSAL_UNSUPPORTED, {"supports_non_causal": False}, ctx()),
-    (Reason.CAUSAL_NON_SQUARE, {"causal_non_square": False}, ctx(op="attention.causal", is_causal=True, seq_len_q=1)),
+    (Reason.CAUSAL_NON_SQUARE, {"causal_non_square": False}, ctx(op="attention.causal", is_causal=True, seq_len_q=3)),
     (Reason.BOOL_MASK_UNSUPPORTED, {}, ctx(mask_kind="bool")),
     (Reason.FLOAT_MASK_UNSUPPORTED, {"mask_kinds": frozenset({"none", "bool"})}, ctx(mask_kind="float")),
     (Reason.MASK_UNSUPPORTED, {}, ctx(mask_kind="block_sparse")),

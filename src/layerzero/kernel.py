@@ -70,11 +70,23 @@ class KernelSpec:
     cpu_isa: frozenset[str] = frozenset()  # all of these are required
     check: Callable[[SelectionContext], list[Rejection]] | None = field(default=None, compare=False, repr=False)
     workspace_bytes: Callable[[SelectionContext], int] | None = field(default=None, compare=False, repr=False)
+    # (min_rows, priority) pairs: the priority for calls with at least that many rows (norms,
+    # activations: ctx.num_rows); the largest threshold reached wins, else `priority`.
+    row_priorities: tuple[tuple[int, int], ...] = ()
     description: str = ""
 
     @property
     def backend(self) -> str:
         return self.id.split(".", 1)[0]
+
+
+def priority_for(spec: KernelSpec, ctx: SelectionContext) -> int:
+    """The spec's default priority for this call (row-count dependent where the spec says so)."""
+    priority = spec.priority
+    for min_rows, value in sorted(spec.row_priorities):
+        if ctx.num_rows >= min_rows:
+            priority = value
+    return priority
 
 
 def check_constraints(spec: KernelSpec, ctx: SelectionContext) -> list[Rejection]:
@@ -118,7 +130,8 @@ def check_constraints(spec: KernelSpec, ctx: SelectionContext) -> list[Rejection
             reject(Reason.CAUSAL_UNSUPPORTED, "is_causal=True")
         if not ctx.is_causal and not spec.supports_non_causal:
             reject(Reason.NON_CAUSAL_UNSUPPORTED, "is_causal=False")
-        if ctx.is_causal and not spec.causal_non_square and ctx.seq_len_q != ctx.seq_len_k:
+        # A single query row with bottom-right causal alignment sees every key: nothing to mask.
+        if ctx.is_causal and not spec.causal_non_square and ctx.seq_len_q not in (1, ctx.seq_len_k):
             reject(Reason.CAUSAL_NON_SQUARE, f"seq_len_q {ctx.seq_len_q} != seq_len_k {ctx.seq_len_k}")
     if ctx.mask_kind not in spec.mask_kinds:
         reason = {"bool": Reason.BOOL_MASK_UNSUPPORTED, "float": Reason.FLOAT_MASK_UNSUPPORTED}.get(

@@ -59,15 +59,12 @@ def test_torch_compiled_activations(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("B, S, H, D, R_", [(2, 33, 16, 128, 128), (1, 7, 4, 96, 32)])
-def test_torch_rope_eager_and_compiled(dtype, interleaved, B, S, H, D, R_):
+def test_torch_rope_eager(dtype, interleaved, B, S, H, D, R_):
     x = torch.randn(B, S, H, D, device="cuda", dtype=dtype)
     cos, sin = lz.rope_cache(S, R_, device="cuda")
     ref = R.rotate(x.double(), cos[None].double(), sin[None].double(), interleaved)
     check(f"torch.rope{'_interleaved' if interleaved else ''}", (B, S, H, D, R_), dtype,
           T.rotate(x, cos[None], sin[None], interleaved), ref, TOL[dtype])
-    compiled = T._rope_compiled(interleaved)(x, None, cos[None], sin[None])[0]
-    check(f"torch.rope{'_interleaved' if interleaved else ''}_compiled", (B, S, H, D, R_), dtype, compiled, ref,
-          TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

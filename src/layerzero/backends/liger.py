@@ -100,10 +100,12 @@ def _spec(name: str, ops: tuple[str, ...], impl: object, priority: int, descript
     )
 
 
-# Priorities before tuning: Liger's one-pass Triton kernels beat torch's multi-kernel eager paths
-# (RoPE, swiglu) at any size that is not launch-bound; for rms_norm the two are set close
-# (Liger is expected ahead at many rows, torch at a few: no measured crossover yet, so PerfDB
-# decides); torch's layer_norm is already one fused CUDA kernel, so it keeps the lead there.
+# Priorities before tuning, from benchmarks/results/norms_rope-h100.md (H100, bf16, 2026-11-25):
+# Liger's kernels carry ~50 us of launch overhead per call, so torch's fused rms_norm/layer_norm win
+# up to at least 4096 rows (2.4x for rms_norm) and Liger wins at 65536 rows (1.46x rms_norm, 1.42x
+# layer_norm): Liger gets the lead from 16384 rows on (the crossover lies in 4096..65536; PerfDB
+# tuning pins it per shape). Liger's RoPE won at every row count measured (4..65536).
+ROWS_LIGER_NORMS_WIN = 16384
 BACKEND = Backend(
     name="liger",
     module="liger_kernel",
@@ -111,9 +113,10 @@ BACKEND = Backend(
     aliases=("liger_kernel",),
     description="Liger-Kernel Triton kernels (rms_norm, layer_norm, rope, swiglu, geglu)",
     kernels=(
-        _spec("rms_norm", ("norm.rms",), rms_norm, 55, "rms_norm_forward, casting_mode='gemma' (float32 math)"),
+        _spec("rms_norm", ("norm.rms",), rms_norm, 45, "rms_norm_forward, casting_mode='gemma' (float32 math)",
+              row_priorities=((ROWS_LIGER_NORMS_WIN, 55),)),
         _spec("layer_norm", ("norm.layer",), layer_norm, 45, "layer_norm_forward (weight and bias required)",
-              check=_layer_norm_check),
+              check=_layer_norm_check, row_priorities=((ROWS_LIGER_NORMS_WIN, 55),)),
         _spec("rope", ("posenc.rope",), rope, 70, "rope_forward on a copy, q and k in one launch", layout="BSHD",
               requires_contiguous=False),
         _spec("swiglu", ("activation.swiglu",), swiglu, 70, "swiglu_forward: silu(gate) * up in one pass"),

@@ -37,6 +37,8 @@ def _sdpa(backend_name: str) -> Callable[..., torch.Tensor]:
             softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
+        if is_causal and q.shape[2] == 1:
+            is_causal = False  # one query row, bottom-right aligned, sees every key: no mask at all
         if window is not None or alibi_slopes is not None or (is_causal and q.shape[2] != k.shape[2]):
             # torch's is_causal is aligned top-left, ours bottom-right; windows and ALiBi become a
             # materialized mask (only kernels that take masks declare support for them).

@@ -2,9 +2,11 @@
 registry merges them with backends/torch_native.py's kernels).
 
 Eager kernels compute RoPE in float32 (half-precision products and differences would cancel
-badly) and use torch's own activation kernels. The `*_compiled` variants fuse the same math with
-`torch.compile(dynamic=True)`: one compilation serves every shape, so no recompile storm; they
-are CUDA-only and get a low priority until measurements (benchmarks/norms_rope.py) say otherwise.
+badly) and use torch's own activation kernels. The `*_compiled` activation variants fuse the same
+math with `torch.compile(dynamic=True)`: one compilation serves every shape; they are CUDA-only
+and get a low priority until measurements say otherwise. A compiled RoPE was removed: on the H100
+(2026-11-25) one compiled function serving both RoPE forms and three dtypes hit dynamo's recompile
+limit of 8.
 """
 
 from __future__ import annotations
@@ -66,21 +68,10 @@ def _rotate_cat(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleav
 @functools.cache
 def _compiled(name: str) -> Callable[..., torch.Tensor]:
     fns: dict[str, Callable[..., torch.Tensor]] = {
-        "rotate": _rotate_cat,
         "swiglu": lambda g, u: (F.silu(g.float()) * u.float()).to(g.dtype),
         "geglu": lambda g, u, approximate: (F.gelu(g.float(), approximate=approximate) * u.float()).to(g.dtype),
     }
     return torch.compile(fns[name], dynamic=True, fullgraph=True)
-
-
-def _rope_compiled(interleaved: bool) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
-    def run(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor,
-            sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        fn = _compiled("rotate")
-        return fn(q, cos, sin, interleaved), None if k is None else fn(k, cos, sin, interleaved)
-
-    run.__qualname__ = f"rope{'_interleaved' if interleaved else ''}_compiled"
-    return run
 
 
 def silu(x: torch.Tensor) -> torch.Tensor:
@@ -126,12 +117,6 @@ BACKEND = Backend(
         KernelSpec(id="torch.rope_interleaved", ops=("posenc.rope_interleaved",), impl=rope_interleaved,
                    priority=50, platforms=_CPU_CUDA, dtypes=ALL_FLOAT_DTYPES, layout="BSHD", supports_backward=True,
                    description="RoPE (GPT-J interleaved pairs) in float32 torch ops"),
-        KernelSpec(id="torch.rope_compiled", ops=("posenc.rope",), impl=_rope_compiled(False), priority=30,
-                   layout="BSHD", supports_backward=True, description="RoPE, torch.compile(dynamic=True)",
-                   **_CUDA_ONLY),  # type: ignore[arg-type]
-        KernelSpec(id="torch.rope_interleaved_compiled", ops=("posenc.rope_interleaved",),
-                   impl=_rope_compiled(True), priority=30, layout="BSHD", supports_backward=True,
-                   description="interleaved RoPE, torch.compile(dynamic=True)", **_CUDA_ONLY),  # type: ignore[arg-type]
         KernelSpec(id="torch.silu", ops=("activation.silu",), impl=silu, priority=50, platforms=_CPU_CUDA,
                    dtypes=ALL_FLOAT_DTYPES, supports_backward=True, description="torch.nn.functional.silu"),
         KernelSpec(id="torch.gelu", ops=("activation.gelu", "activation.gelu_tanh"), impl=gelu, priority=50,

@@ -151,7 +151,7 @@ def plan_launch(batch: int, num_kv_heads: int, group: int, head_dim: int, capaci
         wanted = -(-4 * num_sms // programs)  # about four programs per SM in flight
         num_splits = max(1, min(wanted, -(-capacity // MIN_SPLIT_TOKENS), MAX_SPLITS))
     return {"block_n": block_n, "num_splits": num_splits, "g_pad": max(16, _next_pow2(group)),
-            "num_warps": 4 if head_dim <= 128 else 8, "num_stages": 2}
+            "num_warps": 4 if head_dim <= 128 else 8, "num_stages": 3}
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
@@ -232,12 +232,16 @@ BACKEND = Backend(
     min_version="3.0",
     aliases=("triton_decode",),
     description="LayerZero's own Triton paged-KV decode attention (flash-decoding, GQA-grouped)",
+    # H100, bf16, 2026-11-25 (benchmarks/results/attention-h100.md): 1996 GB/s vs FlashInfer's paged decode
+    # 902 GB/s on B32 x 8k with shuffled pages, hence priority 95 (> flashinfer.paged_decode 92). Not graph
+    # safe: a CUDA-graph replay with new seq_lens gave wrong rows (tests/gpu/test_triton_paged_gpu.py).
+    # num_stages 3: the launch sweep's best configs on the H100 all used 3 stages.
     kernels=(
         KernelSpec(
-            id="triton_paged.decode", ops=("attention.decode",), impl=_impl, priority=70,
+            id="triton_paged.decode", ops=("attention.decode",), impl=_impl, priority=95,
             platforms=frozenset({"cuda"}), min_sm=80, dtypes=HALF_DTYPES, head_dims=frozenset({64, 128, 256}),
             kv_layouts=frozenset({"NHD", "HND"}), min_page_size=16, supports_window=True, supports_softcap=True,
-            graph_safe=True, needs_jit=True, check=_check,
+            graph_safe=False, needs_jit=True, check=_check,
             description="split-KV paged decode; one program reads each KV head once for its whole query group",
         ),
     ),
