@@ -75,9 +75,10 @@ class KernelSpec:
     row_priorities: tuple[tuple[int, int], ...] = ()
     description: str = ""
 
-    @property
-    def backend(self) -> str:
-        return self.id.split(".", 1)[0]
+    backend: str = field(init=False, compare=False)  # "backend" of "backend.kernel", derived from id
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "backend", self.id.split(".", 1)[0])
 
 
 def priority_for(spec: KernelSpec, ctx: SelectionContext) -> int:
@@ -89,12 +90,31 @@ def priority_for(spec: KernelSpec, ctx: SelectionContext) -> int:
     return priority
 
 
-def check_constraints(spec: KernelSpec, ctx: SelectionContext) -> list[Rejection]:
-    """Every reason why `spec` cannot run `ctx` (empty list: it can)."""
+class _Rejected(Exception):
+    """Stops check_constraints at the first reason when only eligibility matters."""
+
+
+def check_constraints(spec: KernelSpec, ctx: SelectionContext, first_only: bool = False) -> list[Rejection]:
+    """Every reason why `spec` cannot run `ctx` (empty list: it can).
+
+    first_only: stop at the first reason (the selection hot miss path); explain wants them all.
+    """
     out: list[Rejection] = []
 
     def reject(reason: Reason, detail: str) -> None:
         out.append(Rejection(reason, detail))
+        if first_only:
+            raise _Rejected
+
+    try:
+        _check(spec, ctx, out, reject)
+    except _Rejected:
+        pass
+    return out
+
+
+def _check(spec: KernelSpec, ctx: SelectionContext, out: list[Rejection],
+           reject: Callable[[Reason, str], None]) -> None:
 
     if ctx.op not in spec.ops:
         reject(Reason.OP_UNSUPPORTED, f"{ctx.op} not in {', '.join(spec.ops)}")
@@ -169,8 +189,8 @@ def check_constraints(spec: KernelSpec, ctx: SelectionContext) -> list[Rejection
     if spec.tp_sizes is not None and ctx.tp_size not in spec.tp_sizes:
         reject(Reason.TP_UNSUPPORTED, f"tp_size {ctx.tp_size} not in {sorted(spec.tp_sizes)}")
     if spec.check is not None and not out:
-        out.extend(spec.check(ctx))
-    return out
+        for rejection in spec.check(ctx):
+            reject(rejection.reason, rejection.detail)
 
 
 @dataclass(eq=False)

@@ -108,12 +108,37 @@ class SelectionEngine:
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        # Per generation: the kernels of (op, device type, SM, dtype) whose backend is installed and
+        # whose platform/SM/dtype constraints hold. The miss path of a call only looks at these.
+        self._viable: dict[tuple[object, ...], list[KernelSpec]] = {}
+        self._viable_generation = -1
 
-    def evaluate(self, ctx: SelectionContext, transforms_of: Callable[[KernelSpec, SelectionContext], tuple[str, ...]]) -> SelectionReport:
-        """Score or reject every kernel registered for `ctx.op`."""
+    def viable(self, ctx: SelectionContext) -> list[KernelSpec]:
+        """Kernels for ctx.op that pass every shape-independent check (cached per generation)."""
+        rt = self.runtime
+        if self._viable_generation != rt.generation:
+            self._viable, self._viable_generation = {}, rt.generation
+        key = (ctx.op, ctx.device_type, ctx.sm, ctx.generation, ctx.dtype)
+        specs = self._viable.get(key)
+        if specs is None:
+            specs = [s for s in rt.registry.candidates(ctx.op)
+                     if rt.registry.backend(s.backend).availability[0]
+                     and ctx.device_type in s.platforms and ctx.dtype in s.dtypes
+                     and (ctx.device_type != "cuda" or (s.min_sm <= ctx.sm <= s.max_sm and (
+                         s.generations is None or ctx.generation in s.generations)))]
+            self._viable[key] = specs
+        return specs
+
+    def evaluate(self, ctx: SelectionContext, transforms_of: Callable[[KernelSpec, SelectionContext], tuple[str, ...]],
+                 complete: bool = True) -> SelectionReport:
+        """Score or reject every kernel registered for `ctx.op`.
+
+        complete=False (the miss path of a call) stops at each kernel's first rejection reason;
+        explain asks for them all.
+        """
         rt = self.runtime
         policy = rt.policy
-        specs = rt.registry.candidates(ctx.op)
+        specs = rt.registry.candidates(ctx.op) if complete else self.viable(ctx)
         candidates = {s.id: Candidate(s.id, s.backend, s.priority) for s in specs}
         notes: list[str] = []
 
@@ -124,7 +149,11 @@ class SelectionEngine:
                 cand.rejections.append(why)
                 continue
             cand.rejections.extend(rt.health_rejections(spec, ctx))
-            cand.rejections.extend(check_constraints(spec, ctx))
+            if cand.rejections and not complete:
+                continue
+            cand.rejections.extend(check_constraints(spec, ctx, first_only=not complete))
+            if cand.rejections and not complete:
+                continue
             cand.rejections.extend(rt.perf_rejections(spec, ctx))
             if spec.backend != REFERENCE_BACKEND and (spec.backend in rt.disabled_backends or "*" in rt.disabled_backends):
                 cand.rejections.append(Rejection(Reason.BACKEND_DISABLED, "disabled by lz.disabled()"))
@@ -197,7 +226,7 @@ class SelectionEngine:
     def select(self, ctx: SelectionContext, bind: Binder, transforms_of: Callable[[KernelSpec, SelectionContext], tuple[str, ...]]) -> tuple[ExecutionPlan, SelectionReport]:
         """Evaluate and bind the winner into an ExecutionPlan."""
         generation = self.runtime.generation
-        report = self.evaluate(ctx, transforms_of)
+        report = self.evaluate(ctx, transforms_of, complete=False)
         if report.fallback and self.runtime.policy.strict:
             raise NoKernelFoundError(f"strict mode: only the reference can run {ctx.op}", report)
         if report.fallback:
