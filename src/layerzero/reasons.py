@@ -32,10 +32,8 @@ class Reason(str, Enum):
     SM_TOO_NEW = ("SM_TOO_NEW", "the GPU's compute capability is above the kernel's maximum")
     GPU_GENERATION_UNSUPPORTED = ("GPU_GENERATION_UNSUPPORTED", "the kernel does not support this GPU generation")
     CPU_ISA_UNSUPPORTED = ("CPU_ISA_UNSUPPORTED", "the CPU lacks an instruction set the kernel needs")
-    DEVICE_MISMATCH = ("DEVICE_MISMATCH", "tensors are on different devices")
     # dtypes and quantization
     DTYPE_UNSUPPORTED = ("DTYPE_UNSUPPORTED", "the kernel does not support this dtype")
-    DTYPE_MISMATCH = ("DTYPE_MISMATCH", "the tensors' dtypes differ")
     QUANT_FORMAT_UNSUPPORTED = ("QUANT_FORMAT_UNSUPPORTED", "the kernel does not support this quantization format")
     FP8_NEEDS_SM89 = ("FP8_NEEDS_SM89", "fp8 needs compute capability 8.9 or newer")
     # shapes
@@ -50,9 +48,6 @@ class Reason(str, Enum):
     HIDDEN_SIZE_TOO_LARGE = ("HIDDEN_SIZE_TOO_LARGE", "the hidden size is above the kernel's maximum")
     GQA_UNSUPPORTED = ("GQA_UNSUPPORTED", "the kernel needs as many key/value heads as query heads")
     # layout and memory
-    LAYOUT_UNSUPPORTED = ("LAYOUT_UNSUPPORTED", "the kernel does not take this tensor layout")
-    NOT_CONTIGUOUS = ("NOT_CONTIGUOUS", "the kernel needs contiguous inputs")
-    STRIDE_UNSUPPORTED = ("STRIDE_UNSUPPORTED", "the kernel needs unit stride in the last dimension")
     WORKSPACE_TOO_LARGE = ("WORKSPACE_TOO_LARGE", "the kernel's workspace exceeds the free-memory headroom")
     # attention semantics
     CAUSAL_UNSUPPORTED = ("CAUSAL_UNSUPPORTED", "the kernel has no causal mode")
@@ -65,7 +60,6 @@ class Reason(str, Enum):
     WINDOW_UNSUPPORTED = ("WINDOW_UNSUPPORTED", "the kernel has no sliding-window attention")
     SOFTCAP_UNSUPPORTED = ("SOFTCAP_UNSUPPORTED", "the kernel has no logits soft-capping")
     ALIBI_UNSUPPORTED = ("ALIBI_UNSUPPORTED", "the kernel has no ALiBi bias")
-    PAGED_KV_UNSUPPORTED = ("PAGED_KV_UNSUPPORTED", "the kernel takes no paged KV cache")
     PAGE_SIZE_UNSUPPORTED = ("PAGE_SIZE_UNSUPPORTED", "the kernel does not support this page size")
     KV_LAYOUT_UNSUPPORTED = ("KV_LAYOUT_UNSUPPORTED", "the kernel does not support this KV-cache layout")
     BACKWARD_UNSUPPORTED = ("BACKWARD_UNSUPPORTED", "inputs require grad and the kernel has no backward")

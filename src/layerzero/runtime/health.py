@@ -256,7 +256,21 @@ class Health:
                                                                        cfg.backend_failure_threshold)
             changes = [(b, b.failure(now, cfg, text)) for b in (kernel, backend)]
         self.runtime.telemetry.failure(spec.id, type(error).__name__)
+        if isinstance(error, ImportError):
+            self._mark_import_failed(spec, text)
         self._changed(changes)
+
+    def _mark_import_failed(self, spec: KernelSpec, text: str) -> None:
+        """A library that is present but fails to import stays broken for this process: its
+        backend becomes unavailable (BACKEND_IMPORT_FAILED) instead of cycling its breaker."""
+        backend = self.runtime.registry.backends.get(spec.backend)
+        if backend is None or not backend.availability[0]:
+            return
+        # availability is a cached_property of the Backend; overriding it is the process-wide verdict
+        backend.__dict__["availability"] = (False, backend.availability[1],
+                                            Rejection(Reason.BACKEND_IMPORT_FAILED, text))
+        self.runtime.warn_once(("import-failed", spec.backend), f"backend {spec.backend} failed to import: {text}")
+        self.runtime.bump()
 
     def record_success(self, spec: KernelSpec) -> None:
         """A probe of a half-open breaker succeeded: close it (and its backend's)."""
