@@ -45,6 +45,7 @@ class SelectionContext:
     page_size: int = 0
     quant_format: str | None = None
     tp_size: int = 1
+    tp_rank: int = field(default=0, compare=False, hash=False)  # never a selection input: every rank must agree
     hidden_size: int = 0
     num_rows: int = 0
     num_groups: int = 0

@@ -10,6 +10,7 @@ import time
 from collections.abc import Hashable
 from typing import Any
 
+from .capabilities import Descriptors, discover_environment
 from .context import SelectionContext
 from .errors import UnknownNameError
 from .kernel import Backend, KernelSpec, priority_for
@@ -42,6 +43,7 @@ class Registry:
         self.kernels: dict[str, KernelSpec] = {}
         self.by_op: dict[str, list[KernelSpec]] = {}
         self.aliases: dict[str, str] = {}
+        self.descriptors: Any = None  # capabilities.Descriptors of the runtime: applied when an op is first seen
 
     def add_backend(self, backend: Backend) -> None:
         old = self.backends.get(backend.name)
@@ -86,6 +88,8 @@ class Registry:
         return spec
 
     def candidates(self, op: str) -> list[KernelSpec]:
+        if self.descriptors is not None and self.descriptors.pending:
+            self.descriptors.resolve(self, op)
         return self.by_op.get(op, [])
 
 
@@ -95,6 +99,7 @@ class Runtime:
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self.registry = Registry()
+        self.descriptors = self.registry.descriptors = Descriptors()  # capabilities descriptors (lazy)
         self.policy = Policy()
         self.plans = PlanCache()
         self.engine = SelectionEngine(self)
@@ -108,6 +113,9 @@ class Runtime:
         self._loaded = False
         self.measurements = Measurements(default_path(), self._backend_version)
         self.trace: list[tuple[str, SelectionContext]] | None = None  # lz.perf.tune.record_trace
+        # layerzero.distributed.InvariantMode while TP-invariant: no rank-local state (own PerfDB, health,
+        # free memory) may change a choice; it supplies shared measurements, exclusions and tp_size/tp_rank.
+        self.invariant: Any = None
 
     @property
     def generation(self) -> int:
@@ -124,6 +132,7 @@ class Runtime:
                 for backend in getattr(module, "BACKENDS", None) or (getattr(module, "BACKEND", None),):
                     if backend is not None:
                         self.registry.add_backend(backend)
+            discover_environment(self.descriptors)  # LAYERZERO_DESCRIPTORS: read and hashed, parsed on first use
             from .policy.config import load_environment
 
             load_environment(self)  # LAYERZERO_* variables; PolicyValidationError if invalid
@@ -152,15 +161,20 @@ class Runtime:
         prefer = self.policy.prefer_rule(spec, ctx)  # lz.prefer / prefer rules override both
         if prefer is not None:
             return prefer.priority
-        measured = self.measurements.score(spec.id, ctx)
+        measured = self.perf.score(spec.id, ctx)
         return float(priority_for(spec, ctx)) if measured is None else measured
 
+    @property
+    def perf(self) -> Measurements:
+        """The measurements scoring reads: the local PerfDB, or the shared view in TP-invariant mode."""
+        return self.measurements if self.invariant is None else self.invariant.measurements
+
     def measured_us(self, spec: KernelSpec, ctx: SelectionContext) -> float | None:
-        record = self.measurements.lookup(spec.id, ctx)
+        record = self.perf.lookup(spec.id, ctx)
         return None if record is None or not record.correct else record.median_us
 
     def perf_rejections(self, spec: KernelSpec, ctx: SelectionContext) -> list[Rejection]:
-        record = self.measurements.lookup(spec.id, ctx)
+        record = self.perf.lookup(spec.id, ctx)
         if record is None or record.correct:
             return []
         detail = record.error or f"max error {record.max_error:.3g} vs the reference on shape {record.shape}"
@@ -178,6 +192,8 @@ class Runtime:
 
     def health_rejections(self, spec: KernelSpec, ctx: SelectionContext | None = None) -> list[Rejection]:
         """Open circuit breakers (runtime.health) and, given a context, the memory headroom."""
+        if self.invariant is not None:  # rank-local: the same on every rank instead
+            return self.invariant.rejections(spec)
         out = self.health.rejections(spec)
         if ctx is not None and spec.workspace_bytes is not None:
             out.extend(self.memory.rejections(spec, ctx))
@@ -196,6 +212,8 @@ class Runtime:
         def compute() -> ExecutionPlan:
             start = time.perf_counter()
             ctx = family.context(*args, **kwargs)
+            if self.invariant is not None:
+                ctx = self.invariant.context(ctx)
             if self.trace is not None:
                 self.trace.append((family.name, ctx))
             plan, report = self.engine.select(ctx, family.bind, family.transforms)
@@ -209,6 +227,8 @@ class Runtime:
     def explain(self, family: Any, key: Hashable, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SelectionReport:
         self.ensure_loaded()
         ctx = family.context(*args, **kwargs)
+        if self.invariant is not None:
+            ctx = self.invariant.context(ctx)
         report = self.engine.evaluate(ctx, family.transforms)
         cached = self.plans.data.get(key)
         report.cached = cached is not None and cached.kernel_id == report.selected_kernel

@@ -60,7 +60,7 @@ def bucket_low(upper: int) -> int:
 _NOT_VARIANT = frozenset({
     "op", "device_type", "device_index", "sm", "generation", "dtype", "batch", "seq_len_q", "seq_len_k",
     "num_heads", "num_kv_heads", "head_dim", "num_rows", "hidden_size", "isa", "requires_grad", "graph_capture",
-    "deterministic", "tp_size",
+    "deterministic", "tp_size", "tp_rank",
 })
 
 
