@@ -73,6 +73,42 @@ def main() -> None:
     kv = torch.randn(2, 300, 2, 64, device=device, dtype=dtype, generator=gen)
     print("\nexplain: lz.attention(q, k, v, is_causal=True) with GQA 8:2, head_dim 64")
     print(lz.explain("attention", q, kv, kv, is_causal=True))
+    _generation(device, dtype)
+
+
+CORPUS = ["layer zero picks the fastest kernel for every op and says why",
+          "a paged cache holds the keys and values of every sequence",
+          "the model generates text one token at a time"] * 8
+
+
+def _generation(device: torch.device, dtype: torch.dtype) -> None:
+    """A small random Llama-style model generates for two prompts over the paged KV cache (serve.py)."""
+    from layerzero.serve import Model, ModelConfig, generate
+
+    try:  # a word-level tokenizer trained here on the corpus above; plain bytes without the tokenizers package
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+        tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=["<unk>"], show_progress=False))
+        lz.register_tokenizer("demo", tok)
+        encode, decode = (lambda t: lz.tokenize(t, "demo")), (lambda i: lz.detokenize(i, "demo"))
+        vocab = tok.get_vocab_size()
+    except ImportError:
+        encode, decode, vocab = (lambda t: list(t.encode())), (lambda i: bytes(i).decode("utf-8", "replace")), 256
+    config = ModelConfig(vocab_size=vocab, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=32,
+                         intermediate_size=512)
+    model = Model.random(config, dtype=dtype, device=device, seed=0)
+    prompts = ["layer zero picks", "a paged cache holds the keys"]
+    out = generate(model, [encode(p) for p in prompts], max_new_tokens=24)
+    print(f"\ngeneration: random-init Llama-style model ({model.num_params() / 1e6:.1f}M params, {dtype}), "
+          "paged KV cache, continuous batching")
+    for p, toks in zip(prompts, out.tokens, strict=True):
+        print(f"  {p!r} -> {decode(toks)!r}")
+    for op, ids in out.kernels.items():
+        print(f"  {op:<18} {', '.join(ids)}")
+    print(f"  {out.new_tokens} new tokens: {out.tokens_per_s:.0f} tokens/s overall, "
+          f"{out.decode_tokens_per_s:.0f} tokens/s decode (prefill {out.prefill_s * 1e3:.1f} ms)")
 
 
 if __name__ == "__main__":
