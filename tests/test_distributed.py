@@ -258,8 +258,9 @@ def test_compare_environments_lists_differences_and_excludes_unshared_backends()
             lzd.Environment(1, backends=(("flashinfer", "0.3"), ("liger", None), ("xformers", None)), **base)]
     report = lzd.compare_environments(envs)
     assert not report.consistent
-    assert report.mismatches == {"backend flashinfer": {0: "0.2", 1: "0.3"}, "backend liger": {0: "1.0", 1: "unavailable"}}
-    assert report.excluded == frozenset({"flashinfer", "liger"})  # xformers is missing everywhere: nothing to rule out
+    assert report.mismatches == {"backend flashinfer": {0: "0.2", 1: "0.3"},
+                                 "backend liger": {0: "1.0", 1: "unavailable"}}
+    assert report.excluded == frozenset({"flashinfer", "liger"})  # xformers is missing everywhere: not ruled out
     assert "rank 1=0.3" in str(report)
     assert lzd.compare_environments(envs[:1]).consistent
 

@@ -197,8 +197,8 @@ def check_versions(group: Any = None, mode: str = "inference", timeout: float = 
     rank = _dist().get_rank(group)
     report = compare_environments(all_gather_objects(local_environment(rank=rank), group, timeout, "version check"))
     if mode == "training" and not report.consistent:
-        raise VersionMismatchError(f"{report}\ntraining needs identical versions on every rank; "
-                                   "install the same versions, or use mode='inference' to fall back to the common subset")
+        raise VersionMismatchError(f"{report}\ntraining needs identical versions on every rank; install the same "
+                                   "versions, or use mode='inference' to fall back to the common subset")
     if not report.consistent:
         runtime.warn_once(("versions", str(report)), str(report))
     return report
@@ -226,7 +226,8 @@ class SharedMeasurements(Measurements):
         return self._shared.get((ctx.op, ctx.dtype_name, Bucket.of(ctx)), {})
 
     def digest(self) -> str:
-        rows = sorted((r.kernel, r.op, r.dtype, repr(r.bucket), r.median_us, r.samples, r.correct) for r in self.records)
+        rows = sorted((r.kernel, r.op, r.dtype, repr(r.bucket), r.median_us, r.samples, r.correct)
+                      for r in self.records)
         return hashlib.sha256(repr(rows).encode()).hexdigest()
 
 
