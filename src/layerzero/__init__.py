@@ -75,6 +75,10 @@ from .runtime.health import BreakerState, HealthReport, configure_health, health
 from .runtime.memory import configure_memory
 from .runtime.telemetry import disable_telemetry, enable_telemetry, start_metrics_server, telemetry
 from .state import reset
+from .capabilities import CanaryReport, DescriptorError, canary, clear_descriptors, load_descriptors
+from .backends.hub import HubLockError, register_hub_kernels
+from .ringbuffer import RingBuffer, RingBufferOverrun
+from .runtime.isolation import IsolatedBackend, isolate
 
 __version__ = "0.1.0"
 
@@ -105,5 +109,7 @@ __all__ = [
     "ExecutionPlan", "InvalidInputError", "KernelExecutionError", "KernelSpec", "LayerZeroError",
     "NoKernelFoundError", "PolicyValidationError", "Reason", "Rejection", "SelectionContext", "SelectionReport",
     "SelectionTimeoutError", "UnknownNameError", "attention", "attention_varlen", "explain", "group_norm", "layer_norm", "paged_attention",
+    "CanaryReport", "DescriptorError", "HubLockError", "IsolatedBackend", "RingBuffer", "RingBufferOverrun",
+    "canary", "clear_descriptors", "isolate", "load_descriptors", "register_hub_kernels",
     "list_backends", "list_kernels", "register_backend", "register_kernel", "reset", "rms_norm", "select", "validate", "which",
 ]

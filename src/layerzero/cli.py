@@ -27,6 +27,7 @@ SUBCOMMANDS: list[str] = [
     "layerzero.cli:add_explain",
     "layerzero.perf.tune:add_tune_command",
     "layerzero.perf.solve:add_solve_command",
+    "layerzero.capabilities:add_canary_command",
 ]
 
 Runner = Callable[[argparse.Namespace], int]
