@@ -22,6 +22,6 @@ fi
 cmd=${1:-test}; shift || true
 case "$cmd" in
   demo) exec .venv/bin/python -m layerzero.demo "$@" ;;
-  test) exec .venv/bin/python -m pytest -q "$@" ;;
+  test) .venv/bin/ruff check src && exec .venv/bin/python -m pytest -q "$@" ;;
   *) echo "usage: bash dev.sh demo|test [args]" >&2; exit 2 ;;
 esac

@@ -84,7 +84,6 @@ def test_flash_attn_v4_gets_none_for_unbounded_window(libs):
 
 @pytest.mark.parametrize("impl", [fa.v2_varlen, fa.v3_varlen, fa.v4_varlen], ids=["v2", "v3", "v4"])
 def test_flash_attn_varlen_mapping(libs, impl):
-    lens_q, lens_k = [3, 7, 1], [5, 7, 4]
     cu_q = torch.tensor([0, 3, 10, 11], dtype=torch.int32)
     cu_k = torch.tensor([0, 5, 12, 16], dtype=torch.int32)
     g = torch.Generator().manual_seed(1)

@@ -5,6 +5,8 @@
     print(lz.explain("attention", q, k, v, is_causal=True))
 """
 
+from .backends.hub import HubLockError, register_hub_kernels
+from .capabilities import CanaryReport, DescriptorError, canary, clear_descriptors, load_descriptors
 from .context import SelectionContext
 from .errors import (
     BackendNotAvailableError,
@@ -20,11 +22,11 @@ from .errors import (
     UnknownNameError,
 )
 from .kernel import Backend, KernelSpec
-from .ops.attention import attention, attention_varlen, paged_attention
-from .ops.norm import group_norm, layer_norm, rms_norm
 from .ops.activation import fused_mlp, geglu, gelu, silu, swiglu
-from .ops.posenc import alibi_slopes, rope, rope_cache, rope_inv_freq, rope_qk
+from .ops.attention import attention, attention_varlen, paged_attention
 from .ops.embedding import embedding
+from .ops.norm import group_norm, layer_norm, rms_norm
+from .ops.posenc import alibi_slopes, rope, rope_cache, rope_inv_freq, rope_qk
 from .ops.quant import (
     PackedFormat,
     QuantFormat,
@@ -58,6 +60,13 @@ from .policy.config import (
     watch_policy,
 )
 from .reasons import Reason, Rejection
+from .ringbuffer import RingBuffer, RingBufferOverrun
+from .runtime.doctor import DoctorReport, doctor, readiness_check
+from .runtime.graphs import GraphValidation, is_graph_safe, validate_graph_capture, warmup_for_capture
+from .runtime.health import BreakerState, HealthReport, configure_health, health
+from .runtime.isolation import IsolatedBackend, isolate
+from .runtime.memory import configure_memory
+from .runtime.telemetry import disable_telemetry, enable_telemetry, start_metrics_server, telemetry
 from .selection.engine import ExecutionPlan, SelectionReport
 from .selection.inspect import (
     explain,
@@ -69,16 +78,7 @@ from .selection.inspect import (
     validate,
     which,
 )
-from .runtime.doctor import DoctorReport, doctor, readiness_check
-from .runtime.graphs import GraphValidation, is_graph_safe, validate_graph_capture, warmup_for_capture
-from .runtime.health import BreakerState, HealthReport, configure_health, health
-from .runtime.memory import configure_memory
-from .runtime.telemetry import disable_telemetry, enable_telemetry, start_metrics_server, telemetry
 from .state import reset
-from .capabilities import CanaryReport, DescriptorError, canary, clear_descriptors, load_descriptors
-from .backends.hub import HubLockError, register_hub_kernels
-from .ringbuffer import RingBuffer, RingBufferOverrun
-from .runtime.isolation import IsolatedBackend, isolate
 
 __version__ = "0.1.0"
 

@@ -17,10 +17,10 @@ from .kernel import Backend, KernelSpec, priority_for
 from .perf.perfdb import Measurements, default_path
 from .policy.model import Policy, PolicyLayers
 from .reasons import Reason, Rejection
-from .selection.cache import PlanCache
 from .runtime.health import Health
 from .runtime.memory import MemoryGuard
 from .runtime.telemetry import Telemetry
+from .selection.cache import PlanCache
 from .selection.engine import ExecutionPlan, SelectionEngine, SelectionReport
 
 log = logging.getLogger("layerzero")

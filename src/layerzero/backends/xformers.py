@@ -17,7 +17,6 @@ import torch
 from ..kernel import FLOAT_DTYPES, Backend, KernelSpec
 from .reference import band_mask
 
-
 _UNBOUNDED = 1 << 30
 
 
