@@ -304,3 +304,9 @@ def test_causal_decode_row_runs_on_square_only_causal_kernels():
     assert reasons == [lz.Reason.CAUSAL_NON_SQUARE]
     q, k, v = torch.randn(2, 1, 4, 32), torch.randn(2, 9, 4, 32), torch.randn(2, 9, 4, 32)
     torch.testing.assert_close(lz.attention(q, k, v, is_causal=True), lz.attention(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+def test_inspection_accepts_a_list_window_like_the_call():
+    q = torch.randn(1, 8, 2, 16)
+    assert lz.which("attention", q, q, q, window_size=[2, 0]) == lz.which("attention", q, q, q, window_size=(2, 0))
+    assert lz.explain("attention", q, q, q, window_size=[2, 0]).context.window == (2, 0)

@@ -85,11 +85,16 @@ def _key(q: Any, k: Any, v: Any, attn_mask: Any = None, is_causal: bool = False,
     return (
         "attention", layout, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
         None if attn_mask is None else (attn_mask.shape, attn_mask.dtype, attn_mask.device),
-        is_causal, dropout_p > 0.0, window_size, softcap > 0.0,
+        is_causal, dropout_p > 0.0, _hashable(window_size), softcap > 0.0,
         None if alibi_slopes is None else (alibi_slopes.shape, alibi_slopes.dtype, alibi_slopes.device),
         _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
         q.is_cuda and _capturing(),
     )
+
+
+def _hashable(window_size: Any) -> Any:
+    """A window as a key part: lists become tuples (explain/select build keys from raw arguments)."""
+    return window_size if window_size is None or isinstance(window_size, tuple) else tuple(window_size)
 
 
 def _check_tensors(**tensors: Any) -> None:
@@ -298,7 +303,7 @@ def _varlen_key(q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any, ma
                 window_size: Any = None, softcap: float = 0.0) -> tuple[Any, ...]:
     return ("attention.varlen", q.shape[1:], k.shape[1:], v.shape[1:], q.dtype, k.dtype, v.dtype, q.device,
             k.device, v.device, cu_seqlens_q.shape, cu_seqlens_q.dtype, cu_seqlens_k.shape, cu_seqlens_k.dtype,
-            is_causal, window_size, softcap > 0.0,
+            is_causal, _hashable(window_size), softcap > 0.0,
             _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
             q.is_cuda and _capturing())
 
@@ -406,7 +411,7 @@ def _paged_key(q: Any, k_cache: Any, v_cache: Any, page_table: Any, seq_lens: An
                softcap: float = 0.0) -> tuple[Any, ...]:
     return ("attention.paged", kv_layout, q.shape, k_cache.shape, v_cache.shape, q.dtype, k_cache.dtype,
             v_cache.dtype, q.device, k_cache.device, page_table.shape, page_table.dtype, seq_lens.shape,
-            seq_lens.dtype, is_causal, window_size, softcap > 0.0, q.is_cuda and _capturing())
+            seq_lens.dtype, is_causal, _hashable(window_size), softcap > 0.0, q.is_cuda and _capturing())
 
 
 def _paged_context(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
