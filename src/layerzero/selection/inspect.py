@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import UnknownNameError
+from ..errors import InvalidInputError, UnknownNameError
 from ..kernel import Backend, KernelSpec, check_constraints
 from ..ops import FAMILIES, OpFamily
 from ..reasons import Reason
@@ -91,7 +91,7 @@ def register_kernel(spec: KernelSpec | None = None, /, **fields: Any) -> KernelS
     elif fields:
         raise TypeError("pass a KernelSpec or keyword fields, not both")
     if "." not in spec.id:
-        raise UnknownNameError("kernel id (expected 'backend.name')", spec.id, [])
+        raise InvalidInputError("id", "a kernel id of the form 'backend.name'", repr(spec.id))
     runtime.register(spec)
     return spec
 
