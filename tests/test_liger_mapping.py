@@ -23,7 +23,7 @@ from layerzero.backends import liger
 from layerzero.backends import reference as R
 from layerzero.context import SelectionContext
 from layerzero.kernel import check_constraints
-from layerzero.ops import activation, posenc
+from layerzero.ops import activation, contiguous_transforms, posenc
 from layerzero.state import runtime
 
 from .conftest import tolerance
@@ -173,7 +173,7 @@ def test_gated_activations_mapping(standin):
 
 def test_plan_binding_makes_inputs_contiguous(standin):
     ctx = _cuda_ctx("activation.swiglu")
-    run, transforms = activation._bind(_spec("liger.swiglu"), ctx)
+    run, transforms = activation.SWIGLU.bind(_spec("liger.swiglu"), ctx)
     gate = torch.randn(8, 6).t()  # non-contiguous: Liger's view(-1, n) would fail on it
     assert transforms == ("contiguous",)
     torch.testing.assert_close(run(gate, gate), F.silu(gate) * gate)
@@ -209,7 +209,7 @@ def test_rejects_what_liger_cannot_run(kernel_id, op, changes, reason):
 
 def test_selection_on_hopper_follows_the_h100_measurements(standin):
     runtime.ensure_loaded()
-    pick = lambda ctx: runtime.engine.evaluate(ctx, activation._transforms).selected_kernel  # noqa: E731
+    pick = lambda ctx: runtime.engine.evaluate(ctx, contiguous_transforms).selected_kernel  # noqa: E731
     triton_ok = runtime.registry.backend("triton_act").availability[0]
     # our Triton gate*act tied Liger at many rows and beat it 12x at 4 rows on the H100
     assert pick(_cuda_ctx("activation.swiglu")) == ("triton_act.swiglu" if triton_ok else "liger.swiglu")
@@ -218,8 +218,8 @@ def test_selection_on_hopper_follows_the_h100_measurements(standin):
     assert pick(_cuda_ctx("activation.swiglu", dtype=torch.float64)) == "torch.swiglu"
     # norms: torch's fused kernels up to a few thousand rows, Liger from 16384 rows on
     norm = _cuda_ctx("norm.rms", num_rows=4096)
-    assert runtime.engine.evaluate(norm, activation._transforms).selected_kernel == "torch.rms_norm"
-    assert runtime.engine.evaluate(norm.replace(num_rows=65536), activation._transforms).selected_kernel == "liger.rms_norm"
+    assert runtime.engine.evaluate(norm, contiguous_transforms).selected_kernel == "torch.rms_norm"
+    assert runtime.engine.evaluate(norm.replace(num_rows=65536), contiguous_transforms).selected_kernel == "liger.rms_norm"
     rope = _cuda_ctx("posenc.rope", head_dim=128, head_dim_v=128, num_heads=32, num_kv_heads=8, layout="BSHD")
     assert runtime.engine.evaluate(rope, posenc._transforms).selected_kernel == "liger.rope"
     interleaved = rope.replace(op="posenc.rope_interleaved")
@@ -230,5 +230,5 @@ def test_without_liger_installed_it_is_rejected_with_the_reason():
     if liger.BACKEND.availability[0]:
         pytest.skip("liger_kernel is installed here")
     runtime.ensure_loaded()
-    report = runtime.engine.evaluate(_cuda_ctx("activation.swiglu"), activation._transforms)
+    report = runtime.engine.evaluate(_cuda_ctx("activation.swiglu"), contiguous_transforms)
     assert report.rejection_reasons["liger.swiglu"] == [Reason.BACKEND_NOT_INSTALLED]

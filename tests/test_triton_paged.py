@@ -8,6 +8,9 @@ so bf16 is covered by tests/gpu/test_triton_paged_gpu.py only; fp16 and fp32 run
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -22,6 +25,14 @@ from layerzero.reasons import Reason
 from .conftest import tolerance
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _interpreter_usable() -> None:
+    """Triton's interpreter breaks ("Cannot call @triton.jit'd outside of the scope of a kernel") once
+    torch inductor has used triton in the same process; those runs go to a clean process instead
+    (test_interpreter_cases_in_a_clean_process)."""
+    if "torch._inductor.codegen" in sys.modules and not os.environ.get("LZ_TRITON_CLEAN_PROCESS"):
+        pytest.skip("torch inductor already loaded triton in this process; checked in a clean process")
 
 
 def _ctx(**kw):
@@ -103,6 +114,7 @@ INTERPRETER_CASES = [
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("case", INTERPRETER_CASES, ids=str)
 def test_kernel_in_triton_interpreter_matches_float64_reference(case, monkeypatch):
+    _interpreter_usable()
     B, Hq, Hk, D, page, lens, layout, dtype, window, softcap, splits = case
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     tp._kernels.cache_clear()  # re-decorate the kernels under the interpreter
@@ -120,6 +132,7 @@ def test_kernel_in_triton_interpreter_matches_float64_reference(case, monkeypatc
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_interpreter_custom_scale_and_strided_query(monkeypatch):
+    _interpreter_usable()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     tp._kernels.cache_clear()
     try:
@@ -133,3 +146,16 @@ def test_interpreter_custom_scale_and_strided_query(monkeypatch):
     expected = reference.paged_attention(q.double(), k_cache.double(), v_cache.double(), page_table, seq_lens, True,
                                          0.05, None, 0.0, "NHD")
     torch.testing.assert_close(out.double(), expected, **tolerance(torch.float16))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_interpreter_cases_in_a_clean_process():
+    """When this process already ran torch inductor, run the interpreter tests in a fresh one."""
+    if "torch._inductor.codegen" not in sys.modules:
+        pytest.skip("the interpreter tests ran in this process")
+    env = {**os.environ, "LZ_TRITON_CLEAN_PROCESS": "1"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           "interpreter and not clean_process"], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout

@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from ..context import SelectionContext
 from ..kernel import KernelSpec
 
@@ -28,6 +30,24 @@ class OpFamily:
 
 
 FAMILIES: dict[str, OpFamily] = {}
+
+
+def contiguous_transforms(spec: KernelSpec, ctx: SelectionContext) -> tuple[str, ...]:
+    """The transforms of families whose only one is a contiguous copy for kernels that need it."""
+    return ("contiguous",) if spec.requires_contiguous else ()
+
+
+def bind_contiguous(spec: KernelSpec, ctx: SelectionContext) -> tuple[Callable[..., Any], tuple[str, ...]]:
+    """The kernel itself, or, when its spec requires contiguous inputs, a wrapper that makes every
+    tensor argument contiguous (a no-op for tensors that already are)."""
+    impl = spec.impl
+    if not spec.requires_contiguous:
+        return impl, ()
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return impl(*(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args), **kwargs)
+
+    return run, ("contiguous",)
 
 
 def register_family(family: OpFamily) -> OpFamily:

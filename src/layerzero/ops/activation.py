@@ -18,16 +18,14 @@ activation the op suffix ("swiglu", "geglu" or "geglu_tanh").
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..context import SelectionContext
 from ..errors import InvalidInputError
-from ..kernel import KernelSpec
 from ..state import runtime
-from . import OpFamily, register_family, traced_ops
+from . import OpFamily, bind_contiguous, contiguous_transforms, register_family, traced_ops
 
 _compiling = torch.compiler.is_compiling
 
@@ -223,25 +221,14 @@ def _mlp_context(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
     return ctx.replace(hidden_size=d_ff, num_rows=x.numel() // max(d_model, 1))
 
 
-def _transforms(spec: KernelSpec, ctx: SelectionContext) -> tuple[str, ...]:
-    return ("contiguous",) if spec.requires_contiguous else ()
 
 
-def _bind(spec: KernelSpec, ctx: SelectionContext) -> tuple[Callable[..., torch.Tensor], tuple[str, ...]]:
-    impl = spec.impl
-    if not spec.requires_contiguous:
-        return impl, ()
-
-    def run(*args: Any) -> torch.Tensor:
-        return impl(*(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args))
-
-    return run, ("contiguous",)
 
 
-SILU = register_family(OpFamily("silu", _silu_key, _silu_context, _bind, _transforms))
-GELU = register_family(OpFamily("gelu", _gelu_key, _gelu_context, _bind, _transforms))
+SILU = register_family(OpFamily("silu", _silu_key, _silu_context, bind_contiguous, contiguous_transforms))
+GELU = register_family(OpFamily("gelu", _gelu_key, _gelu_context, bind_contiguous, contiguous_transforms))
 SWIGLU = register_family(OpFamily(
-    "swiglu", lambda gate, up: _gated_key("activation.swiglu", gate, up), _swiglu_context, _bind, _transforms))
+    "swiglu", lambda gate, up: _gated_key("activation.swiglu", gate, up), _swiglu_context, bind_contiguous, contiguous_transforms))
 GEGLU = register_family(OpFamily("geglu", lambda gate, up, approximate="none": _gated_key(
-    "activation.geglu", gate, up, approximate), _geglu_context, _bind, _transforms))
-FUSED_MLP = register_family(OpFamily("fused_mlp", _mlp_key, _mlp_context, _bind, _transforms))
+    "activation.geglu", gate, up, approximate), _geglu_context, bind_contiguous, contiguous_transforms))
+FUSED_MLP = register_family(OpFamily("fused_mlp", _mlp_key, _mlp_context, bind_contiguous, contiguous_transforms))

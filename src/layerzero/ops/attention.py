@@ -33,7 +33,7 @@ from ..context import SelectionContext
 from ..errors import InvalidInputError, UnknownNameError
 from ..kernel import LAYOUTS, KernelSpec
 from ..state import runtime
-from . import OpFamily, register_family, traced_ops
+from . import OpFamily, bind_contiguous, contiguous_transforms, register_family, traced_ops
 
 _compiling = torch.compiler.is_compiling
 
@@ -351,23 +351,12 @@ def _varlen_context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     )
 
 
-def _packed_transforms(spec: KernelSpec, ctx: SelectionContext) -> tuple[str, ...]:
-    return ("contiguous",) if spec.requires_contiguous else ()
 
 
-def _bind_packed(spec: KernelSpec, ctx: SelectionContext) -> tuple[Callable[..., torch.Tensor], tuple[str, ...]]:
-    impl = spec.impl
-    if not spec.requires_contiguous:
-        return impl, ()
-
-    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *rest: Any) -> torch.Tensor:
-        return impl(q.contiguous(), k.contiguous(), v.contiguous(), *rest)
-
-    return run, ("contiguous",)
 
 
 ATTENTION_VARLEN = register_family(
-    OpFamily("attention_varlen", _varlen_key, _varlen_context, _bind_packed, _packed_transforms)
+    OpFamily("attention_varlen", _varlen_key, _varlen_context, bind_contiguous, contiguous_transforms)
 )
 
 
@@ -463,5 +452,5 @@ def _paged_context(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 
 
 PAGED_ATTENTION = register_family(
-    OpFamily("paged_attention", _paged_key, _paged_context, _bind_packed, _packed_transforms)
+    OpFamily("paged_attention", _paged_key, _paged_context, bind_contiguous, contiguous_transforms)
 )

@@ -5,16 +5,14 @@ Kernel calling convention: `impl(ids, table, padding_idx) -> (..., D)`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..context import SelectionContext
 from ..errors import InvalidInputError
-from ..kernel import KernelSpec
 from ..state import runtime
-from . import OpFamily, register_family
+from . import OpFamily, bind_contiguous, contiguous_transforms, register_family
 
 _grad_enabled = torch.is_grad_enabled
 
@@ -74,12 +72,8 @@ def _context(ids: torch.Tensor, table: torch.Tensor, padding_idx: int | None = N
     )
 
 
-def _no_transforms(spec: KernelSpec, ctx: SelectionContext) -> tuple[str, ...]:
-    return ()
 
 
-def _bind(spec: KernelSpec, ctx: SelectionContext) -> tuple[Callable[..., torch.Tensor], tuple[str, ...]]:
-    return spec.impl, ()
 
 
-EMBEDDING = register_family(OpFamily("embedding", _key, _context, _bind, _no_transforms))
+EMBEDDING = register_family(OpFamily("embedding", _key, _context, bind_contiguous, contiguous_transforms))

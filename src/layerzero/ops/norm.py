@@ -6,16 +6,14 @@ eps)`, group_norm `impl(x, num_groups, weight, bias, eps)`; weight and bias may 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..context import SelectionContext
 from ..errors import InvalidInputError
-from ..kernel import KernelSpec
 from ..state import runtime
-from . import OpFamily, register_family, traced_ops
+from . import OpFamily, bind_contiguous, contiguous_transforms, register_family, traced_ops
 
 _compiling = torch.compiler.is_compiling
 
@@ -147,21 +145,10 @@ def _group_context(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None
     return ctx.replace(num_groups=num_groups, num_rows=x.shape[0])
 
 
-def _no_transforms(spec: KernelSpec, ctx: SelectionContext) -> tuple[str, ...]:
-    return ("contiguous",) if spec.requires_contiguous else ()
 
 
-def _bind(spec: KernelSpec, ctx: SelectionContext) -> tuple[Callable[..., torch.Tensor], tuple[str, ...]]:
-    impl = spec.impl
-    if not spec.requires_contiguous:
-        return impl, ()
-
-    def run(x: torch.Tensor, *rest: Any) -> torch.Tensor:
-        return impl(x.contiguous(), *rest)
-
-    return run, ("contiguous",)
 
 
-RMS_NORM = register_family(OpFamily("rms_norm", _rms_key, _rms_context, _bind, _no_transforms))
-LAYER_NORM = register_family(OpFamily("layer_norm", _layer_key, _layer_context, _bind, _no_transforms))
-GROUP_NORM = register_family(OpFamily("group_norm", _group_key, _group_context, _bind, _no_transforms))
+RMS_NORM = register_family(OpFamily("rms_norm", _rms_key, _rms_context, bind_contiguous, contiguous_transforms))
+LAYER_NORM = register_family(OpFamily("layer_norm", _layer_key, _layer_context, bind_contiguous, contiguous_transforms))
+GROUP_NORM = register_family(OpFamily("group_norm", _group_key, _group_context, bind_contiguous, contiguous_transforms))

@@ -20,7 +20,6 @@ quantized first (None: weight-only).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,9 +27,8 @@ import torch
 
 from ..context import SelectionContext
 from ..errors import InvalidInputError, UnknownNameError
-from ..kernel import KernelSpec
 from ..state import runtime
-from . import OpFamily, register_family
+from . import OpFamily, bind_contiguous, contiguous_transforms, register_family
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_token", "block")
 
@@ -362,12 +360,8 @@ def _linear_context(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor
     )
 
 
-def _no_transforms(spec: KernelSpec, ctx: SelectionContext) -> tuple[str, ...]:
-    return ()
 
 
-def _bind(spec: KernelSpec, ctx: SelectionContext) -> tuple[Callable[..., Any], tuple[str, ...]]:
-    return spec.impl, ()
 
 
 def _quantize_key(x: Any, format: str = "int8", granularity: str = "per_tensor", *, block_size: Any = (128, 128),
@@ -386,6 +380,6 @@ def _linear_key(x: Any, weight: Any, bias: Any = None, out_dtype: Any = None) ->
             None if bias is None else (bias.shape, bias.dtype, bias.device), out_dtype)
 
 
-QUANTIZE = register_family(OpFamily("quantize", _quantize_key, _quantize_context, _bind, _no_transforms))
-DEQUANTIZE = register_family(OpFamily("dequantize", _dequantize_key, _dequantize_context, _bind, _no_transforms))
-QUANT_LINEAR = register_family(OpFamily("quant_linear", _linear_key, _linear_context, _bind, _no_transforms))
+QUANTIZE = register_family(OpFamily("quantize", _quantize_key, _quantize_context, bind_contiguous, contiguous_transforms))
+DEQUANTIZE = register_family(OpFamily("dequantize", _dequantize_key, _dequantize_context, bind_contiguous, contiguous_transforms))
+QUANT_LINEAR = register_family(OpFamily("quant_linear", _linear_key, _linear_context, bind_contiguous, contiguous_transforms))

@@ -28,9 +28,8 @@ import torch
 
 from ..context import SelectionContext
 from ..errors import InvalidInputError
-from ..kernel import KernelSpec
 from ..state import runtime
-from . import OpFamily, register_family
+from . import OpFamily, bind_contiguous, contiguous_transforms, register_family
 
 Param = torch.Tensor | float | int | None
 _Tensor = torch.Tensor
@@ -164,12 +163,8 @@ def _context(logits: torch.Tensor, top_k: Param = None, top_p: Param = None, min
     )
 
 
-def _no_transforms(spec: KernelSpec, ctx: SelectionContext) -> tuple[str, ...]:
-    return ()
 
 
-def _bind(spec: KernelSpec, ctx: SelectionContext) -> tuple[Callable[..., torch.Tensor], tuple[str, ...]]:
-    return spec.impl, ()
 
 
 def _greedy_args(logits: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -187,7 +182,7 @@ def _family(name: str, adapt: Callable[..., tuple[tuple[Any, ...], dict[str, Any
         a, kw = adapt(*args, **kwargs)
         return _context(*a, **kw)
 
-    return register_family(OpFamily(name, key, context, _bind, _no_transforms))
+    return register_family(OpFamily(name, key, context, bind_contiguous, contiguous_transforms))
 
 
 def _key(logits: Any, top_k: Param = None, top_p: Param = None, min_p: Param = None, temperature: Param = 1.0,
@@ -195,7 +190,7 @@ def _key(logits: Any, top_k: Param = None, top_p: Param = None, min_p: Param = N
     return _key_args(logits, top_k, top_p, min_p, temperature, generator)[0]
 
 
-SAMPLE = register_family(OpFamily("sample", _key, _context, _bind, _no_transforms))
+SAMPLE = register_family(OpFamily("sample", _key, _context, bind_contiguous, contiguous_transforms))
 _family("sample_greedy", _greedy_args)
 _family("sample_topk", lambda logits, k, temperature=1.0, generator=None:
         ((logits,), {"top_k": k, "temperature": temperature, "generator": generator}))
