@@ -68,7 +68,6 @@ class PlanCache:
         self.wait_timeout_s = wait_timeout_s
         self.compute_log: list[tuple[int, Hashable]] | None = None
         self.computes = self.promotions = self.evictions = self.expirations = self.waits = 0
-        self.hits_on_miss_path = 0
         self._older: dict[Hashable, Any] = {}
         self._born: dict[Hashable, float] = {}  # insertion times, kept only with a TTL
         self._lock = threading.Lock()
@@ -136,7 +135,6 @@ class PlanCache:
                 generation = self.generation
                 plan = self._lookup(key)
                 if plan is not None:
-                    self.hits_on_miss_path += 1
                     return plan
                 flight = self._inflight.get((generation, key))
                 if flight is None:
