@@ -113,11 +113,20 @@ def check_constraints(spec: KernelSpec, ctx: SelectionContext, first_only: bool 
     return out
 
 
-def _check(spec: KernelSpec, ctx: SelectionContext, out: list[Rejection],
-           reject: Callable[[Reason, str], None]) -> None:
+def fits_device(spec: KernelSpec, ctx: SelectionContext) -> bool:
+    """The shape-independent part of the constraints (platform, SM, generation, ISA, dtype) holds."""
+    try:
+        _check_device(spec, ctx, _raise_rejected)
+    except _Rejected:
+        return False
+    return True
 
-    if ctx.op not in spec.ops:
-        reject(Reason.OP_UNSUPPORTED, f"{ctx.op} not in {', '.join(spec.ops)}")
+
+def _raise_rejected(reason: Reason, detail: str) -> None:
+    raise _Rejected
+
+
+def _check_device(spec: KernelSpec, ctx: SelectionContext, reject: Callable[[Reason, str], None]) -> None:
     if ctx.device_type not in spec.platforms:
         reject(Reason.PLATFORM_MISMATCH, f"device {ctx.device_type}, kernel runs on {'/'.join(sorted(spec.platforms))}")
     if ctx.device_type == "cuda":
@@ -132,6 +141,13 @@ def _check(spec: KernelSpec, ctx: SelectionContext, out: list[Rejection],
     if ctx.dtype not in spec.dtypes:
         names = sorted(str(d).removeprefix("torch.") for d in spec.dtypes)
         reject(Reason.DTYPE_UNSUPPORTED, f"dtype {ctx.dtype_name} not in {names}")
+
+
+def _check(spec: KernelSpec, ctx: SelectionContext, out: list[Rejection],
+           reject: Callable[[Reason, str], None]) -> None:
+    if ctx.op not in spec.ops:
+        reject(Reason.OP_UNSUPPORTED, f"{ctx.op} not in {', '.join(spec.ops)}")
+    _check_device(spec, ctx, reject)
     if ctx.head_dim:
         d = ctx.head_dim
         if d > spec.max_head_dim:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..context import SelectionContext
 from ..errors import NoKernelFoundError
-from ..kernel import KernelSpec, check_constraints
+from ..kernel import KernelSpec, check_constraints, fits_device
 from ..reasons import Reason, Rejection
 
 if TYPE_CHECKING:
@@ -118,14 +118,11 @@ class SelectionEngine:
         rt = self.runtime
         if self._viable_generation != rt.generation:
             self._viable, self._viable_generation = {}, rt.generation
-        key = (ctx.op, ctx.device_type, ctx.sm, ctx.generation, ctx.dtype)
+        key = (ctx.op, ctx.device_type, ctx.sm, ctx.generation, ctx.isa, ctx.dtype)
         specs = self._viable.get(key)
         if specs is None:
             specs = [s for s in rt.registry.candidates(ctx.op)
-                     if rt.registry.backend(s.backend).availability[0]
-                     and ctx.device_type in s.platforms and ctx.dtype in s.dtypes
-                     and (ctx.device_type != "cuda" or (s.min_sm <= ctx.sm <= s.max_sm and (
-                         s.generations is None or ctx.generation in s.generations)))]
+                     if rt.registry.backend(s.backend).availability[0] and fits_device(s, ctx)]
             self._viable[key] = specs
         return specs
 
