@@ -55,11 +55,13 @@ def _entry(target: Callable[..., Any], rank: int, world: int, port: int, tmp: st
     os._exit(0)  # no teardown: a peer may be dead, and destroy_process_group could wait on it
 
 
-def run_ranks(target: Callable[..., Any], world: int, tmp_path: Path, deadline: float = DEADLINE_S) -> dict[int, Any]:
-    """Run target(rank, world, tmp_path) on `world` spawned ranks; {rank: ("ok", result) | ("error", ...)}."""
+def run_ranks(target: Callable[..., Any], world: int, tmp_path: Path, deadline: float = DEADLINE_S,
+              entry: Callable[..., None] = _entry) -> dict[int, Any]:
+    """Run entry(target, rank, world, port, tmp) on `world` spawned ranks (gloo's _entry by default);
+    {rank: ("ok", result) | ("error", ...)}."""
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(target, r, world, port, str(tmp_path)), daemon=True)
+    procs = [ctx.Process(target=entry, args=(target, r, world, port, str(tmp_path)), daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()

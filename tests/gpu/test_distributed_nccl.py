@@ -14,15 +14,14 @@ from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from tests.test_distributed import CALLS, _free_port, _setup_rank, ok
+from tests.test_distributed import CALLS, _setup_rank, ok, run_ranks
 
 pytestmark = [pytest.mark.gpu, pytest.mark.distributed,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")]
 
 
-def _entry(target: Any, rank: int, port: int, tmp: str) -> None:
+def _entry(target: Any, rank: int, world: int, port: int, tmp: str) -> None:
     os.environ["LAYERZERO_PERFDB"] = os.path.join(tmp, f"none-{rank}.sqlite")
     import datetime
 
@@ -30,7 +29,7 @@ def _entry(target: Any, rank: int, port: int, tmp: str) -> None:
 
     try:
         torch.cuda.set_device(rank)
-        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=60), device_id=torch.device("cuda", rank))
         result: Any = ("ok", target(rank, Path(tmp)))
     except BaseException as e:  # noqa: BLE001 - reported to the parent
@@ -41,23 +40,7 @@ def _entry(target: Any, rank: int, port: int, tmp: str) -> None:
 
 
 def _run(target: Any, tmp_path: Path, deadline: float = 120.0) -> dict[int, Any]:
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(target, r, port, str(tmp_path)), daemon=True) for r in range(2)]
-    for p in procs:
-        p.start()
-    end = time.monotonic() + deadline
-    for p in procs:
-        p.join(max(0.0, end - time.monotonic()))
-    stuck = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(5)
-    results = {r: pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes())
-               for r in range(2) if (tmp_path / f"rank{r}.pkl").exists()}
-    assert not stuck, f"ranks {stuck} still running after {deadline} s (killed); results: {results}"
-    return results
+    return run_ranks(target, 2, tmp_path, deadline, entry=_entry)
 
 
 def _sync(rank: int, tmp: Path) -> dict[str, Any]:
