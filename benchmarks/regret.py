@@ -2,7 +2,8 @@
 
     PYTHONPATH=src python3 benchmarks/regret.py [--quick] [--out benchmarks/results/regret_h100.md]
 
-For every shape of the standard list (attention prefill and decode, rms_norm, layer_norm; any
+For every shape of the standard list (attention prefill and decode, paged-KV decode and chunked
+prefill, rms_norm, layer_norm, rope; any
 other op family that registers a perf workload joins through `layerzero.perf.workloads`), and
 every kernel registered for it that can run here (so FlashInfer, Liger, Triton, ... kernels join
 automatically):
@@ -52,10 +53,19 @@ SHAPES = [
     ("rms_norm", (16384, 8192)),
     ("layer_norm", (256, 1024)),
     ("layer_norm", (4096, 4096)),
+    # paged KV (shuffled pages): batch, seq_q, seq_k, heads, kv_heads, head_dim, page_size
+    ("paged_attention", (32, 1, 8192, 32, 8, 128, 16)),     # decode, 1 GiB of KV
+    ("paged_attention", (8, 1, 32768, 32, 8, 128, 16)),     # long-context decode, 1 GiB of KV
+    ("paged_attention", (128, 1, 1024, 32, 8, 128, 16)),    # many short sequences
+    ("paged_attention", (4, 128, 4096, 32, 8, 128, 16)),    # chunked prefill on the cache
+    # rope, q and k together: batch, seq, heads, kv_heads, head_dim
+    ("rope_qk", (64, 1, 32, 8, 128)),                       # decode step
+    ("rope_qk", (1, 4096, 32, 8, 128)),                     # prefill
+    ("rope_qk", (4, 8192, 32, 8, 128)),
 ]
-QUICK = [SHAPES[0], SHAPES[6], SHAPES[10], SHAPES[11], SHAPES[13]]
+QUICK = [SHAPES[0], SHAPES[6], SHAPES[10], SHAPES[11], SHAPES[13], SHAPES[15], SHAPES[20]]
 CPU_SHAPES = [("attention", (1, 256, 256, 8, 2, 64, 1)), ("attention", (4, 1, 1024, 8, 2, 64, 1)),
-              ("rms_norm", (64, 1024)), ("layer_norm", (64, 1024))]
+              ("rms_norm", (64, 1024)), ("layer_norm", (64, 1024)), ("rope_qk", (2, 64, 8, 2, 64))]
 
 
 def geomean(xs: list[float]) -> float:

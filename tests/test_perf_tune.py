@@ -170,3 +170,32 @@ def test_cli_tune_and_solve(tmp_path, capsys):
                  "--dtype", "float32", "--device", "cpu"]) == 0
     assert "torch.rms_norm" in capsys.readouterr().out and (tmp_path / "s.py").exists()
     assert main(["solve", "rms_norm", "--dim", "rows", "--out", str(tmp_path / "t.py")]) == 2
+
+
+def test_compare_tuples_element_by_element():
+    a, b = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    assert compare((a, b), (a.clone(), b.clone()), torch.float32)[0]
+    ok, err = compare((a, b), (a.clone(), b + 1.0), torch.float32)
+    assert not ok and err == pytest.approx(1.0)
+    assert not compare((a,), (a, b), torch.float32)[0]  # a missing output is wrong, not ignored
+
+
+def test_rope_and_paged_workloads_build_checkable_inputs():
+    from layerzero.perf import workloads
+    from layerzero.perf.bench import measure
+
+    runtime.ensure_loaded()
+    cpu = torch.device("cpu")
+    ctx, records = measure("rope_qk", (2, 16, 4, 2, 32), torch.float32, cpu,
+                           [runtime.registry.kernel("torch.rope")], repeats=2, min_sample_s=1e-4)
+    assert ctx.op == "posenc.rope" and records[0].correct  # (q, k) both checked against the reference
+    assert workloads.shape_of("rope_qk", ctx) == (2, 16, 4, 2, 32)
+    for shape, op in (((3, 1, 64, 4, 2, 16, 16), "attention.decode"), ((2, 5, 48, 4, 2, 16, 16), "attention.paged")):
+        ctx = workloads.context_for("paged_attention", shape, torch.float32, cpu)
+        assert (ctx.op, ctx.batch, ctx.seq_len_k, ctx.page_size) == (op, shape[0], shape[2], 16)
+        args = workloads.workload("paged_attention").make(shape, torch.float32, cpu, torch.Generator().manual_seed(0))
+        q, k_cache, v_cache, table, lens = args
+        assert sorted(table.flatten().tolist()) == list(range(k_cache.shape[0]))  # every page used once
+        ref, cut = workloads.reference_output("paged_attention", args)
+        out = lz.paged_attention(*args)  # the op on the whole batch, cut to the reference's sequence 0
+        torch.testing.assert_close(cut(out).double(), ref, rtol=1e-4, atol=1e-5)

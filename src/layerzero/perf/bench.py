@@ -107,7 +107,14 @@ def time_calls(fn: Callable[..., Any], inputs: Sequence[tuple[Any, ...]], device
 
 
 def compare(out: Any, ref: Any, dtype: torch.dtype) -> tuple[bool, float]:
-    """(within tolerance, max abs error) of a kernel output vs the reference, in float64."""
+    """(within tolerance, max abs error) of a kernel output vs the reference, in float64.
+
+    Tuples (rope_qk's (q, k)) compare element by element: all must hold, the error is the largest."""
+    if isinstance(out, tuple | list) and isinstance(ref, tuple | list):
+        if len(out) != len(ref) or not out:
+            return False, math.inf
+        parts = [compare(o, r, dtype) for o, r in zip(out, ref, strict=True)]
+        return all(ok for ok, _ in parts), max(err for _, err in parts)
     if not isinstance(out, torch.Tensor) or not isinstance(ref, torch.Tensor):
         return False, math.inf
     if out.shape != ref.shape:

@@ -3,6 +3,10 @@
 A shape is a tuple of ints named by `Workload.dims`:
 - attention:  (batch, seq_q, seq_k, heads, kv_heads, head_dim, causal), q/k/v in BSHD
 - rms_norm / layer_norm: (rows, hidden), with weight (and bias) of size hidden
+- rope_qk: (batch, seq, heads, kv_heads, head_dim), q and k in BSHD, a full-width (seq, head_dim) cos/sin
+- paged_attention: (batch, seq_q, seq_k, heads, kv_heads, head_dim, page_size), an NHD cache whose
+  pages are shuffled (as a serving allocator leaves them), every sequence seq_k tokens long (make
+  seq_k a multiple of page_size: the context's seq_len_k is the page table's capacity)
 
 Other op families join by calling `register_workload`.
 """
@@ -29,7 +33,7 @@ Args = tuple[Any, ...]
 # Workload dim -> the SelectionContext field that holds it.
 CONTEXT_FIELDS = {"batch": "batch", "seq_q": "seq_len_q", "seq_k": "seq_len_k", "heads": "num_heads",
                   "kv_heads": "num_kv_heads", "head_dim": "head_dim", "causal": "is_causal", "rows": "num_rows",
-                  "hidden": "hidden_size"}
+                  "hidden": "hidden_size", "seq": "seq_len_q", "page_size": "page_size"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +200,38 @@ def _rows_inputs(bias: bool) -> Callable[[Shape, torch.dtype, torch.device, torc
     return make
 
 
+def _rope_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> Args:
+    b, s, hq, hkv, d = shape
+    q = _randn((b, s, hq, d), dtype, device, gen)
+    k = _randn((b, s, hkv, d), dtype, device, gen)
+    angles = torch.rand((s, d // 2), generator=gen, device=device, dtype=torch.float32) * 6.3
+    angles = torch.cat((angles, angles), dim=-1)
+    return (q, k, angles.cos().to(dtype), angles.sin().to(dtype))
+
+
+def _paged_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> Args:
+    b, sq, sk, hq, hkv, d, page = shape
+    sk = max(sk, sq, 1)
+    per_seq = -(-sk // page)
+    q = _randn((b, sq, hq, d), dtype, device, gen)
+    k_cache = _randn((b * per_seq, page, hkv, d), dtype, device, gen)
+    v_cache = _randn((b * per_seq, page, hkv, d), dtype, device, gen)
+    order = torch.randperm(b * per_seq, generator=gen, device=device)
+    page_table = order.view(b, per_seq).to(torch.int32)
+    seq_lens = torch.full((b,), sk, dtype=torch.int32, device=device)
+    return (q, k_cache, v_cache, page_table, seq_lens)
+
+
+def _paged_view(args: Args) -> tuple[Args, Callable[[Any], Any]]:
+    """Sequence 0 only (its pages stay where they are in the shared cache)."""
+    q, k_cache, v_cache, page_table, seq_lens, *rest = args
+    return (q[:1], k_cache, v_cache, page_table[:1], seq_lens[:1], *rest), lambda out: out[:1]
+
+
 register_workload(Workload("attention", ("batch", "seq_q", "seq_k", "heads", "kv_heads", "head_dim", "causal"),
                            ("batch", "seq_q", "seq_k"), _attention_inputs, _attention_view))
 register_workload(Workload("rms_norm", ("rows", "hidden"), ("rows",), _rows_inputs(bias=False)))
 register_workload(Workload("layer_norm", ("rows", "hidden"), ("rows",), _rows_inputs(bias=True)))
+register_workload(Workload("rope_qk", ("batch", "seq", "heads", "kv_heads", "head_dim"), (), _rope_inputs))
+register_workload(Workload("paged_attention", ("batch", "seq_q", "seq_k", "heads", "kv_heads", "head_dim", "page_size"),
+                           ("batch", "seq_k"), _paged_inputs, _paged_view))
