@@ -254,6 +254,10 @@ class IsolatedBackend:
                 raise KernelExecutionError(kernel_id, e) from None
             if isinstance(result, _Ref):
                 return _view(worker.arena, result).clone()  # the arena is reused by the next call
+            if isinstance(result, torch.Tensor) and result.is_cuda:
+                # a CUDA IPC view of the worker's memory: copy it into ours, so that the result
+                # outlives the worker (a later crash or restart frees that memory)
+                return result.clone()
             return result
 
     def _pack(self, worker: _Process, args: tuple[Any, ...],
