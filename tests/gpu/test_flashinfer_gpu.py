@@ -4,7 +4,7 @@
 
 Compiled variants (kept small: each prefill module is 75-110 s of nvcc, each decode module ~13 s;
 `bash .gpu/save-jit-cache.sh OUT` afterwards keeps them): prefill bf16 d128, prefill bf16 d64,
-prefill bf16 d128 window+softcap; decode bf16 d128, fp16 d128, bf16 d64, bf16 d128 window,
+prefill bf16 d128 window+softcap, prefill bf16 d256, prefill fp16 d128; decode bf16 d128, fp16 d128, bf16 d64, bf16 d128 window,
 bf16 d128 softcap. Tolerances against the float64 reference computed from the same half inputs:
 bf16 rtol 1e-2 / atol 2e-2, fp16 rtol 1e-3 / atol 2e-3 (attention outputs are O(1) averages of v,
 so the absolute term covers outputs near zero). Prints a table: kernel, case, max error, pass.
@@ -140,6 +140,17 @@ def test_paged_prefill(layout):
     out = fi.paged_prefill(q, kc, vc, table, lens, True, None, None, 0.0, layout)
     check("flashinfer.paged_prefill", f"{layout} page16 B3 Sq32 lens[40,33,100] H10/2", out,
           paged_ref(q, kc, vc, table, lens, True, None, None, 0.0, layout))
+
+
+# ----------------------------------------------------------------------------- prefill modules, bf16 d256, fp16 d128
+
+def test_dense_prefill_d256_and_fp16():
+    q, k, v = rand(1, 300, 8, 256), rand(1, 300, 2, 256, seed=1), rand(1, 300, 2, 256, seed=2)
+    out = fi.prefill(q, k, v, None, True, 0.0, None, None, 0.0)
+    check("flashinfer.prefill", "B1 S300 H8/2 d256 causal", out, dense_ref(q, k, v, True))
+    q, k, v = (rand(2, 256, 8, 128, dtype=torch.float16, seed=s) for s in range(3))
+    out = fi.prefill(q, k, v, None, False, 0.0, None, None, 0.0)
+    check("flashinfer.prefill", "fp16 B2 S256 H8/8 d128", out, dense_ref(q, k, v, False))
 
 
 # ----------------------------------------------------------------------------- prefill module, bf16 d64
