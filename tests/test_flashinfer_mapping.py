@@ -8,6 +8,7 @@ GQA mapping fails here. The real kernels run in tests/gpu/test_flashinfer_gpu.py
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -454,8 +455,8 @@ def test_workspace_estimate(lib):
 
 
 def test_broken_flashinfer_never_takes_the_process_down(tmp_path):
-    """A `flashinfer` that raises on import: layerzero imports, lists, selects and runs; our kernel
-    raises BackendNotAvailableError (which the runtime's fallback turns into another kernel)."""
+    """A `flashinfer` that raises on import: layerzero imports, lists, selects and runs (attention and
+    sampling); our kernel raises BackendNotAvailableError (which the runtime's fallback turns into another kernel)."""
     (tmp_path / "flashinfer").mkdir()
     (tmp_path / "flashinfer" / "__init__.py").write_text("raise RuntimeError('broken build')\n")
     code = (
@@ -465,6 +466,8 @@ def test_broken_flashinfer_never_takes_the_process_down(tmp_path):
         "assert [k.available for k in lz.list_kernels('flashinfer.prefill')] == [True]\n"
         "q = torch.randn(1, 4, 2, 64)\n"
         "lz.attention(q, q, q, is_causal=True)\n"
+        "assert len([k for k in lz.list_kernels('sampling.*') if k.id.startswith('flashinfer.')]) == 5\n"
+        "lz.sample(torch.randn(2, 10), top_k=3, top_p=0.5)\n"
         "assert 'flashinfer' not in sys.modules\n"
         "try:\n"
         "    fi.prefill(q, q, q, None, True, 0.0, None, None, 0.0)\n"
@@ -477,3 +480,125 @@ def test_broken_flashinfer_never_takes_the_process_down(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- sampling kernels
+
+SAMPLING_IDS = {"flashinfer.sampling_from_logits": "sampling.plain", "flashinfer.top_k_sampling": "sampling.topk",
+                "flashinfer.top_p_sampling": "sampling.topp", "flashinfer.min_p_sampling": "sampling.minp",
+                "flashinfer.top_k_top_p_sampling": "sampling.topk_topp"}
+
+
+def test_sampling_kernels_registered_once_under_flashinfer():
+    from layerzero.backends import flashinfer_sampling as fs
+
+    runtime.ensure_loaded()
+    assert not hasattr(fs, "BACKEND"), "backends/flashinfer.py owns the Backend"
+    backend_ids = [s.id for s in runtime.registry.backend("flashinfer").kernels]
+    assert len(backend_ids) == len(set(backend_ids))
+    assert set(SAMPLING_IDS) <= set(backend_ids)
+    for kernel_id, op in SAMPLING_IDS.items():
+        spec = runtime.registry.kernel(kernel_id)
+        assert spec.ops == (op,) and spec.backend == "flashinfer" and not spec.graph_safe
+        assert [s.id for s in runtime.registry.candidates(op)].count(kernel_id) == 1
+    # on CPU it shows up once in explain, rejected (CUDA only; FlashInfer is not installed here)
+    report = lz.explain("sample", torch.randn(2, 10), top_k=3, top_p=0.5)
+    rejected = [k for k in report.rejection_reasons if k.startswith("flashinfer.")]
+    assert rejected == ["flashinfer.top_k_top_p_sampling"]
+    assert report.rejection_reasons["flashinfer.top_k_top_p_sampling"][0] in (Reason.BACKEND_NOT_INSTALLED,
+                                                                           Reason.PLATFORM_MISMATCH)
+
+
+@pytest.fixture
+def sampling_lib(monkeypatch):
+    """The stand-in `flashinfer.sampling`, and CPU copies of our kernels that call it (ids
+    standin_flashinfer.*): lz.sample then runs the whole path (normalisation, binding, our mapping)."""
+    from layerzero.backends.flashinfer_sampling import SAMPLING_KERNELS
+
+    mod = standin.make_flashinfer()
+    monkeypatch.setitem(sys.modules, "flashinfer", mod)
+    monkeypatch.setitem(sys.modules, "flashinfer.sampling", mod.sampling)
+    for spec in SAMPLING_KERNELS:
+        lz.register_kernel(dataclasses.replace(spec, id="standin_" + spec.id, platforms=frozenset({"cpu"})))
+    standin.CALLS.clear()
+    yield standin.CALLS
+
+
+V = 50
+INF = float("inf")
+
+
+def _logits(dtype=torch.float32):
+    x = torch.randn(6, V, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 2
+    x[1, 7:] = -INF  # a row with few finite logits
+    x[4] = -INF  # no finite logit: -1
+    return x.to(dtype)
+
+
+T_ROWS = torch.tensor([0.7, 1.0, 1.6, 0.0, 1.0, 0.9])  # row 3: temperature 0 -> argmax
+SAMPLING_CASES = [
+    ("sampling_from_logits", "sampling_from_logits", dict(temperature=0.7)),
+    ("sampling_from_logits", "sampling_from_logits", dict(temperature=T_ROWS)),
+    ("top_k_sampling", "top_k_sampling_from_probs", dict(top_k=5)),
+    ("top_k_sampling", "top_k_sampling_from_probs", dict(top_k=torch.tensor([3, 0, 1, 60, 7, -2]), temperature=T_ROWS)),
+    ("top_p_sampling", "top_p_sampling_from_probs", dict(top_p=0.6, temperature=1.3)),
+    ("top_p_sampling", "top_p_sampling_from_probs",
+     dict(top_p=torch.tensor([0.3, 0.95, 1.0, 0.5, 0.5, 0.05], dtype=torch.float64))),
+    ("min_p_sampling", "min_p_sampling_from_probs", dict(min_p=0.1, temperature=0.8)),
+    ("min_p_sampling", "min_p_sampling_from_probs", dict(min_p=torch.tensor([0.0, 0.3, 0.05, 0.2, 0.5, 1.0]))),
+    ("top_k_top_p_sampling", "top_k_top_p_sampling_from_logits", dict(top_k=8, top_p=0.7)),
+    ("top_k_top_p_sampling", "top_k_top_p_sampling_from_logits",
+     dict(top_k=torch.tensor([4, 9, 0, 2, 3, 30], dtype=torch.int32), top_p=torch.tensor([0.5, 0.9, 0.6, 1.0, 0.2, 0.8]),
+          temperature=T_ROWS)),
+]
+
+
+@pytest.mark.parametrize("kernel, function, kw", SAMPLING_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(SAMPLING_CASES)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sampling_mapping(sampling_lib, kernel, function, kw, dtype):
+    """What reaches FlashInfer (function, dtypes, filters, the distribution they describe) and what
+    comes back (int64, argmax on temperature-0 rows, -1 on rows without a finite logit)."""
+    logits = _logits(dtype)
+    lz.lock("sampling.*", "standin_flashinfer." + kernel)
+    assert lz.which("sample", logits, **kw) == "standin_flashinfer." + kernel
+    gen = torch.Generator().manual_seed(1)
+    out = lz.sample(logits, generator=gen, **kw)
+    (name, call), = sampling_lib
+    assert name == "sampling." + function and call["generator"] is gen
+    for arg, value in call.items():
+        if arg == "top_k" and isinstance(value, torch.Tensor):
+            assert value.dtype == torch.int32 and int(value.min()) >= 1 and int(value.max()) <= V
+        elif arg in ("top_p", "min_p") and isinstance(value, torch.Tensor):
+            assert value.dtype == torch.float32
+    # the distribution FlashInfer was asked to sample from, against the float64 reference semantics
+    t = kw.get("temperature", 1.0)
+    t_col = torch.where(t > 0, t, 1.0).double().view(-1, 1) if isinstance(t, torch.Tensor) else t
+    want = R.filter_probs(torch.softmax(logits.double() / t_col, -1), kw.get("top_k"), kw.get("top_p"),
+                          kw.get("min_p"))
+    rows = [0, 1, 2, 3, 5]  # row 4 has no finite logit: FlashInfer sees zeros, we return -1
+    torch.testing.assert_close(call["dist"][rows], want[rows], rtol=0, atol=1e-5)
+    assert out.dtype == torch.int64 and out.shape == (6,)
+    assert out[4] == -1
+    greedy = logits.float().argmax(-1)
+    for r in rows:
+        if isinstance(t, torch.Tensor) and t[r] == 0:
+            assert out[r] == greedy[r]
+        else:
+            assert want[r, out[r]] > 0, f"row {r} drew filtered token {int(out[r])}"
+
+
+def test_sampling_generator_passes_through(sampling_lib):
+    lz.lock("sampling.*", "standin_flashinfer.top_p_sampling")
+    logits = torch.randn(64, 1000, generator=torch.Generator().manual_seed(0))
+    a = lz.sample(logits, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    b = lz.sample(logits, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    c = lz.sample(logits, top_p=0.9, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_sampling_without_flashinfer_raises_backend_not_available(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flashinfer", None)  # `import flashinfer.sampling` raises ImportError
+    runtime.ensure_loaded()
+    spec = runtime.registry.kernel("flashinfer.top_k_sampling")
+    with pytest.raises(BackendNotAvailableError, match="flashinfer failed to import"):
+        spec.impl(torch.randn(2, 10), 3, None, None, 1.0, None)

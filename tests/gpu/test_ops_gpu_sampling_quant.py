@@ -3,11 +3,13 @@ float64 references.
 
     source .gpu/activate.sh && PYTHONPATH=src:$PYTHONPATH python3 -m pytest -m gpu tests/gpu/test_ops_gpu_sampling_quant.py -q -s
 
-The first FlashInfer sampling call JIT-compiles its module (one nvcc build, a minute or two
-without .gpu/jit-cache.tgz). Sampling checks are chi-square tests of 50,000 draws against the
-renormalized distribution (p-value > 1e-4, fixed CUDA generator seeds) plus exact support
-checks; fp8 linear outputs are compared with the float64 reference that quantizes the
-activations the same way. Prints a table: check, kernel, statistic, pass.
+Self-contained: every input is made here; skips without CUDA, and the FlashInfer tests skip
+without an importable flashinfer. The first FlashInfer sampling call loads its module (one nvcc
+build of a minute or two when neither FlashInfer's JIT cache nor .gpu/jit-cache.tgz has it; the
+tests themselves take a few seconds). Sampling checks are chi-square tests of 50,000 draws against
+the renormalized distribution (p-value > 1e-4, fixed CUDA generator seeds) plus exact support
+checks; fp8 linear outputs are compared with the float64 reference that quantizes the activations
+the same way. Prints a table: check, kernel, statistic, pass.
 """
 
 from __future__ import annotations
@@ -18,13 +20,21 @@ import torch
 import layerzero as lz
 from layerzero.state import runtime
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 DEV = "cuda"
 N = 50_000
 ROWS: list[tuple[str, str, str, bool]] = []
 # distinct logits, no ties (the same row as tests/test_sampling.py); torch only: the GPU machine may lack numpy/scipy
 LOGITS = torch.tensor([2.0, 1.5, 1.1, 0.7, 0.2, -0.3, -0.9, -1.4, -2.2, -3.0, 0.45, 1.3], dtype=torch.float64)
+# kernel id -> a call that uses it (op sampling.plain / topk / topp / minp / topk_topp)
+FLASHINFER = {
+    "flashinfer.sampling_from_logits": dict(temperature=0.8),
+    "flashinfer.top_k_sampling": dict(top_k=50),
+    "flashinfer.top_p_sampling": dict(top_p=0.9),
+    "flashinfer.min_p_sampling": dict(min_p=0.05),
+    "flashinfer.top_k_top_p_sampling": dict(top_k=50, top_p=0.9),
+}
 
 
 def expected_probs(logits: torch.Tensor, top_k=None, top_p=None, min_p=None, temperature=1.0) -> torch.Tensor:
@@ -58,21 +68,20 @@ def chi_square_pvalue(counts: torch.Tensor, expected: torch.Tensor) -> float:
 def summary():
     yield
     print("\n\nsampling / fp8 linear on", torch.cuda.get_device_name() if torch.cuda.is_available() else "?")
-    print(f"{'check':<44} {'kernel':<34} {'statistic':<24} pass")
+    print(f"{'check':<48} {'kernel':<34} {'statistic':<24} pass")
     for check, kernel, stat, ok in ROWS:
-        print(f"{check:<44} {kernel:<34} {stat:<24} {'yes' if ok else 'NO'}")
+        print(f"{check:<48} {kernel:<34} {stat:<24} {'yes' if ok else 'NO'}")
     print(f"{len(ROWS)} checks, {sum(not r[3] for r in ROWS)} failed")
 
 
-def flashinfer_kernels() -> None:
-    """Register FlashInfer's sampling kernels if backends/flashinfer.py has not merged them yet."""
+@pytest.fixture
+def flashinfer_sampling() -> None:
+    """FlashInfer importable, and its sampling kernels registered once by backends/flashinfer.py."""
     pytest.importorskip("flashinfer", reason="FlashInfer is not importable (source .gpu/activate.sh first)")
-    from layerzero.backends.flashinfer_sampling import SAMPLING_KERNELS
-
     runtime.ensure_loaded()
-    for spec in SAMPLING_KERNELS:
-        if spec.id not in runtime.registry.kernels:
-            lz.register_kernel(spec)
+    ids = [s.id for s in runtime.registry.backend("flashinfer").kernels]
+    assert all(ids.count(kernel) == 1 for kernel in FLASHINFER), ids
+    assert runtime.registry.backend("flashinfer").availability[0]
 
 
 def gen(seed: int) -> torch.Generator:
@@ -100,32 +109,51 @@ def check_distribution(name: str, kernel: str, draws: torch.Tensor, probs: torch
 
 FLASHINFER_CASES = [
     ("flashinfer.sampling_from_logits", dict(temperature=0.8)),
+    ("flashinfer.sampling_from_logits", dict(temperature=1.7)),
     ("flashinfer.top_k_sampling", dict(top_k=4)),
+    ("flashinfer.top_k_sampling", dict(top_k=6, temperature=0.6)),
     ("flashinfer.top_p_sampling", dict(top_p=0.6)),
+    ("flashinfer.top_p_sampling", dict(top_p=0.8, temperature=1.5)),
     ("flashinfer.min_p_sampling", dict(min_p=0.2)),
+    ("flashinfer.min_p_sampling", dict(min_p=0.1, temperature=0.7)),
     ("flashinfer.top_k_top_p_sampling", dict(top_k=8, top_p=0.7)),
+    ("flashinfer.top_k_top_p_sampling", dict(top_k=5, top_p=0.9, temperature=1.3)),
 ]
 
 
-@pytest.mark.parametrize("kernel, case", FLASHINFER_CASES, ids=[c[0] for c in FLASHINFER_CASES])
-def test_flashinfer_distribution(kernel, case):
-    flashinfer_kernels()
+@pytest.mark.parametrize("kernel, case", FLASHINFER_CASES, ids=[f"{c[0]}-{c[1]}" for c in FLASHINFER_CASES])
+def test_flashinfer_distribution(flashinfer_sampling, kernel, case):
     check_distribution(f"chi-square {case}", kernel, draw(kernel, **case), expected_probs(LOGITS, **case))
 
 
-@pytest.mark.parametrize("case", [dict(top_k=4), dict(top_p=0.6), dict(top_k=8, top_p=0.8, min_p=0.1, temperature=0.8)])
-def test_torch_kernel_distribution_on_gpu(case):
-    check_distribution(f"chi-square {case}", "torch_ops.sample", draw("torch_ops.sample", **case),
-                       expected_probs(LOGITS, **case))
-
-
-@pytest.mark.parametrize("kernel", ["flashinfer.top_p_sampling", "flashinfer.top_k_sampling", "torch_ops.sample"])
-def test_cuda_generator_reproducible(kernel):
-    if kernel.startswith("flashinfer"):
-        flashinfer_kernels()
+def test_flashinfer_per_row_parameters_distribution(flashinfer_sampling):
+    """(B,) tensors of top_k / top_p / temperature: each row follows its own distribution."""
+    kernel = "flashinfer.top_k_top_p_sampling"
     lz.lock("sampling.*", kernel)
-    logits = torch.randn(256, 32000, device=DEV)
-    kw = dict(top_p=0.9) if "top_p" in kernel or kernel.startswith("torch") else dict(top_k=50)
+    params = [dict(top_k=3, top_p=1.0, temperature=1.0), dict(top_k=12, top_p=0.5, temperature=0.7),
+              dict(top_k=0, top_p=0.9, temperature=1.4)]  # top_k 0: off
+    n = N // len(params)
+    logits = LOGITS.to(DEV, torch.float32).expand(n * len(params), -1).contiguous()
+    rows = [torch.full((n,), i, device=DEV) for i in range(len(params))]
+    pick = torch.cat(rows)
+    k = torch.tensor([p["top_k"] for p in params], device=DEV)[pick]
+    tp = torch.tensor([p["top_p"] for p in params], device=DEV)[pick]
+    t = torch.tensor([p["temperature"] for p in params], device=DEV)[pick]
+    assert lz.which("sample", logits, top_k=k, top_p=tp, temperature=t) == kernel
+    out = lz.sample(logits, top_k=k, top_p=tp, temperature=t, generator=gen(5)).cpu()
+    for i, p in enumerate(params):
+        want = expected_probs(LOGITS, top_k=p["top_k"] or None, top_p=p["top_p"], temperature=p["temperature"])
+        check_distribution(f"per-row chi-square {p}", kernel, out[i * n:(i + 1) * n], want)
+
+
+@pytest.mark.parametrize("kernel", list(FLASHINFER) + ["torch_ops.sample"])
+def test_cuda_generator_reproducible(request, kernel):
+    if kernel.startswith("flashinfer"):
+        request.getfixturevalue("flashinfer_sampling")
+    kw = FLASHINFER.get(kernel, dict(top_p=0.9))
+    lz.lock("sampling.*", kernel)
+    logits = torch.randn(256, 32000, device=DEV, generator=gen(0))
+    assert lz.which("sample", logits, **kw) == kernel
     a = lz.sample(logits, generator=gen(11), **kw)
     b = lz.sample(logits, generator=gen(11), **kw)
     c = lz.sample(logits, generator=gen(12), **kw)
@@ -134,24 +162,66 @@ def test_cuda_generator_reproducible(kernel):
     assert ok
 
 
-def test_flashinfer_per_row_and_edge_rows():
-    flashinfer_kernels()
-    lz.lock("sampling.*", "flashinfer.top_k_top_p_sampling")
-    logits = torch.randn(1, 1000, device=DEV).expand(4, -1).contiguous()
-    logits[2] = float("-inf")
-    k = torch.tensor([1, 5, 5, 0], device=DEV)
-    t = torch.tensor([1.0, 1.0, 1.0, 0.0], device=DEV)
-    order = logits[0].argsort(descending=True)
-    seen: list[set[int]] = [set(), set(), set(), set()]
-    g = gen(3)
-    for _ in range(200):
-        out = lz.sample(logits, top_k=k, top_p=0.99, temperature=t, generator=g).tolist()
-        for r in range(4):
-            seen[r].add(out[r])
-    ok = (seen[0] == {int(order[0])} and seen[1] <= set(order[:5].tolist()) and seen[2] == {-1}
-          and seen[3] == {int(order[0])})
-    ROWS.append(("per-row k / temperature 0 / -inf row", "flashinfer.top_k_top_p_sampling", str([len(s) for s in seen]), ok))
+@pytest.mark.parametrize("kernel", list(FLASHINFER))
+def test_flashinfer_temperature_zero_and_minus_inf_rows(flashinfer_sampling, kernel):
+    """Per-row temperature 0 takes the argmax; a row of -inf gives -1; a row with one finite logit
+    gives that token; the other rows stay inside their filter's support."""
+    lz.lock("sampling.*", kernel)
+    logits = torch.randn(6, 1000, device=DEV, generator=gen(1))
+    logits[1] = float("-inf")
+    logits[4] = float("-inf")
+    logits[4, 123] = 0.5
+    t = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 0.8], device=DEV)
+    kw = FLASHINFER[kernel] | {"temperature": t}
+    assert lz.which("sample", logits, **kw) == kernel
+    greedy = logits.argmax(-1)
+    top = logits.argsort(-1, descending=True)[:, :50]
+    g = gen(2)
+    bad = 0
+    for _ in range(20):
+        out = lz.sample(logits, generator=g, **kw)
+        bad += int(out[0] != greedy[0]) + int(out[3] != greedy[3]) + int(out[1] != -1) + int(out[4] != 123)
+        if "top_k" in kw:  # rows 2 and 5 sample among the 50 most likely tokens
+            bad += int(not (top[2] == out[2]).any()) + int(not (top[5] == out[5]).any())
+        bad += int(((out[[2, 5]] < 0) | (out[[2, 5]] >= 1000)).sum())
+    ROWS.append(("temperature-0 rows / -inf row / one-finite row", kernel, f"violations={bad}", bad == 0))
+    assert bad == 0
+
+
+@pytest.mark.parametrize("kernel", list(FLASHINFER))
+def test_flashinfer_all_rows_temperature_zero_is_greedy(flashinfer_sampling, kernel):
+    logits = torch.randn(64, 32000, device=DEV, generator=gen(4), dtype=torch.bfloat16)
+    lz.lock("sampling.*", kernel)
+    kw = FLASHINFER[kernel] | {"temperature": torch.zeros(64, device=DEV)}
+    assert lz.which("sample", logits, **kw) == kernel
+    out = lz.sample(logits, generator=gen(0), **kw)
+    x = logits.float()  # bf16 has ties at the maximum: any maximal token is the argmax
+    ok = bool((x.gather(1, out.view(-1, 1)).view(-1) == x.max(-1).values).all())
+    ROWS.append(("temperature 0 on every row == argmax (bf16)", kernel, "", ok))
     assert ok
+
+
+@pytest.mark.parametrize("kernel", list(FLASHINFER))
+def test_sample_selects_flashinfer_on_cuda(flashinfer_sampling, kernel, tmp_path):
+    """No lock: on CUDA with FlashInfer installed, lz.sample picks FlashInfer's kernel for its op
+    (an empty PerfDB, so that timings left on the machine do not decide)."""
+    lz.perfdb(tmp_path / "perfdb.sqlite")
+    logits = torch.randn(8, 32000, device=DEV, generator=gen(0))
+    kw = FLASHINFER[kernel]
+    report = lz.explain("sample", logits, **kw)
+    assert report.selected_kernel == kernel, str(report)
+    assert kernel not in report.rejection_reasons
+    assert lz.which("sample", logits, **kw) == kernel
+    out = lz.sample(logits, generator=gen(1), **kw)
+    ok = out.dtype == torch.int64 and out.shape == (8,) and bool(((out >= 0) & (out < 32000)).all())
+    ROWS.append((f"selected without a lock {kw}", kernel, report.op, ok))
+    assert ok
+
+
+@pytest.mark.parametrize("case", [dict(top_k=4), dict(top_p=0.6), dict(top_k=8, top_p=0.8, min_p=0.1, temperature=0.8)])
+def test_torch_kernel_distribution_on_gpu(case):
+    check_distribution(f"chi-square {case}", "torch_ops.sample", draw("torch_ops.sample", **case),
+                       expected_probs(LOGITS, **case))
 
 
 def test_cpu_generator_with_cuda_logits_is_an_error():

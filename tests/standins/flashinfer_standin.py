@@ -1,4 +1,5 @@
-"""STAND-IN for FlashInfer's plan/run attention wrappers, for CPU tests of LayerZero's argument mapping.
+"""STAND-IN for FlashInfer's plan/run attention wrappers and its sampling functions, for CPU tests
+of LayerZero's argument mapping.
 
 This is NOT FlashInfer. It implements, naively and in float64, the semantics FlashInfer 0.7.2
 documents for the three wrappers our backend calls (BatchPrefillWithRaggedKVCacheWrapper,
@@ -9,6 +10,14 @@ logits_soft_cap * tanh(score * sm_scale / cap), GQA by head groups, plan-time sm
 and the decode module's supported GQA group sizes. Like FlashInfer it copies host indptr arrays at
 plan time but keeps a device kv_indices tensor by reference. It records every call. A mapping bug
 gives a wrong output the tests catch; it never replaces the GPU run.
+
+`flashinfer.sampling` here has the 0.7.2 signatures of the five functions our sampling kernels
+call (sampling_from_logits, top_k_sampling_from_probs, top_p_sampling_from_probs,
+min_p_sampling_from_probs, top_k_top_p_sampling_from_logits) and their documented input rules:
+float32 (B, V) inputs, top_k an int or int32 (B,) tensor, top_p / min_p a float or float32 (B,)
+tensor, int32 output. It computes the filtered distribution in float64 (top-k: the k largest;
+top-p: the smallest top set with mass >= p; min-p: p >= min_p * max p; top-k-first for the joint
+call), records it with the arguments, and draws from it with torch.multinomial and the generator.
 """
 
 from __future__ import annotations
@@ -176,12 +185,119 @@ class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
         return out.to(q.dtype)
 
 
+# ----------------------------------------------------------------------------- flashinfer.sampling
+
+def _rows(x, name):
+    assert isinstance(x, torch.Tensor) and x.dim() == 2, f"{name} is (batch_size, num_classes)"
+    assert x.dtype == torch.float32, f"{name} must be float32 (FlashInfer: float32 inputs), got {x.dtype}"
+    assert x.is_contiguous(), f"{name} must be contiguous"
+    return x.double()
+
+
+def _param(value, name, batch, dtype, lo, hi):
+    """A per-row float64 column from a scalar or a (batch,) tensor of the documented dtype."""
+    if isinstance(value, torch.Tensor):
+        assert value.dtype == dtype, f"{name} tensor must be {dtype}, got {value.dtype}"
+        assert tuple(value.shape) == (batch,), f"{name} tensor must be (batch_size,), got {tuple(value.shape)}"
+        col = value.double().view(-1, 1)
+    else:
+        assert not isinstance(value, bool) and isinstance(value, (int, float)), f"{name}: {type(value).__name__}"
+        col = torch.full((batch, 1), float(value), dtype=torch.float64)
+    assert bool(((col >= lo) & (col <= hi)).all()), f"{name} outside [{lo}, {hi}]: {col.view(-1).tolist()}"
+    return col
+
+
+def _probs(p):
+    assert bool(((p.sum(-1) - 1).abs() < 1e-4).all()), "probs rows must sum to 1"
+    return p
+
+
+def _keep_top_k(p, k):
+    tau = p.sort(-1, descending=True).values.gather(-1, k.long() - 1)
+    return torch.where(p >= tau, p, 0.0)
+
+
+def _keep_top_p(p, top_p):
+    p = p / p.sum(-1, keepdim=True)
+    s = p.sort(-1, descending=True).values
+    before = s.cumsum(-1) - s  # mass of the strictly larger tokens
+    tau = torch.where(before < top_p, s, 2.0).min(-1, keepdim=True).values
+    return torch.where(p >= tau, p, 0.0)
+
+
+def _draw(name, p, generator, args):
+    assert generator is None or isinstance(generator, torch.Generator)
+    p = p / p.sum(-1, keepdim=True)
+    CALLS.append((f"sampling.{name}", {**args, "dist": p, "generator": generator}))
+    return torch.multinomial(p, 1, generator=generator).view(-1).to(torch.int32)
+
+
+def sampling_from_logits(logits, indices=None, deterministic=True, generator=None, check_nan=False, seed=None,
+                         offset=None):
+    assert indices is None and seed is None and offset is None
+    x = _rows(logits, "logits")
+    return _draw("sampling_from_logits", torch.softmax(x, -1), generator, {"logits": logits})
+
+
+def top_k_sampling_from_probs(probs, top_k, indices=None, deterministic=True, generator=None, check_nan=False,
+                              seed=None, offset=None, return_valid=False):
+    assert indices is None and seed is None and offset is None and not return_valid
+    p = _probs(_rows(probs, "probs"))
+    k = _param(top_k, "top_k", p.shape[0], torch.int32, 1, p.shape[1])
+    return _draw("top_k_sampling_from_probs", _keep_top_k(p, k), generator, {"probs": probs, "top_k": top_k})
+
+
+def top_p_sampling_from_probs(probs, top_p, indices=None, deterministic=True, generator=None, check_nan=False,
+                              seed=None, offset=None, return_valid=False):
+    assert indices is None and seed is None and offset is None and not return_valid
+    p = _probs(_rows(probs, "probs"))
+    tp = _param(top_p, "top_p", p.shape[0], torch.float32, 0.0, 1.0)
+    return _draw("top_p_sampling_from_probs", _keep_top_p(p, tp), generator, {"probs": probs, "top_p": top_p})
+
+
+def min_p_sampling_from_probs(probs, min_p, indices=None, deterministic=True, generator=None, check_nan=False,
+                              seed=None, offset=None, return_valid=False):
+    assert indices is None and seed is None and offset is None and not return_valid
+    p = _probs(_rows(probs, "probs"))
+    mp = _param(min_p, "min_p", p.shape[0], torch.float32, 0.0, 1.0)
+    kept = torch.where(p >= mp * p.max(-1, keepdim=True).values, p, 0.0)
+    return _draw("min_p_sampling_from_probs", kept, generator, {"probs": probs, "min_p": min_p})
+
+
+def top_k_top_p_sampling_from_logits(logits, top_k, top_p, indices=None, filter_apply_order="top_k_first",
+                                     deterministic=True, generator=None, check_nan=False, seed=None, offset=None):
+    assert indices is None and seed is None and offset is None
+    assert filter_apply_order in ("top_k_first", "joint")
+    p = torch.softmax(_rows(logits, "logits"), -1)
+    k = _param(top_k, "top_k", p.shape[0], torch.int32, 1, p.shape[1])
+    tp = _param(top_p, "top_p", p.shape[0], torch.float32, 0.0, 1.0)
+    if filter_apply_order == "top_k_first":
+        kept = _keep_top_p(_keep_top_k(p, k), tp)
+    else:  # both filters on the full distribution
+        kept = torch.where((_keep_top_k(p, k) > 0) & (_keep_top_p(p, tp) > 0), p, 0.0)
+    return _draw("top_k_top_p_sampling_from_logits", kept, generator,
+                 {"logits": logits, "top_k": top_k, "top_p": top_p, "filter_apply_order": filter_apply_order})
+
+
+def make_sampling() -> types.ModuleType:
+    """A module named `flashinfer.sampling` with the five sampling functions."""
+    mod = types.ModuleType("flashinfer.sampling")
+    mod.__spec__ = importlib.machinery.ModuleSpec("flashinfer.sampling", None)
+    mod.__doc__ = "STAND-IN for flashinfer.sampling (tests/standins/flashinfer_standin.py); not the library"
+    for fn in (sampling_from_logits, top_k_sampling_from_probs, top_p_sampling_from_probs, min_p_sampling_from_probs,
+               top_k_top_p_sampling_from_logits):
+        setattr(mod, fn.__name__, fn)
+    return mod
+
+
 def make_flashinfer() -> types.ModuleType:
-    """A module named `flashinfer` with the three wrappers (put it into sys.modules in a test only)."""
+    """A module named `flashinfer` with the three wrappers and `sampling` (put it and `sampling` into
+    sys.modules in a test only: `import flashinfer.sampling` looks there)."""
     mod = types.ModuleType("flashinfer")
     mod.__spec__ = importlib.machinery.ModuleSpec("flashinfer", None)
     mod.__doc__ = "STAND-IN for FlashInfer (tests/standins/flashinfer_standin.py); not the library"
     mod.BatchPrefillWithRaggedKVCacheWrapper = BatchPrefillWithRaggedKVCacheWrapper
     mod.BatchPrefillWithPagedKVCacheWrapper = BatchPrefillWithPagedKVCacheWrapper
     mod.BatchDecodeWithPagedKVCacheWrapper = BatchDecodeWithPagedKVCacheWrapper
+    mod.sampling = make_sampling()
     return mod

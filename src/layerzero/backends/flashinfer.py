@@ -54,6 +54,7 @@ from ..errors import BackendNotAvailableError, InvalidInputError
 from ..kernel import HALF_DTYPES, Backend, KernelSpec
 from ..reasons import Reason, Rejection
 from ..state import runtime
+from .flashinfer_sampling import SAMPLING_KERNELS
 
 HEAD_DIMS = frozenset({64, 128, 256})  # FA3 prefill instantiates only these; FA2 and decode are tested on them
 DECODE_GROUP_SIZES = frozenset({1, 2, 3, 4, 6, 8, 16})  # DISPATCH_GQA_GROUP_SIZE of the decode module
@@ -540,7 +541,7 @@ BACKEND = Backend(
     name="flashinfer",
     module="flashinfer",
     distribution="flashinfer-python",
-    description="FlashInfer plan/run attention kernels (JIT-compiled per variant)",
+    description="FlashInfer plan/run attention kernels (JIT-compiled per variant) and sampling kernels",
     kernels=(
         # 86: on the H100 (FA3 path, bf16, D128, GQA 4) it ran 1.4-2.0x faster than torch.sdpa_flash
         # (benchmarks/results/attention-h100.md); selected only once its variant is compiled.
@@ -554,5 +555,6 @@ BACKEND = Backend(
               description="chunked prefill over a paged KV cache (BatchPrefillWithPagedKVCacheWrapper)"),
         _spec("paged_decode", ("attention.decode",), paged_decode, 92, "decode",
               description="decode over a paged KV cache (BatchDecodeWithPagedKVCacheWrapper)"),
+        *SAMPLING_KERNELS,  # backends/flashinfer_sampling.py
     ),
 )

@@ -7,17 +7,21 @@ is a host operation, hence graph_safe=False. Temperature, rows without a finite 
 temperature-0 rows are handled around the kernels exactly as in the torch kernels
 (backends/reference.py: tempered, finish_draws).
 
-Backend name "flashinfer". If a module backends/flashinfer.py exists (attention kernels), that
-module owns the Backend and adds `SAMPLING_KERNELS` from here; otherwise this module defines it.
+Argument mapping (0.7.2 signatures): the kernels take float32 logits/probs (B, V) and return
+int32 (B,); top_k is an int or an int32 (B,) tensor (our "off" values <= 0 become V), top_p and
+min_p a float or a float32 (B,) tensor; min_p keeps p >= min_p * max(p) as ours does; top-k with
+top-p runs `filter_apply_order="top_k_first"` (top-p on the renormalised top-k distribution).
+
+These kernels belong to backend "flashinfer": backends/flashinfer.py adds `SAMPLING_KERNELS` to
+its Backend, so this module declares none of its own.
 """
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
-from ..kernel import FLOAT_DTYPES, Backend, KernelSpec
+from ..errors import BackendNotAvailableError
+from ..kernel import FLOAT_DTYPES, KernelSpec
 from . import reference as ref
 
 Param = torch.Tensor | float | int | None
@@ -36,14 +40,16 @@ def _float(p: torch.Tensor | float) -> torch.Tensor | float:
 def _run(kind: str):
     def run(logits: torch.Tensor, top_k: Param, top_p: Param, min_p: Param, temperature: torch.Tensor | float,
             generator: torch.Generator | None) -> torch.Tensor:
-        import flashinfer.sampling as fs
-
+        try:
+            import flashinfer.sampling as fs
+        except Exception as e:  # a broken install must raise a LayerZero error, never crash
+            raise BackendNotAvailableError(f"flashinfer failed to import: {type(e).__name__}: {e}") from e
         x, best, valid = ref.tempered(logits, temperature, torch.float32)
         if kind == "plain":
             out = fs.sampling_from_logits(x, generator=generator)
         elif kind == "topk_topp":
             out = fs.top_k_top_p_sampling_from_logits(x, _top_k(top_k, x.shape[-1]), _float(top_p),  # type: ignore[arg-type]
-                                                      generator=generator)
+                                                      filter_apply_order="top_k_first", generator=generator)
         else:
             probs = torch.softmax(x, -1)
             if kind == "topk":
@@ -73,9 +79,3 @@ SAMPLING_KERNELS = (
     _spec("min_p_sampling", "minp", "flashinfer.sampling.min_p_sampling_from_probs"),
     _spec("top_k_top_p_sampling", "topk_topp", "flashinfer.sampling.top_k_top_p_sampling_from_logits, top-k first"),
 )
-
-if importlib.util.find_spec("layerzero.backends.flashinfer") is None:
-    BACKEND = Backend(
-        name="flashinfer", kernels=SAMPLING_KERNELS, module="flashinfer", distribution="flashinfer-python",
-        description="FlashInfer (sampling kernels)",
-    )
