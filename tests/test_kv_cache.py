@@ -91,6 +91,19 @@ class CacheMachine(RuleBasedStateMachine):
         with pytest.raises(lz.InvalidInputError, match="seq_id"):
             self.cache.free(s)  # double free
 
+    @precondition(lambda self: self.shadow)
+    @rule(data=st.data())
+    def truncate(self, data: st.DataObject) -> None:
+        """Rollback: the first `length` tokens keep their bytes, the pages past them go back to the pool."""
+        s = data.draw(st.sampled_from(sorted(self.shadow)))
+        k, v = self.shadow[s]
+        length = data.draw(st.integers(0, len(k)))
+        pages = self.cache.allocator.pages(s)
+        freed = self.cache.truncate(s, length)
+        assert freed == pages[-(-length // PAGE):]
+        assert set(freed) <= set(self.cache.allocator.free_pages())
+        self.shadow[s] = (k[:length], v[:length])
+
     @rule()
     def reuse_all_free_pages(self) -> None:
         """Every free page (freed ones included) can be handed out again, then returned."""
@@ -251,3 +264,39 @@ def test_errors_name_argument_expected_and_actual() -> None:
         cache.append_slots([0, 0], [1, 1])
     with pytest.raises(lz.InvalidInputError, match="max_pages"):
         cache.page_table([0], max_pages=0)
+
+
+def test_truncate_rolls_back_and_frees_pages() -> None:
+    """A speculative rollback: append 7 tokens after 5, keep 2 of them; the pages past token 7 are freed and
+    the next append writes over the cut tokens' slots."""
+    cache = PagedKVCache(1, 6, 4, 1, 1)
+    cache.allocate("a")
+    slots, _ = cache.append_slots(["a"], [5])
+    cache.write(0, torch.ones(5, 1, 1), torch.ones(5, 1, 1), slots)
+    slots, _ = cache.append_slots(["a"], [7])  # length 12: pages for tokens 0-3, 4-7, 8-11
+    cache.write(0, torch.full((7, 1, 1), 2.0), torch.full((7, 1, 1), 2.0), slots)
+    pages = cache.allocator.pages("a")
+    free_before = cache.allocator.num_free_pages
+    assert cache.truncate("a", 7) == pages[2:]
+    assert cache.length("a") == 7 and cache.allocator.pages("a") == pages[:2]
+    assert cache.allocator.num_free_pages == free_before + 1
+    again, positions = cache.append_slots(["a"], [1])
+    assert positions.tolist() == [7] and again.tolist() == [slots[2].item()]  # the cut token's slot, reused
+    assert cache.sequence_kv(0, "a")[0].flatten().tolist() == [1.0] * 5 + [2.0] * 3
+    assert cache.truncate("a", 8) == [] and cache.length("a") == 8  # no-op at the current length
+    assert cache.truncate("a", 0) == pages[:2] and cache.allocator.pages("a") == []
+    assert cache.allocator.num_free_pages == 6 and "a" in cache.allocator.seq_ids  # still live, empty
+
+
+def test_truncate_errors() -> None:
+    alloc = BlockAllocator(num_pages=4, page_size=4)
+    alloc.allocate("a", 5)
+    with pytest.raises(lz.InvalidInputError, match=r"length: expected an int in \[0, 5\], got 6"):
+        alloc.truncate("a", 6)
+    with pytest.raises(lz.InvalidInputError, match=r"length: expected an int in \[0, 5\], got -1"):
+        alloc.truncate("a", -1)
+    with pytest.raises(lz.InvalidInputError, match=r"length: expected an int in \[0, 5\], got 2.0"):
+        alloc.truncate("a", 2.0)  # type: ignore[arg-type]
+    with pytest.raises(lz.InvalidInputError, match="seq_id: expected a live sequence"):
+        alloc.truncate("b", 0)
+    assert alloc.length("a") == 5 and len(alloc.pages("a")) == 2  # failed calls change nothing

@@ -124,6 +124,20 @@ class BlockAllocator:
         self._lens[seq_id] = old + num_tokens
         return new
 
+    def truncate(self, seq_id: Hashable, length: int) -> list[int]:
+        """Shorten a sequence to its first `length` tokens (a rollback, e.g. of rejected speculative tokens);
+        returns the pages freed, those past ceil(length / page_size), in token order. The kept tokens'
+        slots do not move; the next append writes over the cut ones."""
+        pages = self._pages[self._live(seq_id)]
+        length = _check_count("length", length, self._lens[seq_id])
+        keep = _pages_for(length, self.page_size)
+        freed = pages[keep:]
+        del pages[keep:]
+        self._lens[seq_id] = length
+        for p in freed:
+            heapq.heappush(self._free, p)
+        return freed
+
     def free(self, seq_id: Hashable) -> list[int]:
         """End a sequence; its pages go back to the free pool. Freeing twice is an error."""
         pages = self._pages.pop(self._live(seq_id))
@@ -249,6 +263,10 @@ class PagedKVCache:
 
     def free(self, seq_id: Hashable) -> list[int]:
         return self.allocator.free(seq_id)
+
+    def truncate(self, seq_id: Hashable, length: int) -> list[int]:
+        """Keep the first `length` tokens of a sequence, freeing the pages past them (BlockAllocator.truncate)."""
+        return self.allocator.truncate(seq_id, length)
 
     def length(self, seq_id: Hashable) -> int:
         return self.allocator.length(seq_id)

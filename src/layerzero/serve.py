@@ -14,6 +14,10 @@ lz.attention, or lz.attention_varlen when their lengths differ, keys/values writ
 and leaves when it has its tokens or emitted `eos_token_id` (its pages go back to the pool). Every
 decode step runs all live requests at once through lz.paged_attention over the cache. Which kernel each
 op ran (lz.which) and the throughput come back with the tokens.
+
+`speculative_generate(target, draft, prompt, ...)` decodes one prompt speculatively: the draft proposes k
+tokens by decode steps on its own paged cache, the target verifies them in one (k + 1)-token chunk through
+lz.paged_attention on its cache, rejected tokens are rolled back (PagedKVCache.truncate).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any
 
 import torch
 
+from .backends.reference import filter_probs, tempered
 from .errors import InvalidInputError
 from .kv_cache import PagedKVCache
 from .ops.activation import fused_mlp
@@ -34,8 +39,9 @@ from .ops.attention import attention, attention_varlen, paged_attention
 from .ops.embedding import embedding
 from .ops.norm import rms_norm
 from .ops.posenc import rope_cache, rope_qk
-from .ops.sampling import sample, sample_greedy
+from .ops.sampling import _normalize, sample, sample_greedy
 from .selection.inspect import which
+from .speculative import SpeculativeStats, UnsupportedBatchError, accept_greedy, accept_sampled
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,12 +203,44 @@ class Generation:
         return self.decode_tokens / self.decode_s if self.decode_s > 0 else math.inf
 
 
+@dataclass(frozen=True, slots=True)
+class SpeculativeGeneration:
+    """What `speculative_generate` returns. tokens: [the new tokens of the prompt] (as Generation.tokens).
+
+    target_kernels / draft_kernels: op name -> the kernel ids each model ran (draft: decode steps; target:
+    the (k + 1)-token verification chunks). stats: acceptance statistics, one step per target pass.
+    """
+
+    tokens: list[list[int]]
+    target_kernels: dict[str, tuple[str, ...]]
+    draft_kernels: dict[str, tuple[str, ...]]
+    stats: SpeculativeStats
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """New tokens per second over the whole generation (both prefills included)."""
+        total = self.prefill_s + self.decode_s
+        return self.new_tokens / total if total > 0 else math.inf
+
+
 class _Kernels:
     """Records the kernel of each op on the first layer of a forward whose shapes are new."""
 
     def __init__(self) -> None:
         self.seen: dict[str, set[str]] = {}
         self.on = False
+        self.shapes: set[Any] = set()
+
+    def first(self, shape: Any) -> None:
+        """Record during the next forward only if `shape` (of the phase) was not seen yet."""
+        self.on = shape not in self.shapes
+        self.shapes.add(shape)
 
     def __call__(self, op: str, *args: Any, **kwargs: Any) -> None:
         if self.on:
@@ -279,22 +317,31 @@ def _logits(model: Model, hidden: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype == torch.float64 else logits.float()
 
 
-def _decode(model: Model, cache: PagedKVCache, ids: list[int], last_tokens: list[int], rec: _Kernels,
+def _decode(model: Model, cache: PagedKVCache, ids: list[Any], last_tokens: list[int], rec: _Kernels,
             max_pages: int | None = None) -> torch.Tensor:
     """One token for each live sequence: logits (B, V) after feeding each its last token.
 
     max_pages: a fixed page-table width, so that the table's shape (part of the plan-cache key) does
     not change every time a sequence crosses a page boundary."""
-    slots, positions = cache.append_slots(ids, [1] * len(ids))
+    return _extend(model, cache, ids, [[t] for t in last_tokens], rec, max_pages)
+
+
+def _extend(model: Model, cache: PagedKVCache, ids: list[Any], chunks: list[list[int]], rec: _Kernels,
+            max_pages: int | None = None) -> torch.Tensor:
+    """Feed each live sequence a chunk of T new tokens (T the same for all: 1 = decode, k + 1 = speculative
+    verification); logits (B * T, V), sequence by sequence. Token t of a chunk attends causally to its
+    sequence's cached tokens and to chunk tokens 0..t, through lz.paged_attention with q (B, T, Hq, D)."""
+    B, T = len(chunks), len(chunks[0])
+    slots, positions = cache.append_slots(ids, [T] * B)
     page_table, seq_lens = cache.page_table(ids, max_pages)
-    tokens = torch.tensor(last_tokens, dtype=torch.int64, device=model.device)
+    tokens = torch.tensor([t for chunk in chunks for t in chunk], dtype=torch.int64, device=model.device)
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        q4 = q[:, None]  # (B, 1, Hq, D)
+        q4 = q.reshape(B, T, *q.shape[1:])
         kc, vc = cache.k[layer], cache.v[layer]
         if layer == 0:
             rec("paged_attention", q4, kc, vc, page_table, seq_lens, kv_layout=cache.kv_layout)
-        return paged_attention(q4, kc, vc, page_table, seq_lens, kv_layout=cache.kv_layout)[:, 0]
+        return paged_attention(q4, kc, vc, page_table, seq_lens, kv_layout=cache.kv_layout).reshape(q.shape)
 
     return _logits(model, _forward(model, cache, tokens, positions, slots, attend, rec))
 
@@ -360,7 +407,7 @@ def generate(model: Model, prompt_ids: Any, max_new_tokens: int | Sequence[int] 
 
     out: list[list[int]] = [[] for _ in range(n)]
     waiting, running = deque(range(n)), list[int]()
-    rec, shapes = _Kernels(), set[tuple[str, Any]]()
+    rec = _Kernels()
     prefill_s = decode_s = 0.0
     prefill_tokens = decode_tokens = 0
     batch_sizes: list[int] = []
@@ -380,8 +427,7 @@ def generate(model: Model, prompt_ids: Any, max_new_tokens: int | Sequence[int] 
                 reserved += pages_of[r]
             done: list[int] = []
             if admitted:
-                rec.on = ("prefill", tuple(len(prompts[r]) for r in admitted)) not in shapes
-                shapes.add(("prefill", tuple(len(prompts[r]) for r in admitted)))
+                rec.first(("prefill", tuple(len(prompts[r]) for r in admitted)))
                 _sync(model.device)
                 t0 = time.perf_counter()
                 first = pick(_prefill(model, cache, admitted, [prompts[r] for r in admitted], rec))
@@ -390,8 +436,7 @@ def generate(model: Model, prompt_ids: Any, max_new_tokens: int | Sequence[int] 
                 for r, tok in zip(admitted, first, strict=True):
                     (done if finish(r, tok) else running).append(r)
             if running:
-                rec.on = ("decode", len(running)) not in shapes
-                shapes.add(("decode", len(running)))
+                rec.first(("decode", len(running)))
                 _sync(model.device)
                 t0 = time.perf_counter()
                 toks = pick(_decode(model, cache, running, [out[r][-1] for r in running], rec, max(pages_of)))
@@ -417,3 +462,120 @@ def forward_logits(model: Model, prompt_ids: Sequence[int], kv_layout: str = "NH
                          dtype=model.dtype, device=model.device, kv_layout=kv_layout)
     with torch.inference_mode():
         return _prefill(model, cache, [0], [prompt], _Kernels(), all_logits=True)
+
+
+def speculative_generate(target: Model, draft: Model, prompt_ids: Any, max_new_tokens: int = 16,
+                         num_speculative: int = 4, sampling: Sampling | None = None,
+                         generator: torch.Generator | None = None, eos_token_id: int | None = None,
+                         page_size: int = 16, kv_layout: str = "NHD") -> SpeculativeGeneration:
+    """Generate from one prompt with `draft` proposing and `target` verifying, each on its own paged cache.
+
+    A round: the draft runs k = min(num_speculative, tokens left - 1) decode steps on its cache; the target
+    scores the k proposals plus one more position in ONE forward (a chunk of k + 1 query tokens through
+    lz.paged_attention, causal over its cache and the chunk); the kept tokens stay in both caches and the
+    rest are rolled back (PagedKVCache.truncate frees their pages). sampling None (or temperature 0):
+    greedy verification, the tokens equal `generate(target, prompt_ids, max_new_tokens)`'s. Otherwise
+    rejection sampling (speculative.accept_sampled) with the same parameters for both models: every
+    token follows the distribution `generate(target, ..., sampling)` draws from. `generator` (or
+    sampling.seed) makes the draws reproducible. Batch 1 only: several prompts raise
+    UnsupportedBatchError. The models must share the vocabulary and the device.
+    """
+    prompts = _prompts(prompt_ids)
+    if len(prompts) != 1:
+        raise UnsupportedBatchError(len(prompts))
+    prompt = prompts[0]
+    for name, value in (("max_new_tokens", max_new_tokens), ("num_speculative", num_speculative)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidInputError(name, "an int >= 1", value)
+    vocab = target.config.vocab_size
+    if draft.config.vocab_size != vocab or draft.device != target.device:
+        raise InvalidInputError("draft", f"a model with the target's vocabulary ({vocab}) on {target.device}",
+                                f"vocab_size {draft.config.vocab_size} on {draft.device}")
+    total = len(prompt) + max_new_tokens
+    for name, m in (("target", target), ("draft", draft)):
+        if total > m.config.max_positions:
+            raise InvalidInputError("max_new_tokens", f"prompt + new tokens <= the {name}'s max_positions "
+                                    f"{m.config.max_positions}", total)
+    filters: tuple[Any, ...] = ("sampling.greedy", None, None, None, 0.0)
+    if sampling is not None:  # validated and normalized as lz.sample does
+        filters = _normalize(torch.empty(0, vocab), sampling.top_k, sampling.top_p, sampling.min_p,
+                             sampling.temperature)
+        if generator is None and sampling.seed is not None:
+            generator = torch.Generator(device=target.device).manual_seed(sampling.seed)
+    pages = -(-total // page_size)  # a cache never holds more than prompt + new tokens - 1
+    sides = []
+    for m in (target, draft):
+        c = m.config
+        sides.append((m, PagedKVCache(c.num_layers, pages, page_size, c.num_kv_heads, c.head_dim, dtype=m.dtype,
+                                      device=m.device, kv_layout=kv_layout), _Kernels()))
+    (_, target_cache, target_rec), (_, draft_cache, draft_rec) = sides
+
+    def run(side: tuple[Model, PagedKVCache, _Kernels], tokens: list[int]) -> torch.Tensor:
+        model, cache, rec = side
+        rec.first(("chunk", len(tokens)))
+        return _extend(model, cache, [0], [tokens], rec, pages)
+
+    def probs(logits: torch.Tensor) -> torch.Tensor:  # the distribution lz.sample draws from, (rows, V)
+        return filter_probs(torch.softmax(tempered(logits, temperature, torch.float32)[0], -1), top_k, top_p, min_p)
+
+    def draw(q: torch.Tensor, rec: _Kernels) -> int:
+        if rec.on:
+            rec("sample", q.log()[None], generator=generator)
+        return int(sample(q.log()[None], generator=generator)[0])
+
+    def argmax(logits: torch.Tensor, rec: _Kernels) -> list[int]:
+        if rec.on:
+            rec("sample_greedy", logits)
+        return sample_greedy(logits).tolist()
+
+    op, top_k, top_p, min_p, temperature = filters
+    greedy = op == "sampling.greedy"
+    stats = SpeculativeStats(num_draft=num_speculative)
+    out: list[int] = []
+    seq = list(prompt)  # invariant: both caches hold a prefix of seq[:-1]; the target's is all of it
+    with torch.inference_mode():
+        _sync(target.device)
+        t0 = time.perf_counter()
+        for model, cache, rec in sides:
+            if len(prompt) > 1:
+                rec.first(("prefill", len(prompt) - 1))
+                _prefill(model, cache, [0], [prompt[:-1]], rec)
+            else:
+                cache.allocate(0, 0)
+        _sync(target.device)
+        prefill_s = time.perf_counter() - t0
+        draft_len = len(prompt) - 1
+        while len(out) < max_new_tokens and (not out or out[-1] != eos_token_id):
+            start = len(seq)
+            k = min(num_speculative, max_new_tokens - len(out) - 1)  # the last token needs no proposal
+            feed, proposed, q_rows = seq[draft_len:], list[int](), list[torch.Tensor]()
+            for _ in range(k):
+                row = run(sides[1], feed)[-1:]
+                if greedy:
+                    proposed += argmax(row, draft_rec)
+                else:
+                    q_rows.append(probs(row)[0])
+                    proposed.append(draw(q_rows[-1], draft_rec))
+                feed = proposed[-1:]
+            p_logits = run(sides[0], [seq[-1], *proposed])  # (k + 1, V): the one target pass of the round
+            if greedy:
+                kept, extra = accept_greedy(proposed, argmax(p_logits, target_rec))
+            else:
+                p = probs(p_logits)
+                q = torch.stack(q_rows) if q_rows else p[:0]
+                kept, extra = accept_sampled(proposed, p, q, generator)
+                if target_rec.on:
+                    target_rec("sample", p[-1:].log(), generator=generator)
+            new = kept + [extra]
+            if eos_token_id in new:
+                new = new[: new.index(eos_token_id) + 1]
+            stats.record(k, min(len(kept), len(new)), len(new))
+            out += new
+            seq += new
+            target_cache.truncate(0, len(seq) - 1)  # drop the K/V of rejected proposals
+            if k:  # the draft cached seq[:start] + proposed[:-1]; keep what agrees with seq
+                draft_len = start + min(len(kept), k - 1)
+                draft_cache.truncate(0, draft_len)
+        _sync(target.device)
+        decode_s = time.perf_counter() - t0 - prefill_s
+    return SpeculativeGeneration([out], target_rec.result(), draft_rec.result(), stats, prefill_s, decode_s)

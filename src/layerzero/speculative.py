@@ -9,6 +9,9 @@ and `position_ids` (S,) keywords.
 - Sampling: rejection sampling (Leviathan et al. 2023; Chen et al. 2023): draft token x from q is
   kept with probability min(1, p(x)/q(x)), else a token is drawn from norm(max(0, p - q)); after k
   kept tokens one more comes from p. Every emitted token is distributed as the target's p.
+- `accept_greedy` / `accept_sampled` are these two rules on one verification step; they are shared with
+  `layerzero.serve.speculative_generate`, which runs draft and target on their own paged KV caches
+  (one target forward of k + 1 tokens per round, rejected tokens rolled back) for serve's models.
 - Trees: `tree_attention_mask` lets many candidate continuations share one target pass;
   `verify_tree_greedy` walks the longest accepted path.
 - `kernel_pair` selects the draft's and the target's kernels through LayerZero and reports both.
@@ -89,6 +92,45 @@ def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     return int(sample(probs.clamp_min(0).log().unsqueeze(0), generator=generator)[0])
 
 
+def accept_greedy(drafted: Sequence[int], target_tokens: Sequence[int]) -> tuple[list[int], int]:
+    """Greedy verification: (the draft tokens kept, the token after them).
+
+    target_tokens (k + 1): the target's argmax after the context and after each draft token. Draft
+    tokens are kept while they equal it; the next token is the target's at the first mismatch (or
+    after the last draft token when all are kept).
+    """
+    for i, x in enumerate(drafted):
+        if target_tokens[i] != x:
+            return list(drafted[:i]), int(target_tokens[i])
+    return list(drafted), int(target_tokens[len(drafted)])
+
+
+def accept_sampled(drafted: Sequence[int], p: torch.Tensor, q: torch.Tensor,
+                   generator: torch.Generator | None = None) -> tuple[list[int], int]:
+    """Rejection sampling: (the draft tokens kept, the token after them), each distributed as the target's.
+
+    p (k + 1, V): the target's probabilities after the context and after each draft token; q (k, V):
+    the draft's probabilities that drafted[i] was drawn from. Token x is kept with probability
+    min(1, p(x) / q(x)); the first rejected one is replaced by a draw from norm(max(0, p - q)); when all
+    are kept the next token is drawn from p's last row.
+    """
+    for i, x in enumerate(drafted):
+        u = torch.rand((), generator=generator, device=p.device) if generator is not None else torch.rand(())
+        if float(u) * float(q[i, x]) > float(p[i, x]):  # rejected: draw from the residual
+            residual = (p[i] - q[i]).clamp_min(0)
+            total = float(residual.sum())
+            return list(drafted[:i]), _draw(residual / total if total > 0 else p[i], generator)
+    return list(drafted), _draw(p[len(drafted)], generator)
+
+
+class UnsupportedBatchError(InvalidInputError):
+    """Speculative decoding on the paged cache (layerzero.serve.speculative_generate) runs one prompt."""
+
+    def __init__(self, num_prompts: int) -> None:
+        super().__init__("prompt_ids", "one prompt (speculative decoding runs batch 1)", f"{num_prompts} prompts",
+                         "call it once per prompt, or use serve.generate for batched decoding")
+
+
 def target_greedy(target: LogitsFn, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
     """Plain greedy decoding with the target (the reference speculative greedy must equal)."""
     tokens = _check_prompt(prompt)
@@ -132,26 +174,11 @@ def speculative_generate(target: LogitsFn, draft: LogitsFn, prompt: torch.Tensor
         start = tokens.shape[1]
         p_logits = _logits(target, proposal, "target")[start - 1:]  # (k + 1, V): one target pass
         drafted = proposal[0, start:].tolist()
-        kept: list[int] = []
-        extra: int | None = None
-        for i, x in enumerate(drafted):
-            if greedy:
-                best = int(p_logits[i].argmax())
-                if best != x:
-                    extra = best
-                    break
-            else:
-                p = torch.softmax(p_logits[i] / temperature, -1)
-                q = q_rows[i]
-                u = torch.rand((), generator=generator, device=p.device) if generator is not None else torch.rand(())
-                if float(u) * float(q[x]) > float(p[x]):  # rejected: draw from the residual
-                    residual = (p - q).clamp_min(0)
-                    extra = _draw(residual / residual.sum() if float(residual.sum()) > 0 else p, generator)
-                    break
-            kept.append(x)
-        if extra is None:  # every draft token kept: the target's next token comes free
-            last = p_logits[len(drafted)]
-            extra = int(last.argmax()) if greedy else _draw(torch.softmax(last / temperature, -1), generator)
+        if greedy:
+            kept, extra = accept_greedy(drafted, p_logits.argmax(-1).tolist())
+        else:
+            kept, extra = accept_sampled(drafted, torch.softmax(p_logits / temperature, -1), torch.stack(q_rows),
+                                         generator)
         new = (kept + [extra])[: goal - start]
         stats.record(k, len(kept), len(new))
         tokens = torch.cat([tokens, torch.tensor([new], dtype=torch.int64, device=tokens.device)], 1)
