@@ -14,7 +14,12 @@ import pytest
 import torch
 
 import layerzero as lz
+from layerzero.backends import reference as R
+from layerzero.backends import torch_native
+from layerzero.context import SelectionContext
+from layerzero.kernel import KernelSpec, priority_for
 from layerzero.ops.attention import ATTENTION
+from layerzero.reasons import Reason
 from layerzero.state import runtime
 from tests.conftest import tolerance
 
@@ -310,3 +315,54 @@ def test_inspection_accepts_a_list_window_like_the_call():
     q = torch.randn(1, 8, 2, 16)
     assert lz.which("attention", q, q, q, window_size=[2, 0]) == lz.which("attention", q, q, q, window_size=(2, 0))
     assert lz.explain("attention", q, q, q, window_size=[2, 0]).context.window == (2, 0)
+
+
+# ----------------------------------------------------------------------------- CPU priorities by ISA
+
+def _cpu_attention_ctx(dtype: torch.dtype, seq_len_q: int, isa: frozenset[str]) -> SelectionContext:
+    return SelectionContext(op="attention.causal", device_type="cpu", dtype=dtype, batch=1, seq_len_q=seq_len_q,
+                            seq_len_k=seq_len_q, num_heads=8, num_kv_heads=8, head_dim=64, head_dim_v=64,
+                            layout="BHSD", is_causal=True, isa=isa)
+
+
+def test_isa_priorities_replace_the_priority_on_cpus_with_the_flag():
+    spec = KernelSpec(id="x.k", ops=("norm.rms",), impl=lambda: None, priority=65,
+                      isa_priorities=(("avx512_fp16", 40), ("amx_fp16", 30)), row_priorities=((1000, 70),))
+    ctx = SelectionContext(op="norm.rms", num_rows=8)
+    assert priority_for(spec, ctx.replace(isa=frozenset({"avx2"}))) == 65
+    assert priority_for(spec, ctx.replace(isa=frozenset({"avx2", "amx_fp16"}))) == 30
+    assert priority_for(spec, ctx.replace(isa=frozenset({"amx_fp16", "avx512_fp16"}))) == 40  # first match
+    assert priority_for(spec, ctx.replace(isa=frozenset({"avx512_fp16"}), num_rows=4096)) == 70  # rows on top
+
+
+@pytest.mark.parametrize("dtype, seq_len_q, isa, expected", [
+    (torch.float16, 128, frozenset({"avx2"}), "torch.sdpa_flash_cpu_fp32"),  # emulated fp16: float32 copies win
+    (torch.float16, 128, frozenset({"avx2", "avx512f", "avx512_fp16"}), "torch.sdpa_flash_cpu"),
+    (torch.float16, 128, frozenset({"avx2", "amx_tile", "amx_fp16"}), "torch.sdpa_flash_cpu"),
+    (torch.float16, 1, frozenset({"avx2"}), "torch.sdpa_flash_cpu"),  # decode: the copy of K/V costs more
+    (torch.bfloat16, 128, frozenset({"avx2"}), "torch.sdpa_flash_cpu"),  # measured: no gain for bf16
+    (torch.float32, 128, frozenset({"avx2"}), "torch.sdpa_flash_cpu"),
+])
+def test_cpu_attention_pick_follows_the_isa(dtype, seq_len_q, isa, expected):
+    runtime.ensure_loaded()
+    report = runtime.engine.evaluate(_cpu_attention_ctx(dtype, seq_len_q, isa), ATTENTION.transforms)
+    assert report.selected_kernel == expected
+    if dtype == torch.float16 and seq_len_q == 1:
+        assert report.rejection_reasons["torch.sdpa_flash_cpu_fp32"] == [Reason.SEQ_LEN_TOO_SHORT]
+
+
+@pytest.mark.parametrize("mask", [None, "bool", "float"])
+def test_sdpa_flash_cpu_fp32_matches_the_reference_in_float16(mask):
+    spec = next(s for s in torch_native.BACKEND.kernels if s.id == "torch.sdpa_flash_cpu_fp32")
+    q, k, v = (torch.randn(2, 4, 40, 64, dtype=torch.float16) for _ in range(3))
+    attn_mask = None
+    if mask == "bool":
+        attn_mask = torch.rand(40, 40) > 0.3
+        attn_mask[:, 0] = True
+    elif mask == "float":
+        attn_mask = torch.randn(40, 40, dtype=torch.float16)
+    out = spec.impl(q, k, v, attn_mask, mask is None, 0.0, None)
+    ref = R.attention(q.double(), k.double(), v.double(), None if attn_mask is None else (
+        attn_mask if attn_mask.dtype == torch.bool else attn_mask.double()), mask is None, 0.0, None)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.double(), ref, **tolerance(torch.float16))

@@ -45,7 +45,8 @@ def _cpu_isa() -> frozenset[str]:
                     break
     except OSError:
         pass
-    wanted = {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "fma", "neon", "asimd", "sve"}
+    wanted = {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16", "amx_int8", "fma",
+              "neon", "asimd", "sve"}
     isa = flags & wanted
     capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
     if capability:

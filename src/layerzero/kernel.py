@@ -73,6 +73,10 @@ class KernelSpec:
     # (min_rows, priority) pairs: the priority for calls with at least that many rows (norms,
     # activations: ctx.num_rows); the largest threshold reached wins, else `priority`.
     row_priorities: tuple[tuple[int, int], ...] = ()
+    # (cpu flag, priority) pairs: on a CPU with that flag (ctx.isa) the first matching pair's
+    # priority replaces `priority` (row thresholds still apply on top). Lets a kernel rank by
+    # whether, say, bf16/fp16 math is native (avx512_bf16, amx_bf16, avx512_fp16) or emulated.
+    isa_priorities: tuple[tuple[str, int], ...] = ()
     description: str = ""
 
     backend: str = field(init=False, compare=False)  # "backend" of "backend.kernel", derived from id
@@ -82,8 +86,12 @@ class KernelSpec:
 
 
 def priority_for(spec: KernelSpec, ctx: SelectionContext) -> int:
-    """The spec's default priority for this call (row-count dependent where the spec says so)."""
+    """The spec's default priority for this call (CPU-ISA and row-count dependent where the spec says so)."""
     priority = spec.priority
+    for flag, value in spec.isa_priorities:
+        if flag in ctx.isa:
+            priority = value
+            break
     for min_rows, value in sorted(spec.row_priorities):
         if ctx.num_rows >= min_rows:
             priority = value

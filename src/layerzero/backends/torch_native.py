@@ -17,7 +17,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ..context import SelectionContext
 from ..kernel import ALL_FLOAT_DTYPES, FLOAT_DTYPES, HALF_DTYPES, Backend, KernelSpec
+from ..reasons import Reason, Rejection
 from .reference import alibi_bias, band_mask
 
 ATTENTION_OPS = ("attention.causal", "attention.full", "attention.masked", "attention.sliding_window")
@@ -88,6 +90,23 @@ def _sdpa(backend_name: str) -> Callable[..., torch.Tensor]:
     return run
 
 
+def _sdpa_upcast(backend_name: str) -> Callable[..., torch.Tensor]:
+    """The sub-backend run in float32 on half inputs, the output cast back: for CPUs whose half
+    math is emulated (see FP16_UPCAST_MIN_SEQ_Q)."""
+    inner = _sdpa(backend_name)
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+            is_causal: bool, dropout_p: float, scale: float | None, window: tuple[int, int] | None = None,
+            softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+        if attn_mask is not None and attn_mask.dtype != torch.bool:
+            attn_mask = attn_mask.float()
+        return inner(q.float(), k.float(), v.float(), attn_mask, is_causal, dropout_p, scale, window, softcap,
+                     alibi_slopes).to(q.dtype)
+
+    run.__qualname__ = f"sdpa_{backend_name.lower()}_fp32"
+    return run
+
+
 def _materialize_mask(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
                       window: tuple[int, int] | None, alibi_slopes: torch.Tensor | None) -> torch.Tensor:
     sq, sk = q.shape[2], k.shape[2]
@@ -118,6 +137,25 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
 
 
 
+# CPU priorities by ISA, from benchmarks/results/cpu_isa-cpu.md (AMD EPYC, AVX2 without
+# avx512_bf16/avx512_fp16/AMX, torch 2.13, 2026-11-25, a shared and noisy VM): flash_cpu beat math in
+# float32 and bfloat16 at every shape, and bfloat16 flash_cpu was no slower than the same kernel on
+# float32 copies, so those defaults stay. float16 is different: without avx512_fp16 / amx_fp16 its
+# matmuls are emulated, and flash_cpu on float32 copies beat it 1.1-6x once the query has >= 32
+# rows (10 of 11 prefill cases); for decode (1-16 query rows) the float32 copy of K/V cost more
+# than it saved. So `sdpa_flash_cpu_fp32` takes float16 prefill and ranks above flash_cpu, unless
+# the CPU has native fp16 math (then 40: below flash_cpu, a fact from the ISA, not measured here).
+FP16_UPCAST_MIN_SEQ_Q = 32
+_NATIVE_FP16 = (("avx512_fp16", 40), ("amx_fp16", 40))
+
+
+def _prefill_only(ctx: SelectionContext) -> list[Rejection]:
+    if ctx.seq_len_q < FP16_UPCAST_MIN_SEQ_Q:
+        return [Rejection(Reason.SEQ_LEN_TOO_SHORT, f"seq_len_q {ctx.seq_len_q} < {FP16_UPCAST_MIN_SEQ_Q}: "
+                          "for decode the float32 copy of K/V costs more than emulated fp16 math")]
+    return []
+
+
 BACKEND = Backend(
     name="torch",
     aliases=("torch_sdpa", "pytorch", "sdpa"),
@@ -134,6 +172,12 @@ BACKEND = Backend(
             platforms=frozenset({"cpu"}), dtypes=ALL_FLOAT_DTYPES, mask_kinds=_ANY_MASK, supports_backward=True,
             supports_window=True, supports_alibi=True,
             description="torch's CPU flash-attention kernel (SDPBackend.FLASH_ATTENTION on CPU)",
+        ),
+        KernelSpec(
+            id="torch.sdpa_flash_cpu_fp32", ops=ATTENTION_OPS, impl=_sdpa_upcast("FLASH_ATTENTION"), priority=65,
+            isa_priorities=_NATIVE_FP16, platforms=frozenset({"cpu"}), dtypes=frozenset({torch.float16}),
+            mask_kinds=_ANY_MASK, supports_window=True, supports_alibi=True, check=_prefill_only,
+            description="torch's CPU flash-attention kernel on float32 copies of float16 inputs",
         ),
         KernelSpec(
             id="torch.sdpa_efficient", ops=ATTENTION_OPS, impl=_sdpa("EFFICIENT_ATTENTION"), priority=60,
