@@ -25,7 +25,7 @@ SHAPES = [  # (batch, context tokens per sequence)
     (1, 8192), (1, 131072), (8, 4096), (8, 32768), (16, 32768), (32, 16384), (64, 8192), (128, 4096), (128, 8192),
     (256, 2048),
 ]
-TUNE_SHAPES = [(16, 32768), (128, 8192)]  # launch-config sweep for our kernel (helps tune the heuristics)
+TUNE_SHAPES = [(8, 32768), (16, 32768), (128, 8192)]  # launch-config sweep for our kernel (helps tune the heuristics)
 
 
 def kv_bytes(seq_lens: torch.Tensor, dtype: torch.dtype) -> int:
@@ -141,10 +141,11 @@ def main() -> int:
         q, kc, vc, pt, sl = make_inputs(batch, ctx, dtype)
         nbytes = kv_bytes(sl, dtype)
         base = tp.plan_launch(batch, HKV, HQ // HKV, D, pt.shape[1] * PAGE)["num_splits"]
+        split_choices = sorted({min(tp.MAX_SPLITS, x) for x in (base, base + base // 2, base * 2, base * 3, 16, 33)})
         for block_n in (32, 64, 128):
             for warps in (4, 8):
                 for stages in (2, 3):
-                    for splits in sorted({base, base * 2}):
+                    for splits in split_choices:
                         fn = lambda: tp.paged_decode(q, kc, vc, pt, sl, True, None, None, 0.0, "NHD",  # noqa: E731
                                                      block_n=block_n, num_splits=splits, num_warps=warps,
                                                      num_stages=stages)
