@@ -72,7 +72,8 @@ def test_listed_as_a_backend():
 @pytest.mark.parametrize("batch,kv_heads,capacity,splits", [
     (1, 8, 131072, 64),  # one long sequence: split until the GPU is full (capped at MAX_SPLITS)
     (1, 8, 4096, 16),  # capped by MIN_SPLIT_TOKENS per split
-    (8, 8, 32768, 9),  # 64 programs -> 9 splits give ~4 programs per SM
+    (8, 8, 32768, 17),  # 64 programs -> 17 splits give ~8 programs per SM
+    (32, 8, 16384, 5),
     (128, 8, 8192, 1),  # enough programs without splitting: direct output, no reduce kernel
     (2, 4, 100, 1),
 ])
