@@ -336,7 +336,7 @@ def test_isa_priorities_replace_the_priority_on_cpus_with_the_flag():
 
 
 @pytest.mark.parametrize("dtype, seq_len_q, isa, expected", [
-    (torch.float16, 128, frozenset({"avx2"}), "torch.sdpa_flash_cpu_fp32"),  # emulated fp16: float32 copies win
+    (torch.float16, 128, frozenset({"avx2"}), "torch.sdpa_flash_cpu"),  # fp32 copies: evidence mixed, default kept
     (torch.float16, 128, frozenset({"avx2", "avx512f", "avx512_fp16"}), "torch.sdpa_flash_cpu"),
     (torch.float16, 128, frozenset({"avx2", "amx_tile", "amx_fp16"}), "torch.sdpa_flash_cpu"),
     (torch.float16, 1, frozenset({"avx2"}), "torch.sdpa_flash_cpu"),  # decode: the copy of K/V costs more
@@ -347,6 +347,10 @@ def test_cpu_attention_pick_follows_the_isa(dtype, seq_len_q, isa, expected):
     runtime.ensure_loaded()
     report = runtime.engine.evaluate(_cpu_attention_ctx(dtype, seq_len_q, isa), ATTENTION.transforms)
     assert report.selected_kernel == expected
+    if dtype == torch.float16 and seq_len_q > 1:
+        upcast = runtime.registry.kernel("torch.sdpa_flash_cpu_fp32")
+        native = bool(isa & {"avx512_fp16", "amx_fp16"})
+        assert priority_for(upcast, _cpu_attention_ctx(dtype, seq_len_q, isa)) == (40 if native else 55)
     if dtype == torch.float16 and seq_len_q == 1:
         assert report.rejection_reasons["torch.sdpa_flash_cpu_fp32"] == [Reason.SEQ_LEN_TOO_SHORT]
 

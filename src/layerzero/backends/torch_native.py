@@ -140,11 +140,11 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
 # CPU priorities by ISA, from benchmarks/results/cpu_isa-cpu.md (AMD EPYC, AVX2 without
 # avx512_bf16/avx512_fp16/AMX, torch 2.13, 2026-11-25, a shared and noisy VM): flash_cpu beat math in
 # float32 and bfloat16 at every shape, and bfloat16 flash_cpu was no slower than the same kernel on
-# float32 copies, so those defaults stay. float16 is different: without avx512_fp16 / amx_fp16 its
-# matmuls are emulated, and flash_cpu on float32 copies beat it 1.1-6x once the query has >= 32
-# rows (10 of 11 prefill cases); for decode (1-16 query rows) the float32 copy of K/V cost more
-# than it saved. So `sdpa_flash_cpu_fp32` takes float16 prefill and ranks above flash_cpu, unless
-# the CPU has native fp16 math (then 40: below flash_cpu, a fact from the ISA, not measured here).
+# float32 copies, so those defaults stay. float16 without avx512_fp16 / amx_fp16 (emulated): three
+# interleaved sweeps had flash_cpu on float32 copies ahead in 10 of 11 prefill cases (1.1-6x), the
+# final benchmark run (under heavier load) had native flash_cpu ahead in 3 of 4. Not clear enough to
+# change the default: `sdpa_flash_cpu_fp32` ranks just below flash_cpu (55) and lower still (40) on
+# CPUs with native fp16 math; `lz.tune` measures both and PerfDB decides per machine.
 FP16_UPCAST_MIN_SEQ_Q = 32
 _NATIVE_FP16 = (("avx512_fp16", 40), ("amx_fp16", 40))
 
@@ -174,7 +174,7 @@ BACKEND = Backend(
             description="torch's CPU flash-attention kernel (SDPBackend.FLASH_ATTENTION on CPU)",
         ),
         KernelSpec(
-            id="torch.sdpa_flash_cpu_fp32", ops=ATTENTION_OPS, impl=_sdpa_upcast("FLASH_ATTENTION"), priority=65,
+            id="torch.sdpa_flash_cpu_fp32", ops=ATTENTION_OPS, impl=_sdpa_upcast("FLASH_ATTENTION"), priority=55,
             isa_priorities=_NATIVE_FP16, platforms=frozenset({"cpu"}), dtypes=frozenset({torch.float16}),
             mask_kinds=_ANY_MASK, supports_window=True, supports_alibi=True, check=_prefill_only,
             description="torch's CPU flash-attention kernel on float32 copies of float16 inputs",
