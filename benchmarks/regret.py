@@ -123,7 +123,9 @@ def main() -> int:
                      "before": before, "before_ratio": ratio(before), "after": after, "after_ratio": ratio(after),
                      "tuned_confident": all(r.confident for r in tuned if r.correct),
                      "policies": {b: [k, ratio(k)] for b, k in policies.items()}, "wrong": wrong,
-                     "times_us": times})
+                     "times_us": times,
+                     "tuned_us": {r.kernel: [r.median_us, r.samples, (r.variance ** 0.5) / r.median_us]
+                                  for r in tuned if r.correct}})  # median, samples, CV of the tuning pass
 
     backends = sorted({b for r in rows for b in r["policies"]})
     for r in rows:  # a backend with no kernel for a shape: a non-strict lock falls back to the default pick
