@@ -253,6 +253,106 @@ def test_select_returns_a_runnable_plan():
         runtime.registry.kernel(lz.which("attention", q, q, q, is_causal=True)).layout == "BSHD"
 
 
+# ----------------------------------------------------------------------------- the miss path's shortcuts
+
+MISS_CALLS = [
+    dict(shape=(1, 16, 4, 64)),
+    dict(shape=(2, 7, 4, 80), is_causal=True),
+    dict(shape=(1, 1, 8, 128), kv_heads=2, is_causal=True),
+    dict(shape=(1, 33, 2, 256), mask="bool"),
+    dict(shape=(1, 12, 4, 96), mask="float", dtype=torch.float64),
+    dict(shape=(2, 9, 4, 64), dtype=torch.bfloat16, dropout_p=0.1),
+    dict(shape=(1, 5, 2, 320)),
+    dict(shape=(1, 8, 2, 64), window_size=(4, 0), softcap=30.0),
+    dict(shape=(1, 8, 2, 64), grad=True),
+    dict(shape=(1, 8, 2, 64), layout="BHSD", is_causal=True),
+]
+
+
+def _miss_call(shape, kv_heads=None, is_causal=False, mask=None, dtype=torch.float32, dropout_p=0.0, grad=False,
+               layout="BSHD", **kwargs):
+    b, s, h, d = shape
+    q = torch.randn(b, s, h, d, dtype=dtype, requires_grad=grad)
+    k = torch.randn(b, s, kv_heads or h, d, dtype=dtype)
+    if mask == "bool":
+        kwargs["attn_mask"] = torch.rand(s, s) > 0.3
+    elif mask == "float":
+        kwargs["attn_mask"] = torch.randn(s, s, dtype=dtype)
+    if layout == "BHSD":
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    return (q, k, k), dict(is_causal=is_causal, dropout_p=dropout_p, layout=layout, **kwargs)
+
+
+@pytest.mark.parametrize("call", MISS_CALLS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_miss_path_chooses_what_the_complete_evaluation_chooses(call):
+    """The miss path skips kernels rejected for shape-independent reasons and stops at the first
+    reason; explain evaluates everything. They must agree on the winner and its score."""
+    lz.register_kernel(id="mine.attn_small_d", ops=("attention.full", "attention.causal"), impl=lambda *a: None,
+                       platforms=CPU, priority=95, max_head_dim=64, mask_kinds=frozenset({"none"}))
+    args, kwargs = _miss_call(**call)
+    report = lz.explain("attention", *args, **kwargs)
+    plan = lz.select("attention", *args, **kwargs)
+    assert plan.kernel_id == report.selected_kernel
+    assert plan.score == report.score
+    assert plan.fallback == report.fallback
+
+
+def test_explain_still_lists_every_kernel_after_misses():
+    q = torch.randn(1, 16, 4, 64)
+    before = str(lz.explain("attention", q, q, q))
+    for s in (3, 5, 7):
+        x = torch.randn(1, s, 4, 64)
+        lz.attention(x, x, x)
+    lz.attention(q, q, q)
+    report = lz.explain("attention", q, q, q)
+    assert {c.kernel_id for c in report.candidates} == {s.id for s in runtime.registry.candidates("attention.full")}
+    assert str(report).replace(", cached", "") == before
+
+
+def test_perfdb_has_rows_only_for_ops_it_measured(tmp_path):
+    """The miss path skips PerfDB lookups for an op without rows; rows for the op are still read."""
+    from layerzero.distributed import SharedMeasurements
+    from layerzero.ops.attention import ATTENTION
+    from layerzero.perf.perfdb import Bucket, PerfRecord, current_signature
+
+    q = torch.randn(1, 32, 2, 16)
+    ctx = ATTENTION.context(q, q, q, None, True)
+    db = lz.perfdb(tmp_path / "perf.sqlite")
+    assert not runtime.measurements.has_rows("attention.causal")
+    base = lz.which("attention", q, q, q, is_causal=True)
+    assert base != "torch.sdpa_math"  # priority 20: never the priority choice
+
+    def row(kernel: str, median: float) -> PerfRecord:
+        version = runtime._backend_version(kernel) or ""
+        return PerfRecord(kernel, ctx.op, ctx.dtype_name, Bucket.of(ctx), current_signature("cpu", 0), version,
+                          median, median * 1.1, 10, (0.05 * median) ** 2, True, 0.0, shape="test")
+
+    db.record([row(base, 50.0), row("torch.sdpa_math", 20.0)])
+    assert not runtime.measurements.has_rows("attention.causal"), "the index is read once, as lookups are"
+    runtime.measurements.reload()
+    runtime.bump()
+    assert runtime.measurements.has_rows("attention.causal")
+    assert not runtime.measurements.has_rows("attention.full")
+    assert SharedMeasurements().has_rows("attention.full"), "a subclass with its own records is always asked"
+    assert lz.which("attention", q, q, q, is_causal=True) == "torch.sdpa_math"
+    assert lz.select("attention", q, q, q, is_causal=True).kernel_id == "torch.sdpa_math"
+
+
+def test_miss_path_asks_health_once_a_kernel_failed():
+    x = torch.randn(2, 8)
+    calls: list[str] = []
+
+    def broken(x, weight, eps):
+        raise RuntimeError("boom")
+
+    lz.register_kernel(id="mine.rms", ops=("norm.rms",), impl=broken, platforms=CPU, priority=99)
+    lz.register_kernel(id="mine.rms2", ops=("norm.rms",), impl=counting_rms(calls, "two"), platforms=CPU, priority=98)
+    lz.configure_health(failure_threshold=1)
+    lz.rms_norm(x)  # mine.rms fails, its breaker opens, the call falls back
+    assert lz.which("rms_norm", x) == "mine.rms2"
+    assert Reason.KERNEL_UNHEALTHY in lz.explain("rms_norm", x).rejection_reasons["mine.rms"]
+
+
 # ----------------------------------------------------------------------------- list_kernels, validate
 
 

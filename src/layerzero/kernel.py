@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -92,129 +92,134 @@ def priority_for(spec: KernelSpec, ctx: SelectionContext) -> int:
         if flag in ctx.isa:
             priority = value
             break
+    if not spec.row_priorities:
+        return priority
     for min_rows, value in sorted(spec.row_priorities):
         if ctx.num_rows >= min_rows:
             priority = value
     return priority
 
 
-class _Rejected(Exception):
-    """Stops check_constraints at the first reason when only eligibility matters."""
-
-
 def check_constraints(spec: KernelSpec, ctx: SelectionContext, first_only: bool = False) -> list[Rejection]:
     """Every reason why `spec` cannot run `ctx` (empty list: it can).
 
-    first_only: stop at the first reason (the selection hot miss path); explain wants them all.
+    first_only: stop at the first reason; explain wants them all.
     """
-    out: list[Rejection] = []
-
-    def reject(reason: Reason, detail: str) -> None:
-        out.append(Rejection(reason, detail))
-        if first_only:
-            raise _Rejected
-
-    try:
-        _check(spec, ctx, out, reject)
-    except _Rejected:
-        pass
-    return out
+    reasons = _reasons(spec, ctx)
+    if first_only:
+        first = next(reasons, None)
+        return [] if first is None else [first]
+    return list(reasons)
 
 
 def fits_device(spec: KernelSpec, ctx: SelectionContext) -> bool:
     """The shape-independent part of the constraints (platform, SM, generation, ISA, dtype) holds."""
-    try:
-        _check_device(spec, ctx, _raise_rejected)
-    except _Rejected:
-        return False
-    return True
+    return next(_device_reasons(spec, ctx), None) is None
 
 
-def _raise_rejected(reason: Reason, detail: str) -> None:
-    raise _Rejected
+def call_rejection(spec: KernelSpec, ctx: SelectionContext) -> Rejection | None:
+    """The first reason why `spec` cannot run `ctx`, for a kernel of ctx.op that fits the device.
+
+    The selection miss path: op and device were checked once per generation (fits_device), so
+    only the call's own facts (shapes, flags) and the backend's extra check are left.
+    """
+    first = next(_call_reasons(spec, ctx), None)
+    if first is None and spec.check is not None:
+        extra = spec.check(ctx)
+        return extra[0] if extra else None
+    return first
 
 
-def _check_device(spec: KernelSpec, ctx: SelectionContext, reject: Callable[[Reason, str], None]) -> None:
+def _reasons(spec: KernelSpec, ctx: SelectionContext) -> Iterator[Rejection]:
+    rejected = False
+    if ctx.op not in spec.ops:
+        rejected = True
+        yield Rejection(Reason.OP_UNSUPPORTED, f"{ctx.op} not in {', '.join(spec.ops)}")
+    for reasons in (_device_reasons(spec, ctx), _call_reasons(spec, ctx)):
+        for rejection in reasons:
+            rejected = True
+            yield rejection
+    if spec.check is not None and not rejected:  # backend checks assume the generic ones hold
+        yield from spec.check(ctx)
+
+
+def _device_reasons(spec: KernelSpec, ctx: SelectionContext) -> Iterator[Rejection]:
     if ctx.device_type not in spec.platforms:
-        reject(Reason.PLATFORM_MISMATCH, f"device {ctx.device_type}, kernel runs on {'/'.join(sorted(spec.platforms))}")
+        yield Rejection(Reason.PLATFORM_MISMATCH,
+                        f"device {ctx.device_type}, kernel runs on {'/'.join(sorted(spec.platforms))}")
     if ctx.device_type == "cuda":
         if ctx.sm < spec.min_sm:
-            reject(Reason.SM_TOO_OLD, f"sm {ctx.sm} < min {spec.min_sm}")
+            yield Rejection(Reason.SM_TOO_OLD, f"sm {ctx.sm} < min {spec.min_sm}")
         if ctx.sm > spec.max_sm:
-            reject(Reason.SM_TOO_NEW, f"sm {ctx.sm} > max {spec.max_sm}")
+            yield Rejection(Reason.SM_TOO_NEW, f"sm {ctx.sm} > max {spec.max_sm}")
         if spec.generations is not None and ctx.generation not in spec.generations:
-            reject(Reason.GPU_GENERATION_UNSUPPORTED, f"{ctx.generation} not in {sorted(spec.generations)}")
+            yield Rejection(Reason.GPU_GENERATION_UNSUPPORTED, f"{ctx.generation} not in {sorted(spec.generations)}")
     if ctx.device_type == "cpu" and spec.cpu_isa and not spec.cpu_isa <= ctx.isa:
-        reject(Reason.CPU_ISA_UNSUPPORTED, f"needs {sorted(spec.cpu_isa - ctx.isa)}")
+        yield Rejection(Reason.CPU_ISA_UNSUPPORTED, f"needs {sorted(spec.cpu_isa - ctx.isa)}")
     if ctx.dtype not in spec.dtypes:
         names = sorted(str(d).removeprefix("torch.") for d in spec.dtypes)
-        reject(Reason.DTYPE_UNSUPPORTED, f"dtype {ctx.dtype_name} not in {names}")
+        yield Rejection(Reason.DTYPE_UNSUPPORTED, f"dtype {ctx.dtype_name} not in {names}")
 
 
-def _check(spec: KernelSpec, ctx: SelectionContext, out: list[Rejection],
-           reject: Callable[[Reason, str], None]) -> None:
-    if ctx.op not in spec.ops:
-        reject(Reason.OP_UNSUPPORTED, f"{ctx.op} not in {', '.join(spec.ops)}")
-    _check_device(spec, ctx, reject)
-    if ctx.head_dim:
-        d = ctx.head_dim
+def _call_reasons(spec: KernelSpec, ctx: SelectionContext) -> Iterator[Rejection]:
+    d = ctx.head_dim
+    if d:
         if d > spec.max_head_dim:
-            reject(Reason.HEAD_DIM_TOO_LARGE, f"head_dim {d} > max {spec.max_head_dim}")
+            yield Rejection(Reason.HEAD_DIM_TOO_LARGE, f"head_dim {d} > max {spec.max_head_dim}")
         if d < spec.min_head_dim:
-            reject(Reason.HEAD_DIM_TOO_SMALL, f"head_dim {d} < min {spec.min_head_dim}")
+            yield Rejection(Reason.HEAD_DIM_TOO_SMALL, f"head_dim {d} < min {spec.min_head_dim}")
         if d % spec.head_dim_multiple:
-            reject(Reason.HEAD_DIM_ALIGNMENT, f"head_dim {d} is not a multiple of {spec.head_dim_multiple}")
+            yield Rejection(Reason.HEAD_DIM_ALIGNMENT, f"head_dim {d} is not a multiple of {spec.head_dim_multiple}")
         if spec.head_dims is not None and d not in spec.head_dims:
-            reject(Reason.HEAD_DIM_UNSUPPORTED, f"head_dim {d} not in {sorted(spec.head_dims)}")
+            yield Rejection(Reason.HEAD_DIM_UNSUPPORTED, f"head_dim {d} not in {sorted(spec.head_dims)}")
         if spec.same_head_dim_v and ctx.head_dim_v != d:
-            reject(Reason.HEAD_DIM_V_MISMATCH, f"head_dim_v {ctx.head_dim_v} != head_dim {d}")
+            yield Rejection(Reason.HEAD_DIM_V_MISMATCH, f"head_dim_v {ctx.head_dim_v} != head_dim {d}")
         if not spec.supports_gqa and ctx.num_kv_heads != ctx.num_heads:
-            reject(Reason.GQA_UNSUPPORTED, f"num_heads {ctx.num_heads} != num_kv_heads {ctx.num_kv_heads}")
-        if ctx.is_causal and not spec.supports_causal:
-            reject(Reason.CAUSAL_UNSUPPORTED, "is_causal=True")
-        if not ctx.is_causal and not spec.supports_non_causal:
-            reject(Reason.NON_CAUSAL_UNSUPPORTED, "is_causal=False")
-        # A single query row with bottom-right causal alignment sees every key: nothing to mask.
-        if ctx.is_causal and not spec.causal_non_square and ctx.seq_len_q not in (1, ctx.seq_len_k):
-            reject(Reason.CAUSAL_NON_SQUARE, f"seq_len_q {ctx.seq_len_q} != seq_len_k {ctx.seq_len_k}")
+            yield Rejection(Reason.GQA_UNSUPPORTED, f"num_heads {ctx.num_heads} != num_kv_heads {ctx.num_kv_heads}")
+        if ctx.is_causal:
+            if not spec.supports_causal:
+                yield Rejection(Reason.CAUSAL_UNSUPPORTED, "is_causal=True")
+            # A single query row with bottom-right causal alignment sees every key: nothing to mask.
+            if not spec.causal_non_square and ctx.seq_len_q not in (1, ctx.seq_len_k):
+                yield Rejection(Reason.CAUSAL_NON_SQUARE, f"seq_len_q {ctx.seq_len_q} != seq_len_k {ctx.seq_len_k}")
+        elif not spec.supports_non_causal:
+            yield Rejection(Reason.NON_CAUSAL_UNSUPPORTED, "is_causal=False")
     if ctx.mask_kind not in spec.mask_kinds:
         reason = {"bool": Reason.BOOL_MASK_UNSUPPORTED, "float": Reason.FLOAT_MASK_UNSUPPORTED}.get(
             ctx.mask_kind, Reason.MASK_UNSUPPORTED
         )
-        reject(reason, f"{ctx.mask_kind} attn_mask given")
+        yield Rejection(reason, f"{ctx.mask_kind} attn_mask given")
     if ctx.dropout and not spec.supports_dropout:
-        reject(Reason.DROPOUT_UNSUPPORTED, "dropout_p > 0")
+        yield Rejection(Reason.DROPOUT_UNSUPPORTED, "dropout_p > 0")
     if ctx.window is not None and not spec.supports_window:
-        reject(Reason.WINDOW_UNSUPPORTED, f"window {ctx.window}")
+        yield Rejection(Reason.WINDOW_UNSUPPORTED, f"window {ctx.window}")
     if ctx.softcap and not spec.supports_softcap:
-        reject(Reason.SOFTCAP_UNSUPPORTED, f"softcap {ctx.softcap}")
+        yield Rejection(Reason.SOFTCAP_UNSUPPORTED, f"softcap {ctx.softcap}")
     if ctx.alibi and not spec.supports_alibi:
-        reject(Reason.ALIBI_UNSUPPORTED, "alibi_slopes given")
+        yield Rejection(Reason.ALIBI_UNSUPPORTED, "alibi_slopes given")
     if ctx.kv_layout is not None:
         if ctx.kv_layout not in spec.kv_layouts:
-            reject(Reason.KV_LAYOUT_UNSUPPORTED, f"kv_layout {ctx.kv_layout} not in {sorted(spec.kv_layouts)}")
+            yield Rejection(Reason.KV_LAYOUT_UNSUPPORTED, f"kv_layout {ctx.kv_layout} not in {sorted(spec.kv_layouts)}")
         if ctx.page_size < spec.min_page_size or (spec.page_sizes is not None and ctx.page_size not in spec.page_sizes):
             allowed = sorted(spec.page_sizes) if spec.page_sizes is not None else f">= {spec.min_page_size}"
-            reject(Reason.PAGE_SIZE_UNSUPPORTED, f"page_size {ctx.page_size}, kernel takes {allowed}")
+            yield Rejection(Reason.PAGE_SIZE_UNSUPPORTED, f"page_size {ctx.page_size}, kernel takes {allowed}")
     if ctx.requires_grad and not spec.supports_backward:
-        reject(Reason.BACKWARD_UNSUPPORTED, "an input requires grad")
+        yield Rejection(Reason.BACKWARD_UNSUPPORTED, "an input requires grad")
     if ctx.graph_capture and not spec.graph_safe:
-        reject(Reason.NOT_GRAPH_SAFE, "the current CUDA stream is capturing")
+        yield Rejection(Reason.NOT_GRAPH_SAFE, "the current CUDA stream is capturing")
     if ctx.deterministic and not spec.deterministic:
-        reject(Reason.NOT_DETERMINISTIC, "torch.use_deterministic_algorithms(True) is on")
+        yield Rejection(Reason.NOT_DETERMINISTIC, "torch.use_deterministic_algorithms(True) is on")
     if ctx.hidden_size > spec.max_hidden_size:
-        reject(Reason.HIDDEN_SIZE_TOO_LARGE, f"hidden size {ctx.hidden_size} > max {spec.max_hidden_size}")
-    if ctx.seq_len > spec.max_seq_len:
-        reject(Reason.SEQ_LEN_TOO_LONG, f"seq_len {ctx.seq_len} > max {spec.max_seq_len}")
-    if ctx.head_dim and ctx.seq_len < spec.min_seq_len:
-        reject(Reason.SEQ_LEN_TOO_SHORT, f"seq_len {ctx.seq_len} < min {spec.min_seq_len}")
+        yield Rejection(Reason.HIDDEN_SIZE_TOO_LARGE, f"hidden size {ctx.hidden_size} > max {spec.max_hidden_size}")
+    seq_len = ctx.seq_len_q if ctx.seq_len_q > ctx.seq_len_k else ctx.seq_len_k  # ctx.seq_len, inlined
+    if seq_len > spec.max_seq_len:
+        yield Rejection(Reason.SEQ_LEN_TOO_LONG, f"seq_len {seq_len} > max {spec.max_seq_len}")
+    if d and seq_len < spec.min_seq_len:
+        yield Rejection(Reason.SEQ_LEN_TOO_SHORT, f"seq_len {seq_len} < min {spec.min_seq_len}")
     if ctx.batch > spec.max_batch:
-        reject(Reason.BATCH_TOO_LARGE, f"batch {ctx.batch} > max {spec.max_batch}")
+        yield Rejection(Reason.BATCH_TOO_LARGE, f"batch {ctx.batch} > max {spec.max_batch}")
     if spec.tp_sizes is not None and ctx.tp_size not in spec.tp_sizes:
-        reject(Reason.TP_UNSUPPORTED, f"tp_size {ctx.tp_size} not in {sorted(spec.tp_sizes)}")
-    if spec.check is not None and not out:
-        for rejection in spec.check(ctx):
-            reject(rejection.reason, rejection.detail)
+        yield Rejection(Reason.TP_UNSUPPORTED, f"tp_size {ctx.tp_size} not in {sorted(spec.tp_sizes)}")
 
 
 @dataclass(eq=False)

@@ -156,13 +156,17 @@ class Runtime:
                 self.registry.add_kernel(item)
             self.bump()
 
-    def score(self, spec: KernelSpec, ctx: SelectionContext) -> float:
-        """Measured speed relative to the bucket's fastest (PerfDB, when confident), else the priority."""
-        prefer = self.policy.prefer_rule(spec, ctx)  # lz.prefer / prefer rules override both
-        if prefer is not None:
-            return prefer.priority
-        measured = self.perf.score(spec.id, ctx)
-        return float(priority_for(spec, ctx)) if measured is None else measured
+    def score(self, spec: KernelSpec, ctx: SelectionContext, measured: bool = True) -> float:
+        """Measured speed relative to the bucket's fastest (PerfDB, when confident), else the priority.
+
+        measured=False: the caller knows the PerfDB has no rows for ctx.op (skips the lookup).
+        """
+        if self.policy.prefers:
+            prefer = self.policy.prefer_rule(spec, ctx)  # lz.prefer / prefer rules override both
+            if prefer is not None:
+                return prefer.priority
+        score = self.perf.score(spec.id, ctx) if measured else None
+        return float(priority_for(spec, ctx)) if score is None else score
 
     @property
     def perf(self) -> Measurements:

@@ -337,6 +337,7 @@ class Measurements:
         self.version_of = version_of
         self.error: str | None = None
         self._index: _Index | None = None
+        self._ops: frozenset[str] = frozenset()  # ops with at least one row in _index
         self._db: PerfDB | None = None
 
     @property
@@ -357,6 +358,7 @@ class Measurements:
 
                 logging.getLogger("layerzero").warning("PerfDB ignored: %s", e)
                 index = {}
+        self._ops = frozenset(op for op, _, _, _ in index)
         self._index = index
         return index
 
@@ -373,6 +375,14 @@ class Measurements:
         if not found:
             return {}
         return {k: r for k, r in found.items() if r.backend_version == (self.version_of(k) or "")}
+
+    def has_rows(self, op: str) -> bool:
+        """False when no lookup for `op` can find a record: selection then skips its PerfDB lookups."""
+        if type(self).bucket_records is not Measurements.bucket_records:
+            return True  # a subclass with its own records (distributed.SharedMeasurements): always look
+        if self._index is None:
+            self._load()
+        return op in self._ops
 
     def lookup(self, kernel_id: str, ctx: SelectionContext) -> PerfRecord | None:
         return self.bucket_records(ctx).get(kernel_id)

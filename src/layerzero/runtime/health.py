@@ -317,6 +317,8 @@ class Health:
 
     def _retry_deadline(self, report: SelectionReport) -> float | None:
         """When a breaker that kept a candidate out of `report` becomes half-open."""
+        if not self.kernels:  # no kernel has failed yet: no breaker exists (the common case)
+            return None
         names = set()
         for c in report.candidates:
             for r in c.rejections:
@@ -381,7 +383,7 @@ class Health:
                     health.refresh()
                 return unchecked(*args, **kwargs)
 
-        return replace(plan, run=run)
+        return plan.with_run(run)
 
     def _careful_run(self, spec: KernelSpec, ctx: SelectionContext, family: OpFamily,
                      inner: Callable[..., Any], calls: Any) -> Callable[..., Any]:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..context import SelectionContext
 from ..errors import NoKernelFoundError
-from ..kernel import KernelSpec, check_constraints, fits_device
+from ..kernel import KernelSpec, call_rejection, check_constraints, fits_device
 from ..reasons import Reason, Rejection
 
 if TYPE_CHECKING:
@@ -34,6 +34,10 @@ class ExecutionPlan:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.run(*args, **kwargs)
+
+    def with_run(self, run: Callable[..., Any]) -> ExecutionPlan:
+        """This plan calling `run` instead (the health guard's wrapper); cheaper than dataclasses.replace."""
+        return ExecutionPlan(self.kernel_id, self.op, run, self.transforms, self.score, self.generation, self.fallback)
 
 
 @dataclass(slots=True)
@@ -138,21 +142,33 @@ class SelectionEngine:
         specs = rt.registry.candidates(ctx.op) if complete else self.viable(ctx)
         candidates = {s.id: Candidate(s.id, s.backend, s.priority) for s in specs}
         notes: list[str] = []
+        measured = rt.perf.has_rows(ctx.op)  # False: every PerfDB lookup below would find nothing
+        disabled = rt.disabled_backends
+        # Breakers and TP-invariant exclusions reject nothing until a kernel has failed or the mode is on;
+        # memory headroom applies only to kernels that declare a workspace.
+        ask_health = bool(rt.health.kernels) or rt.invariant is not None
 
         for spec in specs:
             cand = candidates[spec.id]
-            available, _, why = rt.registry.backend(spec.backend).availability
-            if not available and why is not None:
-                cand.rejections.append(why)
-                continue
-            cand.rejections.extend(rt.health_rejections(spec, ctx))
-            if cand.rejections and not complete:
-                continue
-            cand.rejections.extend(check_constraints(spec, ctx, first_only=not complete))
-            if cand.rejections and not complete:
-                continue
-            cand.rejections.extend(rt.perf_rejections(spec, ctx))
-            if spec.backend != REFERENCE_BACKEND and (spec.backend in rt.disabled_backends or "*" in rt.disabled_backends):
+            if complete:
+                available, _, why = rt.registry.backend(spec.backend).availability
+                if not available and why is not None:
+                    cand.rejections.append(why)
+                    continue
+                cand.rejections.extend(rt.health_rejections(spec, ctx))
+                cand.rejections.extend(check_constraints(spec, ctx))
+            else:  # viable(): installed, fits the device; stop at the first reason
+                if ask_health or spec.workspace_bytes is not None:
+                    cand.rejections.extend(rt.health_rejections(spec, ctx))
+                    if cand.rejections:
+                        continue
+                rejection = call_rejection(spec, ctx)
+                if rejection is not None:
+                    cand.rejections.append(rejection)
+                    continue
+            if measured:
+                cand.rejections.extend(rt.perf_rejections(spec, ctx))
+            if disabled and spec.backend != REFERENCE_BACKEND and (spec.backend in disabled or "*" in disabled):
                 cand.rejections.append(Rejection(Reason.BACKEND_DISABLED, "disabled by lz.disabled()"))
 
         lock = policy.lock_for(ctx)
@@ -180,7 +196,7 @@ class SelectionEngine:
                 notes.append(msg)
                 rt.warn_once(("lock", lock, ctx.op), msg)
 
-        if not locked_ok:
+        if not locked_ok and (policy.allows or policy.denies):
             allows = policy.allow_rules(ctx)
             for spec in specs:
                 if spec.backend == REFERENCE_BACKEND:
@@ -199,14 +215,18 @@ class SelectionEngine:
             cand = candidates[spec.id]
             if cand.rejections:
                 continue
-            factor, rules = policy.boost(spec, ctx)
-            cand.rules.extend(r.describe() for r in rules)
-            prefer = policy.prefer_rule(spec, ctx)  # its priority replaces the score in rt.score
-            if prefer is not None:
-                cand.rules.append(prefer.describe())
+            factor = 1.0
+            if policy.boosts:
+                factor, rules = policy.boost(spec, ctx)
+                cand.rules.extend(r.describe() for r in rules)
+            if policy.prefers:
+                prefer = policy.prefer_rule(spec, ctx)  # its priority replaces the score in rt.score
+                if prefer is not None:
+                    cand.rules.append(prefer.describe())
             cand.transforms = transforms_of(spec, ctx)
-            cand.measured_us = rt.measured_us(spec, ctx)
-            cand.score = rt.score(spec, ctx) * factor - TRANSFORM_PENALTY * len(cand.transforms)
+            if measured:
+                cand.measured_us = rt.measured_us(spec, ctx)
+            cand.score = rt.score(spec, ctx, measured) * factor - TRANSFORM_PENALTY * len(cand.transforms)
 
         eligible = [c for c in candidates.values() if c.score is not None]
         non_reference = [c for c in eligible if c.backend != REFERENCE_BACKEND]
