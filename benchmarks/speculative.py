@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
     date = datetime.date.today().isoformat()
     lines = [f"# Speculative decoding on the paged KV cache ({device_name}, torch {torch.__version__}, {date})", "",
-             f"Batch 1, greedy, {dtype}; target {target.num_params() / 1e6:.0f}M params ({config.num_layers} layers), "
+             f"Batch 1, greedy, {dtype}; target {target.num_params() / 1e6:.1f}M params ({config.num_layers} layers), "
              f"draft {DRAFT_LAYERS} layers of the same width sharing its embedding and lm_head; acceptance forced by "
              f"construction (zero o_proj/down_proj: identical logits). Prompt {args.prompt} tokens, {args.new} new "
              f"tokens, tokens/s over the whole call, median of {args.repeats}.", "",
