@@ -239,3 +239,155 @@ def test_file_hash_is_cached_by_path_size_mtime(tmp_path, monkeypatch):
     assert hf_hash(path) == h and len(calls) == 2
     edit_json(path, path, lambda d: d["model"]["vocab"].update({"zzqq": 10**6}))
     assert hf_hash(path) != h and len(calls) == 3
+
+
+# --- prefix cache --------------------------------------------------------------------------------
+
+SYSTEM = ("You are a helpful assistant. Answer the question about the quick brown fox, café and 東京 🙂; "
+          "numbers like 12345 stay numbers. ")
+SUFFIX_STARTS = ["", " ", "  ", "x", "Hello", "ness", "'s", ".", "!?", ",", "-", "\n", "\t", "é", "\u0301", "東京",
+                 "🙂", "12", "<|", SPECIAL, SPECIAL[:5], "\u00a0", "ß"]
+PREFIX_ENDS = ["", " ", "  ", "the", "the ", "fo", "12", ".", "\n", "<|endof", "<", " ca", "é", "東", "🙂"]
+
+
+def whole_and_cached(tok, text, prefix, add_special_tokens):
+    want = tok.encode_with_offsets(text, add_special_tokens)
+    got = tok.encode_with_offsets(text, add_special_tokens, prefix=prefix)
+    return want, got
+
+
+def assert_prefix_reuse_exact(tok, prefix, suffix):
+    text = prefix + suffix
+    for add in (False, True):
+        want, got = whole_and_cached(tok, text, prefix, add)
+        assert got == want, (prefix[-20:], suffix[:20], add)
+    assert tok.encode(text, prefix=prefix) == tok.encode(text)
+
+
+@pytest.mark.parametrize("end", PREFIX_ENDS)
+@pytest.mark.parametrize("start", SUFFIX_STARTS)
+def test_prefix_reuse_is_exact_at_hard_boundaries(tokenizer, end, start):
+    assert_prefix_reuse_exact(tokenizer, SYSTEM + end, start + " and then the lazy dog.")
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+ALPHABET = st.sampled_from(list("abcdefghijklmnopqrstuvwxyz THEQUICK.,;:!?'-_()\n\t0123456789") +
+                           ["é", "ß", "東", "京", "🙂", "\u0301", "\u00a0", "ne", "ss", "the", " the", "<|", "|>",
+                            SPECIAL, "  "])
+TEXT = st.lists(ALPHABET, max_size=40).map("".join)
+
+
+@pytest.mark.parametrize("kind", ["hf", "tiktoken", "sentencepiece"])
+def test_prefix_reuse_property(kind, tmp_path_factory):
+    """Random prefix/suffix pairs: reused ids and offsets equal those of encoding the whole text."""
+    path = tmp_path_factory.mktemp(kind)
+    source = {"hf": lambda: train_hf(path / "t.json"), "tiktoken": make_tiktoken,
+              "sentencepiece": lambda: train_sp(path / "sp.model")}[kind]()
+    tok = tk.load_tokenizer(source)
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(head=TEXT, mid=TEXT, suffix=TEXT)
+    def check(head, mid, suffix):
+        assert_prefix_reuse_exact(tok, head + mid, suffix)
+        assert_prefix_reuse_exact(tok, SYSTEM + head, mid + suffix)
+
+    check()
+
+
+def test_registered_prefix_is_found_and_counted(tokenizer):
+    stats = lz.prefix_cache().stats()
+    assert (stats.hits, stats.misses, stats.entries) == (0, 0, 0)
+    reused = lz.register_prefix(SYSTEM, tokenizer_id="t")
+    assert 0 < reused < len(tokenizer._encode(SYSTEM, False)[0])
+    texts = [SYSTEM + "What is a fox?", SYSTEM + "ok", SYSTEM]
+    for text in texts:
+        assert lz.tokenize(text, tokenizer_id="t") == tokenizer._encode(text, True)[0]
+    stats = lz.prefix_cache().stats()
+    assert (stats.misses, stats.hits, stats.entries) == (1, 3, 1)
+    assert stats.tokens_reused == 3 * reused
+    lz.tokenize("unrelated text", tokenizer_id="t")
+    assert lz.prefix_cache().stats().hits == 3  # no registered prefix: not looked up
+    batch = lz.tokenize_batch(texts, tokenizer_id="t", add_special_tokens=False)
+    for b, text in enumerate(texts):
+        ids, offsets = tokenizer._encode(text, False)
+        assert batch.input_ids[b][batch.attention_mask[b].bool()].tolist() == ids
+        assert batch.offsets[b][: len(ids)] == offsets
+    assert lz.prefix_cache().stats().hits == 6
+
+
+def test_prefix_argument_caches_on_first_use(tokenizer):
+    lz.tokenize(SYSTEM + "one", tokenizer_id="t", prefix=SYSTEM)
+    lz.tokenize(SYSTEM + "two", tokenizer_id="t", prefix=SYSTEM)
+    batch = lz.tokenize_batch([SYSTEM + "a", SYSTEM + "bb"], tokenizer_id="t", prefix=SYSTEM)
+    assert batch.input_ids.shape[0] == 2
+    stats = lz.prefix_cache().stats()
+    assert (stats.misses, stats.hits) == (1, 3)
+    with pytest.raises(lz.InvalidInputError, match="prefix"):
+        lz.tokenize("other text", tokenizer_id="t", prefix=SYSTEM)
+    with pytest.raises(lz.InvalidInputError, match="text"):
+        lz.register_prefix("", tokenizer_id="t")
+
+
+def test_prefix_without_safe_boundary_is_encoded_whole(tokenizer):
+    assert lz.register_prefix("nospaceshere", tokenizer_id="t") == 0
+    assert lz.tokenize("nospaceshere at all", tokenizer_id="t") == tokenizer._encode("nospaceshere at all", True)[0]
+    assert lz.prefix_cache().stats().unsplittable == 1
+
+
+def test_prefix_cache_is_lru_bounded():
+    tok = lz.register_tokenizer("t", make_tiktoken())
+    cache = lz.prefix_cache()
+    cache.resize(2)
+    for i in range(4):
+        tok.encode(f"prefix number {i} of many", prefix=f"prefix number {i} of")
+    assert cache.stats().entries == 2 and cache.stats().misses == 4
+    tok.encode("prefix number 3 of many", prefix="prefix number 3 of")
+    tok.encode("prefix number 0 of many", prefix="prefix number 0 of")  # evicted: encoded again
+    assert (cache.stats().hits, cache.stats().misses) == (1, 5)
+    with pytest.raises(lz.InvalidInputError, match="max_entries"):
+        cache.resize(0)
+    cache.clear()
+    assert cache.stats().entries == 0 and cache.stats().hits == 0
+
+
+def test_prefix_cache_is_keyed_by_tokenizer_content():
+    """Two tokenizers of other content under one id, one after the other: never the other's ids."""
+    lz.register_tokenizer("t", make_tiktoken())
+    lz.register_prefix(SYSTEM, tokenizer_id="t")
+    first = lz.tokenize(SYSTEM + "the end", tokenizer_id="t")
+    other = lz.register_tokenizer("t", make_tiktoken(extra_merges=(b"th", b"he", b" a", b"an")))
+    second = lz.tokenize(SYSTEM + "the end", tokenizer_id="t", prefix=SYSTEM)
+    assert second == other._encode(SYSTEM + "the end", True)[0] != first
+    assert lz.prefix_cache().stats().entries == 2
+    lz.reset()
+    assert lz.prefix_cache().stats().entries == 0
+
+
+def test_safe_boundaries():
+    assert tk.safe_boundaries("a b  c d", [], count=3) == [6, 1]  # one space between non-spaces
+    assert tk.safe_boundaries("ab \u0301x y", [], count=3) == [5]  # not before a combining mark
+    assert tk.safe_boundaries("a b <|x y", ["<|x y|>"], count=3) == [3, 1]  # "<|x y" may become the literal
+    assert tk.safe_boundaries("a <|x y|> b c", ["<|x y|>"], count=3) == [11, 9, 1]  # not inside one
+    assert tk.safe_boundaries("ab c", [], count=3) == [2] and tk.safe_boundaries("ab ", []) == []  # c + 1 inside
+
+
+def test_tiktoken_offsets_linear_and_unchanged():
+    tok = tk.load_tokenizer(make_tiktoken())
+    text = "café 東京 🙂 the fox" * 3
+    ids, offsets = tok.encode_with_offsets(text)
+    encoded = text.encode("utf-8")
+    pos, want = 0, []
+    for i in ids:  # the definition: characters complete within the bytes so far
+        start = len(encoded[:pos].decode("utf-8", "ignore"))
+        pos += len(tok.obj.decode_single_token_bytes(i))
+        want.append((start, len(encoded[:pos].decode("utf-8", "ignore"))))
+    assert offsets == want
+
+
+def test_prefix_ending_inside_a_literal_with_spaces():
+    tok = tk.load_tokenizer(make_tiktoken(special={"<|end of text|>": 261}))
+    for cut in range(1, len("<|end of text|>")):
+        assert_prefix_reuse_exact(tok, "hello there the fox <|end of text|>"[: 20 + cut], "<|end of text|>"[cut:] + " ok")
+    assert_prefix_reuse_exact(tok, "the fox <|end of text|> and the", " dog")

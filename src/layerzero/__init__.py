@@ -40,9 +40,12 @@ from .ops.quant import (
 from .ops.sampling import sample, sample_greedy, sample_topk, sample_topp
 from .ops.tokenize import (
     BatchEncoding,
+    PrefixCacheStats,
     Tokenizer,
     detokenize,
     get_tokenizer,
+    prefix_cache,
+    register_prefix,
     register_tokenizer,
     tokenize,
     tokenize_batch,
@@ -100,6 +103,7 @@ __all__ = [
     "PackedFormat", "QuantFormat", "QuantizedTensor", "awq_format", "dequantize", "embedding", "gptq_format",
     "quant_linear", "quantize", "sample", "sample_greedy", "sample_topk", "sample_topp",
     "BatchEncoding", "Tokenizer", "detokenize", "get_tokenizer", "register_tokenizer", "tokenize", "tokenize_batch",
+    "PrefixCacheStats", "prefix_cache", "register_prefix",
     "PolicyWatcher", "configure", "disabled", "get_config", "get_locks", "load_config", "lock", "prefer", "unlock",
     "watch_policy",
     "BreakerState", "DoctorReport", "GraphValidation", "HealthReport", "configure_health", "configure_memory",
