@@ -100,9 +100,10 @@ def test_selection_picks_liger_where_declared():
     x = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
     # our Triton SwiGLU ties Liger's at large sizes and wins at small ones (benchmarks/results/norms_rope-h100.md)
     assert lz.which("swiglu", x, x) == "triton_act.swiglu"
+    assert lz.which("geglu", x, x, approximate="tanh") == "triton_act.geglu"
     with lz.disabled("triton_act"):
         assert lz.which("swiglu", x, x) == "liger.swiglu"
-    assert lz.which("geglu", x, x, approximate="tanh") == "liger.geglu"
+        assert lz.which("geglu", x, x, approximate="tanh") == "liger.geglu"
     assert lz.which("geglu", x, x) != "liger.geglu"  # erf GELU: not Liger's
     q = torch.randn(1, 8, 4, 64, device="cuda", dtype=torch.bfloat16)
     cos, sin = lz.rope_cache(8, 64, device="cuda")

@@ -234,16 +234,18 @@ BACKEND = Backend(
     min_version="3.0",
     aliases=("triton_decode",),
     description="LayerZero's own Triton paged-KV decode attention (flash-decoding, GQA-grouped)",
-    # H100, bf16, 2026-11-25 (benchmarks/results/attention-h100.md): 1996 GB/s vs FlashInfer's paged decode
-    # 902 GB/s on B32 x 8k with shuffled pages, hence priority 95 (> flashinfer.paged_decode 92). Not graph
-    # safe: a CUDA-graph replay with new seq_lens gave wrong rows (tests/gpu/test_triton_paged_gpu.py).
+    # H100, bf16 (benchmarks/results/attention-h100.md, paged_decode-h100.md): 1996-2346 GB/s vs FlashInfer's
+    # paged decode 902-1598 GB/s on B32 x 8k / B8 x 32k with shuffled pages, hence priority 95 (> flashinfer.
+    # paged_decode 92). Graph safe: the launch reads shapes only, and a CUDA-graph replay with new seq_lens
+    # equals the eager call bit for bit (tests/gpu/test_triton_paged_gpu.py, H100, 2026-11-26; the earlier
+    # "wrong rows" came from a test that asked for lengths past its page table).
     # num_stages 3: the launch sweep's best configs on the H100 all used 3 stages.
     kernels=(
         KernelSpec(
             id="triton_paged.decode", ops=("attention.decode",), impl=_impl, priority=95,
             platforms=frozenset({"cuda"}), min_sm=80, dtypes=HALF_DTYPES, head_dims=frozenset({64, 128, 256}),
             kv_layouts=frozenset({"NHD", "HND"}), min_page_size=16, supports_window=True, supports_softcap=True,
-            graph_safe=False, needs_jit=True, check=_check,
+            graph_safe=True, needs_jit=True, check=_check,
             description="split-KV paged decode; one program reads each KV head once for its whole query group",
         ),
     ),
