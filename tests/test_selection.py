@@ -353,6 +353,27 @@ def test_miss_path_asks_health_once_a_kernel_failed():
     assert Reason.KERNEL_UNHEALTHY in lz.explain("rms_norm", x).rejection_reasons["mine.rms"]
 
 
+def test_selection_context_init_keeps_the_dataclass_contract():
+    """SelectionContext's __init__ fills slots directly (speed); it must behave as the generated one."""
+    import dataclasses
+
+    ctx = lz.SelectionContext("attention.full", head_dim=64)
+    for f in dataclasses.fields(lz.SelectionContext):
+        if f.name not in ("op", "head_dim"):
+            assert getattr(ctx, f.name) == f.default, f.name
+    assert (ctx.op, ctx.head_dim) == ("attention.full", 64)
+    assert lz.SelectionContext("attention.full", "cuda", 1).device_index == 1  # positional, in field order
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ctx.head_dim = 128  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        lz.SelectionContext()  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        lz.SelectionContext("attention.full", head_size=64)  # type: ignore[call-arg]
+    assert ctx.replace(batch=2) == lz.SelectionContext("attention.full", head_dim=64, batch=2)
+    assert hash(ctx) == hash(lz.SelectionContext("attention.full", head_dim=64))
+    assert ctx.replace(tp_rank=3) == ctx  # tp_rank and isa stay out of equality
+
+
 # ----------------------------------------------------------------------------- list_kernels, validate
 
 

@@ -2,13 +2,40 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import Any
 
 import torch
 
 from .device import DeviceInfo, device_info
 
 
+def _init_through_slots(cls: type) -> type:
+    """Give a frozen, slotted dataclass an `__init__` that fills the slots through their descriptors.
+
+    Same signature and defaults as the generated one, which calls `object.__setattr__` per field
+    (about 0.2 us each on CPython 3.11: 6 us per SelectionContext, a tenth of a selection miss);
+    a slot descriptor's `__set__` takes half of that. Immutability afterwards is unchanged.
+    """
+    params, lines, scope = [], [], {}
+    for f in fields(cls):
+        if f.default_factory is not MISSING or not f.init:
+            raise TypeError(f"{cls.__name__}.{f.name}: only plain fields with plain defaults are supported")
+        scope[f"_set_{f.name}"] = cls.__dict__[f.name].__set__
+        if f.default is MISSING:
+            params.append(f.name)
+        else:
+            scope[f"_default_{f.name}"] = f.default
+            params.append(f"{f.name}=_default_{f.name}")
+        lines.append(f"    _set_{f.name}(self, {f.name})")
+    exec(f"def __init__(self, {', '.join(params)}):\n" + "\n".join(lines), scope)  # noqa: S102 - code built above
+    init = scope["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    cls.__init__ = init  # type: ignore[misc]
+    return cls
+
+
+@_init_through_slots
 @dataclass(frozen=True, slots=True)
 class SelectionContext:
     """Facts of one call. Built only on a plan-cache miss; fields that do not apply stay at 0/None.
@@ -89,7 +116,7 @@ class SelectionContext:
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
 
-    def replace(self, **changes: object) -> SelectionContext:
+    def replace(self, **changes: Any) -> SelectionContext:
         return replace(self, **changes)
 
     def summary(self) -> str:
