@@ -26,6 +26,7 @@ import datetime
 import hashlib
 import json
 import pickle
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,8 +79,19 @@ def _device(dist: Any, group: Any) -> torch.device:
 
 
 def _wait(work: Any, timeout: float, step: str, rank: int) -> None:
+    """Wait for a collective on the host, at most `timeout` s.
+
+    Polls is_completed(): NCCL's work.wait(timeout) only makes the current stream wait on the
+    collective and returns at once (seen on two H200s, torch 2.11), so the next host read of its
+    result would block forever on a dead peer. Polling gives gloo and NCCL the same deadline.
+    """
+    deadline = time.monotonic() + timeout
     try:
-        work.wait(timeout=datetime.timedelta(seconds=timeout))
+        while not work.is_completed():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not completed after {timeout:g} s")
+            time.sleep(0.0005)
+        work.wait(timeout=datetime.timedelta(seconds=timeout))  # raises the collective's own error, if any
     except Exception as e:  # noqa: BLE001 - gloo/NCCL raise RuntimeError subclasses on timeout or a lost peer
         raise DistributedTimeoutError(
             f"layerzero.distributed: {step} on rank {rank} did not complete within {timeout:g} s "
@@ -232,15 +244,20 @@ class SharedMeasurements(Measurements):
 
 
 def local_snapshot(rt: Runtime | None = None, device: torch.device | None = None) -> SharedMeasurements:
-    """This rank's PerfDB rows valid here (signature of `device`, installed backend versions)."""
+    """This rank's PerfDB rows valid here (installed backend versions, and the signature of `device`;
+    by default of the CPU and of the current CUDA device, since a rank selects kernels for both)."""
     rt = rt or runtime
-    device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
-                        else torch.device("cpu"))
+    if device is not None:
+        devices = [device]
+    else:
+        devices = [torch.device("cpu")]
+        if torch.cuda.is_available():
+            devices.append(torch.device("cuda", torch.cuda.current_device()))
     db = rt.measurements.db
     if db is None or rt.measurements.path is None or not rt.measurements.path.exists():
         return SharedMeasurements()
-    sig = current_signature(device.type, device.index or 0)
-    return SharedMeasurements(r for r in db.records(sig) if r.backend_version == (rt._backend_version(r.kernel) or ""))
+    return SharedMeasurements(r for d in devices for r in db.records(current_signature(d.type, d.index or 0))
+                              if r.backend_version == (rt._backend_version(r.kernel) or ""))
 
 
 @dataclass(slots=True)
