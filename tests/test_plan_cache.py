@@ -270,3 +270,32 @@ def test_stress_no_stale_plan_after_a_policy_change_returns():
     for k in range(keys_n):
         plan = runtime.plan(family, family.key(k), (k,), {})
         assert round(plan.score) - 1 == changes
+
+
+def test_engine_shortcuts_follow_the_generation():
+    """The miss path's per-generation shortcuts (kernels viable on this device, no PerfDB rows, no
+    breakers) must see a registration, a policy change and a backend that fails to import."""
+    cpu = frozenset({"cpu"})
+
+    def shape(s: int) -> torch.Tensor:
+        return torch.randn(1, s, 2, 64)
+
+    q = shape(3)
+    first = lz.select("attention", q, q, q).kernel_id
+    lz.register_kernel(id="gen.fast", ops=("attention.full",), impl=lambda *a: None, platforms=cpu, priority=97)
+    q = shape(4)
+    assert lz.select("attention", q, q, q).kernel_id == "gen.fast"
+    lz.configure(deny=["gen.fast"])
+    q = shape(5)
+    assert lz.select("attention", q, q, q).kernel_id == first
+
+    def missing(*args):
+        raise ImportError("no module named gen_lib")
+
+    lz.register_kernel(id="genlib.k", ops=("attention.full",), impl=missing, platforms=cpu, priority=99)
+    q = shape(6)
+    lz.attention(q, q, q)  # genlib.k fails to import: its backend is marked unavailable, the call falls back
+    q = shape(7)
+    assert lz.select("attention", q, q, q).kernel_id == first  # gen.fast stays denied
+    reasons = lz.explain("attention", q, q, q).rejection_reasons
+    assert reasons["genlib.k"] == [lz.Reason.BACKEND_IMPORT_FAILED]

@@ -220,8 +220,11 @@ class Runtime:
                 ctx = self.invariant.context(ctx)
             if self.trace is not None:
                 self.trace.append((family.name, ctx))
-            plan, report = self.engine.select(ctx, family.bind, family.transforms)
-            plan = self.health.guard(plan, report, ctx, family)  # runtime fallback, call counting
+
+            def guard(spec: KernelSpec, run: Any, report: SelectionReport) -> Any:
+                return self.health.guard(spec, run, report, ctx, family)  # runtime fallback, call counting
+
+            plan, _ = self.engine.select(ctx, family.bind, family.transforms, guard)
             self.telemetry.selected(ctx, plan, time.perf_counter() - start)
             return plan
 

@@ -31,7 +31,7 @@ from ..context import SelectionContext
 from ..errors import ConfigurationError, CudaGraphUnsafeError, KernelExecutionError, NoKernelFoundError
 from ..kernel import KernelSpec, check_constraints
 from ..reasons import Reason, Rejection
-from ..selection.engine import REFERENCE_BACKEND, ExecutionPlan, SelectionReport
+from ..selection.engine import REFERENCE_BACKEND, SelectionReport
 
 if TYPE_CHECKING:
     from ..ops import OpFamily
@@ -312,6 +312,8 @@ class Health:
             self.runtime.bump()
 
     def _half_open(self, spec: KernelSpec) -> bool:
+        if not self.kernels:  # no breaker exists yet
+            return False
         return any(b is not None and b.state is BreakerState.HALF_OPEN
                    for b in (self.kernels.get(spec.id), self.backends.get(spec.backend)))
 
@@ -336,16 +338,14 @@ class Health:
 
     # -- the plan guard and the fallback -------------------------------------------------------
 
-    def guard(self, plan: ExecutionPlan, report: SelectionReport, ctx: SelectionContext,
-              family: OpFamily) -> ExecutionPlan:
-        """`plan` with its run wrapped for fallback, call counting, probing and capture safety.
+    def guard(self, spec: KernelSpec, inner: Callable[..., Any], report: SelectionReport, ctx: SelectionContext,
+              family: OpFamily) -> Callable[..., Any]:
+        """`inner` (the bound `spec` for `ctx`) wrapped for fallback, call counting, probing and capture safety.
 
         The reference runs unwrapped unless calls are counted: it is the last resort, and an
         exception from it is the caller's (bad input the validation could not see).
         """
         rt = self.runtime
-        spec = rt.registry.kernel(plan.kernel_id)
-        inner = plan.run
         calls = rt.telemetry.call_counter(spec.id, ctx.op) if rt.telemetry.enabled else None
         health = self
 
@@ -383,7 +383,7 @@ class Health:
                     health.refresh()
                 return unchecked(*args, **kwargs)
 
-        return plan.with_run(run)
+        return run
 
     def _careful_run(self, spec: KernelSpec, ctx: SelectionContext, family: OpFamily,
                      inner: Callable[..., Any], calls: Any) -> Callable[..., Any]:

@@ -46,11 +46,12 @@ class _Flight:
     Waiters sleep on the cache's condition variable, so an uncontended miss allocates no event.
     """
 
-    __slots__ = ("owner", "done")
+    __slots__ = ("owner", "done", "waited")
 
     def __init__(self, owner: int) -> None:
         self.owner = owner
         self.done = False
+        self.waited = False  # someone sleeps on it: landing must wake them
 
 
 class PlanCache:
@@ -143,6 +144,7 @@ class PlanCache:
                     break  # re-entered from inside our own compute
                 else:
                     self.waits += 1
+                    flight.waited = True
                     deadline = time.monotonic() + self.wait_timeout_s
                     while not flight.done:
                         remaining = deadline - time.monotonic()
@@ -175,7 +177,8 @@ class PlanCache:
         """Under the lock: end a flight and wake its waiters (they look again under the lock)."""
         self._inflight.pop((generation, key), None)
         flight.done = True
-        self._flight_done.notify_all()
+        if flight.waited:  # the common uncontended miss skips the condition's bookkeeping
+            self._flight_done.notify_all()
 
     def _lookup(self, key: Hashable) -> Any:
         """Under the lock: the plan in `data`, or moved back from the old segment, or None."""

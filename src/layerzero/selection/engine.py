@@ -35,9 +35,6 @@ class ExecutionPlan:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.run(*args, **kwargs)
 
-    def with_run(self, run: Callable[..., Any]) -> ExecutionPlan:
-        """This plan calling `run` instead (the health guard's wrapper); cheaper than dataclasses.replace."""
-        return ExecutionPlan(self.kernel_id, self.op, run, self.transforms, self.score, self.generation, self.fallback)
 
 
 @dataclass(slots=True)
@@ -171,7 +168,7 @@ class SelectionEngine:
             if disabled and spec.backend != REFERENCE_BACKEND and (spec.backend in disabled or "*" in disabled):
                 cand.rejections.append(Rejection(Reason.BACKEND_DISABLED, "disabled by lz.disabled()"))
 
-        lock = policy.lock_for(ctx)
+        lock = policy.lock_for(ctx) if policy.locks else None
         locked_ok = False
         if lock is not None:
             locked = [s for s in specs if lock.targets(s)]
@@ -240,8 +237,10 @@ class SelectionEngine:
             notes.append("no accelerated kernel can run this call; the torch reference runs")
         return SelectionReport(ctx.op, ctx, best.kernel_id, best.score or 0.0, list(candidates.values()), fallback=fallback, notes=notes)
 
-    def select(self, ctx: SelectionContext, bind: Binder, transforms_of: Callable[[KernelSpec, SelectionContext], tuple[str, ...]]) -> tuple[ExecutionPlan, SelectionReport]:
-        """Evaluate and bind the winner into an ExecutionPlan."""
+    def select(self, ctx: SelectionContext, bind: Binder, transforms_of: Callable[[KernelSpec, SelectionContext], tuple[str, ...]],
+               wrap: Callable[[KernelSpec, Callable[..., Any], SelectionReport], Callable[..., Any]] | None = None,
+               ) -> tuple[ExecutionPlan, SelectionReport]:
+        """Evaluate and bind the winner into an ExecutionPlan; `wrap` (the health guard) wraps its run."""
         generation = self.runtime.generation
         report = self.evaluate(ctx, transforms_of, complete=False)
         if report.fallback and self.runtime.policy.strict:
@@ -250,5 +249,7 @@ class SelectionEngine:
             self.runtime.warn_once(("fallback", ctx.op, ctx.device_type), f"{ctx.op}: {report.notes[-1]}; see lz.explain for reasons")
         spec = self.runtime.registry.kernel(report.selected_kernel)
         run, transforms = bind(spec, ctx)
+        if wrap is not None:
+            run = wrap(spec, run, report)
         plan = ExecutionPlan(spec.id, ctx.op, run, transforms, report.score, generation, report.fallback)
         return plan, report
