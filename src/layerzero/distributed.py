@@ -22,10 +22,10 @@ in an unknown state; destroy it (or the job) rather than reuse it.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import pickle
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -78,21 +78,38 @@ def _device(dist: Any, group: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def _wait(work: Any, timeout: float, step: str, rank: int) -> None:
-    """Wait for a collective on the host, at most `timeout` s.
+def _collective(start: Any, device: torch.device, timeout: float, step: str, rank: int) -> None:
+    """Issue a collective (`start()` returns its async work) and wait for it, at most `timeout` s.
 
-    Polls is_completed(): NCCL's work.wait(timeout) only makes the current stream wait on the
-    collective and returns at once (seen on two H200s, torch 2.11), so the next host read of its
-    result would block forever on a dead peer. Polling gives gloo and NCCL the same deadline.
+    Both happen in a daemon thread that the caller waits for with the deadline, because NCCL can
+    block the host in two places a timeout argument does not reach: inside the call itself (while
+    its communicator waits for the other ranks) and after it (work.wait(timeout) only makes the
+    stream wait and returns at once; the next read of the result then blocks on a dead peer; seen
+    on two H200s, torch 2.11). The thread polls is_completed(), so a finished collective is seen
+    on the host before anyone reads its output. On timeout the thread is abandoned (the process
+    group is unusable from then on, as the error says).
     """
-    deadline = time.monotonic() + timeout
-    try:
-        while not work.is_completed():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"not completed after {timeout:g} s")
-            time.sleep(0.0005)
-        work.wait(timeout=datetime.timedelta(seconds=timeout))  # raises the collective's own error, if any
-    except Exception as e:  # noqa: BLE001 - gloo/NCCL raise RuntimeError subclasses on timeout or a lost peer
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)  # the current device is per thread
+            work = start()
+            give_up = time.monotonic() + timeout + 1.0
+            while not work.is_completed():
+                if time.monotonic() > give_up:
+                    return
+                time.sleep(0.0005)
+            work.wait()  # raises the collective's own error, if any
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            failure.append(e)
+
+    thread = threading.Thread(target=run, daemon=True, name=f"layerzero-{step}")
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive() or failure:
+        e = failure[0] if failure else TimeoutError(f"not completed after {timeout:g} s")
         raise DistributedTimeoutError(
             f"layerzero.distributed: {step} on rank {rank} did not complete within {timeout:g} s "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); a rank is dead, stuck or not "
@@ -108,13 +125,15 @@ def all_gather_objects(obj: Any, group: Any = None, timeout: float = 30.0, step:
     device = _device(dist, group)
     payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
     sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
-    _wait(dist.all_gather(sizes, torch.tensor([payload.numel()], device=device), group=group, async_op=True),
-          timeout, f"{step} (sizes)", rank)
+    count = torch.tensor([payload.numel()], device=device)
+    _collective(lambda: dist.all_gather(sizes, count, group=group, async_op=True), device, timeout,
+                f"{step} (sizes)", rank)
     longest = int(max(int(s.item()) for s in sizes))
     padded = torch.zeros(longest, dtype=torch.uint8, device=device)
     padded[: payload.numel()] = payload
     buffers = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)]
-    _wait(dist.all_gather(buffers, padded, group=group, async_op=True), timeout, f"{step} (data)", rank)
+    _collective(lambda: dist.all_gather(buffers, padded, group=group, async_op=True), device, timeout,
+                f"{step} (data)", rank)
     return [pickle.loads(b[: int(s.item())].cpu().numpy().tobytes()) for b, s in zip(buffers, sizes, strict=True)]
 
 
@@ -126,10 +145,12 @@ def broadcast_object(obj: Any, group: Any = None, timeout: float = 30.0, step: s
     device = _device(dist, group)
     data = pickle.dumps(obj) if rank == 0 else b""
     size = torch.tensor([len(data)], dtype=torch.int64, device=device)
-    _wait(dist.broadcast(size, src=src, group=group, async_op=True), timeout, f"{step} (size)", rank)
+    _collective(lambda: dist.broadcast(size, src=src, group=group, async_op=True), device, timeout,
+                f"{step} (size)", rank)
     buffer = (torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device) if rank == 0
               else torch.empty(int(size.item()), dtype=torch.uint8, device=device))
-    _wait(dist.broadcast(buffer, src=src, group=group, async_op=True), timeout, f"{step} (data)", rank)
+    _collective(lambda: dist.broadcast(buffer, src=src, group=group, async_op=True), device, timeout,
+                f"{step} (data)", rank)
     return obj if rank == 0 else pickle.loads(buffer.cpu().numpy().tobytes())
 
 

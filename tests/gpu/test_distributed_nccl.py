@@ -61,6 +61,10 @@ def _stuck(rank: int, tmp: Path) -> dict[str, Any]:
     if rank == 1:
         time.sleep(20)
         return {}
+    import faulthandler
+
+    stacks = open(tmp / "rank0-stacks.txt", "w")  # noqa: SIM115 - kept open for the dump below
+    faulthandler.dump_traceback_later(15, file=stacks)  # where rank 0 is, should it hang
     start = time.monotonic()
     try:
         lzd.sync_selection(timeout=3)
@@ -78,5 +82,10 @@ def test_nccl_two_gpus_select_identically_after_sync(tmp_path: Path) -> None:
 
 
 def test_nccl_stuck_rank_gives_timeout_error(tmp_path: Path) -> None:
-    r0 = ok(_run(_stuck, tmp_path), 0)
+    try:
+        results = _run(_stuck, tmp_path, deadline=60.0)
+    except AssertionError as e:
+        stacks = tmp_path / "rank0-stacks.txt"
+        raise AssertionError(f"{e}\nrank 0 stacks:\n{stacks.read_text() if stacks.exists() else '-'}") from None
+    r0 = ok(results, 0)
     assert "did not complete within 3 s" in r0["error"] and r0["elapsed"] < 30
