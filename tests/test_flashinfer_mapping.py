@@ -602,3 +602,28 @@ def test_sampling_without_flashinfer_raises_backend_not_available(monkeypatch):
     spec = runtime.registry.kernel("flashinfer.top_k_sampling")
     with pytest.raises(BackendNotAvailableError, match="flashinfer failed to import"):
         spec.impl(torch.randn(2, 10), 3, None, None, 1.0, None)
+
+
+def test_default_ranking_follows_the_h100_measurements():
+    """benchmarks/results/attention-h100.md and regret-h100.md (H100, bf16): FlashInfer prefill leads GQA
+    prefill, cuDNN leads MHA prefill (D <= 128), torch flash leads dense decode; FlashInfer's prefill never
+    ranks first for one query row."""
+    from layerzero.backends import torch_native
+    from layerzero.kernel import check_constraints, priority_for
+
+    kernels = [*fi.BACKEND.kernels, *torch_native.BACKEND.kernels]
+
+    def ranking(ctx):
+        ok = [s for s in kernels if ctx.op in s.ops and not [r for r in check_constraints(s, ctx)
+                                                             if r.reason != Reason.NEEDS_JIT_COMPILE]]
+        return [s.id for s in sorted(ok, key=lambda s: -priority_for(s, ctx))]
+
+    assert ranking(_ctx(seq_len_q=4096, seq_len_k=4096))[0] == "flashinfer.prefill"  # GQA 4
+    mha = _ctx(num_kv_heads=8, head_dim=64, head_dim_v=64, seq_len_q=1024, seq_len_k=1024)
+    assert ranking(mha)[:2] == ["torch.sdpa_cudnn", "flashinfer.prefill"]
+    assert ranking(mha.replace(head_dim=256, head_dim_v=256))[0] == "flashinfer.prefill"  # cuDNN: D <= 128
+    decode = ranking(_ctx(seq_len_q=1, seq_len_k=4096))
+    assert decode[:2] == ["torch.sdpa_flash", "flashinfer.decode"] and decode.index("flashinfer.prefill") > 1
+    mha_decode = ranking(mha.replace(seq_len_q=1))
+    assert mha_decode[0] == "torch.sdpa_flash" and mha_decode.index("torch.sdpa_cudnn") > 1
+    assert ranking(_ctx(seq_len_q=1, seq_len_k=4096, softcap=30.0))[0] == "flashinfer.decode"

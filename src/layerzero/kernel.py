@@ -77,6 +77,9 @@ class KernelSpec:
     # priority replaces `priority` (row thresholds still apply on top). Lets a kernel rank by
     # whether, say, bf16/fp16 math is native (avx512_bf16, amx_bf16, avx512_fp16) or emulated.
     isa_priorities: tuple[tuple[str, int], ...] = ()
+    # the priority for attention calls with one query row (decode), where the ranking of prefill
+    # kernels and decode kernels differs; None: `priority`
+    decode_priority: int | None = None
     description: str = ""
 
     backend: str = field(init=False, compare=False)  # "backend" of "backend.kernel", derived from id
@@ -86,8 +89,10 @@ class KernelSpec:
 
 
 def priority_for(spec: KernelSpec, ctx: SelectionContext) -> int:
-    """The spec's default priority for this call (CPU-ISA and row-count dependent where the spec says so)."""
+    """The spec's default priority for this call (decode, CPU-ISA and row-count dependent where the spec says so)."""
     priority = spec.priority
+    if spec.decode_priority is not None and ctx.seq_len_q == 1:
+        priority = spec.decode_priority
     for flag, value in spec.isa_priorities:
         if flag in ctx.isa:
             priority = value

@@ -250,8 +250,11 @@ def test_selection_picks_flashinfer_once_warmed(monkeypatch):
     ctx = ATTENTION.context(q, k, v, None, True)
     (variant,) = fi.warmup(ctx)
     assert variant.kind == "decode" and fi.is_compiled(variant, ctx.sm)
-    assert lz.which("attention", q, k, v, is_causal=True) == "flashinfer.decode"
-    out = lz.attention(q, k, v, is_causal=True)
+    # torch.sdpa_flash outranks FlashInfer's dense decode on this GPU (benchmarks/results/attention-h100.md)
+    assert lz.which("attention", q, k, v, is_causal=True) in ("torch.sdpa_flash", "flashinfer.decode")
+    with lz.disabled("torch"):
+        assert lz.which("attention", q, k, v, is_causal=True) == "flashinfer.decode"
+        out = lz.attention(q, k, v, is_causal=True)
     assert runtime.health.fallbacks == 0
     check("lz.attention->flashinfer.decode", "B8 Sk1024 H32/8 d128", out, dense_ref(q, k, v, True))
     qp, kc, vc, table, sl = paged_inputs(4, 1, 32, 8, 128, 16, [900, 33, 4000, 16], "NHD", seed=8)
