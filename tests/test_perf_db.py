@@ -239,3 +239,20 @@ def test_kill_9_mid_write_leaves_the_database_intact(tmp_path):
     ctx = lz.SelectionContext(op="norm.rms", hidden_size=64, num_rows=8)
     after.record([rec("after.kill", ctx, 1.0)])
     assert len(after.records()) == count + 1
+
+
+def test_a_noisy_timing_far_behind_the_fastest_does_not_block_the_bucket(db):
+    """A slow, noisy fallback (median - 2 sd still slower than the best) cannot win: scores stay measured."""
+    q = torch.randn(1, 32, 2, 16)
+    ctx = attn_ctx(q, q)
+    base = lz.which("attention", q, q, q, is_causal=True)
+    others = [s.id for s in runtime.registry.candidates(ctx.op) if s.id not in (base, "torch.sdpa_math")
+              and not lz.validate(s.id, lz.attention, q, q, q, is_causal=True)[1]]
+    db.record([rec(base, ctx, 50.0), rec("torch.sdpa_math", ctx, 20.0),
+               *(rec(k, ctx, 900.0, variance=300.0 ** 2) for k in others[:1])])
+    lz.perfdb(db.path)
+    assert lz.which("attention", q, q, q, is_causal=True) == "torch.sdpa_math"
+    # the same noise on a timing that could be the fastest keeps priorities
+    db.record([rec(base, ctx, 50.0), rec("torch.sdpa_math", ctx, 20.0, variance=15.0 ** 2)])
+    lz.perfdb(db.path)
+    assert lz.which("attention", q, q, q, is_causal=True) == base

@@ -389,13 +389,23 @@ class Measurements:
 
     def score(self, kernel_id: str, ctx: SelectionContext) -> float | None:
         """PERF_SCALE * (fastest time in the bucket) / (this kernel's time); None when the kernel is
-        unmeasured or the bucket's data is not confident (one noisy timing would skew the ranking,
-        so a bucket is used only when every correct timing in it is confident)."""
+        unmeasured or the bucket's data is not confident.
+
+        One noisy timing could skew the ranking, so a bucket is used only when each of its correct
+        timings is confident or clearly out of the race: its median minus two standard deviations
+        is still slower than the fastest confident median (a slow fallback such as unfused math
+        attention is often noisy; on the H100 that alone kept 5 of 22 tuned shapes on priorities).
+        """
         records = self.bucket_records(ctx)
         mine = records.get(kernel_id)
         if mine is None or not mine.correct:
             return None
         timed = [r for r in records.values() if r.correct]
-        if not all(r.confident for r in timed):
+        confident = [r.median_us for r in timed if r.confident]
+        if not confident:
             return None
+        best = min(confident)
+        for r in timed:
+            if not r.confident and (r.samples < MIN_SAMPLES or r.median_us - 2.0 * math.sqrt(max(r.variance, 0.0)) <= best):
+                return None
         return PERF_SCALE * min(r.median_us for r in timed) / mine.median_us
