@@ -297,6 +297,24 @@ def test_miss_path_chooses_what_the_complete_evaluation_chooses(call):
     assert plan.fallback == report.fallback
 
 
+def test_miss_path_ties_and_transforms_match_the_complete_evaluation():
+    """Equal priorities: the larger id wins; a layout transform costs a kernel its tie."""
+    for kid, layout in (("tie.a", "BSHD"), ("tie.c", "BHSD"), ("tie.b", "BSHD"), ("tie.d", "BHSD")):
+        lz.register_kernel(id=kid, ops=("attention.full",), impl=lambda *a: None, platforms=CPU, priority=96,
+                           layout=layout, mask_kinds=frozenset({"none"}))
+    q = torch.randn(1, 6, 2, 64)
+    report = lz.explain("attention", q, q, q)
+    assert report.selected_kernel == "tie.b"
+    assert lz.select("attention", q, q, q).kernel_id == "tie.b"
+    q = q.transpose(1, 2)
+    assert lz.explain("attention", q, q, q, layout="BHSD").selected_kernel == "tie.d"
+    assert lz.select("attention", q, q, q, layout="BHSD").kernel_id == "tie.d"
+    with lz.disabled("tie"):  # the disabled backend's kernels drop out on the miss path as in explain
+        winner = lz.explain("attention", q, q, q, layout="BHSD").selected_kernel
+        assert not winner.startswith("tie.")
+        assert lz.select("attention", q, q, q, layout="BHSD").kernel_id == winner
+
+
 def test_explain_still_lists_every_kernel_after_misses():
     q = torch.randn(1, 16, 4, 64)
     before = str(lz.explain("attention", q, q, q))

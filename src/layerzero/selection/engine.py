@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..context import SelectionContext
 from ..errors import NoKernelFoundError
-from ..kernel import KernelSpec, call_rejection, check_constraints, fits_device
+from ..kernel import KernelSpec, call_rejection, check_constraints, fits_device, priority_for
 from ..reasons import Reason, Rejection
 
 if TYPE_CHECKING:
@@ -110,21 +110,26 @@ class SelectionEngine:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         # Per generation: the kernels of (op, device type, SM, dtype) whose backend is installed and
-        # whose platform/SM/dtype constraints hold. The miss path of a call only looks at these.
-        self._viable: dict[tuple[object, ...], list[KernelSpec]] = {}
-        self._viable_generation = -1
+        # whose platform/SM/dtype constraints hold, highest priority first (the reference last).
+        # The miss path of a call only looks at these. One tuple, so a table is never filed under
+        # a generation it was not started in.
+        self._viable: tuple[int, dict[tuple[object, ...], list[KernelSpec]]] = (-1, {})
 
     def viable(self, ctx: SelectionContext) -> list[KernelSpec]:
         """Kernels for ctx.op that pass every shape-independent check (cached per generation)."""
         rt = self.runtime
-        if self._viable_generation != rt.generation:
-            self._viable, self._viable_generation = {}, rt.generation
+        generation = rt.generation  # read first: registry state seen afterwards is at least this new
+        cached, table = self._viable
+        if cached != generation:
+            table = {}
+            self._viable = (generation, table)
         key = (ctx.op, ctx.device_type, ctx.sm, ctx.generation, ctx.isa, ctx.dtype)
-        specs = self._viable.get(key)
+        specs = table.get(key)
         if specs is None:
             specs = [s for s in rt.registry.candidates(ctx.op)
                      if rt.registry.backend(s.backend).availability[0] and fits_device(s, ctx)]
-            self._viable[key] = specs
+            specs.sort(key=lambda s: (s.backend == REFERENCE_BACKEND, -priority_for(s, ctx)))
+            table[key] = specs
         return specs
 
     def evaluate(self, ctx: SelectionContext, transforms_of: Callable[[KernelSpec, SelectionContext], tuple[str, ...]],
@@ -137,13 +142,16 @@ class SelectionEngine:
         rt = self.runtime
         policy = rt.policy
         specs = rt.registry.candidates(ctx.op) if complete else self.viable(ctx)
-        candidates = {s.id: Candidate(s.id, s.backend, s.priority) for s in specs}
-        notes: list[str] = []
         measured = rt.perf.has_rows(ctx.op)  # False: every PerfDB lookup below would find nothing
-        disabled = rt.disabled_backends
         # Breakers and TP-invariant exclusions reject nothing until a kernel has failed or the mode is on;
         # memory headroom applies only to kernels that declare a workspace.
         ask_health = bool(rt.health.kernels) or rt.invariant is not None
+        if not (complete or measured or policy.locks or policy.allows or policy.denies or policy.boosts
+                or policy.prefers):
+            return self._choose_by_priority(ctx, specs, transforms_of, ask_health)
+        candidates = {s.id: Candidate(s.id, s.backend, s.priority) for s in specs}
+        notes: list[str] = []
+        disabled = rt.disabled_backends
 
         for spec in specs:
             cand = candidates[spec.id]
@@ -236,6 +244,50 @@ class SelectionEngine:
         if fallback:
             notes.append("no accelerated kernel can run this call; the torch reference runs")
         return SelectionReport(ctx.op, ctx, best.kernel_id, best.score or 0.0, list(candidates.values()), fallback=fallback, notes=notes)
+
+    def _choose_by_priority(self, ctx: SelectionContext, specs: list[KernelSpec],
+                            transforms_of: Callable[[KernelSpec, SelectionContext], tuple[str, ...]],
+                            ask_health: bool) -> SelectionReport:
+        """evaluate(complete=False) when priorities alone score: no policy rules, no PerfDB rows.
+
+        A kernel's score is then its priority minus transform penalties, so once one kernel scored
+        s, a kernel of priority below s cannot win, nor can the reference beat an accelerated one:
+        those stay in the report unscored. `specs` come highest priority first (viable), so most
+        misses evaluate one or two kernels. The winner is the one the full pass would choose.
+        """
+        rt = self.runtime
+        disabled = rt.disabled_backends
+        candidates: list[Candidate] = []
+        best: Candidate | None = None
+        for spec in specs:
+            cand = Candidate(spec.id, spec.backend, spec.priority)
+            candidates.append(cand)
+            priority = priority_for(spec, ctx)
+            reference = spec.backend == REFERENCE_BACKEND
+            if best is not None and best.backend != REFERENCE_BACKEND and (reference or priority < (best.score or 0.0)):
+                continue
+            if ask_health or spec.workspace_bytes is not None:
+                cand.rejections.extend(rt.health_rejections(spec, ctx))
+                if cand.rejections:
+                    continue
+            rejection = call_rejection(spec, ctx)
+            if rejection is not None:
+                cand.rejections.append(rejection)
+                continue
+            if disabled and not reference and (spec.backend in disabled or "*" in disabled):
+                cand.rejections.append(Rejection(Reason.BACKEND_DISABLED, "disabled by lz.disabled()"))
+                continue
+            cand.transforms = transforms_of(spec, ctx)
+            cand.score = float(priority) - TRANSFORM_PENALTY * len(cand.transforms)
+            if best is None or (not reference, cand.score, cand.kernel_id) > (
+                    best.backend != REFERENCE_BACKEND, best.score, best.kernel_id):
+                best = cand
+        if best is None:
+            raise NoKernelFoundError(f"no kernel can run {ctx.op}", SelectionReport(ctx.op, ctx, "", 0.0, candidates))
+        fallback = best.backend == REFERENCE_BACKEND
+        notes = ["no accelerated kernel can run this call; the torch reference runs"] if fallback else []
+        return SelectionReport(ctx.op, ctx, best.kernel_id, best.score or 0.0, candidates, fallback=fallback,
+                               notes=notes)
 
     def select(self, ctx: SelectionContext, bind: Binder, transforms_of: Callable[[KernelSpec, SelectionContext], tuple[str, ...]],
                wrap: Callable[[KernelSpec, Callable[..., Any], SelectionReport], Callable[..., Any]] | None = None,
