@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 import layerzero as lz
+from layerzero.kernel import priority_for
 from layerzero.perf import workloads
 from layerzero.perf.bench import measure
 from layerzero.perf.tune import tunable_kernels
@@ -112,7 +113,7 @@ def main() -> int:
         best = min(times, key=times.get)
         policies = {}
         for backend in sorted({s.backend for s in specs}):
-            own = sorted((s for s in specs if s.backend == backend), key=lambda s: (-s.priority, s.id))
+            own = sorted((s for s in specs if s.backend == backend), key=lambda s: (-priority_for(s, ctx), s.id))
             own = [s for s in own if s.id in times]
             policies[backend] = own[0].id if own else before
 

@@ -109,7 +109,10 @@ def test_selection_picks_liger_where_declared():
     cos, sin = lz.rope_cache(8, 64, device="cuda")
     assert lz.which("rope_qk", q, q, cos, sin) == "liger.rope"
     assert lz.which("rope_qk", q, q, cos, sin, interleaved=True) != "liger.rope"
-    assert lz.which("rms_norm", x, torch.ones(4096, device="cuda", dtype=torch.bfloat16)) == "liger.rms_norm"
+    w = torch.ones(4096, device="cuda", dtype=torch.bfloat16)
+    assert lz.which("rms_norm", x, w) == "torch.rms_norm"  # 64 rows: torch's fused norm wins there
+    big = torch.randn(16384, 4096, device="cuda", dtype=torch.bfloat16)
+    assert lz.which("rms_norm", big, w) == "liger.rms_norm"  # from 16384 rows Liger's does
     xg = x.clone().requires_grad_()
     assert not lz.which("swiglu", xg, xg).startswith("liger.")  # forward-only kernels
 

@@ -543,15 +543,16 @@ BACKEND = Backend(
     distribution="flashinfer-python",
     description="FlashInfer plan/run attention kernels (JIT-compiled per variant) and sampling kernels",
     kernels=(
-        # H100, bf16, 2026-11-26 (benchmarks/results/attention-h100.md, regret-h100.md). prefill 86: with GQA it
-        # ran 1.6-2.1x faster than torch.sdpa_flash (D128 and D256); with MHA and D <= 128 torch.sdpa_cudnn
-        # (87) beat it by 1.12-1.29x; for one query row it loses to every decode kernel (decode priority 70).
-        # decode 79: torch.sdpa_flash (80) was 1.05-1.38x faster on every dense decode shape (1k-32k keys,
-        # D128 and D256), so this serves what sdpa_flash cannot (window, softcap). Both are selected only
-        # once their variant is compiled.
+        # H100, bf16, 2026-11-26 (benchmarks/results/attention-h100.md, regret-h100.md). prefill 86: with GQA
+        # it ran 1.6-2.1x faster than torch.sdpa_flash (D128 and D256); with MHA and D <= 128 torch.sdpa_cudnn
+        # (89, 87 after its transform penalty) beat it by 1.12-1.29x; for one query row it loses to every
+        # decode kernel (decode priority 70).
+        # decode 77: torch.sdpa_flash (80, 78 after its BSHD->BHSD transform penalty) was 1.05-1.38x faster
+        # on every dense decode shape (1k-32k keys, D128 and D256), so this serves what sdpa_flash cannot
+        # (window, softcap). Both are selected only once their variant is compiled.
         _spec("prefill", DENSE_OPS, prefill, 86, "prefill", layout="BSHD", decode_priority=70,
               description="dense prefill as an equal-length ragged batch (BatchPrefillWithRaggedKVCacheWrapper)"),
-        _spec("decode", DENSE_OPS, decode, 79, "decode", dense_decode=True, layout="BSHD",
+        _spec("decode", DENSE_OPS, decode, 77, "decode", dense_decode=True, layout="BSHD",
               description="dense decode (Sq == 1) over keys viewed as pages (BatchDecodeWithPagedKVCacheWrapper)"),
         _spec("ragged_prefill", ("attention.varlen",), ragged_prefill, 84, "prefill",
               description="packed varlen attention (BatchPrefillWithRaggedKVCacheWrapper)"),

@@ -186,10 +186,11 @@ BACKEND = Backend(
             supports_window=True, supports_alibi=True, description="xFormers-derived memory-efficient kernel (SDPBackend.EFFICIENT_ATTENTION)",
         ),
         KernelSpec(
-            # 87 > flashinfer.prefill (86): with MHA it was 1.12-1.29x faster on the H100 (D64 causal and
-            # not, D128 causal; benchmarks/results/attention-h100.md, regret-h100.md). Decode unmeasured: 78,
-            # below torch.sdpa_flash and flashinfer.decode, which were measured there.
-            id="torch.sdpa_cudnn", ops=ATTENTION_OPS, impl=_sdpa("CUDNN_ATTENTION"), priority=87, decode_priority=78,
+            # 89 (87 after the BSHD->BHSD transform penalty) > flashinfer.prefill (86): with MHA it was
+            # 1.12-1.29x faster on the H100 (D64 causal and not, D128 causal; benchmarks/results/
+            # attention-h100.md, regret-h100.md). Decode unmeasured: 78 (76), below torch.sdpa_flash and
+            # flashinfer.decode, which were measured there.
+            id="torch.sdpa_cudnn", ops=ATTENTION_OPS, impl=_sdpa("CUDNN_ATTENTION"), priority=89, decode_priority=78,
             platforms=frozenset({"cuda"}), min_sm=80, dtypes=HALF_DTYPES, max_head_dim=128, head_dim_multiple=8,
             supports_gqa=False, causal_non_square=False, supports_backward=True, deterministic=False,
             description="cuDNN fused attention (SDPBackend.CUDNN_ATTENTION)",
