@@ -3,6 +3,8 @@ flashinfer) backends declare holds on this device. Not run on the CPU machine.""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -18,6 +20,9 @@ def test_declared_capabilities_hold_on_the_gpu(backend: str) -> None:
     if backend not in info or not info[backend].available:
         pytest.skip(f"{backend} is not installed here")
     report = lz.canary(backend, "cuda")
+    if os.environ.get("OUT"):  # the report goes to benchmarks/results/canary-h100.md
+        with open(os.path.join(os.environ["OUT"], f"canary_{backend}.txt"), "w") as f:
+            f.write(f"{torch.cuda.get_device_name()}\n{report}\n")
     assert report.claims, f"{backend} declares nothing the canary can run on cuda"
     assert report.ok, str(report)
 
