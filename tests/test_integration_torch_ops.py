@@ -209,3 +209,25 @@ def test_compile_modes_on_gpu(mode: str):
         got = cf(*args)
     for e, o in zip(expected, got, strict=True):
         torch.testing.assert_close(o, e, rtol=2e-2, atol=2e-2)
+
+
+def test_compiled_graph_nodes_run_in_graph_mode():
+    """The real kernel of a layerzero custom op marks its calls as possibly captured (a compiled
+    graph may be replayed as a CUDA graph), so CUDA selection keeps graph-unsafe kernels out."""
+    from layerzero.context import graph_call, graph_mode
+
+    seen: list[bool] = []
+
+    def spy(x, weight, eps):
+        seen.append(graph_mode())
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    lz.register_kernel(id="spy.rms", ops=("norm.rms",), impl=spy, priority=999,
+                       platforms=frozenset({"cpu"}), dtypes=frozenset({torch.float32}))
+    x, w = torch.randn(4, 16), torch.randn(16)
+    lz.rms_norm(x, w)
+    torch.ops.layerzero.rms_norm(x, w, 1e-6)
+    assert seen == [False, True] and not graph_mode()
+    with graph_call(), graph_call():
+        assert graph_mode()
+    assert not graph_mode()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
@@ -33,6 +36,34 @@ def _init_through_slots(cls: type) -> type:
     init.__qualname__ = f"{cls.__qualname__}.__init__"
     cls.__init__ = init  # type: ignore[misc]
     return cls
+
+
+_GRAPH_CALL = threading.local()
+
+
+def graph_mode() -> bool:
+    """True while kernels may end up in a CUDA graph: during stream capture, and inside LayerZero's
+    torch.library ops (integrations/torch_ops.py). A compiled graph may be run with CUDA graphs
+    (torch.compile mode="reduce-overhead"), whose warm-up run already allocates from the graph's
+    memory pool: a kernel that keeps buffers across calls (FlashInfer's workspace and plans) breaks
+    it there ("tensors in the cudagraph pool not tracked as outputs", seen on the H100), so those
+    calls select graph-safe kernels only."""
+    if getattr(_GRAPH_CALL, "depth", 0):
+        return True
+    try:
+        return torch.cuda.is_current_stream_capturing()
+    except RuntimeError:  # a CPU-only torch build has no CUDA runtime to ask
+        return False
+
+
+@contextmanager
+def graph_call() -> Iterator[None]:
+    """Mark the calls inside as possibly captured (see graph_mode)."""
+    _GRAPH_CALL.depth = getattr(_GRAPH_CALL, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _GRAPH_CALL.depth -= 1
 
 
 @_init_through_slots
@@ -84,7 +115,7 @@ class SelectionContext:
     def device_fields(device: torch.device) -> dict[str, object]:
         """The device-derived fields of a context, for builders that start from a tensor."""
         info: DeviceInfo = device_info(device)
-        capture = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        capture = device.type == "cuda" and graph_mode()
         return {
             "device_type": info.type,
             "device_index": info.index,

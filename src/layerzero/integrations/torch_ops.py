@@ -14,7 +14,10 @@ empty Library op costs ~4 us and a `torch.library.custom_op` ~25 us of dispatch 
 `is_compiling()` check costs ~0.15 us. Under compile the graph holds the custom op and the kernel
 is the one the plan cache picks for those shapes at the first real call (selection is per shape
 bucket, so a compiled graph keeps calling the kernel chosen for it); with CUDA graphs
-(mode="reduce-overhead") the replay contains the kernels only.
+(mode="reduce-overhead") the replay contains the kernels only. Because any compiled graph may be
+run with CUDA graphs, these real kernels select graph-safe kernels only (`context.graph_mode`): on
+the H100, FlashInfer's persistent workspace, allocated during the CUDA-graph warm-up, broke
+mode="reduce-overhead". Eager calls keep every kernel.
 
 Outputs have fixed strides, as inductor requires of a custom op: contiguous, except attention in
 layout "BHSD", which returns a (B, H, S, D) view of a contiguous (B, S, H, D) tensor (the memory
@@ -33,6 +36,7 @@ from typing import Any
 
 import torch
 
+from ..context import graph_call
 from ..errors import InvalidInputError
 from ..ops import activation as _act
 from ..ops import attention as _attn
@@ -90,6 +94,15 @@ def _rope_qk_impl(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
                   position_ids: torch.Tensor | None = None, layout: str = "BSHD") -> tuple[torch.Tensor, torch.Tensor]:
     qo, ko = _pos.rope_qk(q, k, cos, sin, interleaved, position_ids, layout)
     return qo.contiguous(), ko.contiguous()
+
+
+def _in_graph_mode(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The real kernel of a compiled graph's node: selects graph-safe kernels only (context.graph_mode)."""
+    def run(*args: Any) -> Any:
+        with graph_call():
+            return fn(*args)
+
+    return run
 
 
 _IMPLS: dict[str, Callable[..., Any]] = {
@@ -167,7 +180,7 @@ _FAKES: dict[str, Callable[..., Any]] = {
 _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")  # held for the process: the registrations live with it
 for _name, _schema in _SCHEMAS.items():
     _LIB.define(_schema)
-    _LIB.impl(_name, _IMPLS[_name], "CompositeExplicitAutograd")
+    _LIB.impl(_name, _in_graph_mode(_IMPLS[_name]), "CompositeExplicitAutograd")
     torch.library.register_fake(f"{NAMESPACE}::{_name}", _FAKES[_name], lib=_LIB)
 
 

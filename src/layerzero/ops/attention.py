@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ..context import SelectionContext
+from ..context import SelectionContext, graph_mode
 from ..errors import InvalidInputError, UnknownNameError
 from ..kernel import LAYOUTS, KernelSpec
 from ..state import runtime
@@ -37,7 +37,7 @@ from . import OpFamily, bind_contiguous, contiguous_transforms, register_family,
 
 _compiling = torch.compiler.is_compiling
 
-_capturing = torch.cuda.is_current_stream_capturing
+_capturing = graph_mode  # CUDA-graph capture, or a call from a compiled graph (context.graph_mode)
 _grad_enabled = torch.is_grad_enabled
 KV_LAYOUTS = ("NHD", "HND")
 

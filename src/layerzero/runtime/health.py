@@ -25,9 +25,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ..context import SelectionContext
+from ..context import SelectionContext, graph_mode
 from ..errors import ConfigurationError, CudaGraphUnsafeError, KernelExecutionError, NoKernelFoundError
 from ..kernel import KernelSpec, check_constraints
 from ..reasons import Reason, Rejection
@@ -39,7 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("layerzero")
 
-_capturing = torch.cuda.is_current_stream_capturing
+_capturing = graph_mode  # CUDA-graph capture, or a call from a compiled graph (context.graph_mode)
 _UNHEALTHY = (Reason.KERNEL_UNHEALTHY, Reason.BACKEND_UNHEALTHY)
 
 
