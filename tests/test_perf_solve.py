@@ -151,3 +151,10 @@ def test_unimportable_kernel_is_refused(tmp_path):
                        priority=99)
     with pytest.raises(lz.ConfigurationError, match="mine.local.*cannot be imported"):
         lz.solve("rms_norm", tmp_path / "x.py", rows=(1, 4), hidden=[8], dtypes=[torch.float32], device="cpu")
+
+
+def test_a_value_given_twice_is_one_branch(tmp_path):
+    result = lz.solve("rms_norm", tmp_path / "solved_twice.py", dtypes=[torch.float32], device="cpu",
+                      rows=(1, 64), hidden=(4096, 4096))
+    text = result.path.read_text()
+    assert text.count("H == 4096") == 1, text  # no dead elif with the same condition

@@ -330,7 +330,8 @@ def solve(ops: str | Mapping[str, Mapping[str, Any]], path: str | Path, *, dtype
         depth = 2 + sum(1 for line in code.prologue if line.rstrip().endswith(":"))
         first = True
         for dtype in dtype_list:
-            for combo in itertools.product(*(exact[d] for d in wl.dims if d in exact)):
+            # dict.fromkeys: a value given twice (hidden=(4096, 4096)) is one branch, not a dead copy
+            for combo in itertools.product(*(tuple(dict.fromkeys(exact[d])) for d in wl.dims if d in exact)):
                 fixed = dict(zip([d for d in wl.dims if d in exact], combo, strict=True))
                 shape = tuple(fixed.get(d, ranges.get(d, (1, 1))[0]) for d in wl.dims)
                 template = workloads.context_for(name, shape, dtype, dev)
