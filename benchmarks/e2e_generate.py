@@ -88,7 +88,7 @@ def serve_generate(model, kernels: dict) -> Callable[[torch.Tensor, int], object
     from layerzero.serve import generate
 
     def run(ids: torch.Tensor, new: int) -> object:
-        out = generate(model, ids.tolist(), max_new_tokens=new, max_batch=ids.shape[0])
+        out = generate(model, ids, max_new_tokens=new, max_batch=ids.shape[0])
         kernels.update(out.kernels)
         return out
     return run

@@ -92,6 +92,19 @@ def test_batching_equals_running_alone(model: Model) -> None:
     assert "attention" in dense.kernels and "attention_varlen" in together.kernels
 
 
+def test_a_tensor_of_prompts_equals_the_lists(model: Model) -> None:
+    """A (B, S) id tensor is packed for prefill by indexing (also with continuous batching, where
+    admitted rows are picked out of it); the tokens equal those of the same prompts as lists."""
+    same_len = [PROMPTS[0], PROMPTS[0][::-1], PROMPTS[0][1:] + PROMPTS[0][:1]]
+    ids = torch.tensor(same_len)
+    want = generate(model, same_len, max_new_tokens=[3, 5, 4], max_batch=2).tokens
+    assert generate(model, ids, max_new_tokens=[3, 5, 4], max_batch=2).tokens == want
+    assert generate(model, ids[0], max_new_tokens=3).tokens == [want[0]]
+    for bad in (ids.float(), ids[:, None], torch.empty(0, dtype=torch.int64)):
+        with pytest.raises(lz.InvalidInputError, match="prompt_ids"):
+            generate(model, bad)
+
+
 def test_continuous_batching_joins_and_leaves(model: Model) -> None:
     """max_batch=2 with three requests of different budgets: the third joins when the first leaves, using
     the pages it freed (num_pages fits two requests only); tokens equal each request run alone."""

@@ -280,14 +280,18 @@ def _forward(model: Model, cache: PagedKVCache, tokens: torch.Tensor, positions:
 
 
 def _prefill(model: Model, cache: PagedKVCache, ids: list[int], prompts: list[list[int]], rec: _Kernels,
-             all_logits: bool = False) -> torch.Tensor:
+             all_logits: bool = False, tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Run new sequences' prompts (packed) and fill their cache; logits (len(ids), V) of each last token
-    (or (total tokens, V) with all_logits)."""
+    (or (total tokens, V) with all_logits). tokens: the same ids already packed in a tensor (skips
+    building one from the lists: about 1 ms per 16k tokens)."""
     lens = [len(p) for p in prompts]
     for s in ids:
         cache.allocate(s, 0)
     slots, positions = cache.append_slots(ids, lens)
-    tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.int64, device=model.device)
+    if tokens is None:
+        tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.int64, device=model.device)
+    else:
+        tokens = tokens.to(model.device, torch.int64, non_blocking=True)
     B, S, device = len(ids), lens[0], model.device
     if all(n == S for n in lens):  # dense batch (B, S)
 
@@ -353,7 +357,12 @@ def _sync(device: torch.device) -> None:
 
 def _prompts(prompt_ids: Any) -> list[list[int]]:
     if isinstance(prompt_ids, torch.Tensor):
-        prompt_ids = prompt_ids.tolist()
+        if prompt_ids.is_floating_point() or prompt_ids.is_complex() or prompt_ids.dtype == torch.bool \
+                or prompt_ids.dim() not in (1, 2) or prompt_ids.numel() == 0:
+            raise InvalidInputError("prompt_ids", "a non-empty (S,) or (B, S) integer tensor of token ids",
+                                    f"{prompt_ids.dtype} tensor of shape {tuple(prompt_ids.shape)}")
+        rows = prompt_ids.tolist()  # ints by construction: no per-token check
+        return [rows] if prompt_ids.dim() == 1 else rows
     if not isinstance(prompt_ids, Sequence) or not prompt_ids:
         raise InvalidInputError("prompt_ids", "token ids of one prompt or a list of prompts", type(prompt_ids).__name__)
     prompts = [list(prompt_ids)] if isinstance(prompt_ids[0], int) else [list(p) for p in prompt_ids]
@@ -366,13 +375,16 @@ def _prompts(prompt_ids: Any) -> list[list[int]]:
 def generate(model: Model, prompt_ids: Any, max_new_tokens: int | Sequence[int] = 16,
              sampling: Sampling | None = None, eos_token_id: int | None = None, max_batch: int = 8,
              page_size: int = 16, num_pages: int | None = None, kv_layout: str = "NHD") -> Generation:
-    """Generate from one prompt (list of ids) or several (list of lists) with continuous batching.
+    """Generate from one prompt (list of ids) or several (list of lists, or a (B, S) tensor of ids) with
+    continuous batching.
 
     max_new_tokens: one int for all prompts or one per prompt (>= 1). sampling: None = greedy.
     num_pages defaults to what `max_batch` of the longest requests need at once; a request waits for
     free pages and a batch slot, then holds its pages until it finishes.
     """
     prompts = _prompts(prompt_ids)
+    # a (B, S) tensor of ids is packed for prefill by indexing it, not rebuilt from the lists
+    dense = prompt_ids if isinstance(prompt_ids, torch.Tensor) and prompt_ids.dim() == 2 else None
     n = len(prompts)
     budgets = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(budgets) != n or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in budgets):
@@ -430,7 +442,8 @@ def generate(model: Model, prompt_ids: Any, max_new_tokens: int | Sequence[int] 
                 rec.first(("prefill", tuple(len(prompts[r]) for r in admitted)))
                 _sync(model.device)
                 t0 = time.perf_counter()
-                first = pick(_prefill(model, cache, admitted, [prompts[r] for r in admitted], rec))
+                packed = None if dense is None else dense[torch.tensor(admitted, device=dense.device)].reshape(-1)
+                first = pick(_prefill(model, cache, admitted, [prompts[r] for r in admitted], rec, tokens=packed))
                 prefill_s += time.perf_counter() - t0
                 prefill_tokens += sum(len(prompts[r]) for r in admitted)
                 for r, tok in zip(admitted, first, strict=True):
