@@ -36,7 +36,6 @@ class ExecutionPlan:
         return self.run(*args, **kwargs)
 
 
-
 @dataclass(slots=True)
 class Candidate:
     """One kernel's fate in a selection: rejections, or the score it got and why."""
@@ -104,15 +103,25 @@ Binder = Callable[[KernelSpec, SelectionContext], tuple[Callable[..., Any], tupl
 TRANSFORM_PENALTY = 2.0
 
 
+_DISABLED = Rejection(Reason.BACKEND_DISABLED, "disabled by lz.disabled()")
+
+
+def _disabled(spec: KernelSpec, disabled: frozenset[str]) -> bool:
+    """The backend is switched off by lz.disabled() (the reference never is)."""
+    return bool(disabled) and spec.backend != REFERENCE_BACKEND and (spec.backend in disabled or "*" in disabled)
+
+
 class SelectionEngine:
     """Chooses kernels for contexts using the runtime's registry, policy and health."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         # Per generation: the kernels of (op, device type, SM, dtype) whose backend is installed and
-        # whose platform/SM/dtype constraints hold, highest priority first (the reference last).
-        # The miss path of a call only looks at these. One tuple, so a table is never filed under
-        # a generation it was not started in.
+        # whose platform/SM/dtype constraints hold, by declared priority (the reference last). The
+        # miss path of a call only looks at these. The order only lets _choose_by_priority skip
+        # early; decode and row-count priorities (not in the key) may reorder a call's ranking, and
+        # every kernel is still checked against its own priority. One tuple, so a table is never
+        # filed under a generation it was not started in.
         self._viable: tuple[int, dict[tuple[object, ...], list[KernelSpec]]] = (-1, {})
 
     def viable(self, ctx: SelectionContext) -> list[KernelSpec]:
@@ -128,7 +137,7 @@ class SelectionEngine:
         if specs is None:
             specs = [s for s in rt.registry.candidates(ctx.op)
                      if rt.registry.backend(s.backend).availability[0] and fits_device(s, ctx)]
-            specs.sort(key=lambda s: (s.backend == REFERENCE_BACKEND, -priority_for(s, ctx)))
+            specs.sort(key=lambda s: (s.backend == REFERENCE_BACKEND, -s.priority))
             table[key] = specs
         return specs
 
@@ -163,18 +172,13 @@ class SelectionEngine:
                 cand.rejections.extend(rt.health_rejections(spec, ctx))
                 cand.rejections.extend(check_constraints(spec, ctx))
             else:  # viable(): installed, fits the device; stop at the first reason
-                if ask_health or spec.workspace_bytes is not None:
-                    cand.rejections.extend(rt.health_rejections(spec, ctx))
-                    if cand.rejections:
-                        continue
-                rejection = call_rejection(spec, ctx)
-                if rejection is not None:
-                    cand.rejections.append(rejection)
+                cand.rejections.extend(self._first_rejection(spec, ctx, ask_health))
+                if cand.rejections:
                     continue
             if measured:
                 cand.rejections.extend(rt.perf_rejections(spec, ctx))
-            if disabled and spec.backend != REFERENCE_BACKEND and (spec.backend in disabled or "*" in disabled):
-                cand.rejections.append(Rejection(Reason.BACKEND_DISABLED, "disabled by lz.disabled()"))
+            if _disabled(spec, disabled):
+                cand.rejections.append(_DISABLED)
 
         lock = policy.lock_for(ctx) if policy.locks else None
         locked_ok = False
@@ -245,6 +249,16 @@ class SelectionEngine:
             notes.append("no accelerated kernel can run this call; the torch reference runs")
         return SelectionReport(ctx.op, ctx, best.kernel_id, best.score or 0.0, list(candidates.values()), fallback=fallback, notes=notes)
 
+    def _first_rejection(self, spec: KernelSpec, ctx: SelectionContext, ask_health: bool) -> list[Rejection]:
+        """The miss path's check of a viable kernel: health (only when something can be unhealthy or
+        the kernel needs workspace memory), else the first reason its constraints give; [] if none."""
+        if ask_health or spec.workspace_bytes is not None:
+            unhealthy = self.runtime.health_rejections(spec, ctx)
+            if unhealthy:
+                return unhealthy
+        rejection = call_rejection(spec, ctx)
+        return [] if rejection is None else [rejection]
+
     def _choose_by_priority(self, ctx: SelectionContext, specs: list[KernelSpec],
                             transforms_of: Callable[[KernelSpec, SelectionContext], tuple[str, ...]],
                             ask_health: bool) -> SelectionReport:
@@ -252,11 +266,10 @@ class SelectionEngine:
 
         A kernel's score is then its priority minus transform penalties, so once one kernel scored
         s, a kernel of priority below s cannot win, nor can the reference beat an accelerated one:
-        those stay in the report unscored. `specs` come highest priority first (viable), so most
+        those stay in the report unscored. `specs` come by declared priority (viable), so most
         misses evaluate one or two kernels. The winner is the one the full pass would choose.
         """
-        rt = self.runtime
-        disabled = rt.disabled_backends
+        disabled = self.runtime.disabled_backends
         candidates: list[Candidate] = []
         best: Candidate | None = None
         for spec in specs:
@@ -266,16 +279,10 @@ class SelectionEngine:
             reference = spec.backend == REFERENCE_BACKEND
             if best is not None and best.backend != REFERENCE_BACKEND and (reference or priority < (best.score or 0.0)):
                 continue
-            if ask_health or spec.workspace_bytes is not None:
-                cand.rejections.extend(rt.health_rejections(spec, ctx))
-                if cand.rejections:
-                    continue
-            rejection = call_rejection(spec, ctx)
-            if rejection is not None:
-                cand.rejections.append(rejection)
-                continue
-            if disabled and not reference and (spec.backend in disabled or "*" in disabled):
-                cand.rejections.append(Rejection(Reason.BACKEND_DISABLED, "disabled by lz.disabled()"))
+            cand.rejections.extend(self._first_rejection(spec, ctx, ask_health))
+            if not cand.rejections and _disabled(spec, disabled):
+                cand.rejections.append(_DISABLED)
+            if cand.rejections:
                 continue
             cand.transforms = transforms_of(spec, ctx)
             cand.score = float(priority) - TRANSFORM_PENALTY * len(cand.transforms)
