@@ -254,9 +254,13 @@ class SharedMeasurements(Measurements):
         self._shared: dict[tuple[str, str, Bucket], dict[str, PerfRecord]] = {}
         for r in self.records:
             self._shared.setdefault((r.op, r.dtype, r.bucket), {})[r.kernel] = r
+        self._ops = frozenset(r.op for r in self.records)
 
     def bucket_records(self, ctx: SelectionContext) -> dict[str, PerfRecord]:
         return self._shared.get((ctx.op, ctx.dtype_name, Bucket.of(ctx)), {})
+
+    def has_rows(self, op: str) -> bool:
+        return op in self._ops
 
     def digest(self) -> str:
         rows = sorted((r.kernel, r.op, r.dtype, repr(r.bucket), r.median_us, r.samples, r.correct)
