@@ -172,8 +172,27 @@ class Sampling:
     seed: int | None = None
 
 
+class _Throughput:
+    """new_tokens and tokens_per_s of a result with `tokens`, `prefill_s` and `decode_s`."""
+
+    __slots__ = ()
+    tokens: list[list[int]]
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """New tokens per second over the whole generation (prefills included)."""
+        total = self.prefill_s + self.decode_s
+        return self.new_tokens / total if total > 0 else math.inf
+
+
 @dataclass(frozen=True, slots=True)
-class Generation:
+class Generation(_Throughput):
     """What `generate` returns. tokens[i]: the new tokens of prompt i (eos included when it stopped on it).
 
     kernels: op name -> the kernel ids (lz.which) it ran during this generation, e.g.
@@ -189,22 +208,12 @@ class Generation:
     decode_batch_sizes: list[int]
 
     @property
-    def new_tokens(self) -> int:
-        return sum(len(t) for t in self.tokens)
-
-    @property
-    def tokens_per_s(self) -> float:
-        """New tokens per second over the whole generation (prefill included)."""
-        total = self.prefill_s + self.decode_s
-        return self.new_tokens / total if total > 0 else math.inf
-
-    @property
     def decode_tokens_per_s(self) -> float:
         return self.decode_tokens / self.decode_s if self.decode_s > 0 else math.inf
 
 
 @dataclass(frozen=True, slots=True)
-class SpeculativeGeneration:
+class SpeculativeGeneration(_Throughput):
     """What `speculative_generate` returns. tokens: [the new tokens of the prompt] (as Generation.tokens).
 
     target_kernels / draft_kernels: op name -> the kernel ids each model ran (draft: decode steps; target:
@@ -217,16 +226,6 @@ class SpeculativeGeneration:
     stats: SpeculativeStats
     prefill_s: float
     decode_s: float
-
-    @property
-    def new_tokens(self) -> int:
-        return sum(len(t) for t in self.tokens)
-
-    @property
-    def tokens_per_s(self) -> float:
-        """New tokens per second over the whole generation (both prefills included)."""
-        total = self.prefill_s + self.decode_s
-        return self.new_tokens / total if total > 0 else math.inf
 
 
 class _Kernels:
