@@ -105,7 +105,7 @@ class Tokenizer:
 
     def _encode(self, text: str, add_special_tokens: bool) -> tuple[list[int], Offsets]:
         ids, offsets, special = self._encode_raw(text, add_special_tokens)
-        return ids, [(0, 0) if s else o for o, s in zip(offsets, special, strict=True)]
+        return ids, _public(offsets, special)
 
     def _encode_raw(self, text: str, add_special_tokens: bool) -> tuple[list[int], Offsets, list[bool]]:
         """(ids, character spans, which tokens are added special tokens: HF reports (0, 0) for them)."""
@@ -175,7 +175,7 @@ class Tokenizer:
             raise InvalidInputError("max_length", "an int >= 1 with padding='max_length' or truncation", max_length)
         if self.kind == "hf" and prefix is None and not _state().prefixes.registered:
             encs = self.obj.encode_batch(texts, add_special_tokens=add_special_tokens)
-            rows = [(list(e.ids), [(0, 0) if s else (int(a), int(b)) for (a, b), s in zip(e.offsets, e.special_tokens_mask, strict=True)])
+            rows = [(list(e.ids), _public([(int(a), int(b)) for a, b in e.offsets], e.special_tokens_mask))
                     for e in encs]
         else:
             rows = [self.encode_with_offsets(t, add_special_tokens, prefix) for t in texts]
@@ -234,6 +234,11 @@ class Tokenizer:
         if self._hash is None:
             self._hash = cached_file_hash(self.path, self.kind) if self.path else _hash_object(self.obj, self.kind)
         return self._hash
+
+
+def _public(offsets: Offsets, special: Any, shift: int = 0) -> Offsets:
+    """Offsets as the API reports them: (0, 0) for added special tokens, spans moved by `shift`."""
+    return [(0, 0) if s else (a + shift, b + shift) for (a, b), s in zip(offsets, special, strict=True)]
 
 
 def _char_ends(text: str) -> list[int]:
@@ -554,7 +559,7 @@ class PrefixCache:
             return tok._encode(text, add_special_tokens)
         self.tokens_reused += len(entry.ids)
         ids = entry.ids + ids[j:]
-        offsets = entry.offsets + [(0, 0) if s else (a + c0, b + c0) for (a, b), s in zip(offsets[j:], special[j:], strict=True)]
+        offsets = entry.offsets + _public(offsets[j:], special[j:], c0)
         if add_special_tokens and entry.frame is not None:
             lead_ids, lead_offsets, trail_ids, trail_offsets = entry.frame
             ids = lead_ids + ids + trail_ids
@@ -563,8 +568,8 @@ class PrefixCache:
 
 
 def _make_prefix(tok: Tokenizer, prefix: str) -> _Prefix:
-    ids, offsets = tok._encode(prefix, False)
-    raw = tok._encode_raw(prefix, False)[1]
+    ids, raw, special = tok._encode_raw(prefix, False)
+    offsets = _public(raw, special)
     boundaries = safe_boundaries(prefix, tok.literal_tokens)
     # an HF tokenizer set to truncate or pad changes whole-text results: never split those
     fixed = tok.kind != "hf" or (tok.obj.truncation is None and tok.obj.padding is None)
