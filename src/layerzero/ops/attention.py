@@ -37,7 +37,6 @@ from . import OpFamily, bind_contiguous, contiguous_transforms, register_family,
 
 _compiling = torch.compiler.is_compiling
 
-_capturing = graph_mode  # CUDA-graph capture, or a call from a compiled graph (context.graph_mode)
 _grad_enabled = torch.is_grad_enabled
 KV_LAYOUTS = ("NHD", "HND")
 
@@ -88,7 +87,7 @@ def _key(q: Any, k: Any, v: Any, attn_mask: Any = None, is_causal: bool = False,
         is_causal, dropout_p > 0.0, _hashable(window_size), softcap > 0.0,
         None if alibi_slopes is None else (alibi_slopes.shape, alibi_slopes.dtype, alibi_slopes.device),
         _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
-        q.is_cuda and _capturing(),
+        q.is_cuda and graph_mode(),
     )
 
 
@@ -305,7 +304,7 @@ def _varlen_key(q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any, ma
             k.device, v.device, cu_seqlens_q.shape, cu_seqlens_q.dtype, cu_seqlens_k.shape, cu_seqlens_k.dtype,
             is_causal, _hashable(window_size), softcap > 0.0,
             _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
-            q.is_cuda and _capturing())
+            q.is_cuda and graph_mode())
 
 
 def _varlen_context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -400,7 +399,7 @@ def _paged_key(q: Any, k_cache: Any, v_cache: Any, page_table: Any, seq_lens: An
                softcap: float = 0.0) -> tuple[Any, ...]:
     return ("attention.paged", kv_layout, q.shape, k_cache.shape, v_cache.shape, q.dtype, k_cache.dtype,
             v_cache.dtype, q.device, k_cache.device, page_table.shape, page_table.dtype, seq_lens.shape,
-            seq_lens.dtype, is_causal, _hashable(window_size), softcap > 0.0, q.is_cuda and _capturing())
+            seq_lens.dtype, is_causal, _hashable(window_size), softcap > 0.0, q.is_cuda and graph_mode())
 
 
 def _paged_context(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
@@ -436,7 +435,7 @@ def _paged_context(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             raise InvalidInputError(name, f"device {q.device} (as q)", t.device)
         if t.shape[0] != B or t.dim() != (2 if name == "page_table" else 1):
             raise InvalidInputError(name, f"shape {shape}", tuple(t.shape))
-    if not q.is_cuda or not _capturing():  # values can be read outside graph capture only
+    if not q.is_cuda or not torch.cuda.is_current_stream_capturing():  # no value reads while a stream captures
         lens = seq_lens.tolist()
         capacity = page_table.shape[1] * page_size
         if min(lens) < Sq or max(lens) > capacity:

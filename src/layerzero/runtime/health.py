@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("layerzero")
 
-_capturing = graph_mode  # CUDA-graph capture, or a call from a compiled graph (context.graph_mode)
 _UNHEALTHY = (Reason.KERNEL_UNHEALTHY, Reason.BACKEND_UNHEALTHY)
 
 
@@ -394,7 +393,7 @@ class Health:
         def run(*args: Any, **kwargs: Any) -> Any:
             if calls is not None:
                 next(calls)
-            if unsafe and _capturing():
+            if unsafe and graph_mode():  # capturing, or inside a compiled graph
                 return health.recover(spec, ctx.replace(graph_capture=True), family, args, kwargs, None)
             try:
                 out = inner(*args, **kwargs)
