@@ -32,7 +32,7 @@ HQ, HK, D = 32, 8, 128  # rope heads
 
 
 def cases(rows: int, dtype: torch.dtype):
-    """(op name, family, public args, bytes moved, float64 reference of the outputs)."""
+    """(case name (op name first), public args, kernel args, bytes moved, float64 reference of the outputs)."""
     dev = "cuda"
     x = torch.randn(rows, HIDDEN, device=dev, dtype=dtype)
     w = torch.randn(HIDDEN, device=dev, dtype=dtype)
@@ -48,6 +48,11 @@ def cases(rows: int, dtype: torch.dtype):
     nbytes = 2 * (q.numel() + k.numel()) * q.element_size()
     yield ("rope_qk", (q, k, cos, sin), (q, k, cos[None], sin[None]), nbytes,
            lambda: R.rope(q.double(), k.double(), cos[None].double(), sin[None].double()))
+    # the same, with q and k strided views of one fused QKV projection (as layerzero.serve calls it)
+    qkv = torch.randn(1, rows, (HQ + 2 * HK) * D, device=dev, dtype=dtype)
+    qv, kv = qkv[..., :HQ * D].unflatten(-1, (HQ, D)), qkv[..., HQ * D:(HQ + HK) * D].unflatten(-1, (HK, D))
+    yield ("rope_qk (qkv views)", (qv, kv, cos, sin), (qv, kv, cos[None], sin[None]), nbytes,
+           lambda: R.rope(qv.double(), kv.double(), cos[None].double(), sin[None].double()))
     gate = torch.randn(rows, D_FF, device=dev, dtype=dtype)
     up = torch.randn(rows, D_FF, device=dev, dtype=dtype)
     yield ("swiglu", (gate, up), (gate, up), 3 * gate.numel() * gate.element_size(),
@@ -106,11 +111,12 @@ def main() -> int:
     summary = []
     for rows in rows_list:
         for name, public_args, kernel_args, nbytes, reference in cases(rows, dtype):
-            picked = lz.which(name, *public_args)
+            op = name.split()[0]  # "rope_qk (qkv views)" is rope_qk on other strides
+            picked = lz.which(op, *public_args)
             ref = as_tuple(reference())
             timings = {}
             rows_out = []
-            for label, fn in candidates(name, public_args, kernel_args):
+            for label, fn in candidates(op, public_args, kernel_args):
                 try:
                     out = as_tuple(fn())
                     tol = {"rtol": 2e-2, "atol": 2e-2}

@@ -1,4 +1,4 @@
-"""Our Triton gate*act kernel, the torch RoPE/activation kernels (eager and compiled) and the
+"""Our Triton gate*act and RoPE kernels, the torch RoPE/activation kernels (eager and compiled) and the
 public ops on the GPU, each against the float64 reference.
 
     source .gpu/activate.sh && PYTHONPATH=src:$PYTHONPATH python3 -m pytest -m gpu tests/gpu/test_posenc_act_gpu.py -q -s
@@ -12,7 +12,7 @@ import torch
 import layerzero as lz
 from layerzero.backends import reference as R
 from layerzero.backends import torch_posenc_act as T
-from layerzero.backends import triton_act
+from layerzero.backends import triton_act, triton_rope
 
 pytestmark = pytest.mark.gpu
 
@@ -65,6 +65,45 @@ def test_torch_rope_eager(dtype, interleaved, B, S, H, D, R_):
     ref = R.rotate(x.double(), cos[None].double(), sin[None].double(), interleaved)
     check(f"torch.rope{'_interleaved' if interleaved else ''}", (B, S, H, D, R_), dtype,
           T.rotate(x, cos[None], sin[None], interleaved), ref, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("B, S, Hq, Hk, D, R_", [(2, 33, 16, 4, 128, 128), (32, 17, 32, 8, 64, 64),
+                                                  (1, 7, 4, 4, 96, 32), (3, 1, 8, 1, 80, 80), (2, 5, 3, 0, 16, 16)])
+def test_triton_rope_strided(dtype, interleaved, B, S, Hq, Hk, D, R_):
+    """q/k as strided views of one fused QKV projection (how layerzero.serve calls it), per-row
+    positions (a (B, S, R) cos/sin) and partial rotary; Hk == 0: single-tensor rope (k None)."""
+    qkv = torch.randn(B, S, (Hq + 2 * max(Hk, 1)) * D, device="cuda", dtype=dtype)
+    q = qkv[..., :Hq * D].unflatten(-1, (Hq, D))
+    k = qkv[..., Hq * D:(Hq + Hk) * D].unflatten(-1, (Hk, D)) if Hk else None
+    cache_cos, cache_sin = lz.rope_cache(4 * S + 8, R_, device="cuda")
+    pos = torch.randint(0, 4 * S + 8, (B, S), device="cuda")
+    cos, sin = cache_cos[pos].to(dtype), cache_sin[pos].to(dtype)
+    before = qkv.clone()
+    qo, ko = triton_rope.rotate_qk(q, k, cos, sin, interleaved)
+    assert torch.equal(qkv, before)  # inputs untouched
+    assert qo.is_contiguous() and qo.shape == q.shape
+    rq, rk = R.rope(q.double(), None if k is None else k.double(), cos.double(), sin.double(), interleaved)
+    name = f"triton_rope.rope{'_interleaved' if interleaved else ''}"
+    check(name, (B, S, Hq, Hk, D, R_), dtype, qo, rq, TOL[dtype])
+    if k is None:
+        assert ko is None
+    else:
+        check(name + "[k]", (B, S, Hq, Hk, D, R_), dtype, ko, rk, TOL[dtype])
+
+
+def test_rope_qk_picks_triton_rope_on_fused_qkv_views():
+    qkv = torch.randn(4, 64, (32 + 16) * 64, device="cuda", dtype=torch.bfloat16)
+    q, k = qkv[..., :2048].unflatten(-1, (32, 64)), qkv[..., 2048:2560].unflatten(-1, (8, 64))
+    cos, sin = lz.rope_cache(128, 64, device="cuda")
+    pos = torch.arange(64, device="cuda")
+    assert lz.which("rope_qk", q, k, cos, sin, position_ids=pos) == "triton_rope.rope"
+    qo, ko = lz.rope_qk(q, k, cos, sin, position_ids=pos)
+    with lz.disabled("triton_rope"):
+        q2, k2 = lz.rope_qk(q, k, cos, sin, position_ids=pos)
+    torch.testing.assert_close(qo, q2, **TOL[torch.bfloat16])
+    torch.testing.assert_close(ko, k2, **TOL[torch.bfloat16])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
