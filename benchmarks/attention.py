@@ -32,6 +32,7 @@ DENSE = [
     ("prefill long", 1, 8192, 8192, 32, 8, 128, True),
     ("prefill batch", 8, 1024, 1024, 32, 8, 128, True),
     ("prefill 32x512", 32, 512, 512, 32, 8, 128, True),
+    ("prefill 32x512 D64", 32, 512, 512, 32, 8, 64, True),  # layerzero.serve's e2e prefill (1.1B model)
     ("prefill D64 MHA", 16, 1024, 1024, 16, 16, 64, True),
     ("prefill D256", 4, 2048, 2048, 16, 16, 256, True),
     ("encoder D64", 8, 1024, 1024, 16, 16, 64, False),
@@ -40,6 +41,8 @@ DENSE = [
     ("decode 16k", 8, 1, 16384, 32, 8, 128, True),
     ("decode 32k", 4, 1, 32768, 32, 8, 128, True),
     ("decode D256", 8, 1, 8192, 16, 16, 256, True),
+    ("decode D64 MHA", 32, 1, 2048, 16, 16, 64, True),
+    ("decode D128 MHA", 16, 1, 4096, 32, 32, 128, True),
 ]
 # (name, B, Sq, context, Hq, Hkv, D, page_size)
 PAGED = [

@@ -5,7 +5,9 @@ Constraints follow torch's dispatcher checks (aten/src/ATen/native/transformers/
 flash needs SM 8.0-12.1, fp16/bf16, head_dim <= 256, no mask, and a square causal mask;
 memory-efficient takes masks and fp32 with head_dim a multiple of 8 but no GQA (seen on the H100 with
 torch 2.11: "both fused kernels require query, key and value to have the same num_heads"); cuDNN
-needs SM >= 8.0, fp16/bf16, head_dim <= 128 (multiple of 8) and no GQA; math runs everything. The GPU test suite checks
+needs SM >= 8.0, fp16/bf16, head_dim <= 128 (multiple of 8), and takes GQA through `enable_gqa`
+from torch 2.8 on (pytorch#149976; on the H100 with torch 2.11 it ran serve's 32 x 512 GQA 32/8 D64
+causal prefill in 129 us against FlashInfer's 180 us); math runs everything. The GPU test suite checks
 these declarations against `torch.backends.cuda.can_use_*` on the H100.
 """
 
@@ -29,6 +31,9 @@ _CPU_CUDA = frozenset({"cpu", "cuda"})
 # Pinning a sub-backend sets process-wide flags; the lock keeps two threads from pinning different
 # sub-backends at once (it guards the Python dispatch only: the GPU work is asynchronous).
 _PIN_LOCK = threading.Lock()
+
+# cuDNN attention honours enable_gqa from torch 2.8 (earlier it needed equal head counts).
+_CUDNN_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 8)
 
 
 class _Pin:
@@ -186,13 +191,14 @@ BACKEND = Backend(
             supports_window=True, supports_alibi=True, description="xFormers-derived memory-efficient kernel (SDPBackend.EFFICIENT_ATTENTION)",
         ),
         KernelSpec(
-            # 89 (87 after the BSHD->BHSD transform penalty) > flashinfer.prefill (86): with MHA it was
-            # 1.12-1.29x faster on the H100 (D64 causal and not, D128 causal; benchmarks/results/
-            # attention-h100.md, regret-h100.md). Decode unmeasured: 78 (76), below torch.sdpa_flash and
-            # flashinfer.decode, which were measured there.
-            id="torch.sdpa_cudnn", ops=ATTENTION_OPS, impl=_sdpa("CUDNN_ATTENTION"), priority=89, decode_priority=78,
+            # 89 (87 after the BSHD->BHSD transform penalty) > flashinfer.prefill (86): on the H100
+            # (benchmarks/results/attention-h100.md, regret-h100.md) it was the fastest MHA prefill (D64
+            # causal and not, 1.01-1.29x) and GQA prefill at 512 tokens (1.07-1.34x over FlashInfer);
+            # FlashInfer led GQA D128 prefill at 1k x 8 and 8k tokens by 5-7 %. Decode 82 (80) > torch.sdpa_flash
+            # (80 -> 78): GQA D128 decode at 1k-32k context was 1.00-1.20x faster than torch flash.
+            id="torch.sdpa_cudnn", ops=ATTENTION_OPS, impl=_sdpa("CUDNN_ATTENTION"), priority=89, decode_priority=82,
             platforms=frozenset({"cuda"}), min_sm=80, dtypes=HALF_DTYPES, max_head_dim=128, head_dim_multiple=8,
-            supports_gqa=False, causal_non_square=False, supports_backward=True, deterministic=False,
+            supports_gqa=_CUDNN_GQA, causal_non_square=False, supports_backward=True, deterministic=False,
             description="cuDNN fused attention (SDPBackend.CUDNN_ATTENTION)",
         ),
         KernelSpec(
