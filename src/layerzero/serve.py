@@ -278,19 +278,20 @@ def _forward(model: Model, cache: PagedKVCache, tokens: torch.Tensor, positions:
     return rms_norm(x, model.norm, c.rms_eps)
 
 
-def _prefill(model: Model, cache: PagedKVCache, ids: list[int], prompts: list[list[int]], rec: _Kernels,
-             all_logits: bool = False, tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """Run new sequences' prompts (packed) and fill their cache; logits (len(ids), V) of each last token
-    (or (total tokens, V) with all_logits). tokens: the same ids already packed in a tensor (skips
-    building one from the lists: about 1 ms per 16k tokens)."""
-    lens = [len(p) for p in prompts]
+def _pack(prompts: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Prompts (lists of ids) packed back to back into one int64 tensor on `device`."""
+    return torch.tensor([t for p in prompts for t in p], dtype=torch.int64, device=device)
+
+
+def _prefill(model: Model, cache: PagedKVCache, ids: list[int], lens: list[int], tokens: torch.Tensor,
+             rec: _Kernels, all_logits: bool = False) -> torch.Tensor:
+    """Run new sequences' prompts and fill their cache; logits (len(ids), V) of each last token (or
+    (total tokens, V) with all_logits). tokens: the prompts packed back to back (sum(lens),), lens[i]
+    tokens of sequence ids[i]."""
     for s in ids:
         cache.allocate(s, 0)
     slots, positions = cache.append_slots(ids, lens)
-    if tokens is None:
-        tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.int64, device=model.device)
-    else:
-        tokens = tokens.to(model.device, torch.int64, non_blocking=True)
+    tokens = tokens.to(model.device, torch.int64, non_blocking=True)
     B, S, device = len(ids), lens[0], model.device
     if all(n == S for n in lens):  # dense batch (B, S)
 
@@ -354,14 +355,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _id_rows(prompt_ids: torch.Tensor) -> torch.Tensor:
+    """A (S,) or (B, S) tensor of token ids as (B, S), after checking it is one."""
+    if prompt_ids.is_floating_point() or prompt_ids.is_complex() or prompt_ids.dtype == torch.bool \
+            or prompt_ids.dim() not in (1, 2) or prompt_ids.numel() == 0:
+        raise InvalidInputError("prompt_ids", "a non-empty (S,) or (B, S) integer tensor of token ids",
+                                f"{prompt_ids.dtype} tensor of shape {tuple(prompt_ids.shape)}")
+    return prompt_ids if prompt_ids.dim() == 2 else prompt_ids[None]
+
+
 def _prompts(prompt_ids: Any) -> list[list[int]]:
     if isinstance(prompt_ids, torch.Tensor):
-        if prompt_ids.is_floating_point() or prompt_ids.is_complex() or prompt_ids.dtype == torch.bool \
-                or prompt_ids.dim() not in (1, 2) or prompt_ids.numel() == 0:
-            raise InvalidInputError("prompt_ids", "a non-empty (S,) or (B, S) integer tensor of token ids",
-                                    f"{prompt_ids.dtype} tensor of shape {tuple(prompt_ids.shape)}")
-        rows = prompt_ids.tolist()  # ints by construction: no per-token check
-        return [rows] if prompt_ids.dim() == 1 else rows
+        return _id_rows(prompt_ids).tolist()  # ints by construction: no per-token check
     if not isinstance(prompt_ids, Sequence) or not prompt_ids:
         raise InvalidInputError("prompt_ids", "token ids of one prompt or a list of prompts", type(prompt_ids).__name__)
     prompts = [list(prompt_ids)] if isinstance(prompt_ids[0], int) else [list(p) for p in prompt_ids]
@@ -381,17 +386,18 @@ def generate(model: Model, prompt_ids: Any, max_new_tokens: int | Sequence[int] 
     num_pages defaults to what `max_batch` of the longest requests need at once; a request waits for
     free pages and a batch slot, then holds its pages until it finishes.
     """
-    prompts = _prompts(prompt_ids)
-    # a (B, S) tensor of ids is packed for prefill by indexing it, not rebuilt from the lists
-    dense = prompt_ids if isinstance(prompt_ids, torch.Tensor) and prompt_ids.dim() == 2 else None
-    n = len(prompts)
+    # a tensor of ids stays a tensor: its rows are packed for prefill by indexing (no host copy)
+    dense = _id_rows(prompt_ids) if isinstance(prompt_ids, torch.Tensor) else None
+    prompts = None if dense is not None else _prompts(prompt_ids)
+    lens = [dense.shape[1]] * dense.shape[0] if dense is not None else [len(p) for p in prompts]
+    n = len(lens)
     budgets = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(budgets) != n or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in budgets):
         raise InvalidInputError("max_new_tokens", f"an int >= 1 or {n} of them (one per prompt)", max_new_tokens)
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise InvalidInputError("max_batch", "an int >= 1", max_batch)
     c = model.config
-    need = [len(p) + b for p, b in zip(prompts, budgets, strict=True)]
+    need = [s + b for s, b in zip(lens, budgets, strict=True)]
     if max(need) > c.max_positions:
         raise InvalidInputError("max_new_tokens", f"prompt + new tokens <= max_positions {c.max_positions}",
                                 max(need))
@@ -438,13 +444,18 @@ def generate(model: Model, prompt_ids: Any, max_new_tokens: int | Sequence[int] 
                 reserved += pages_of[r]
             done: list[int] = []
             if admitted:
-                rec.first(("prefill", tuple(len(prompts[r]) for r in admitted)))
+                rec.first(("prefill", tuple(lens[r] for r in admitted)))
                 _sync(model.device)
                 t0 = time.perf_counter()
-                packed = None if dense is None else dense[torch.tensor(admitted, device=dense.device)].reshape(-1)
-                first = pick(_prefill(model, cache, admitted, [prompts[r] for r in admitted], rec, tokens=packed))
+                if dense is None:
+                    packed = _pack([prompts[r] for r in admitted], model.device)
+                elif admitted == list(range(n)):
+                    packed = dense.reshape(-1)
+                else:
+                    packed = dense[torch.tensor(admitted, device=dense.device)].reshape(-1)
+                first = pick(_prefill(model, cache, admitted, [lens[r] for r in admitted], packed, rec))
                 prefill_s += time.perf_counter() - t0
-                prefill_tokens += sum(len(prompts[r]) for r in admitted)
+                prefill_tokens += sum(lens[r] for r in admitted)
                 for r, tok in zip(admitted, first, strict=True):
                     (done if finish(r, tok) else running).append(r)
             if running:
@@ -473,7 +484,8 @@ def forward_logits(model: Model, prompt_ids: Sequence[int], kv_layout: str = "NH
     cache = PagedKVCache(c.num_layers, -(-len(prompt) // page_size), page_size, c.num_kv_heads, c.head_dim,
                          dtype=model.dtype, device=model.device, kv_layout=kv_layout)
     with torch.inference_mode():
-        return _prefill(model, cache, [0], [prompt], _Kernels(), all_logits=True)
+        return _prefill(model, cache, [0], [len(prompt)], _pack([prompt], model.device), _Kernels(),
+                        all_logits=True)
 
 
 def speculative_generate(target: Model, draft: Model, prompt_ids: Any, max_new_tokens: int = 16,
@@ -551,7 +563,7 @@ def speculative_generate(target: Model, draft: Model, prompt_ids: Any, max_new_t
         for model, cache, rec in sides:
             if len(prompt) > 1:
                 rec.first(("prefill", len(prompt) - 1))
-                _prefill(model, cache, [0], [prompt[:-1]], rec)
+                _prefill(model, cache, [0], [len(prompt) - 1], _pack([prompt[:-1]], model.device), rec)
             else:
                 cache.allocate(0, 0)
         _sync(target.device)
