@@ -86,7 +86,9 @@ def test_solved_module_equals_dynamic_selection_on_random_shapes(tmp_path):
         torch.testing.assert_close(out, lz.attention(q, k, v, is_causal=causal), rtol=1e-4, atol=1e-5)
     assert "torch.sdpa_math" in called and len(set(called)) >= 2
     for _ in range(50):
-        x = torch.randn(rng.randint(1, 300), rng.choice([32, 48]))
+        a = rng.randint(1, 17)
+        b = rng.randint(1, 300 // a)
+        x = torch.randn(*((a * b,) if rng.random() < 0.5 else (a, b)), rng.choice([32, 48]))  # rows: all but the last
         w = torch.randn(x.shape[-1])
         out = module.rms_norm(x, w)
         assert called[-1] == lz.which("rms_norm", x, w)
@@ -158,3 +160,163 @@ def test_a_value_given_twice_is_one_branch(tmp_path):
                       rows=(1, 64), hidden=(4096, 4096))
     text = result.path.read_text()
     assert text.count("H == 4096") == 1, text  # no dead elif with the same condition
+
+
+DYNAMIC = object()
+
+
+def _dynamic_recorder(module, name):
+    """Make the module's dynamic fallback return DYNAMIC (and record that it was asked)."""
+    asked: list[tuple] = []
+
+    def dynamic(*args):
+        asked.append(args)
+        return DYNAMIC
+
+    setattr(module, f"_dynamic_{name}", dynamic)
+    return asked
+
+
+def _qkv(b=2, sq=8, sk=8, hq=4, hkv=1, d=16, **kw):
+    return torch.randn(b, sq, hq, d, **kw), torch.randn(b, sk, hkv, d, **kw), torch.randn(b, sk, hkv, d, **kw)
+
+
+UNSAFE_ATTENTION = {
+    "other device": lambda: (_qkv(device="meta"), {}),
+    "other dtype": lambda: (_qkv(dtype=torch.float64), {}),
+    "k, v dtype differs from q": lambda: ((_qkv()[0], *_qkv(dtype=torch.float64)[1:]), {}),
+    "v shape differs from k": lambda: ((*_qkv()[:2], torch.randn(2, 9, 1, 16)), {}),
+    "k batch differs from q": lambda: ((_qkv()[0], *_qkv(b=3)[1:]), {}),
+    "q not 4-D": lambda: ((torch.randn(8, 4, 16), *_qkv()[1:]), {}),
+    "batch out of range": lambda: (_qkv(b=5), {}),
+    "seq_k out of range": lambda: (_qkv(sk=200), {}),
+    "heads not solved": lambda: (_qkv(hq=8), {}),
+    "head_dim not solved": lambda: (_qkv(d=32), {}),
+    "attn_mask": lambda: (_qkv(), {"attn_mask": torch.ones(8, 8, dtype=torch.bool)}),
+    "dropout": lambda: (_qkv(), {"dropout_p": 0.1}),
+    "layout BHSD": lambda: (_qkv(), {"layout": "BHSD"}),
+    "window": lambda: (_qkv(), {"window_size": (4, 0)}),
+    "softcap": lambda: (_qkv(), {"softcap": 30.0}),
+    "alibi": lambda: (_qkv(), {"alibi_slopes": torch.ones(4)}),
+}
+
+
+@pytest.mark.parametrize("case", UNSAFE_ATTENTION)
+def test_each_unsolved_attention_call_goes_to_dynamic_selection(tmp_path, case):
+    result = lz.solve("attention", tmp_path / "solved_unsafe.py", dtypes=[torch.float32], device="cpu", **ATTN)
+    module = _import(result.path, "solved_unsafe")
+    called = _record_calls(module)
+    asked = _dynamic_recorder(module, "attention")
+    module.attention(*_qkv(), is_causal=True)  # the baseline call is solved
+    assert len(called) == 1 and asked == []
+    args, kwargs = UNSAFE_ATTENTION[case]()
+    assert module.attention(*args, is_causal=True, **kwargs) is DYNAMIC
+    assert len(called) == 1
+
+
+UNSAFE_NORM = {
+    "other device": lambda: (torch.randn(4, 32, device="meta"), torch.randn(32, device="meta")),
+    "other dtype": lambda: (torch.randn(4, 32, dtype=torch.float64), torch.randn(32, dtype=torch.float64)),
+    "hidden not solved": lambda: (torch.randn(4, 40), torch.randn(40)),
+    "rows out of range": lambda: (torch.randn(2, 300, 32), torch.randn(32)),
+    "0-d x": lambda: (torch.tensor(1.0), torch.randn(32)),
+    "empty hidden": lambda: (torch.randn(4, 0), torch.randn(0)),
+    "no weight": lambda: (torch.randn(4, 32), None),
+}
+
+
+@pytest.mark.parametrize("case", UNSAFE_NORM)
+def test_each_unsolved_norm_call_goes_to_dynamic_selection(tmp_path, case):
+    result = lz.solve("rms_norm", tmp_path / "solved_unsafe_norm.py", dtypes=[torch.float32], device="cpu", **NORM)
+    module = _import(result.path, "solved_unsafe_norm")
+    called = _record_calls(module)
+    asked = _dynamic_recorder(module, "rms_norm")
+    module.rms_norm(torch.randn(4, 32), torch.randn(32))
+    assert len(called) == 1 and asked == []
+    assert module.rms_norm(*UNSAFE_NORM[case]()) is DYNAMIC
+    assert len(called) == 1
+
+
+def rms_norm_no_backward(x, weight, eps):
+    """A module-level kernel (a solved module imports it) without backward, determinism or graph safety."""
+    return lz.backends.reference.rms_norm(x, weight, eps)
+
+
+def test_grad_and_deterministic_calls_skip_a_kernel_that_cannot_take_them(tmp_path):
+    lz.register_kernel(id="mine.rms_no_backward", ops=("norm.rms",), impl=rms_norm_no_backward,
+                       platforms=frozenset({"cpu"}), priority=99, supports_backward=False, deterministic=False,
+                       graph_safe=False)
+    result = lz.solve("rms_norm", tmp_path / "solved_nobw.py", dtypes=[torch.float32], device="cpu", **NORM)
+    assert set(result.kernels.values()) == {"mine.rms_no_backward"}
+    assert "_capturing" not in result.path.read_text()  # capture is a CUDA matter (SelectionContext.device_fields)
+    module = _import(result.path, "solved_nobw")
+    called = _record_calls(module)
+    asked = _dynamic_recorder(module, "rms_norm")
+    x, w = torch.randn(4, 32), torch.randn(32)
+    module.rms_norm(x, w)
+    assert called == ["mine.rms_no_backward"]
+    assert module.rms_norm(x.clone().requires_grad_(), w) is DYNAMIC
+    assert module.rms_norm(x, w.clone().requires_grad_()) is DYNAMIC
+    with torch.no_grad():  # nothing needs the grad: as dynamic selection, the kernel may run
+        module.rms_norm(x.clone().requires_grad_(), w.clone().requires_grad_())
+    assert called == ["mine.rms_no_backward"] * 2
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert module.rms_norm(x, w) is DYNAMIC
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert len(asked) == 3 and len(called) == 2
+
+
+def test_a_kernel_with_backward_takes_grad_calls_without_a_check(tmp_path):
+    result = lz.solve({"attention": ATTN, "rms_norm": NORM}, tmp_path / "solved_bw.py", dtypes=[torch.float32],
+                      device="cpu")
+    assert all(runtime.registry.kernel(k).supports_backward for k in result.kernels.values())
+    assert "requires_grad" not in result.path.read_text()
+    module = _import(result.path, "solved_bw")
+    called = _record_calls(module)
+    _dynamic_recorder(module, "rms_norm")
+    x, w = torch.randn(4, 32, requires_grad=True), torch.randn(32, requires_grad=True)
+    module.rms_norm(x, w).square().sum().backward()
+    assert called == [lz.which("rms_norm", x, w)]
+    x2, w2 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    lz.backends.reference.rms_norm(x2, w2, 1e-6).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad.float())
+    torch.testing.assert_close(w.grad, w2.grad.float())
+
+
+def test_capture_is_checked_before_a_kernel_that_is_not_graph_safe_on_cuda_only():
+    """The generated leaf for flashinfer.decode (no backward, not graph-safe), run as code."""
+    from layerzero.perf.solve import FAMILY_CODE, _emit_leaf, _Writer
+
+    runtime.ensure_loaded()
+    spec = runtime.registry.kernel("flashinfer.decode")
+    assert not spec.graph_safe and not spec.supports_backward and spec.deterministic
+    stream = {"capturing": False}
+    scope = {"_K0": lambda *a: "kernel", "_capturing": lambda: stream["capturing"],
+             "_grad_enabled": torch.is_grad_enabled}
+    q = torch.randn(1, 1, 4, 16)
+    for cuda in (True, False):
+        w = _Writer(cuda)
+        _emit_leaf(w, FAMILY_CODE["attention"], spec.id, 1)
+        text = "\n".join(w.lines)
+        assert ("_capturing()" in text) is cuda, text
+        exec(f"def attention(q, k, v, attn_mask, is_causal, dropout_p, scale, window_size, softcap, alibi_slopes):"
+             f"\n{text}\n    return 'dynamic'", scope)
+        stream["capturing"] = False
+        assert scope["attention"](q, q, q, None, True, 0.0, None, None, 0.0, None) == "kernel"
+        assert scope["attention"](q.clone().requires_grad_(), q, q, None, True, 0.0, None, None, 0.0, None) == "dynamic"
+        stream["capturing"] = True
+        assert scope["attention"](q, q, q, None, True, 0.0, None, None, 0.0, None) == ("dynamic" if cuda else "kernel")
+
+
+def test_a_solved_branch_calls_the_kernel_itself(tmp_path):
+    """No wrapper between a branch and the kernel (the plan's run adds the health guard and, for
+    attention here, a layout wrapper; the solved code writes the transposes inline)."""
+    result = lz.solve({"attention": ATTN, "rms_norm": NORM}, tmp_path / "solved_same.py", dtypes=[torch.float32],
+                      device="cpu")
+    module = _import(result.path, "solved_same")
+    for var, kernel_id in module.KERNEL_IDS.items():
+        assert getattr(module, var) is runtime.registry.kernel(kernel_id).impl
+    assert lz.select("attention", *_qkv(), None, True).transforms  # BSHD in, a BHSD kernel
+    assert ".transpose(1, 2)" in result.path.read_text()

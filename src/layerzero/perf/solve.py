@@ -6,7 +6,8 @@ kernel for each bucket (from PerfDB timings where confident, priorities otherwis
 corners, and only a kernel valid at every corner is kept. Adjacent buckets with the same choice
 merge, and the result is written as nested `if lo <= X <= hi:` chains that call the kernel
 functions directly. Calls outside the solved ranges, with options the solve did not cover (masks,
-dropout, grad, ...), or on a machine whose signature differs, go to dynamic selection.
+dropout, ...), that a chosen kernel cannot take (grad without a backward, deterministic mode, graph
+capture), or on a machine whose signature differs, go to dynamic selection.
 
     lz.solve({"attention": dict(batch=(1, 64), seq_q=(1, 8192), seq_k=(1, 8192), heads=[32],
                                 kv_heads=[8], head_dim=[128], causal=[True])},
@@ -43,9 +44,10 @@ class FamilyCode:
     """What the generator knows about calling one family's kernels without the engine.
 
     handled: public parameters the solved code reads; every other parameter must be at its default
-    (else dynamic selection runs). required: parameters that must not be None. dims: code that
-    binds the workload dims from the arguments (after the guard). call: the kernel call, with {K}
-    for the kernel and {pre}/{post} for layout transforms. tensors: arguments checked for grad.
+    (else dynamic selection runs). required: parameters that must not be None. prologue: code that
+    checks the tensors and binds the workload dims (after the guard), reading each shape and dtype
+    once. call: the kernel call, with {K} for the kernel and {q}/{x}/{post} for layout transforms.
+    tensors: arguments checked for grad before a kernel without backward.
     """
 
     handled: tuple[str, ...]
@@ -59,14 +61,16 @@ class FamilyCode:
 
 _ATTENTION = FamilyCode(
     handled=("q", "k", "v", "is_causal", "scale"), required=(), first="q", tensors=("q", "k", "v"),
-    prologue=("if q.dim() == 4 and k.dim() == 4 and k.dtype is q.dtype and v.dtype is q.dtype and v.shape == k.shape:",
-              "    B, Sq, Hq, D = q.shape", "    Bk, Sk, Hkv, Dk = k.shape", "    dt = q.dtype",
+    prologue=("qs = q.shape", "ks = k.shape", "dt = q.dtype",
+              "if len(qs) == 4 and len(ks) == 4 and v.shape == ks and k.dtype is dt and v.dtype is dt:",
+              "    B, Sq, Hq, D = qs", "    Bk, Sk, Hkv, Dk = ks",
               "    if Bk == B and Dk == D:"),
     names={"batch": "B", "seq_q": "Sq", "seq_k": "Sk", "heads": "Hq", "kv_heads": "Hkv", "head_dim": "D",
            "causal": "is_causal"},
     call="{K}({q}, {k}, {v}, attn_mask, is_causal, dropout_p, scale, window_size, softcap, alibi_slopes){post}",
 )
-_ROWS = ("if x.dim() >= 1 and x.shape[-1] > 0:", "    dt = x.dtype", "    H = x.shape[-1]", "    R = x.numel() // H")
+# rows: the product of all but the last dim; a 0-d x or an empty last dim goes to dynamic selection
+_ROWS = ("s = x.shape", "if s and (H := s[-1]):", "    R = s.numel() // H", "    dt = x.dtype")
 FAMILY_CODE: dict[str, FamilyCode] = {
     "attention": _ATTENTION,
     "rms_norm": FamilyCode(("x", "weight", "eps"), ("weight",), "x", ("x", "weight"), _ROWS,
@@ -181,7 +185,8 @@ def _tree(name: str, template: SelectionContext, ranged: list[str], intervals: d
 # --- writing ------------------------------------------------------------------------------------------
 
 class _Writer:
-    def __init__(self) -> None:
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda  # graph capture exists (and is checked) on CUDA only, as in SelectionContext
         self.lines: list[str] = []
         self.kernels: dict[str, str] = {}  # kernel id -> variable
         self.branches = 0
@@ -217,13 +222,17 @@ def _emit_leaf(w: _Writer, code: FamilyCode, node: Any, depth: int) -> None:
     spec = runtime.registry.kernel(node)
     var = w.var(node)
     w.branches += 1
-    guards = []
+    # What would make the engine reject this kernel at run time; the checks a kernel does not need
+    # (a backward, determinism, graph safety it has) cost nothing.
+    unsafe = []
+    if not spec.supports_backward:  # the dynamic key's grad test: grad mode on and an input requiring it
+        unsafe.append(f"(_grad_enabled() and ({' or '.join(t + '.requires_grad' for t in code.tensors)}))")
     if not spec.deterministic:
-        guards.append("_deterministic()")
-    if not spec.graph_safe:
-        guards.append("_capturing()")
-    if guards:
-        w.emit(depth, f"if not ({' or '.join(guards)}):")
+        unsafe.append("_deterministic()")
+    if not spec.graph_safe and w.cuda:
+        unsafe.append("_capturing()")
+    if unsafe:
+        w.emit(depth, f"if not {unsafe[0] if len(unsafe) == 1 else '(' + ' or '.join(unsafe) + ')'}:")
         w.emit(depth + 1, f"return {_call(code, spec, var)}")
     else:
         w.emit(depth, f"return {_call(code, spec, var)}")
@@ -298,7 +307,7 @@ def solve(ops: str | Mapping[str, Mapping[str, Any]], path: str | Path, *, dtype
     dtype_list = list(dtypes) or [torch.bfloat16 if dev.type == "cuda" else torch.float32]
     runtime.ensure_loaded()
     modules = _backend_modules()
-    w = _Writer()
+    w = _Writer(dev.type == "cuda")
     notes: list[str] = []
     cells = 0
     bodies: list[list[str]] = []
@@ -323,7 +332,6 @@ def solve(ops: str | Mapping[str, Mapping[str, Any]], path: str | Path, *, dtype
             if p.name in code.handled or p.default is p.empty:
                 continue
             guard.append(f"{p.name} is None" if p.default is None else f"{p.name} == {p.default!r}")
-        guard.append(f"not ({' or '.join(t + '.requires_grad' for t in code.tensors)})")
         w.emit(1, f"if {' and '.join(guard)}:")
         for line in code.prologue:
             w.emit(2, line)
@@ -412,9 +420,11 @@ def _module_text(names: list[str], ops: Mapping[str, Mapping[str, Any]], dtypes:
         "",
         "",
         f"_BACKEND_MODULES = {({b: modules[b] for b in versions})!r}",
+        "_grad_enabled = torch.is_grad_enabled",
         "_deterministic = torch.are_deterministic_algorithms_enabled",
-        "_capturing = torch.cuda.is_current_stream_capturing",
     ]
+    if dev.type == "cuda":
+        out.append("_capturing = torch.cuda.is_current_stream_capturing")
     for d in dtypes:
         name = str(d).removeprefix("torch.")
         out.append(f"_{name} = torch.{name}")
