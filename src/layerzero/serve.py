@@ -22,6 +22,7 @@ lz.paged_attention on its cache, rejected tokens are rolled back (PagedKVCache.t
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import deque
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 
 from .backends.reference import filter_probs, tempered
+from .context import graph_call
 from .errors import InvalidInputError
 from .kv_cache import PagedKVCache
 from .ops.activation import fused_mlp
@@ -40,8 +42,14 @@ from .ops.embedding import embedding
 from .ops.norm import rms_norm
 from .ops.posenc import rope_cache, rope_qk
 from .ops.sampling import _normalize, sample, sample_greedy
+from .runtime.graphs import warmup_for_capture
 from .selection.inspect import which
 from .speculative import SpeculativeStats, UnsupportedBatchError, accept_greedy, accept_sampled
+
+_log = logging.getLogger("layerzero")
+# Decode steps left (of the longest running request) from which a new batch size is worth a CUDA graph
+# capture (about three eager steps of work) rather than running eagerly.
+GRAPH_MIN_STEPS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +205,7 @@ class Generation(_Throughput):
 
     kernels: op name -> the kernel ids (lz.which) it ran during this generation, e.g.
     {"paged_attention": ("triton_paged.decode",), ...}. decode_batch_sizes: live requests per decode step.
+    graph_batch_sizes: the batch sizes whose decode steps ran as CUDA graphs.
     """
 
     tokens: list[list[int]]
@@ -206,6 +215,7 @@ class Generation(_Throughput):
     prefill_tokens: int
     decode_tokens: int
     decode_batch_sizes: list[int]
+    graph_batch_sizes: tuple[int, ...] = ()
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -339,6 +349,13 @@ def _extend(model: Model, cache: PagedKVCache, ids: list[Any], chunks: list[list
     slots, positions = cache.append_slots(ids, [T] * B)
     page_table, seq_lens = cache.page_table(ids, max_pages)
     tokens = torch.tensor([t for chunk in chunks for t in chunk], dtype=torch.int64, device=model.device)
+    return _step(model, cache, tokens, positions, slots, page_table, seq_lens, T, rec)
+
+
+def _step(model: Model, cache: PagedKVCache, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+          page_table: torch.Tensor, seq_lens: torch.Tensor, T: int, rec: _Kernels) -> torch.Tensor:
+    """The device work of `_extend` once its inputs are tensors (what a decode graph captures)."""
+    B = page_table.shape[0]
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q4 = q.reshape(B, T, *q.shape[1:])
@@ -348,6 +365,66 @@ def _extend(model: Model, cache: PagedKVCache, ids: list[Any], chunks: list[list
         return paged_attention(q4, kc, vc, page_table, seq_lens, kv_layout=cache.kv_layout).reshape(q.shape)
 
     return _logits(model, _forward(model, cache, tokens, positions, slots, attend, rec))
+
+
+class _DecodeGraphs:
+    """The decode step as CUDA graphs, one per live batch size: the way vLLM takes the host out of decode
+    (eager, a 1B model's step is ~200 launches and host-bound at every batch size on the H100).
+
+    Each step copies its inputs (token ids, positions, KV slots, the page table at a fixed width, lengths)
+    into the graph's static buffers and replays it. Capture follows runtime/graphs.py: one eager warm-up
+    in graph mode (so LayerZero picks graph-safe kernels and compiles them), then the capture. A batch
+    size whose capture fails runs eagerly from then on (the failure is logged, never raised).
+    """
+
+    def __init__(self, model: Model, cache: PagedKVCache, max_pages: int) -> None:
+        self.model, self.cache, self.max_pages = model, cache, max_pages
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]] = {}
+        self.failed: set[int] = set()
+        self.pool: Any = None
+
+    def step(self, ids: list[Any], last_tokens: list[int], rec: _Kernels) -> torch.Tensor:
+        """Logits (B, V) for one decode step of `ids` (the graph's output buffer: read it before the next step)."""
+        B = len(ids)
+        if B in self.failed:
+            return _decode(self.model, self.cache, ids, last_tokens, rec, self.max_pages)
+        slots, positions = self.cache.append_slots(ids, [1] * B)
+        page_table, seq_lens = self.cache.page_table(ids, self.max_pages)
+        tokens = torch.tensor(last_tokens, dtype=torch.int64).to(self.model.device, non_blocking=True)
+        inputs = (tokens, positions, slots, page_table, seq_lens)
+        entry = self.graphs.get(B)
+        if entry is None:
+            entry = self._capture(B, inputs, rec)
+            if entry is None:
+                return _step(self.model, self.cache, *inputs, 1, rec)
+        graph, static, logits = entry
+        for buffer, value in zip(static, inputs, strict=True):
+            buffer.copy_(value, non_blocking=True)
+        graph.replay()
+        return logits
+
+    def _capture(self, B: int, inputs: tuple[torch.Tensor, ...], rec: _Kernels
+                 ) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor] | None:
+        static = tuple(t.clone() for t in inputs)
+
+        def run(recorder: _Kernels) -> torch.Tensor:
+            return _step(self.model, self.cache, *static, 1, recorder)
+
+        try:
+            with graph_call():  # the warm-up selects and compiles what the capture will record
+                warmup_for_capture(run, rec, iterations=1)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                logits = run(_Kernels())
+        except Exception as error:  # any capture failure means: this batch size runs eagerly
+            _log.warning("serve: CUDA graph capture of the decode step at batch %d failed (%s: %s); "
+                         "that batch size runs eagerly", B, type(error).__name__, error)
+            self.failed.add(B)
+            return None
+        self.graphs[B] = (graph, static, logits)
+        return self.graphs[B]
 
 
 def _sync(device: torch.device) -> None:
@@ -378,13 +455,16 @@ def _prompts(prompt_ids: Any) -> list[list[int]]:
 
 def generate(model: Model, prompt_ids: Any, max_new_tokens: int | Sequence[int] = 16,
              sampling: Sampling | None = None, eos_token_id: int | None = None, max_batch: int = 8,
-             page_size: int = 16, num_pages: int | None = None, kv_layout: str = "NHD") -> Generation:
+             page_size: int = 16, num_pages: int | None = None, kv_layout: str = "NHD",
+             cuda_graphs: bool = True) -> Generation:
     """Generate from one prompt (list of ids) or several (list of lists, or a (B, S) tensor of ids) with
     continuous batching.
 
     max_new_tokens: one int for all prompts or one per prompt (>= 1). sampling: None = greedy.
     num_pages defaults to what `max_batch` of the longest requests need at once; a request waits for
-    free pages and a batch slot, then holds its pages until it finishes.
+    free pages and a batch slot, then holds its pages until it finishes. cuda_graphs: on a CUDA device,
+    run decode steps as CUDA graphs (one capture per live batch size with at least GRAPH_MIN_STEPS
+    steps to go; Generation.graph_batch_sizes lists them); False: every step eagerly.
     """
     # a tensor of ids stays a tensor: its rows are packed for prefill by indexing (no host copy)
     dense = _id_rows(prompt_ids) if isinstance(prompt_ids, torch.Tensor) else None
@@ -434,6 +514,7 @@ def generate(model: Model, prompt_ids: Any, max_new_tokens: int | Sequence[int] 
         out[r].append(token)
         return len(out[r]) >= budgets[r] or token == eos_token_id
 
+    graphs = _DecodeGraphs(model, cache, max(pages_of)) if cuda_graphs and model.device.type == "cuda" else None
     with torch.inference_mode():
         while waiting or running:
             admitted: list[int] = []
@@ -462,7 +543,12 @@ def generate(model: Model, prompt_ids: Any, max_new_tokens: int | Sequence[int] 
                 rec.first(("decode", len(running)))
                 _sync(model.device)
                 t0 = time.perf_counter()
-                toks = pick(_decode(model, cache, running, [out[r][-1] for r in running], rec, max(pages_of)))
+                last = [out[r][-1] for r in running]
+                if graphs is not None and (len(running) in graphs.graphs or
+                                           max(budgets[r] - len(out[r]) for r in running) >= GRAPH_MIN_STEPS):
+                    toks = pick(graphs.step(running, last, rec))
+                else:
+                    toks = pick(_decode(model, cache, running, last, rec, max(pages_of)))
                 decode_s += time.perf_counter() - t0
                 decode_tokens += len(running)
                 batch_sizes.append(len(running))
@@ -473,7 +559,8 @@ def generate(model: Model, prompt_ids: Any, max_new_tokens: int | Sequence[int] 
             for r in done:
                 cache.free(r)
                 reserved -= pages_of[r]
-    return Generation(out, rec.result(), prefill_s, decode_s, prefill_tokens, decode_tokens, batch_sizes)
+    captured = () if graphs is None else tuple(sorted(graphs.graphs))
+    return Generation(out, rec.result(), prefill_s, decode_s, prefill_tokens, decode_tokens, batch_sizes, captured)
 
 
 def forward_logits(model: Model, prompt_ids: Sequence[int], kv_layout: str = "NHD", page_size: int = 16

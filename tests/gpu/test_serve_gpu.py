@@ -58,3 +58,17 @@ def test_gpu_kernels_run_the_attention() -> None:
     print(out.kernels)
     for op in ("attention", "paged_attention", "rms_norm", "rope_qk", "fused_mlp"):
         assert op in out.kernels and not any(k.startswith("reference.") for k in out.kernels[op]), out.kernels
+
+
+def test_decode_cuda_graphs_match_eager() -> None:
+    """Decode steps replayed from CUDA graphs (one per live batch size: 3, then 2, then 1 as requests
+    finish) give the same tokens and kernels as every step run eagerly."""
+    model = Model.random(CONFIG, dtype=torch.bfloat16, device="cuda", seed=4)
+    budgets = [20, 12, 6]
+    graphed = generate(model, PROMPTS, max_new_tokens=budgets)
+    eager = generate(model, PROMPTS, max_new_tokens=budgets, cuda_graphs=False)
+    print(graphed.graph_batch_sizes, graphed.decode_batch_sizes, graphed.kernels)
+    assert graphed.graph_batch_sizes == (1, 2, 3)
+    assert eager.graph_batch_sizes == ()
+    assert graphed.tokens == eager.tokens
+    assert graphed.kernels == eager.kernels
