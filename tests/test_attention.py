@@ -12,6 +12,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import layerzero as lz
 from layerzero.backends import reference as R
@@ -370,3 +372,37 @@ def test_sdpa_flash_cpu_fp32_matches_the_reference_in_float16(mask):
         attn_mask if attn_mask.dtype == torch.bool else attn_mask.double()), mask is None, 0.0, None)
     assert out.dtype == torch.float16
     torch.testing.assert_close(out.double(), ref, **tolerance(torch.float16))
+
+
+# What may differ in one of q, k, v from the common (B, S, H, D) float32 CPU tensor (None: nothing).
+_DEFECTS = [None, None, None, None, "batch", "seq", "heads", "head_dim", "rank 3", "rank 5", "float16", "int64",
+            "meta"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(dims=st.tuples(*[st.integers(1, 4)] * 4), other=st.integers(1, 8),
+       defects=st.lists(st.sampled_from(_DEFECTS), min_size=3, max_size=3),
+       layout=st.sampled_from(["BSHD", "BHSD", "NHD"]), mask=st.sampled_from([None, "tensor", "list"]))
+def test_one_pass_input_check_accepts_exactly_what_the_full_checks_accept(dims, other, defects, layout, mask):
+    """_valid_dims (the miss path's one-pass check) gives the dims of _checked_dims, or None where
+    _checked_dims raises: bad inputs always reach the checks that name the problem."""
+    from layerzero.errors import LayerZeroError
+    from layerzero.ops.attention import _checked_dims, _valid_dims
+
+    def tensor(defect: str | None) -> torch.Tensor:
+        b, s, h, d = (other if defect == name else n for n, name in zip(dims, ("batch", "seq", "heads", "head_dim"),
+                                                                         strict=True))
+        shape = [b, h, s, d] if layout == "BHSD" else [b, s, h, d]
+        shape = {"rank 3": shape[1:], "rank 5": [*shape, 1]}.get(str(defect), shape)
+        dtype = {"float16": torch.float16, "int64": torch.int64}.get(str(defect), torch.float32)
+        return torch.empty(shape, dtype=dtype, device="meta" if defect == "meta" else "cpu")
+
+    q, k, v = (tensor(d) for d in defects)
+    attn_mask = {None: None, "tensor": torch.ones(1, 1, dtype=torch.bool), "list": [[True]]}[mask]
+    fast = _valid_dims(q, k, v, attn_mask, None, layout)
+    try:
+        full = _checked_dims(q, k, v, attn_mask, None, layout)
+    except LayerZeroError:
+        assert fast is None
+    else:
+        assert fast == full

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import layerzero as lz
 from layerzero.kernel import KernelSpec
 from layerzero.reasons import Reason
-from layerzero.selection.engine import TRANSFORM_PENALTY
+from layerzero.selection.engine import TRANSFORM_PENALTY, ExecutionPlan
 from layerzero.state import runtime
 from tests.conftest import tolerance
 
@@ -373,7 +373,8 @@ def test_miss_path_asks_health_once_a_kernel_failed():
 
 
 def test_selection_context_init_keeps_the_dataclass_contract():
-    """SelectionContext's __init__ fills slots directly (speed); it must behave as the generated one."""
+    """SelectionContext's and ExecutionPlan's __init__ fill slots directly (speed); they must behave as the
+    generated ones."""
     import dataclasses
 
     ctx = lz.SelectionContext("attention.full", head_dim=64)
@@ -391,6 +392,11 @@ def test_selection_context_init_keeps_the_dataclass_contract():
     assert ctx.replace(batch=2) == lz.SelectionContext("attention.full", head_dim=64, batch=2)
     assert hash(ctx) == hash(lz.SelectionContext("attention.full", head_dim=64))
     assert ctx.replace(tp_rank=3) == ctx  # tp_rank and isa stay out of equality
+    plan = ExecutionPlan("k.id", "attention.full", print, ("contiguous",), 2.0)
+    assert (plan.run, plan.generation, plan.fallback) == (print, 0, False)
+    assert plan == ExecutionPlan("k.id", "attention.full", len, ("contiguous",), 2.0)  # run: compare=False
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.score = 3.0  # type: ignore[misc]
 
 
 # ----------------------------------------------------------------------------- list_kernels, validate

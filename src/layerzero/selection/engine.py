@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..context import SelectionContext
+from ..context import SelectionContext, fast_frozen_init
 from ..errors import NoKernelFoundError
 from ..kernel import KernelSpec, call_rejection, check_constraints, fits_device, priority_for
 from ..reasons import Reason, Rejection
@@ -20,6 +20,7 @@ log = logging.getLogger("layerzero")
 REFERENCE_BACKEND = "reference"
 
 
+@fast_frozen_init  # one plan per miss: 0.4 us instead of 1.1 with the generated frozen __init__
 @dataclass(frozen=True, slots=True)
 class ExecutionPlan:
     """The chosen kernel for one call signature, bound with its transforms into `run`."""
