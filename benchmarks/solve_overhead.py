@@ -1,18 +1,27 @@
-"""Overhead of a solved module (lz.solve) vs calling the kernel function directly, and vs the
-dynamic `lz.*` call (plan-cache hit), for small ops where dispatch cost would show.
+"""Overhead of a solved module (lz.solve) vs calling the kernel directly, and vs the dynamic `lz.*`
+call (plan-cache hit), in two regimes: launch-bound calls, where host time shows in full, and GPU-bound
+calls, where it hides behind device work. A second table times the host side alone: the same paths
+with the kernel replaced by a no-op (the guard and dispatch cost, nothing else).
 
-    PYTHONPATH=src python3 benchmarks/solve_overhead.py [--out benchmarks/results/solve_overhead_<dev>.md]
+    PYTHONPATH=src python3 benchmarks/solve_overhead.py [--out benchmarks/results/solve_overhead-<dev>.md]
 
-Each variant is timed in interleaved rounds (so drift hits all alike): per round, N calls timed with
-perf_counter and a device sync at the end; the table gives the median over rounds of time per call
-and the difference to the direct call in nanoseconds.
+Paths: kernel (the kernel called the way a solved branch calls it: no wrapper, layout transposes
+inline), plan.run (the cached plan's bound run: health guard, layout wrapper, kernel), solved (the
+generated function: guard, bucket bounds, kernel) and dynamic (`lz.*`: key, plan lookup, plan.run).
+Each is timed in interleaved rounds (so drift hits all alike): per round, N calls timed with
+perf_counter and a device sync at the end; the tables give the median over rounds of time per call
+and the difference to the kernel call in nanoseconds. Slow calls get fewer calls per round
+(--round-s) and slow cases fewer rounds (--case-s, at least 3), so the GPU-bound shapes also run on
+a CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib.util
+import inspect
 import statistics
 import sys
 import tempfile
@@ -22,6 +31,8 @@ from pathlib import Path
 import torch
 
 import layerzero as lz
+from layerzero.perf import workloads
+from layerzero.perf.solve import FAMILY_CODE, _call
 from layerzero.state import runtime
 
 
@@ -30,26 +41,90 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _per_call_ns(fn, args, device: torch.device, n: int) -> float:
+def _calls(fn, args):
+    """A function that makes n calls fn(*args)."""
+    def run(n: int) -> None:
+        for _ in range(n):
+            fn(*args)
+    return run
+
+
+def _kernel_calls(op: str, kernel_id: str, impl, call_args: tuple):
+    """A function that makes n calls of `impl` written as the solved branch writes them (no frame between)."""
+    sig = inspect.signature(workloads.public_op(op))
+    bound = sig.bind(*call_args)
+    bound.apply_defaults()
+    call = _call(FAMILY_CODE[op], runtime.registry.kernel(kernel_id), "K")
+    scope: dict = {}
+    exec(f"def loop(n, K, {', '.join(sig.parameters)}):\n    for _ in range(n):\n        {call}\n", scope)  # noqa: S102
+    loop, values = scope["loop"], tuple(bound.arguments.values())
+    return lambda n: loop(n, impl, *values)
+
+
+def _per_call_ns(run, device: torch.device, n: int) -> float:
     _sync(device)
     t0 = time.perf_counter()
-    for _ in range(n):
-        fn(*args)
+    run(n)
     _sync(device)
     return (time.perf_counter() - t0) * 1e9 / n
 
 
 def _import(path: Path):
-    spec = importlib.util.spec_from_file_location("solved_overhead", path)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+def _interleaved(variants: dict, device: torch.device, rounds: int, calls: int) -> dict[str, float]:
+    """Median ns per call of each variant over `rounds` rounds of `calls` calls, variants interleaved."""
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(rounds):
+        for key, run in variants.items():
+            times[key].append(_per_call_ns(run, device, calls))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _noop(*args):
+    return args[0]
+
+
+def _paths(op: str, solved, plan, call_args: tuple, impl) -> dict:
+    return {"kernel": _kernel_calls(op, plan.kernel_id, impl, call_args),
+            "plan.run": _calls(plan.run, workloads.run_args(op, call_args)),
+            "solved": _calls(getattr(solved, op), call_args), "dynamic": _calls(getattr(lz, op), call_args)}
+
+
+def _host_only(op: str, solved, plan, call_args: tuple, device: torch.device, rounds: int, calls: int):
+    """The four paths with the kernel a no-op: registered under its id (so plan.run and lz.* bind and
+    guard the no-op as they would the kernel), and put in place of every kernel of the solved module."""
+    spec = runtime.registry.kernel(plan.kernel_id)
+    kernels = {var: getattr(solved, var) for var in solved.KERNEL_IDS}
+    try:
+        lz.register_kernel(dataclasses.replace(spec, impl=_noop))
+        noop_plan = lz.select(op, *call_args)
+        assert noop_plan.kernel_id == plan.kernel_id, noop_plan
+        for var in kernels:
+            setattr(solved, var, _noop)
+        variants = _paths(op, solved, noop_plan, call_args, _noop)
+        for run in variants.values():
+            _per_call_ns(run, device, 1000)
+        return _interleaved(variants, device, rounds, calls)
+    finally:
+        lz.register_kernel(spec)
+        for var, impl in kernels.items():
+            setattr(solved, var, impl)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--calls", type=int, default=2000, help="calls per round at most")
+    parser.add_argument("--round-s", type=float, default=0.5, help="fewer calls per round beyond this time")
+    parser.add_argument("--case-s", type=float, default=60.0, help="fewer rounds (>= 3) beyond this time per case")
+    parser.add_argument("--host-rounds", type=int, default=31)
+    parser.add_argument("--host-calls", type=int, default=20000)
+    parser.add_argument("--only", default="", help="run the cases whose name contains this")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -59,49 +134,69 @@ def main() -> None:
     def randn(*shape):
         return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
 
-    cases = {  # name: (op, args, solve dims)
-        "rms_norm 1x4096": ("rms_norm", (randn(1, 4096), randn(4096)), dict(rows=(1, 1 << 16), hidden=[4096])),
-        "rms_norm 64x4096": ("rms_norm", (randn(64, 4096), randn(4096)), dict(rows=(1, 1 << 16), hidden=[4096])),
+    rows_4096 = dict(rows=(1, 1 << 16), hidden=[4096])
+    cases = {  # name: (regime, op, args, solve dims)
+        "rms_norm 1x4096": ("launch", "rms_norm", (randn(1, 4096), randn(4096)), rows_4096),
+        "rms_norm 64x4096": ("launch", "rms_norm", (randn(64, 4096), randn(4096)), rows_4096),
         "attention decode 8x1x512 h8/2 d64": (
-            "attention", (randn(8, 1, 8, 64), randn(8, 512, 2, 64), randn(8, 512, 2, 64), None, True),
+            "launch", "attention", (randn(8, 1, 8, 64), randn(8, 512, 2, 64), randn(8, 512, 2, 64), None, True),
             dict(batch=(1, 64), seq_q=(1, 1024), seq_k=(1, 4096), heads=[8], kv_heads=[2], head_dim=[64], causal=[1])),
+        "rms_norm 16384x4096": ("GPU", "rms_norm", (randn(16384, 4096), randn(4096)), rows_4096),
+        "attention prefill 8x2048 h32/8 d128 causal": (
+            "GPU", "attention",
+            (randn(8, 2048, 32, 128), randn(8, 2048, 8, 128), randn(8, 2048, 8, 128), None, True),
+            dict(batch=(1, 64), seq_q=(1, 8192), seq_k=(1, 8192), heads=[32], kv_heads=[8], head_dim=[128],
+                 causal=[1])),
     }
     tmp = Path(tempfile.mkdtemp())
-    rows = []
-    for name, (op, call_args, dims) in cases.items():
-        solved = _import(lz.solve(op, tmp / f"solved_{op}.py", dtypes=[dtype], device=device, **dims).path)
-        dynamic = getattr(lz, op)
+    rows, host_rows = [], []
+    for i, (name, (regime, op, call_args, dims)) in enumerate(cases.items()):
+        if args.only not in name:
+            continue
+        solved = _import(lz.solve(op, tmp / f"solved_{i}_{op}.py", dtypes=[dtype], device=device, **dims).path)
         plan = lz.select(op, *call_args)
-        kernel = runtime.registry.kernel(plan.kernel_id)
-        direct = plan.run  # the bound kernel with its layout transforms: what both paths end in
-        run_args = __import__("layerzero.perf.workloads", fromlist=["run_args"]).run_args(op, call_args)
-        # check all three agree before timing
-        ref = direct(*run_args)
+        impl = runtime.registry.kernel(plan.kernel_id).impl
+        variants = _paths(op, solved, plan, call_args, impl)
+        ref = plan.run(*workloads.run_args(op, call_args))  # the paths agree before timing (and are warm)
         torch.testing.assert_close(getattr(solved, op)(*call_args), ref)
-        torch.testing.assert_close(dynamic(*call_args), ref)
-        variants = {"direct": (direct, run_args), "solved": (getattr(solved, op), call_args),
-                    "dynamic": (dynamic, call_args)}
-        times: dict[str, list[float]] = {k: [] for k in variants}
-        for fn, a in variants.values():
-            _per_call_ns(fn, a, device, 50)
-        for _ in range(args.rounds):
-            for key, (fn, a) in variants.items():
-                times[key].append(_per_call_ns(fn, a, device, args.calls))
-        med = {k: statistics.median(v) for k, v in times.items()}
-        rows.append((name, kernel.id, med))
+        torch.testing.assert_close(getattr(lz, op)(*call_args), ref)
+        del ref
+        one = _per_call_ns(variants["plan.run"], device, 1) / 1e9
+        calls = max(1, min(args.calls, int(args.round_s / one)))
+        rounds = max(3, min(args.rounds, int(args.case_s / (len(variants) * calls * one))))
+        for run in variants.values():
+            _per_call_ns(run, device, max(1, min(50, calls)))
+        med = _interleaved(variants, device, rounds, calls)
+        rows.append((name, regime, plan.kernel_id, f"{rounds}x{calls}", med))
+        print(f"{name}: {plan.kernel_id}, {rounds} rounds x {calls} calls, "
+              + ", ".join(f"{k} {v:.0f}" for k, v in med.items()) + " ns", flush=True)
+        host_rows.append((name, plan.kernel_id,
+                          _host_only(op, solved, plan, call_args, device, args.host_rounds, args.host_calls)))
+    head = ["| case | regime | kernel id | rounds x calls | kernel | plan.run | solved | dynamic (lz.*) "
+            "| solved - kernel | dynamic - kernel |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines = [f"# solve overhead on {device.type} "
              f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, {dtype}, "
              f"torch {torch.__version__}, {datetime.date.today()}",
-             "", f"median over {args.rounds} interleaved rounds of {args.calls} calls; ns per call",
-             "", "| case | kernel | direct | solved | dynamic (lz.*) | solved - direct | dynamic - direct |",
-             "|---|---|---|---|---|---|---|"]
-    for name, kid, med in rows:
-        lines.append(f"| {name} | {kid} | {med['direct']:.0f} | {med['solved']:.0f} | {med['dynamic']:.0f} | "
-                     f"{med['solved'] - med['direct']:+.0f} | {med['dynamic'] - med['direct']:+.0f} |")
+             "", "Median over interleaved rounds (rounds x calls per round); ns per call. Regime: launch-bound",
+             "(host time shows) or GPU-bound (a shape whose device time hides the host; on a CPU just a big call).",
+             "", *head]
+    for name, regime, kid, count, med in rows:
+        lines.append(f"| {name} | {regime} | {kid} | {count} | {_cells(med)} |")
+    lines += ["", "Host side only: the kernel replaced by a no-op (`solved - kernel` is the solved function's own cost: "
+                  f"its frame and guard); median over {args.host_rounds} interleaved rounds of {args.host_calls} "
+                  "calls, ns per call.", "", head[0].replace(" regime |", "").replace(" rounds x calls |", ""),
+              "|---|---|---|---|---|---|---|---|"]
+    for name, kid, med in host_rows:
+        lines.append(f"| {name} | {kid} | {_cells(med)} |")
     text = "\n".join(lines)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
+
+
+def _cells(med: dict[str, float]) -> str:
+    return (f"{med['kernel']:.0f} | {med['plan.run']:.0f} | {med['solved']:.0f} | {med['dynamic']:.0f} | "
+            f"{med['solved'] - med['kernel']:+.0f} | {med['dynamic'] - med['kernel']:+.0f}")
 
 
 if __name__ == "__main__":
