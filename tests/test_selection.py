@@ -421,7 +421,7 @@ def test_validate_reports_reasons_without_consulting_policy():
     assert lz.validate("torch.sdpa_math", "attention", q, q, q) == (True, [])
     ok, reasons = lz.validate("torch.sdpa_flash", "attention", q, q, q)
     assert not ok and reasons == [Reason.PLATFORM_MISMATCH, Reason.DTYPE_UNSUPPORTED]
-    ok, reasons = lz.validate("torch.sdpa_cudnn", lz.attention, q, torch.randn(1, 4, 1, 64), torch.randn(1, 4, 1, 64))
+    ok, reasons = lz.validate("torch.sdpa_efficient", lz.attention, q, torch.randn(1, 4, 1, 64), torch.randn(1, 4, 1, 64))
     assert Reason.GQA_UNSUPPORTED in reasons
     lz.configure(deny=["torch.sdpa_math"])
     assert lz.validate("torch.sdpa_math", "attention", q, q, q) == (True, [])
