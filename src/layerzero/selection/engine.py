@@ -267,29 +267,32 @@ class SelectionEngine:
 
         A kernel's score is then its priority minus transform penalties, so once one kernel scored
         s, a kernel of priority below s cannot win, nor can the reference beat an accelerated one:
-        those stay in the report unscored. `specs` come by declared priority (viable), so most
-        misses evaluate one or two kernels. The winner is the one the full pass would choose.
+        those are skipped. `specs` come by declared priority (viable), so most misses evaluate one
+        or two kernels. The winner is the one the full pass would choose. The report lists the
+        kernels evaluated; when none can run, nothing was skipped, so the error lists them all.
         """
         disabled = self.runtime.disabled_backends
         candidates: list[Candidate] = []
         best: Candidate | None = None
+        accelerated: float | None = None  # the score of best while it is not the reference
         for spec in specs:
-            cand = Candidate(spec.id, spec.backend, spec.priority)
-            candidates.append(cand)
             priority = priority_for(spec, ctx)
             reference = spec.backend == REFERENCE_BACKEND
-            if best is not None and best.backend != REFERENCE_BACKEND and (reference or priority < (best.score or 0.0)):
+            if accelerated is not None and (reference or priority < accelerated):
                 continue
-            cand.rejections.extend(self._first_rejection(spec, ctx, ask_health))
-            if not cand.rejections and _disabled(spec, disabled):
-                cand.rejections.append(_DISABLED)
-            if cand.rejections:
+            rejections = self._first_rejection(spec, ctx, ask_health)
+            if not rejections and _disabled(spec, disabled):
+                rejections = [_DISABLED]
+            cand = Candidate(spec.id, spec.backend, spec.priority, rejections)
+            candidates.append(cand)
+            if rejections:
                 continue
             cand.transforms = transforms_of(spec, ctx)
             cand.score = float(priority) - TRANSFORM_PENALTY * len(cand.transforms)
             if best is None or (not reference, cand.score, cand.kernel_id) > (
                     best.backend != REFERENCE_BACKEND, best.score, best.kernel_id):
                 best = cand
+                accelerated = None if reference else cand.score
         if best is None:
             raise NoKernelFoundError(f"no kernel can run {ctx.op}", SelectionReport(ctx.op, ctx, "", 0.0, candidates))
         fallback = best.backend == REFERENCE_BACKEND
