@@ -299,3 +299,64 @@ def test_engine_shortcuts_follow_the_generation():
     assert lz.select("attention", q, q, q).kernel_id == first  # gen.fast stays denied
     reasons = lz.explain("attention", q, q, q).rejection_reasons
     assert reasons["genlib.k"] == [lz.Reason.BACKEND_IMPORT_FAILED]
+
+
+@pytest.mark.stress
+@pytest.mark.parametrize("maxsize", [8, 4096], ids=["rotating", "large"])
+def test_stress_lock_free_misses_never_cache_across_invalidation(maxsize):
+    """Misses take no lock unless threads share a key (PlanCache docstring): 16 threads miss on 24
+    keys while another thread invalidates 300 times. No plan computed before an invalidation may
+    be returned after it returned, and no (generation, key) is computed twice unless evicted."""
+    cache = PlanCache(maxsize=maxsize)
+    cache.compute_log = []
+    done = [0]  # the generation of the last invalidate() that has returned
+    finished = threading.Event()
+    stale: list[tuple[int, int]] = []
+    errors: list[BaseException] = []
+
+    def compute() -> int:
+        return cache.generation  # the "policy" this plan was chosen under
+
+    def reader(t: int) -> None:
+        try:
+            i = t
+            while not finished.is_set():
+                i += 7
+                before = done[0]
+                key = ("k", i % 24)
+                plan = cache.data.get(key)
+                if plan is None:
+                    plan = cache.get_or_compute(key, compute)
+                if plan < before:
+                    stale.append((plan, before))
+                if i % 5 == 0:
+                    time.sleep(0)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def changer() -> None:
+        for _ in range(300):
+            done[0] = cache.invalidate()
+            time.sleep(0)
+        finished.set()
+
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        threads = [threading.Thread(target=reader, args=(t,), daemon=True) for t in range(16)]
+        threads.append(threading.Thread(target=changer, daemon=True))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        sys.setswitchinterval(old_interval)
+    assert not any(t.is_alive() for t in threads), "deadlock"
+    assert not errors, errors[:3]
+    assert not stale, f"{len(stale)} stale plans, e.g. {stale[:5]}"
+    counts = Counter(cache.compute_log)
+    if maxsize > 24:  # nothing is evicted
+        assert max(counts.values()) == 1, counts.most_common(3)
+    else:
+        assert cache.stats().evictions and cache.stats().promotions
+    assert len(cache) <= maxsize + 16 and not cache._inflight

@@ -155,3 +155,35 @@ def test_latency_histogram_memory_is_bounded():
     assert cumulative[-1] == ("+Inf", 50_000) == ("+Inf", hist.count)
     assert all(a[1] <= b[1] for a, b in zip(cumulative, cumulative[1:], strict=False))
     assert cumulative[0][1] == 100  # the 0.0 and 1e-5 observations (le is inclusive): 2 per 1000, 50 rounds
+
+
+def test_miss_path_records_without_the_lock_and_loses_nothing_across_threads():
+    """selected()/miss() append to queues that readers fold in (FOLD_EVERY bounds them): 8 threads
+    recording at once lose no record, and the queues never hold more than FOLD_EVERY."""
+    import threading
+
+    from layerzero.runtime.telemetry import FOLD_EVERY
+    from layerzero.state import runtime
+
+    t = runtime.telemetry
+    t.enabled = True  # miss() counts only while enabled; no exporter needed
+    ctx = lz.SelectionContext("norm.rms")
+    plan = type("Plan", (), {"kernel_id": "torch.rms_norm"})()
+    n, longest = 3 * FOLD_EVERY + 7, [0]
+
+    def record() -> None:
+        for _ in range(n):
+            t.selected(ctx, plan, 2e-5)  # type: ignore[arg-type]
+            t.miss("rms_norm")
+            longest[0] = max(longest[0], len(t._new_selections), len(t._new_misses))
+
+    threads = [threading.Thread(target=record) for _ in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(30)
+    assert longest[0] <= FOLD_EVERY + 8  # each thread appends at most one past the fold threshold
+    snap = lz.telemetry()
+    assert snap.selections == {("norm.rms", "torch.rms_norm"): 8 * n}
+    assert snap.cache_misses == {"rms_norm": 8 * n}
+    assert snap.selection_latency_count == 8 * n and snap.selection_latency_sum_s == pytest.approx(8 * n * 2e-5)

@@ -6,6 +6,8 @@ exporter. Counted always (all on the miss path or on rare events): selections, c
 fallbacks, failures, breaker transitions, the selection-latency histogram (fixed buckets,
 bounded memory). Counted only while enabled (the hot path): calls per kernel, through a
 counting wrapper the plan gets when it is built. Cache hits are derived: calls minus misses.
+The miss path takes no lock: it appends its selection (and, while enabled, its miss) to a
+queue that readers fold into the counters; threads missing at once would queue on a lock.
 
     lz.enable_telemetry()                 # prometheus_client default registry + OTel global providers
     lz.start_metrics_server(9464)         # http://127.0.0.1:9464/metrics
@@ -17,6 +19,7 @@ import bisect
 import itertools
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,6 +31,9 @@ if TYPE_CHECKING:
     from ..selection.engine import ExecutionPlan
     from ..state import Runtime
 
+# Records the miss path may queue before it folds them into the counters itself (bounds memory
+# between reads; a fold takes the lock once per this many misses).
+FOLD_EVERY = 1024
 # Selection latency bucket bounds in seconds: a selection is tens of microseconds to milliseconds.
 LATENCY_BUCKETS_S = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 1.0)
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -79,6 +85,10 @@ class Telemetry:
         self.transitions: dict[tuple[str, str, str], int] = {}
         self.selection_latency = LatencyHistogram()
         self._lock = threading.Lock()
+        # Recorded on the miss path without the lock (deque.append is atomic), folded into
+        # selections / selection_latency / misses by readers (fold) or every FOLD_EVERY records.
+        self._new_selections: deque[tuple[str, str, float]] = deque()
+        self._new_misses: deque[str] = deque()
         self._registries: list[tuple[Any, PrometheusCollector]] = []
         self._servers: list[tuple[Any, threading.Thread]] = []
         self._otel_latency: Any = None
@@ -87,6 +97,9 @@ class Telemetry:
     # -- counting ------------------------------------------------------------------------------
 
     def call_counter(self, kernel_id: str, op: str) -> itertools.count:
+        counter = self.calls.get((kernel_id, op))  # the lock only to add one
+        if counter is not None:
+            return counter
         with self._lock:
             counter = self.calls.get((kernel_id, op))
             if counter is None:
@@ -100,19 +113,20 @@ class Telemetry:
 
     def cache_hits(self) -> int:
         """Plan-cache hits: counted calls minus misses (both counted only while enabled)."""
-        return max(0, sum(self.kernel_calls().values()) - sum(self.misses.values()))
+        calls = sum(self.kernel_calls().values())
+        return max(0, calls - sum(self.counted().misses.values()))
 
     def miss(self, family: str) -> None:
         if self.enabled:
-            with self._lock:
-                self.misses[family] = self.misses.get(family, 0) + 1
+            self._new_misses.append(family)
+            if len(self._new_misses) >= FOLD_EVERY:
+                self.counted()
 
     def selected(self, ctx: SelectionContext, plan: ExecutionPlan, seconds: float) -> None:
         """One selection on the miss path: counter, latency histogram, OpenTelemetry span."""
-        with self._lock:
-            key = (ctx.op, plan.kernel_id)
-            self.selections[key] = self.selections.get(key, 0) + 1
-            self.selection_latency.observe(seconds)
+        self._new_selections.append((ctx.op, plan.kernel_id, seconds))
+        if len(self._new_selections) >= FOLD_EVERY:
+            self.counted()
         if self._otel_latency is not None:
             self._otel_latency.record(seconds, {"op": ctx.op, "kernel": plan.kernel_id})
         if self._tracer is not None:
@@ -122,6 +136,24 @@ class Telemetry:
                 "layerzero.transforms": ",".join(plan.transforms), "layerzero.context": ctx.summary(),
             })
             span.end(end_time=end)
+
+    def counted(self) -> Telemetry:
+        """Self, with the selections and misses recorded since the last read folded into
+        `selections`, `selection_latency` and `misses` (read those through this)."""
+        with self._lock:
+            self._fold()
+        return self
+
+    def _fold(self) -> None:
+        """Under the lock. popleft is atomic: a record appended meanwhile is folded now or next time."""
+        selections, misses = self._new_selections, self._new_misses
+        while selections:
+            op, kernel_id, seconds = selections.popleft()
+            self.selections[(op, kernel_id)] = self.selections.get((op, kernel_id), 0) + 1
+            self.selection_latency.observe(seconds)
+        while misses:
+            family = misses.popleft()
+            self.misses[family] = self.misses.get(family, 0) + 1
 
     def fallback(self, from_kernel: str, to_kernel: str) -> None:
         with self._lock:
@@ -217,9 +249,10 @@ class Telemetry:
         counters = [
             ("layerzero.kernel.calls", "{call}", "kernel calls (plans built while telemetry is on)",
              self.kernel_calls, ("kernel", "op")),
-            ("layerzero.selections", "{selection}", "kernel selections", lambda: dict(self.selections),
+            ("layerzero.selections", "{selection}", "kernel selections", lambda: dict(self.counted().selections),
              ("op", "kernel")),
-            ("layerzero.plan_cache.misses", "{miss}", "plan-cache misses", lambda: dict(self.misses), ("family",)),
+            ("layerzero.plan_cache.misses", "{miss}", "plan-cache misses", lambda: dict(self.counted().misses),
+             ("family",)),
             ("layerzero.plan_cache.hits", "{hit}", "plan-cache hits (calls minus misses)",
              lambda: {(): self.cache_hits()}, ()),
             ("layerzero.fallbacks", "{fallback}", "calls re-run on another kernel after a failure",
@@ -261,6 +294,7 @@ def telemetry() -> TelemetrySnapshot:
 
     t = runtime.telemetry
     with t._lock:
+        t._fold()
         calls = {key: _count_value(c) for key, c in t.calls.items()}
         snap = TelemetrySnapshot(
             t.enabled, calls, dict(t.selections), dict(t.misses), max(0, sum(calls.values()) - sum(t.misses.values())),
@@ -305,7 +339,7 @@ class PrometheusCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
         rt = self.runtime
-        t = rt.telemetry
+        t = rt.telemetry.counted()
 
         def counter(name: str, doc: str, labels: tuple[str, ...], values: dict[Any, int]) -> Any:
             family = CounterMetricFamily(name, doc, labels=labels)

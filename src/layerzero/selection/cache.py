@@ -2,7 +2,12 @@
 
 The hit path of every op is `runtime.plans.data.get(key)`: a plain dict read without a lock.
 Everything else (insert, eviction, expiry, waiting for another thread) happens on the miss
-path, under one lock held only for dict operations, never while a plan is computed.
+path. A miss that no other thread shares takes no lock either: it claims its key with one
+atomic `dict.setdefault` and inserts with one dict store (both single operations under the
+GIL). The lock guards what changes several dicts together (invalidation, resizing, segment
+rotation, promotion, TTL) and the waiting of threads that need a key another thread computes;
+it is never held while a plan is computed. (Two lock round trips per miss made eight threads
+missing at once queue on it: about 3 context switches per miss and twice the CPU time.)
 
 Eviction is least-recently-used at the granularity of half the cache ("two segments"): new
 plans go into `data`; when it holds maxsize/2 plans it becomes the old segment and a fresh
@@ -10,8 +15,8 @@ plans go into `data`; when it holds maxsize/2 plans it becomes the old segment a
 a key used at least once per maxsize/2 insertions is never evicted; the rest drop out when the
 old segment is replaced. This keeps the hit path a single lookup, which a true LRU could not.
 
-Measured (benchmarks/results/selection-cpu.md): sharding buys nothing here. Hits take no lock,
-and a miss holds the lock for well under a microsecond of its tens of microseconds.
+Measured (benchmarks/results/selection-cpu.md): sharding buys nothing here: hits take no lock,
+and neither does a miss of a key that no other thread is computing.
 """
 
 from __future__ import annotations
@@ -101,7 +106,7 @@ class PlanCache:
     def invalidate(self) -> int:
         """Drop every plan (O(1): the dicts are replaced); returns the new generation."""
         with self._lock:
-            self.generation += 1
+            self.generation += 1  # first: _publish reads `data` before the generation
             self.data, self._older, self._born = {}, {}, {}
             return self.generation
 
@@ -132,72 +137,98 @@ class PlanCache:
         """
         me = threading.get_ident()
         for _ in range(max_rounds):
-            with self._lock:
-                generation = self.generation
-                plan = self._lookup(key)
+            generation = self.generation
+            mine = _Flight(me)
+            flight = self._inflight.setdefault((generation, key), mine)  # atomic: one owner per key
+            if flight is not mine:
+                if flight.owner == me:
+                    break  # re-entered from inside our own compute
+                self._wait(flight, key)
+                continue  # look again: the plan is in, or the owner failed and we compute
+            published = False
+            try:
+                plan = self._lookup(key)  # in since the caller looked, or in the old segment
                 if plan is not None:
                     return plan
-                flight = self._inflight.get((generation, key))
-                if flight is None:
-                    flight = self._inflight[(generation, key)] = _Flight(me)
-                elif flight.owner == me:
-                    break  # re-entered from inside our own compute
-                else:
-                    self.waits += 1
-                    flight.waited = True
-                    deadline = time.monotonic() + self.wait_timeout_s
-                    while not flight.done:
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            raise SelectionTimeoutError(
-                                f"waited {self.wait_timeout_s}s for another thread's selection of {key!r}"
-                            )
-                        self._flight_done.wait(remaining)
-                    continue  # look again: the plan is in, or the owner failed and we compute
-            try:
+                if self.generation != generation:
+                    # Read after _lookup read `data` (see _publish): our generation's plan, if
+                    # another flight landed one, was in the `data` we looked in.
+                    continue
                 if self.compute_log is not None:
                     self.compute_log.append((generation, key))
                 plan = compute()
-            except BaseException:
-                with self._lock:
-                    self._land(generation, key, flight)
-                raise
-            self.computes += 1
-            with self._lock:
-                self._land(generation, key, flight)
-                if self.generation == generation:
-                    self._insert(key, plan)
-                    return plan
+                self.computes += 1
+                published = self._publish(generation, key, plan)
+            finally:
+                self._land(generation, key, mine)  # after the insert: a waiter wakes to find the plan
+            if published:
+                return plan
             # Policy, registry or health changed while we computed: compute again for the new
             # generation rather than return a plan from the old one.
         self.computes += 1
         return compute()  # the generation kept changing (or re-entry): a fresh plan, uncached
 
+    def _wait(self, flight: _Flight, key: Hashable) -> None:
+        """Sleep until another thread's flight lands (at most wait_timeout_s)."""
+        with self._lock:
+            self.waits += 1
+            flight.waited = True  # before reading `done`; _land sets `done` before reading `waited`
+            deadline = time.monotonic() + self.wait_timeout_s
+            while not flight.done:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise SelectionTimeoutError(
+                        f"waited {self.wait_timeout_s}s for another thread's selection of {key!r}"
+                    )
+                self._flight_done.wait(remaining)
+
     def _land(self, generation: int, key: Hashable, flight: _Flight) -> None:
-        """Under the lock: end a flight and wake its waiters (they look again under the lock)."""
+        """End a flight and wake its waiters, if any (they look again)."""
         self._inflight.pop((generation, key), None)
         flight.done = True
-        if flight.waited:  # the common uncontended miss skips the condition's bookkeeping
-            self._flight_done.notify_all()
+        if flight.waited:  # a waiter sleeps, or is about to under the lock: wake it there
+            with self._lock:
+                self._flight_done.notify_all()
 
     def _lookup(self, key: Hashable) -> Any:
-        """Under the lock: the plan in `data`, or moved back from the old segment, or None."""
+        """The plan in `data`, or moved back from the old segment, or None."""
         plan = self.data.get(key)
-        if plan is not None:
+        if plan is not None or not self._older:
             return plan
-        plan = self._older.pop(key, None)
-        if plan is None:
-            return None
-        if self.ttl_s is not None and time.monotonic() - self._born.get(key, 0.0) >= self.ttl_s:
-            self._born.pop(key, None)
-            self.expirations += 1
-            return None
-        self.promotions += 1
-        self._insert(key, plan, promoted=True)
-        return plan
+        with self._lock:
+            plan = self._older.pop(key, None)
+            if plan is None:
+                return None
+            if self.ttl_s is not None and time.monotonic() - self._born.get(key, 0.0) >= self.ttl_s:
+                self._born.pop(key, None)
+                self.expirations += 1
+                return None
+            self.promotions += 1
+            self._insert(key, plan, promoted=True)
+            return plan
+
+    def _publish(self, generation: int, key: Hashable, plan: Any) -> bool:
+        """Insert a plan computed for `generation`, unless invalidate() has moved past it."""
+        if self.ttl_s is not None or len(self.data) >= self.maxsize // 2:
+            with self._lock:  # insertion times, or a segment rotation: several dicts change together
+                if self.generation != generation:
+                    return False
+                self._insert(key, plan)
+                return True
+        # Lock-free: `data` is read before the generation, and invalidate() bumps the generation
+        # before it replaces `data`. So either the generation is still ours and `data` is the dict
+        # of our generation (if invalidate() replaces it next, the plan goes with it), or we see
+        # the new generation and insert nothing: no plan is ever inserted into a newer generation.
+        data = self.data
+        if self.generation != generation:
+            return False
+        data[key] = plan
+        return True
 
     def _insert(self, key: Hashable, plan: Any, promoted: bool = False) -> None:
-        """Under the lock: add to `data`, rotating segments when it is half the capacity."""
+        """Under the lock: add to `data`, rotating segments when it is half the capacity.
+
+        (Lock-free inserts of concurrent misses may take `data` a few plans past half.)"""
         if len(self.data) >= self.maxsize // 2:
             dropped = self._older
             self.evictions += len(dropped)
