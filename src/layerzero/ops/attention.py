@@ -286,13 +286,17 @@ def _bind(spec: KernelSpec, ctx: SelectionContext) -> tuple[Callable[..., torch.
     if spec.layout == ctx.layout and not contiguous:
         return impl, transforms
     transpose = spec.layout != ctx.layout
+    if not contiguous:  # the common wrapper (BSHD inputs, a BHSD kernel), with one cell for the GC to visit
+
+        def transposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *rest: Any) -> torch.Tensor:
+            return impl(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), *rest).transpose(1, 2)
+
+        return transposed, transforms
 
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *rest: Any) -> torch.Tensor:
         if transpose:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if contiguous:
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out = impl(q, k, v, *rest)
+        out = impl(q.contiguous(), k.contiguous(), v.contiguous(), *rest)
         return out.transpose(1, 2) if transpose else out
 
     return run, transforms
