@@ -94,7 +94,7 @@ class PlanCache:
         with self._lock:
             if maxsize is not None:
                 self.maxsize = maxsize
-            self.ttl_s = None if ttl_s is None else float(ttl_s)
+            self.ttl_s = None if ttl_s is None else float(ttl_s)  # before `data`: see _publish
             self.data, self._older, self._born = {}, {}, {}
         self._stop_sweeper()
         if self.ttl_s is not None:
@@ -106,7 +106,7 @@ class PlanCache:
     def invalidate(self) -> int:
         """Drop every plan (O(1): the dicts are replaced); returns the new generation."""
         with self._lock:
-            self.generation += 1  # first: _publish reads `data` before the generation
+            self.generation += 1  # before `data`: see _publish
             self.data, self._older, self._born = {}, {}, {}
             return self.generation
 
@@ -208,18 +208,21 @@ class PlanCache:
             return plan
 
     def _publish(self, generation: int, key: Hashable, plan: Any) -> bool:
-        """Insert a plan computed for `generation`, unless invalidate() has moved past it."""
-        if self.ttl_s is not None or len(self.data) >= self.maxsize // 2:
+        """Insert a plan computed for `generation`, unless invalidate() has moved past it.
+
+        Lock-free unless a TTL is set or `data` is due to rotate. `data` is read first, and
+        invalidate() bumps the generation (configure() sets the TTL) before replacing `data`: so
+        if ours is still the live dict, the checks below see the generation and TTL that apply to
+        it, and if it is replaced meanwhile, the plan goes with it. No plan is ever inserted into
+        a newer generation's dict.
+        """
+        data = self.data
+        if self.ttl_s is not None or len(data) >= self.maxsize // 2:
             with self._lock:  # insertion times, or a segment rotation: several dicts change together
                 if self.generation != generation:
                     return False
                 self._insert(key, plan)
                 return True
-        # Lock-free: `data` is read before the generation, and invalidate() bumps the generation
-        # before it replaces `data`. So either the generation is still ours and `data` is the dict
-        # of our generation (if invalidate() replaces it next, the plan goes with it), or we see
-        # the new generation and insert nothing: no plan is ever inserted into a newer generation.
-        data = self.data
         if self.generation != generation:
             return False
         data[key] = plan
