@@ -201,17 +201,23 @@ UNSAFE_ATTENTION = {
 }
 
 
+def _assert_goes_dynamic(tmp_path, op, dims, solved_call, unsafe_call):
+    """solved_call(fn) runs the solved kernel once; unsafe_call(fn) must go to dynamic selection."""
+    result = lz.solve(op, tmp_path / f"solved_unsafe_{op}.py", dtypes=[torch.float32], device="cpu", **dims)
+    module = _import(result.path, f"solved_unsafe_{op}")
+    called = _record_calls(module)
+    asked = _dynamic_recorder(module, op)
+    solved_call(getattr(module, op))  # the baseline call is solved
+    assert len(called) == 1 and asked == []
+    assert unsafe_call(getattr(module, op)) is DYNAMIC
+    assert len(called) == 1
+
+
 @pytest.mark.parametrize("case", UNSAFE_ATTENTION)
 def test_each_unsolved_attention_call_goes_to_dynamic_selection(tmp_path, case):
-    result = lz.solve("attention", tmp_path / "solved_unsafe.py", dtypes=[torch.float32], device="cpu", **ATTN)
-    module = _import(result.path, "solved_unsafe")
-    called = _record_calls(module)
-    asked = _dynamic_recorder(module, "attention")
-    module.attention(*_qkv(), is_causal=True)  # the baseline call is solved
-    assert len(called) == 1 and asked == []
     args, kwargs = UNSAFE_ATTENTION[case]()
-    assert module.attention(*args, is_causal=True, **kwargs) is DYNAMIC
-    assert len(called) == 1
+    _assert_goes_dynamic(tmp_path, "attention", ATTN, lambda fn: fn(*_qkv(), is_causal=True),
+                         lambda fn: fn(*args, is_causal=True, **kwargs))
 
 
 UNSAFE_NORM = {
@@ -227,14 +233,8 @@ UNSAFE_NORM = {
 
 @pytest.mark.parametrize("case", UNSAFE_NORM)
 def test_each_unsolved_norm_call_goes_to_dynamic_selection(tmp_path, case):
-    result = lz.solve("rms_norm", tmp_path / "solved_unsafe_norm.py", dtypes=[torch.float32], device="cpu", **NORM)
-    module = _import(result.path, "solved_unsafe_norm")
-    called = _record_calls(module)
-    asked = _dynamic_recorder(module, "rms_norm")
-    module.rms_norm(torch.randn(4, 32), torch.randn(32))
-    assert len(called) == 1 and asked == []
-    assert module.rms_norm(*UNSAFE_NORM[case]()) is DYNAMIC
-    assert len(called) == 1
+    _assert_goes_dynamic(tmp_path, "rms_norm", NORM, lambda fn: fn(torch.randn(4, 32), torch.randn(32)),
+                         lambda fn: fn(*UNSAFE_NORM[case]()))
 
 
 def rms_norm_no_backward(x, weight, eps):

@@ -345,11 +345,16 @@ def _extend(model: Model, cache: PagedKVCache, ids: list[Any], chunks: list[list
     """Feed each live sequence a chunk of T new tokens (T the same for all: 1 = decode, k + 1 = speculative
     verification); logits (B * T, V), sequence by sequence. Token t of a chunk attends causally to its
     sequence's cached tokens and to chunk tokens 0..t, through lz.paged_attention with q (B, T, Hq, D)."""
-    B, T = len(chunks), len(chunks[0])
-    slots, positions = cache.append_slots(ids, [T] * B)
+    return _step(model, cache, *_step_inputs(model, cache, ids, chunks, max_pages), len(chunks[0]), rec)
+
+
+def _step_inputs(model: Model, cache: PagedKVCache, ids: list[Any], chunks: list[list[int]],
+                 max_pages: int | None) -> tuple[torch.Tensor, ...]:
+    """Extend each sequence's pages by its chunk; (tokens, positions, slots, page_table, seq_lens) for `_step`."""
+    slots, positions = cache.append_slots(ids, [len(chunk) for chunk in chunks])
     page_table, seq_lens = cache.page_table(ids, max_pages)
     tokens = torch.tensor([t for chunk in chunks for t in chunk], dtype=torch.int64, device=model.device)
-    return _step(model, cache, tokens, positions, slots, page_table, seq_lens, T, rec)
+    return tokens, positions, slots, page_table, seq_lens
 
 
 def _step(model: Model, cache: PagedKVCache, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
@@ -381,22 +386,15 @@ class _DecodeGraphs:
         self.model, self.cache, self.max_pages = model, cache, max_pages
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]] = {}
         self.failed: set[int] = set()
-        self.pool: Any = None
+        self.pool = torch.cuda.graph_pool_handle()  # one memory pool for every batch size's graph
 
     def step(self, ids: list[Any], last_tokens: list[int], rec: _Kernels) -> torch.Tensor:
         """Logits (B, V) for one decode step of `ids` (the graph's output buffer: read it before the next step)."""
         B = len(ids)
-        if B in self.failed:
-            return _decode(self.model, self.cache, ids, last_tokens, rec, self.max_pages)
-        slots, positions = self.cache.append_slots(ids, [1] * B)
-        page_table, seq_lens = self.cache.page_table(ids, self.max_pages)
-        tokens = torch.tensor(last_tokens, dtype=torch.int64).to(self.model.device, non_blocking=True)
-        inputs = (tokens, positions, slots, page_table, seq_lens)
-        entry = self.graphs.get(B)
-        if entry is None:
-            entry = self._capture(B, inputs, rec)
-            if entry is None:
-                return _step(self.model, self.cache, *inputs, 1, rec)
+        inputs = _step_inputs(self.model, self.cache, ids, [[t] for t in last_tokens], self.max_pages)
+        entry = None if B in self.failed else self.graphs.get(B) or self._capture(B, inputs, rec)
+        if entry is None:  # its capture failed: eagerly
+            return _step(self.model, self.cache, *inputs, 1, rec)
         graph, static, logits = entry
         for buffer, value in zip(static, inputs, strict=True):
             buffer.copy_(value, non_blocking=True)
@@ -413,8 +411,6 @@ class _DecodeGraphs:
         try:
             with graph_call():  # the warm-up selects and compiles what the capture will record
                 warmup_for_capture(run, rec, iterations=1)
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 logits = run(_Kernels())

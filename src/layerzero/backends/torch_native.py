@@ -33,7 +33,7 @@ _CPU_CUDA = frozenset({"cpu", "cuda"})
 _PIN_LOCK = threading.Lock()
 
 # cuDNN attention honours enable_gqa from torch 2.8 (earlier it needed equal head counts).
-_CUDNN_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 8)
+_CUDNN_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 8)
 
 
 class _Pin:

@@ -20,9 +20,8 @@ from typing import Any
 
 import torch
 
-from ..context import SelectionContext
 from ..kernel import FLOAT_DTYPES, Backend, KernelSpec
-from ..reasons import Reason, Rejection
+from .triton_act import _non_empty
 
 # Elements of one half-row block a program handles (heads x R/2), rounded to powers of two.
 _BLOCK_ELEMS = 1024
@@ -73,12 +72,6 @@ def rope(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor,
 def rope_interleaved(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor,
                      sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     return rotate_qk(q, k, cos, sin, True)
-
-
-def _non_empty(ctx: SelectionContext) -> list[Rejection]:
-    if ctx.num_rows == 0:
-        return [Rejection(Reason.CUSTOM_CHECK_FAILED, "empty input")]
-    return []
 
 
 # Priority 74, above Liger's rope (70): on the H100 (bf16, 2026-11-26, benchmarks/results/norms_rope-h100.md)
