@@ -320,3 +320,44 @@ def test_a_solved_branch_calls_the_kernel_itself(tmp_path):
         assert getattr(module, var) is runtime.registry.kernel(kernel_id).impl
     assert lz.select("attention", *_qkv(), None, True).transforms  # BSHD in, a BHSD kernel
     assert ".transpose(1, 2)" in result.path.read_text()
+
+
+def short_keys_refused(ctx):
+    """A check refusing seq_len_k < 37 (a threshold inside the power-of-two bucket 33..64)."""
+    from layerzero.reasons import Reason, Rejection
+
+    return [Rejection(Reason.SEQ_LEN_TOO_SHORT, "seq_len_k < 37")] if ctx.seq_len_k < 37 else []
+
+
+def test_a_choice_changing_inside_a_bucket_is_found_by_bisection(tmp_path):
+    """Thresholds that fall inside power-of-two buckets (rows >= 100, seq_len_k >= 37) are located
+    exactly: the solved module calls what dynamic selection picks at every shape around them."""
+    from layerzero.backends import reference
+
+    lz.register_kernel(id="mine.rms_rows100", ops=("norm.rms",), impl=reference.rms_norm,
+                       platforms=frozenset({"cpu"}), priority=1, row_priorities=((100, 99),), supports_backward=True)
+    lz.register_kernel(id="mine.attn_long", ops=("attention.causal", "attention.full"),
+                       impl=reference.attention, platforms=frozenset({"cpu"}), priority=99,
+                       supports_backward=True, check=short_keys_refused)
+    result = lz.solve({"attention": ATTN, "rms_norm": NORM}, tmp_path / "solved_bisect.py", dtypes=[torch.float32],
+                      device="cpu")
+    assert not any("varies" in n for n in result.notes), result.notes
+    assert {"mine.rms_rows100", "mine.attn_long"} <= set(result.kernels.values())
+    text = result.path.read_text()
+    assert "100 <= R <= " in text and "37 <= Sk <= " in text, text
+    module = _import(result.path, "solved_bisect")
+    called = _record_calls(module)
+    module._dynamic_attention = _no_dynamic
+    module._dynamic_rms_norm = _no_dynamic
+    for rows in range(90, 131):
+        x, w = torch.randn(rows, 32), torch.randn(32)
+        torch.testing.assert_close(module.rms_norm(x, w), lz.rms_norm(x, w))
+        assert called[-1] == lz.which("rms_norm", x, w) == ("mine.rms_rows100" if rows >= 100 else "torch.rms_norm")
+    for sq in (1, 2, 5, 33, 36, 37, 38, 40, 64, 65):
+        for sk in (1, 33, 36, 37, 38, 40, 64, 65, 80):
+            for causal in (False, True):
+                q, k = torch.randn(2, sq, 4, 16), torch.randn(2, sk, 4, 16)
+                out = module.attention(q, k, k, is_causal=causal)
+                assert called[-1] == lz.which("attention", q, k, k, is_causal=causal), (sq, sk, causal)
+                assert (called[-1] == "mine.attn_long") == (sk >= 37), (sq, sk, causal)
+                torch.testing.assert_close(out, lz.attention(q, k, k, is_causal=causal), rtol=1e-4, atol=1e-5)

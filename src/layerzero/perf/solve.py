@@ -3,9 +3,11 @@
 For each op, each dtype and each combination of exact dims (heads, head_dim, hidden, causal), the
 ranged dims (batch, seq_q, seq_k, rows) are split into power-of-two buckets; the engine chooses a
 kernel for each bucket (from PerfDB timings where confident, priorities otherwise) at the bucket's
-corners, and only a kernel valid at every corner is kept. Adjacent buckets with the same choice
-merge, and the result is written as nested `if lo <= X <= hi:` chains that call the kernel
-functions directly. Calls outside the solved ranges, with options the solve did not cover (masks,
+corners. A bucket whose corners disagree is bisected along the dim where the choice changes until
+each part agrees, so a threshold inside a bucket (Liger from 16384 rows, cuDNN from 2 keys) lands
+exactly where dynamic selection has it; past MAX_BOXES_PER_CELL parts the bucket takes a kernel
+valid at all its corners instead. Adjacent buckets with the same choice merge, and the result is
+written as nested `if lo <= X <= hi:` chains that call the kernel functions directly. Calls outside the solved ranges, with options the solve did not cover (masks,
 dropout, ...), that a chosen kernel cannot take (grad without a backward, deterministic mode, graph
 capture), or on a machine whose signature differs, go to dynamic selection.
 
@@ -117,55 +119,116 @@ def _rank(report: Any) -> list[str]:
     return [c.kernel_id for c in eligible]
 
 
-def _decide(name: str, corners: list[SelectionContext], notes: list[str],
-            memo: dict[SelectionContext, list[str] | None]) -> str | None:
-    """The kernel the engine picks at every corner, or the best kernel eligible at all of them."""
+def _rankings(name: str, corners: list[SelectionContext],
+              memo: dict[SelectionContext, list[str] | None]) -> list[list[str] | None]:
+    """The engine's ranking at each corner (None: no kernel there); neighbouring boxes share corners."""
     fam = workloads.family(name)
-    rankings = []
+    out = []
     for ctx in corners:
-        if ctx not in memo:  # neighbouring buckets share corners
+        if ctx not in memo:
             try:
                 memo[ctx] = _rank(runtime.engine.evaluate(ctx, fam.transforms))
             except NoKernelFoundError:
                 memo[ctx] = None
-        ranking = memo[ctx]
-        if ranking is None:
-            return None
-        rankings.append(ranking)
-    common = set(rankings[0]).intersection(*rankings[1:])
-    firsts = {r[0] for r in rankings if r}
-    if len(firsts) == 1 and firsts <= common:
-        return firsts.pop()
-    pick = next((k for k in rankings[-1] if k in common), None)
-    notes.append(f"{name}: choice varies inside a bucket ({', '.join(sorted(firsts))}); "
+        out.append(memo[ctx])
+    return out
+
+
+def _agreed(rankings: list[list[str] | None]) -> tuple[bool, str | None]:
+    """(True, kernel) when the engine picks the same kernel at every corner (None: none anywhere)."""
+    firsts = {r[0] if r else None for r in rankings}
+    return (True, firsts.pop()) if len(firsts) == 1 else (False, None)
+
+
+def _settle(name: str, rankings: list[list[str] | None], notes: list[str]) -> str | None:
+    """A box whose corners disagree and that may not be split further: the kernel the last corner ranks
+    highest among those eligible at every corner (None when a corner has no kernel or none is common)."""
+    if any(r is None for r in rankings):
+        return None
+    ranked = [r for r in rankings if r is not None]
+    common = set(ranked[0]).intersection(*ranked[1:])
+    pick = next((k for k in ranked[-1] if k in common), None)
+    firsts = sorted({r[0] for r in ranked if r})
+    notes.append(f"{name}: choice varies inside a bucket ({', '.join(firsts)}); "
                  f"solved with {pick or 'dynamic selection'}, valid at every corner")
     return pick
 
 
+# Boxes decided per power-of-two cell: a cell whose corners disagree is bisected where the choice
+# changes (a threshold such as Liger's 16384 rows) until each part agrees; past this many the cell
+# takes a kernel valid at all its corners instead (and the solve says so in its notes).
+MAX_BOXES_PER_CELL = 96
+
+
 def _tree(name: str, template: SelectionContext, ranged: list[str], intervals: dict[str, list[Interval]],
           notes: list[str], counter: list[int]) -> Any:
-    """Nested [(lo, hi, child)] over `ranged` dims; leaves are kernel ids, None (dynamic) or
-    ("square", same, other) where Sq == Sk matters."""
+    """Nested [(lo, hi, child)] over `ranged` dims; leaves are kernel ids, None (dynamic),
+    ("square", same, other) where Sq == Sk matters, or ("split", dim, [(lo, hi, leaf)]) where a cell
+    was bisected."""
     fields = workloads.CONTEXT_FIELDS
     pair = SQUARE.get(name)
     memo: dict[SelectionContext, list[str] | None] = {}
 
-    def leaf(chosen: dict[str, Interval]) -> Any:
-        counter[0] += 1
-        axes = [sorted({lo, hi}) for lo, hi in (chosen[d] for d in ranged)]
+    def at(point: dict[str, int]) -> SelectionContext:
+        return template.replace(**{fields[d]: v for d, v in point.items()})
+
+    def diagonal(box: dict[str, Interval]) -> bool:  # the pair's intervals are equal (else disjoint)
+        return pair is not None and box[pair[0]] == box[pair[1]]
+
+    def groups(box: dict[str, Interval]) -> list[list[dict[str, int]]]:
+        """The box's corners, split into square (Sq == Sk) and other points on a diagonal box."""
+        axes = [sorted(set(box[d])) for d in ranged]
         points = [dict(zip(ranged, p, strict=True)) for p in itertools.product(*axes)]
-        if pair is None or chosen[pair[0]] != chosen[pair[1]]:
-            return _decide(name, [_at(p) for p in points], notes, memo)
+        if not diagonal(box):
+            return [points]
         same = [p for p in points if p[pair[0]] == p[pair[1]]]
         other = [p for p in points if p[pair[0]] != p[pair[1]]]
-        a = _decide(name, [_at(p) for p in same], notes, memo)
-        if not other:  # a one-value bucket: every shape in it is square
-            return a
-        b = _decide(name, [_at(p) for p in other], notes, memo)
-        return a if a == b else ("square", a, b)
+        return [same, other] if other else [same]
 
-    def _at(point: dict[str, int]) -> SelectionContext:
-        return template.replace(**{fields[d]: v for d, v in point.items()})
+    def split_dims(box: dict[str, Interval], group: list[dict[str, int]], firsts: list[Any]) -> list[str]:
+        """Dims along which two corners of one group, differing in that dim alone, pick differently."""
+        active = set()
+        for (a, fa), (b, fb) in itertools.combinations(zip(group, firsts, strict=True), 2):
+            moved = [d for d in ranged if a[d] != b[d]]
+            if fa != fb and (len(moved) == 1 or (diagonal(box) and set(moved) == set(pair))):
+                active.update(moved)
+        return [d for d in ranged if d in active and box[d][0] < box[d][1]]
+
+    def decide(box: dict[str, Interval], budget: list[int]) -> Any:
+        budget[0] -= 1
+        results, wanted = [], []
+        for group in groups(box):
+            rankings = _rankings(name, [at(p) for p in group], memo)
+            ok, choice = _agreed(rankings)
+            results.append((ok, choice, rankings))
+            if not ok:
+                wanted += split_dims(box, group, [r[0] if r else None for r in rankings])
+        if all(ok for ok, _, _ in results) or budget[0] <= 0 or all(lo == hi for lo, hi in box.values()):
+            chosen = [c if ok else _settle(name, r, notes) for ok, c, r in results]
+            return chosen[0] if len(chosen) == 1 or chosen[0] == chosen[1] else ("square", *chosen)
+        dims = wanted or [d for d in ranged if box[d][0] < box[d][1]]
+        dim = max(dims, key=lambda d: (box[d][1] / box[d][0], d))  # the widest, relatively
+        if diagonal(box) and dim in pair:  # keep the pair's intervals equal or disjoint
+            return split(box, pair[0], budget, lambda sub, b: split(sub, pair[1], b, decide))
+        return split(box, dim, budget, decide)
+
+    def split(box: dict[str, Interval], dim: str, budget: list[int], inner: Any) -> Any:
+        lo, hi = box[dim]
+        mid = (lo + hi) // 2
+        parts: list[list[Any]] = []
+        for iv in ((lo, mid), (mid + 1, hi)):
+            child = inner({**box, dim: iv}, budget)
+            pieces = child[2] if isinstance(child, tuple) and child[:2] == ("split", dim) else [(*iv, child)]
+            for plo, phi, node in pieces:
+                if parts and parts[-1][2] == node:
+                    parts[-1][1] = phi
+                else:
+                    parts.append([plo, phi, node])
+        return parts[0][2] if len(parts) == 1 else ("split", dim, [tuple(p) for p in parts])
+
+    def leaf(chosen: dict[str, Interval]) -> Any:
+        counter[0] += 1
+        return decide(chosen, [MAX_BOXES_PER_CELL])
 
     def build(i: int, chosen: dict[str, Interval]) -> Any:
         if i == len(ranged):
@@ -173,10 +236,13 @@ def _tree(name: str, template: SelectionContext, ranged: list[str], intervals: d
         merged: list[list[Any]] = []
         for iv in intervals[ranged[i]]:
             child = build(i + 1, {**chosen, ranged[i]: iv})
-            if merged and merged[-1][2] == child:
-                merged[-1][1] = iv[1]
-            else:
-                merged.append([iv[0], iv[1], child])
+            # a cell bisected along this same dim joins this chain (one compare per part, not two)
+            pieces = child[2] if isinstance(child, tuple) and child[:2] == ("split", ranged[i]) else [(*iv, child)]
+            for lo, hi, node in pieces:
+                if merged and merged[-1][2] == node:
+                    merged[-1][1] = hi
+                else:
+                    merged.append([lo, hi, node])
         return [tuple(m) for m in merged]
 
     return build(0, {})
@@ -218,6 +284,12 @@ def _emit_leaf(w: _Writer, code: FamilyCode, node: Any, depth: int) -> None:
         _emit_leaf(w, code, same, depth + 1)
         w.emit(depth, "else:")
         _emit_leaf(w, code, other, depth + 1)
+        return
+    if isinstance(node, tuple) and node and node[0] == "split":  # the parts cover the enclosing interval
+        _, dim, parts = node
+        for j, (lo, hi, child) in enumerate(parts):
+            w.emit(depth, f"{'if' if j == 0 else 'elif'} {lo} <= {code.names[dim]} <= {hi}:")
+            _emit_leaf(w, code, child, depth + 1)
         return
     spec = runtime.registry.kernel(node)
     var = w.var(node)
@@ -420,11 +492,13 @@ def _module_text(names: list[str], ops: Mapping[str, Mapping[str, Any]], dtypes:
         "",
         "",
         f"_BACKEND_MODULES = {({b: modules[b] for b in versions})!r}",
-        "_grad_enabled = torch.is_grad_enabled",
-        "_deterministic = torch.are_deterministic_algorithms_enabled",
+        "# torch's C functions behind its grad, determinism and stream-capture queries: the same answers",
+        "# without a Python frame per call",
+        "_grad_enabled = torch._C.is_grad_enabled",
+        "_deterministic = getattr(torch._C, '_get_deterministic_algorithms', torch.are_deterministic_algorithms_enabled)",
     ]
     if dev.type == "cuda":
-        out.append("_capturing = torch.cuda.is_current_stream_capturing")
+        out.append("_capturing = getattr(torch._C, '_cuda_isCurrentStreamCapturing', torch.cuda.is_current_stream_capturing)")
     for d in dtypes:
         name = str(d).removeprefix("torch.")
         out.append(f"_{name} = torch.{name}")
