@@ -313,6 +313,23 @@ def test_causal_decode_row_runs_on_square_only_causal_kernels():
     torch.testing.assert_close(lz.attention(q, k, v, is_causal=True), lz.attention(q, k, v), rtol=1e-5, atol=1e-6)
 
 
+def test_cudnn_is_not_chosen_for_shapes_torch_refuses_it():
+    """torch's cuDNN gate refuses a key/value length of 1; with only CUDNN_ATTENTION enabled such a call
+    raises, so the spec rejects it (found by the H100 solve test)."""
+    from layerzero.context import SelectionContext
+    from layerzero.kernel import check_constraints
+    from layerzero.state import runtime
+
+    runtime.ensure_loaded()
+    cudnn = runtime.registry.kernel("torch.sdpa_cudnn")
+    ctx = SelectionContext(op="attention.full", device_type="cuda", sm=90, generation="hopper", dtype=torch.bfloat16,
+                           batch=2, seq_len_q=1, seq_len_k=2, num_heads=8, num_kv_heads=8, head_dim=128,
+                           head_dim_v=128, layout="BSHD")
+    assert check_constraints(cudnn, ctx) == []
+    assert [r.reason for r in check_constraints(cudnn, ctx.replace(seq_len_k=1))] == [lz.Reason.SEQ_LEN_TOO_SHORT]
+    assert check_constraints(cudnn, ctx.replace(seq_len_q=3, seq_len_k=3)) == []
+
+
 def test_inspection_accepts_a_list_window_like_the_call():
     q = torch.randn(1, 8, 2, 16)
     assert lz.which("attention", q, q, q, window_size=[2, 0]) == lz.which("attention", q, q, q, window_size=(2, 0))

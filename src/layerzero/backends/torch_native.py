@@ -129,7 +129,10 @@ def _materialize_mask(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor 
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    # torch.rms_norm, not F.rms_norm: the same op (F's wrapper only re-checks __torch_function__, which
+    # the C binding checks too) without a Python frame: 48-60 us less per eager 22-layer decode step
+    # on the H100 host (44 calls; benchmarks/solve_overhead.py, 2026-11-26)
+    return torch.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -158,6 +161,15 @@ def _prefill_only(ctx: SelectionContext) -> list[Rejection]:
     if ctx.seq_len_q < FP16_UPCAST_MIN_SEQ_Q:
         return [Rejection(Reason.SEQ_LEN_TOO_SHORT, f"seq_len_q {ctx.seq_len_q} < {FP16_UPCAST_MIN_SEQ_Q}: "
                           "for decode the float32 copy of K/V costs more than emulated fp16 math")]
+    return []
+
+
+def _cudnn_shapes(ctx: SelectionContext) -> list[Rejection]:
+    """A shape torch's cuDNN SDPA gate refuses (sdp_utils.cpp check_cudnn_tensor_shapes, torch 2.5-2.11;
+    its other refusal, dropout with one query row, is covered by the spec's lack of dropout): with only
+    CUDNN_ATTENTION enabled the call would raise "No available kernel"."""
+    if ctx.seq_len_k == 1:
+        return [Rejection(Reason.SEQ_LEN_TOO_SHORT, "cuDNN SDPA does not take a key/value length of 1")]
     return []
 
 
@@ -199,7 +211,7 @@ BACKEND = Backend(
             id="torch.sdpa_cudnn", ops=ATTENTION_OPS, impl=_sdpa("CUDNN_ATTENTION"), priority=89, decode_priority=82,
             platforms=frozenset({"cuda"}), min_sm=80, dtypes=HALF_DTYPES, max_head_dim=128, head_dim_multiple=8,
             supports_gqa=_CUDNN_GQA, causal_non_square=False, supports_backward=True, deterministic=False,
-            description="cuDNN fused attention (SDPBackend.CUDNN_ATTENTION)",
+            check=_cudnn_shapes, description="cuDNN fused attention (SDPBackend.CUDNN_ATTENTION)",
         ),
         KernelSpec(
             id="torch.sdpa_math", ops=ATTENTION_OPS, impl=_sdpa("MATH"), priority=20, platforms=_CPU_CUDA,
