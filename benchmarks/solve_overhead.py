@@ -90,7 +90,10 @@ def _noop(*args):
 
 
 def _paths(op: str, solved, plan, call_args: tuple, impl) -> dict:
+    """The timed paths; "kernel again" is a second, separate copy of the kernel loop: its difference to
+    "kernel" is the noise floor (what any two identical paths differ by in this run)."""
     return {"kernel": _kernel_calls(op, plan.kernel_id, impl, call_args),
+            "kernel again": _kernel_calls(op, plan.kernel_id, impl, call_args),
             "plan.run": _calls(plan.run, workloads.run_args(op, call_args)),
             "solved": _calls(getattr(solved, op), call_args), "dynamic": _calls(getattr(lz, op), call_args)}
 
@@ -116,6 +119,157 @@ def _host_only(op: str, solved, plan, call_args: tuple, device: torch.device, ro
             setattr(solved, var, impl)
 
 
+# --- a decoder step: the overhead where it matters -------------------------------------------------------
+
+_STEP = """
+def step(n, h0, layers, B, QD, HQ, D, eps, {params}):
+    for _ in range(n):
+        h = h0
+        for w1, wqkv, k, v, wo, w2, wgu, wd in layers:
+            x, weight = h, w1
+            a = {norm}
+            q = (a @ wqkv)[..., :QD].view(B, 1, HQ, D)
+            o = {attn}
+            h = h + o.reshape(B, 1, QD) @ wo
+            x, weight = h, w2
+            a = {norm}
+            g, u = (a @ wgu).chunk(2, -1)
+            h = h + (silu(g) * u) @ wd
+    return h
+"""
+
+
+def _step_fn(norm: str, attn: str, scope: dict):
+    """A decode step of a Llama-style stack (norm, QKV, attention over a KV cache, O, norm, gated MLP) with
+    the norm and attention calls written as `norm` and `attn`; every other line is the same in all paths."""
+    sig = inspect.signature(workloads.public_op("attention"))
+    params = ", ".join(f"{p.name}={p.default!r}" for p in sig.parameters.values()
+                       if p.name not in ("q", "k", "v", "layout"))
+    scope = {"silu": torch.nn.functional.silu, **scope}
+    exec(_STEP.format(params=params, norm=norm, attn=attn), scope)  # noqa: S102
+    return scope["step"]
+
+
+def _model(device: torch.device, dtype: torch.dtype, randn, batch: int, cfg: dict):
+    """Weights and a KV cache of `cfg['layers']` layers; returns (h0, layers, fixed step arguments)."""
+    hid, hq, hkv, d, inter, sk = (cfg[k] for k in ("hidden", "heads", "kv_heads", "head_dim", "inter", "seq_k"))
+    scale = hid ** -0.5
+    layers = [(1 + 0.1 * randn(hid), randn(hid, (hq + 2 * hkv) * d) * scale, randn(batch, sk, hkv, d),
+               randn(batch, sk, hkv, d), randn(hq * d, hid) * scale, 1 + 0.1 * randn(hid),
+               randn(hid, 2 * inter) * scale, randn(inter, hid) * inter ** -0.5) for _ in range(cfg["layers"])]
+    return randn(batch, 1, hid), layers, (batch, hq * d, hq, d, 1e-6)
+
+
+def _step_paths(solved, norm_id: str, attn_id: str) -> dict:
+    registry = runtime.registry
+    kn, ka = registry.kernel(norm_id), registry.kernel(attn_id)
+    direct = dict(norm=_call(FAMILY_CODE["rms_norm"], kn, "KN"), attn=_call(FAMILY_CODE["attention"], ka, "KA"),
+                  scope={"KN": kn.impl, "KA": ka.impl})
+    # "frames": each call through a Python function that only passes its arguments on (no guard): the
+    # least any function-call API adds
+    frames = dict(direct["scope"])
+    exec(f"def PN(x, weight, eps):\n    return {direct['norm']}\n"  # noqa: S102
+         "def PA(q, k, v, attn_mask, is_causal, dropout_p=0.0, scale=None, window_size=None, softcap=0.0, "
+         f"alibi_slopes=None):\n    return {direct['attn']}\n", frames)
+    return {"kernels": _step_fn(**direct), "kernels again": _step_fn(**direct),
+            "frames": _step_fn("PN(x, weight, eps)", "PA(q, k, v, None, True)", frames),
+            "solved": _step_fn("S.rms_norm(x, weight, eps)", "S.attention(q, k, v, None, True)", {"S": solved}),
+            "dynamic": _step_fn("lz.rms_norm(x, weight, eps)", "lz.attention(q, k, v, None, True)", {"lz": lz})}
+
+
+def _graphed(step, args: tuple):
+    """step(1, *args) captured in a CUDA graph; returns a function replaying it n times."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step(1, *args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(1, *args)
+
+    def replay(n: int) -> None:
+        for _ in range(n):
+            graph.replay()
+    return replay
+
+
+def _model_rows(args, device: torch.device, dtype: torch.dtype, randn, tmp: Path) -> list[str]:
+    cfg = _MODEL_CUDA if device.type == "cuda" else _MODEL_CPU
+    solved = _import(lz.solve({
+        "attention": dict(batch=(1, 64), seq_q=(1, 8192), seq_k=(1, 8192), heads=[cfg["heads"]],
+                          kv_heads=[cfg["kv_heads"]], head_dim=[cfg["head_dim"]], causal=[1]),
+        "rms_norm": dict(rows=(1, 1 << 16), hidden=[cfg["hidden"]])}, tmp / "solved_model.py", dtypes=[dtype],
+        device=device).path)
+    out = []
+    for batch in args.model_batches:
+        h0, layers, fixed = _model(device, dtype, randn, batch, cfg)
+        w1, wqkv, k, v = layers[0][:4]
+        a = lz.rms_norm(h0, w1, 1e-6)
+        q = (a @ wqkv)[..., :fixed[1]].view(batch, 1, cfg["heads"], cfg["head_dim"])
+        norm_id, attn_id = lz.which("rms_norm", a, w1, 1e-6), lz.which("attention", q, k, v, None, True)
+        paths = _step_paths(solved, norm_id, attn_id)
+        step_args = (h0, layers, *fixed)
+        called = _record_calls(solved)  # the solved module calls the kernels dynamic selection picks
+        paths["solved"](1, *step_args)
+        assert called == {norm_id, attn_id}, (called, norm_id, attn_id)
+        one_layer = (h0, layers[:1], *fixed)  # the paths agree (on one layer: 22 amplify rounding apart)
+        ref = paths["kernels"](1, *one_layer)
+        for step in paths.values():
+            torch.testing.assert_close(step(1, *one_layer), ref, rtol=2e-2, atol=2e-2)
+        variants = {name: (lambda n, f=step, a=step_args: f(n, *a)) for name, step in paths.items()}
+        one = _per_call_ns(variants["kernels"], device, 3) / 1e9
+        steps = max(1, min(args.model_steps, int(args.round_s / one)))
+        med = _interleaved(variants, device, args.model_rounds, steps)
+        row = dict(med)
+        if device.type == "cuda":
+            graphs = {f"graph {name}": _graphed(paths[name], step_args) for name in ("kernels", "kernels again", "solved")}
+            row.update(_interleaved(graphs, device, args.model_rounds, steps))
+        out.append((batch, norm_id, attn_id, f"{args.model_rounds}x{steps}", row))
+        print(f"model batch {batch}: " + ", ".join(f"{k} {v / 1e3:.1f} us" for k, v in row.items()), flush=True)
+    lines = ["", f"A decode step of a Llama-style stack ({cfg['layers']} layers, hidden {cfg['hidden']}, "
+             f"{cfg['heads']}/{cfg['kv_heads']} heads of {cfg['head_dim']}, MLP {cfg['inter']}, KV cache "
+             f"{cfg['seq_k']} tokens): 2 rms_norm and 1 attention call per layer made directly, through the "
+             "solved module, or through `lz.*`; everything else identical. Median us per step over interleaved "
+             "rounds; `kernels again` is a second copy of the direct step (the noise floor); `frames` makes each "
+             "call through a Python function that only passes its arguments on (the least any function API adds).",
+             "", "| batch | rms_norm kernel | attention kernel | rounds x steps | kernels | kernels again | frames "
+             "| solved | dynamic | noise (again - kernels) | frames - kernels | solved - kernels | dynamic - kernels |"
+             + (" graph: kernels | graph: again | graph: solved | graph: solved - kernels |" if device.type == "cuda" else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if device.type == "cuda" else "")]
+    for batch, norm_id, attn_id, count, row in out:
+        base = row["kernels"]
+        cells = [f"{row[k] / 1e3:.1f}" for k in ("kernels", "kernels again", "frames", "solved", "dynamic")]
+        cells += [f"{(row[k] - base) / 1e3:+.1f} ({(row[k] - base) / base:+.1%})"
+                  for k in ("kernels again", "frames", "solved", "dynamic")]
+        if "graph kernels" in row:
+            g = row["graph kernels"]
+            cells += [f"{row[k] / 1e3:.1f}" for k in ("graph kernels", "graph kernels again", "graph solved")]
+            cells.append(f"{(row['graph solved'] - g) / 1e3:+.2f} ({(row['graph solved'] - g) / g:+.2%})")
+        lines.append(f"| {batch} | {norm_id} | {attn_id} | {count} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _record_calls(module) -> set[str]:
+    """Wrap each kernel of the solved module to record its id on its first call, then unwrap."""
+    called: set[str] = set()
+    for var, kernel_id in module.KERNEL_IDS.items():
+        impl = getattr(module, var)
+
+        def once(*a, _var=var, _impl=impl, _id=kernel_id):
+            called.add(_id)
+            setattr(module, _var, _impl)
+            return _impl(*a)
+        setattr(module, var, once)
+    return called
+
+
+# Llama-1.1B-like on CUDA (the e2e_generate model's shape); small on a CPU
+_MODEL_CUDA = dict(layers=22, hidden=2048, heads=32, kv_heads=4, head_dim=64, inter=5632, seq_k=512)
+_MODEL_CPU = dict(layers=4, hidden=256, heads=4, kv_heads=2, head_dim=64, inter=512, seq_k=128)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
@@ -125,6 +279,9 @@ def main() -> None:
     parser.add_argument("--host-rounds", type=int, default=31)
     parser.add_argument("--host-calls", type=int, default=20000)
     parser.add_argument("--only", default="", help="run the cases whose name contains this")
+    parser.add_argument("--model-batches", type=int, nargs="*", default=[1, 8], help="decode-step batches; none: skip")
+    parser.add_argument("--model-rounds", type=int, default=21)
+    parser.add_argument("--model-steps", type=int, default=20, help="steps per round at most")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -172,8 +329,9 @@ def main() -> None:
               + ", ".join(f"{k} {v:.0f}" for k, v in med.items()) + " ns", flush=True)
         host_rows.append((name, plan.kernel_id,
                           _host_only(op, solved, plan, call_args, device, args.host_rounds, args.host_calls)))
-    head = ["| case | regime | kernel id | rounds x calls | kernel | plan.run | solved | dynamic (lz.*) "
-            "| solved - kernel | dynamic - kernel |", "|---|---|---|---|---|---|---|---|---|---|"]
+    head = ["| case | regime | kernel id | rounds x calls | kernel | kernel again | plan.run | solved | dynamic (lz.*) "
+            "| noise (again - kernel) | solved - kernel | dynamic - kernel |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines = [f"# solve overhead on {device.type} "
              f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, {dtype}, "
              f"torch {torch.__version__}, {datetime.date.today()}",
@@ -185,9 +343,11 @@ def main() -> None:
     lines += ["", "Host side only: the kernel replaced by a no-op (`solved - kernel` is the solved function's own cost: "
                   f"its frame and guard); median over {args.host_rounds} interleaved rounds of {args.host_calls} "
                   "calls, ns per call.", "", head[0].replace(" regime |", "").replace(" rounds x calls |", ""),
-              "|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, kid, med in host_rows:
         lines.append(f"| {name} | {kid} | {_cells(med)} |")
+    if args.model_batches:
+        lines += _model_rows(args, device, dtype, randn, tmp)
     text = "\n".join(lines)
     print(text)
     if args.out:
@@ -195,8 +355,10 @@ def main() -> None:
 
 
 def _cells(med: dict[str, float]) -> str:
-    return (f"{med['kernel']:.0f} | {med['plan.run']:.0f} | {med['solved']:.0f} | {med['dynamic']:.0f} | "
-            f"{med['solved'] - med['kernel']:+.0f} | {med['dynamic'] - med['kernel']:+.0f}")
+    base = med["kernel"]
+    return (f"{base:.0f} | {med['kernel again']:.0f} | {med['plan.run']:.0f} | {med['solved']:.0f} | "
+            f"{med['dynamic']:.0f} | {med['kernel again'] - base:+.0f} | {med['solved'] - base:+.0f} | "
+            f"{med['dynamic'] - base:+.0f}")
 
 
 if __name__ == "__main__":
