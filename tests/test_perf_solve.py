@@ -361,3 +361,26 @@ def test_a_choice_changing_inside_a_bucket_is_found_by_bisection(tmp_path):
                 assert called[-1] == lz.which("attention", q, k, k, is_causal=causal), (sq, sk, causal)
                 assert (called[-1] == "mine.attn_long") == (sk >= 37), (sq, sk, causal)
                 torch.testing.assert_close(out, lz.attention(q, k, k, is_causal=causal), rtol=1e-4, atol=1e-5)
+
+
+def test_a_solved_module_compiles_into_one_graph(tmp_path):
+    """Under torch.compile the solved functions defer to layerzero's ops (one custom-op node each): a
+    traced kernel adapter would break the graph (SDPA's flag pinning takes a lock)."""
+    result = lz.solve({"attention": ATTN, "rms_norm": NORM}, tmp_path / "solved_compile.py", dtypes=[torch.float32],
+                      device="cpu")
+    module = _import(result.path, "solved_compile")
+
+    def f(x, w, q, k, v):
+        return module.rms_norm(x, w), module.attention(q, k, v, is_causal=True)
+
+    args = (torch.randn(6, 32), torch.randn(32), torch.randn(2, 9, 4, 16), torch.randn(2, 9, 1, 16),
+            torch.randn(2, 9, 1, 16))
+    eager = f(*args)
+    torch._dynamo.reset()
+    try:
+        assert torch._dynamo.explain(f)(*args).graph_break_count == 0
+        compiled = torch.compile(f, fullgraph=True, backend="eager")(*args)
+    finally:
+        torch._dynamo.reset()
+    for got, want in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, want)
