@@ -398,8 +398,8 @@ def solve(ops: str | Mapping[str, Mapping[str, Any]], path: str | Path, *, dtype
         signature = ", ".join(p.name + ("" if p.default is p.empty else f"={p.default!r}") for p in params)
         w.emit(0, f"def {name}({signature}):")
         w.emit(1, f'"""Solved {name}: see the module docstring; anything else goes to layerzero.{name}."""')
-        # under torch.compile / torch.export the call goes to layerzero's op, one custom-op node in the
-        # graph: traced, a kernel adapter could break the graph (SDPA's flag pinning takes a lock)
+        # under torch.compile / strict torch.export the call goes to layerzero's op, one custom-op node in
+        # the graph: traced, a kernel adapter could break the graph (SDPA's flag pinning takes a lock)
         guard = ["not _compiling()", f"{code.first}.{'is_cuda' if dev.type == 'cuda' else 'is_cpu'}"]
         guard += [f"{p.name} is not None" for p in params if p.name in code.required]
         for p in params:
@@ -497,7 +497,9 @@ def _module_text(names: list[str], ops: Mapping[str, Mapping[str, Any]], dtypes:
         "# torch's C functions behind its grad, determinism and stream-capture queries: the same answers",
         "# without a Python frame per call",
         "_grad_enabled = torch._C.is_grad_enabled",
-        "_compiling = torch.compiler.is_compiling  # dynamo folds this call to True while it traces",
+        "# dynamo folds this call to True while it traces (torch.compile, strict export); in eager it only",
+        "# returns False (half the cost of torch.compiler.is_compiling, which also asks TorchScript)",
+        "_compiling = getattr(torch.compiler, 'is_dynamo_compiling', torch.compiler.is_compiling)",
         "_deterministic = getattr(torch._C, '_get_deterministic_algorithms', torch.are_deterministic_algorithms_enabled)",
     ]
     if dev.type == "cuda":
