@@ -92,3 +92,26 @@ def test_solved_calls_replay_from_a_cuda_graph(solved):
         torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(outs[1].double(), reference_attention(q, k, v, is_causal=True),
                                **attention_tolerance(torch.bfloat16))
+
+
+def test_a_solved_module_compiles_into_one_graph_on_the_gpu(solved):
+    """torch.compile of solved calls: one graph (the solved functions defer to layerzero's custom ops
+    while dynamo traces), the same result as eager solved calls."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    x = torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16, generator=g)
+    w = 1 + 0.1 * torch.randn(4096, device="cuda", dtype=torch.bfloat16, generator=g)
+    q = torch.randn(2, 300, 32, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(2, 300, 8, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+
+    def calls(x, w, q, k, v):
+        return solved.rms_norm(x, w), solved.attention(q, k, v, is_causal=True)
+
+    eager = calls(x, w, q, k, v)
+    torch._dynamo.reset()
+    try:
+        assert torch._dynamo.explain(calls)(x, w, q, k, v).graph_break_count == 0
+        compiled = torch.compile(calls, fullgraph=True)(x, w, q, k, v)
+    finally:
+        torch._dynamo.reset()
+    for got, want in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
