@@ -33,10 +33,19 @@ def solved(tmp_path_factory):
     return module
 
 
-def test_solved_module_picks_what_dynamic_selection_picks_and_is_correct(solved):
+@pytest.fixture
+def instrumented(solved):
+    """The solved module with its kernels recording their ids and dynamic selection forbidden; restored after."""
+    saved = dict(vars(solved))
     called = _record_calls(solved)
     solved._dynamic_attention = _no_dynamic
     solved._dynamic_rms_norm = _no_dynamic
+    yield called
+    vars(solved).update(saved)
+
+
+def test_solved_module_picks_what_dynamic_selection_picks_and_is_correct(solved, instrumented):
+    called = instrumented
     rng = random.Random(0)
     for _ in range(40):
         dtype = rng.choice(DTYPES)
