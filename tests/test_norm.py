@@ -167,3 +167,16 @@ def test_bad_input_errors(call, argument, fragment):
         call()
     assert info.value.argument == argument
     assert fragment in str(info.value), str(info.value)
+
+
+def test_torch_rms_norm_is_refused_on_a_torch_without_it(monkeypatch):
+    """pyproject allows torch 2.3, which has no torch.rms_norm: the kernel is refused, not tried and failed."""
+    from layerzero.context import SelectionContext
+    from layerzero.kernel import check_constraints
+
+    runtime.ensure_loaded()
+    spec = runtime.registry.kernel("torch.rms_norm")
+    ctx = SelectionContext(op="norm.rms", device_type="cpu", dtype=torch.float32, num_rows=4, hidden_size=32)
+    assert check_constraints(spec, ctx) == []
+    monkeypatch.delattr(torch, "rms_norm")
+    assert [r.reason for r in check_constraints(spec, ctx)] == [lz.Reason.BACKEND_VERSION_UNSUPPORTED]

@@ -173,6 +173,13 @@ def _cudnn_shapes(ctx: SelectionContext) -> list[Rejection]:
     return []
 
 
+def _has_rms_norm(ctx: SelectionContext) -> list[Rejection]:
+    """torch.rms_norm exists from torch 2.4 (pyproject allows 2.3): refused there, not tried and failed."""
+    if not hasattr(torch, "rms_norm"):
+        return [Rejection(Reason.BACKEND_VERSION_UNSUPPORTED, f"torch.rms_norm needs torch >= 2.4, not {torch.__version__}")]
+    return []
+
+
 BACKEND = Backend(
     name="torch",
     aliases=("torch_sdpa", "pytorch", "sdpa"),
@@ -220,7 +227,7 @@ BACKEND = Backend(
         ),
         KernelSpec(
             id="torch.rms_norm", ops=("norm.rms",), impl=rms_norm, priority=50, platforms=_CPU_CUDA,
-            dtypes=ALL_FLOAT_DTYPES, supports_backward=True, description="torch.nn.functional.rms_norm",
+            dtypes=ALL_FLOAT_DTYPES, supports_backward=True, check=_has_rms_norm, description="torch.rms_norm",
         ),
         KernelSpec(
             id="torch.layer_norm", ops=("norm.layer",), impl=layer_norm, priority=50, platforms=_CPU_CUDA,
