@@ -7,9 +7,10 @@ corners. A bucket whose corners disagree is bisected along the dim where the cho
 each part agrees, so a threshold inside a bucket (Liger from 16384 rows, cuDNN from 2 keys) lands
 exactly where dynamic selection has it; past MAX_BOXES_PER_CELL parts the bucket takes a kernel
 valid at all its corners instead. Adjacent buckets with the same choice merge, and the result is
-written as nested `if lo <= X <= hi:` chains that call the kernel functions directly. Calls outside the solved ranges, with options the solve did not cover (masks,
-dropout, ...), that a chosen kernel cannot take (grad without a backward, deterministic mode, graph
-capture), or on a machine whose signature differs, go to dynamic selection.
+written as nested `if lo <= X <= hi:` chains that call the kernel functions directly. Calls outside
+the solved ranges, with options the solve did not cover (masks, dropout, ...), that a chosen kernel
+cannot take (grad without a backward, deterministic mode, graph capture), under torch.compile, or on
+a machine whose signature differs, go to dynamic selection.
 
     lz.solve({"attention": dict(batch=(1, 64), seq_q=(1, 8192), seq_k=(1, 8192), heads=[32],
                                 kv_heads=[8], head_dim=[128], causal=[True])},
@@ -134,12 +135,6 @@ def _rankings(name: str, corners: list[SelectionContext],
     return out
 
 
-def _agreed(rankings: list[list[str] | None]) -> tuple[bool, str | None]:
-    """(True, kernel) when the engine picks the same kernel at every corner (None: none anywhere)."""
-    firsts = {r[0] if r else None for r in rankings}
-    return (True, firsts.pop()) if len(firsts) == 1 else (False, None)
-
-
 def _settle(name: str, rankings: list[list[str] | None], notes: list[str]) -> str | None:
     """A box whose corners disagree and that may not be split further: the kernel the last corner ranks
     highest among those eligible at every corner (None when a corner has no kernel or none is common)."""
@@ -152,6 +147,17 @@ def _settle(name: str, rankings: list[list[str] | None], notes: list[str]) -> st
     notes.append(f"{name}: choice varies inside a bucket ({', '.join(firsts)}); "
                  f"solved with {pick or 'dynamic selection'}, valid at every corner")
     return pick
+
+
+def _join(chain: list[list[Any]], dim: str, iv: Interval, child: Any) -> None:
+    """Append `child` over `iv` to a chain of [lo, hi, node] on `dim`, merging equal neighbours; a child
+    bisected along the same dim joins with its parts (one compare per part, not two)."""
+    pieces = child[2] if isinstance(child, tuple) and child[:2] == ("split", dim) else [(*iv, child)]
+    for lo, hi, node in pieces:
+        if chain and chain[-1][2] == node:
+            chain[-1][1] = hi
+        else:
+            chain.append([lo, hi, node])
 
 
 # Boxes decided per power-of-two cell: a cell whose corners disagree is bisected where the choice
@@ -199,10 +205,11 @@ def _tree(name: str, template: SelectionContext, ranged: list[str], intervals: d
         results, wanted = [], []
         for group in groups(box):
             rankings = _rankings(name, [at(p) for p in group], memo)
-            ok, choice = _agreed(rankings)
-            results.append((ok, choice, rankings))
+            firsts = [r[0] if r else None for r in rankings]  # the engine's pick per corner (None: no kernel)
+            ok = len(set(firsts)) == 1
+            results.append((ok, firsts[0], rankings))
             if not ok:
-                wanted += split_dims(box, group, [r[0] if r else None for r in rankings])
+                wanted += split_dims(box, group, firsts)
         if all(ok for ok, _, _ in results) or budget[0] <= 0 or all(lo == hi for lo, hi in box.values()):
             chosen = [c if ok else _settle(name, r, notes) for ok, c, r in results]
             return chosen[0] if len(chosen) == 1 or chosen[0] == chosen[1] else ("square", *chosen)
@@ -217,13 +224,7 @@ def _tree(name: str, template: SelectionContext, ranged: list[str], intervals: d
         mid = (lo + hi) // 2
         parts: list[list[Any]] = []
         for iv in ((lo, mid), (mid + 1, hi)):
-            child = inner({**box, dim: iv}, budget)
-            pieces = child[2] if isinstance(child, tuple) and child[:2] == ("split", dim) else [(*iv, child)]
-            for plo, phi, node in pieces:
-                if parts and parts[-1][2] == node:
-                    parts[-1][1] = phi
-                else:
-                    parts.append([plo, phi, node])
+            _join(parts, dim, iv, inner({**box, dim: iv}, budget))
         return parts[0][2] if len(parts) == 1 else ("split", dim, [tuple(p) for p in parts])
 
     def leaf(chosen: dict[str, Interval]) -> Any:
@@ -235,14 +236,7 @@ def _tree(name: str, template: SelectionContext, ranged: list[str], intervals: d
             return leaf(chosen)
         merged: list[list[Any]] = []
         for iv in intervals[ranged[i]]:
-            child = build(i + 1, {**chosen, ranged[i]: iv})
-            # a cell bisected along this same dim joins this chain (one compare per part, not two)
-            pieces = child[2] if isinstance(child, tuple) and child[:2] == ("split", ranged[i]) else [(*iv, child)]
-            for lo, hi, node in pieces:
-                if merged and merged[-1][2] == node:
-                    merged[-1][1] = hi
-                else:
-                    merged.append([lo, hi, node])
+            _join(merged, ranged[i], iv, build(i + 1, {**chosen, ranged[i]: iv}))
         return [tuple(m) for m in merged]
 
     return build(0, {})
