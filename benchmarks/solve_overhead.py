@@ -33,6 +33,7 @@ import torch
 import layerzero as lz
 from layerzero.perf import workloads
 from layerzero.perf.solve import FAMILY_CODE, _call
+from layerzero.runtime.graphs import warmup_for_capture
 from layerzero.state import runtime
 
 
@@ -179,12 +180,7 @@ def _step_paths(solved, norm_id: str, attn_id: str) -> dict:
 
 def _graphed(step, args: tuple):
     """step(1, *args) captured in a CUDA graph; returns a function replaying it n times."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            step(1, *args)
-    torch.cuda.current_stream().wait_stream(stream)
+    warmup_for_capture(step, 1, *args)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step(1, *args)

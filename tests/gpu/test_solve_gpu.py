@@ -13,6 +13,7 @@ import torch
 
 import layerzero as lz
 from layerzero.backends import reference as R
+from layerzero.runtime.graphs import warmup_for_capture
 from tests.test_attention import attention_tolerance, reference_attention
 from tests.test_perf_solve import _import, _no_dynamic, _record_calls
 
@@ -84,11 +85,7 @@ def test_solved_calls_replay_from_a_cuda_graph(solved):
     def calls():
         return solved.rms_norm(x, w), solved.attention(q, k, v, is_causal=True)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        calls()
-    torch.cuda.current_stream().wait_stream(stream)
+    warmup_for_capture(calls, iterations=1)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         outs = calls()
