@@ -423,3 +423,103 @@ def test_one_pass_input_check_accepts_exactly_what_the_full_checks_accept(dims, 
         assert fast is None
     else:
         assert fast == full
+
+
+# -- prepared aten calls of torch's fused SDPA kernels (KernelSpec.prepare) ----------------------
+
+def _plan(q, k, v, **kw):
+    return lz.select("attention", q, k, v, **kw)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_cpu_flash_plan_runs_the_prepared_aten_call(layout, is_causal):
+    q, k, v = make_qkv((2, 9, 9, 8, 2, 64), torch.float32, layout, seed=11)
+    plan = _plan(q, k, v, is_causal=is_causal, layout=layout)
+    assert plan.kernel_id == "torch.sdpa_flash_cpu"
+    # the plan's run is the prepared call itself: no wrapper frame, no flag pinning
+    assert plan.run.__qualname__ == f"aten_sdpa_flash_attention_{layout.lower()}", plan.run.__qualname__
+    out = lz.attention(q, k, v, is_causal=is_causal, layout=layout)
+    assert_close(out, reference_attention(q, k, v, layout=layout, is_causal=is_causal), torch.float32, plan.kernel_id)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 33, 8, 2, 64), (2, 1, 5, 4, 1, 128), (3, 1, 1, 4, 4, 64)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
+def test_prepared_decode_row_is_unmasked_and_matches_reference(dtype, shape, contiguous):
+    """Sq = 1 with is_causal: bottom-right alignment sees every key, so the prepared call passes
+    is_causal=False to the kernel (torch's top-left mask would hide all keys but the first)."""
+    q, k, v = make_qkv(shape, dtype, "BSHD", seed=4, contiguous=contiguous)
+    lz.lock("attention.causal", "torch.sdpa_flash_cpu")
+    out = lz.attention(q, k, v, is_causal=True)
+    assert_close(out, reference_attention(q, k, v, is_causal=True), dtype, "torch.sdpa_flash_cpu")
+
+
+@pytest.mark.parametrize("what", ["bool mask", "head_dim 20", "non-square causal", "window"])
+def test_prepare_leaves_what_fsdpa_prepares_to_the_pinned_path(what):
+    shape = (1, 6, 6, 4, 2, 20 if what == "head_dim 20" else 16)
+    if what == "non-square causal":
+        shape = (1, 4, 7, 4, 2, 16)
+    q, k, v = make_qkv(shape, torch.float32, seed=2)
+    kw = {"is_causal": what != "bool mask"}
+    if what == "bool mask":
+        kw["attn_mask"] = torch.rand(6, 6, generator=torch.Generator().manual_seed(0)) > 0.3
+        kw["attn_mask"][:, 0] = True
+    if what == "window":
+        kw["window_size"] = (2, 0)
+    lz.lock("attention.*", "torch.sdpa_flash_cpu")
+    plan = _plan(q, k, v, **kw)
+    assert plan.kernel_id == "torch.sdpa_flash_cpu" and "aten_sdpa" not in repr(plan.run)
+    out = lz.attention(q, k, v, **kw)
+    ref_kw = {k_: v_ for k_, v_ in kw.items()}
+    assert_close(out, reference_attention(q, k, v, **ref_kw), torch.float32, plan.kernel_id)
+
+
+def test_prepared_kernel_that_raises_falls_back(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("aten flash exploded")
+
+    monkeypatch.setattr(torch, "_scaled_dot_product_flash_attention_for_cpu", broken)
+    q, k, v = make_qkv((1, 5, 5, 4, 2, 32), torch.float32, seed=8)
+    assert "aten_sdpa" in repr(_plan(q, k, v, is_causal=True).run)
+    out = lz.attention(q, k, v, is_causal=True)
+    assert_close(out, reference_attention(q, k, v, is_causal=True), torch.float32, "fallback")
+    assert lz.health().breaker("torch.sdpa_flash_cpu").total_failures == 1
+
+
+@pytest.mark.parametrize("backend", ["FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"])
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cuda_aten_argument_mapping(backend, requires_grad, layout, monkeypatch):
+    """The CUDA entry points cannot run here: check what the prepared call passes them, against the
+    schema each has (torch 2.4-2.13: flash takes no bias and always returns its logsumexp; cuDNN and
+    efficient take a bias and a compute_log_sumexp flag, which F.sdpa sets when an input needs grad)."""
+    seen = {}
+
+    def fake(*a, **kw):
+        seen["args"], seen["kw"] = a, kw
+        return (a[0].new_zeros(a[0].shape),)
+
+    name = torch_native._ATEN_SDPA[(backend, "cuda")]
+    monkeypatch.setattr(torch, name, fake)
+    ctx = SelectionContext(op="attention.causal", device_type="cuda", sm=90, dtype=torch.float16, batch=2,
+                           seq_len_q=6, seq_len_k=6, num_heads=4, num_kv_heads=2, head_dim=64, head_dim_v=64,
+                           layout=layout, is_causal=True, requires_grad=requires_grad)
+    run = torch_native._prepare_sdpa(backend)(ctx)
+    q, k, v = make_qkv((2, 6, 6, 4, 2, 64), torch.float32, layout)
+    out = run(q, k, v, None, True, 0.25, 0.5)
+    qa, ka, va = seen["args"][:3]
+    if layout == "BSHD":  # the kernel sees BHSD views of the caller's tensors, the caller gets BSHD back
+        assert qa.shape == (2, 4, 6, 64) and ka.shape == (2, 2, 6, 64) and qa.data_ptr() == q.data_ptr()
+        assert out.shape == q.shape
+    else:
+        assert qa is q and ka is k and va is v
+    rest = seen["args"][3:]
+    if backend == "FLASH_ATTENTION":
+        assert rest == (0.25, True, False)
+    elif backend == "CUDNN_ATTENTION":
+        assert rest == (None, requires_grad, 0.25, True, False)
+    else:
+        assert rest == (None, requires_grad, 0.25, True)
+    assert seen["kw"] == {"scale": 0.5}

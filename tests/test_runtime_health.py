@@ -337,3 +337,60 @@ def test_half_open_seen_by_any_reader_reselects_every_cached_plan():
     assert lz.which("rms_norm", x1) == "flaky.rms"  # x1's plan was dropped too, not stuck on torch
     lz.rms_norm(x1)
     assert lz.health().state("flaky.rms") is BreakerState.CLOSED
+
+
+# -- every public op's call site hands a kernel failure to the plan's recover ---------------------
+
+def _op_calls():
+    """(op id, call) for every public op on small CPU float32 inputs (a call returns a tensor or tuple)."""
+    g = torch.Generator().manual_seed(3)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    q, k, v = r(2, 5, 4, 16), r(2, 5, 2, 16), r(2, 5, 2, 16)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    kc, vc = r(6, 4, 2, 16), r(6, 4, 2, 16)
+    table = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32)
+    lens = torch.tensor([9, 12], dtype=torch.int32)
+    x, w, b = r(3, 32), r(32), r(32)
+    cos, sin = lz.rope_cache(5, 16)
+    gate, up = r(3, 24), r(3, 24)
+    return {
+        "attention.causal": lambda: lz.attention(q, k, v, is_causal=True),
+        "attention.varlen": lambda: lz.attention_varlen(r(7, 4, 16), r(7, 2, 16), r(7, 2, 16), cu, cu, 4, 4),
+        "attention.decode": lambda: lz.paged_attention(q[:, :1], kc, vc, table, lens),
+        "norm.rms": lambda: lz.rms_norm(x, w),
+        "norm.layer": lambda: lz.layer_norm(x, w, b),
+        "norm.group": lambda: lz.group_norm(r(2, 32, 3), 4, w, b),
+        "posenc.rope": lambda: lz.rope_qk(q, k, cos, sin),
+        "activation.silu": lambda: lz.silu(x),
+        "activation.gelu": lambda: lz.gelu(x),
+        "activation.swiglu": lambda: lz.swiglu(gate, up),
+        "activation.geglu": lambda: lz.geglu(gate, up),
+        "mlp.swiglu": lambda: lz.fused_mlp(x, r(24, 32), r(24, 32), r(32, 24)),
+        "embedding.lookup": lambda: lz.embedding(torch.tensor([[1, 4], [0, 2]]), r(8, 16)),
+        "sampling.greedy": lambda: lz.sample_greedy(r(2, 11)),
+    }
+
+
+@pytest.mark.parametrize("op", list(_op_calls()))
+def test_every_op_falls_back_when_its_kernel_raises(op):
+    """The hot path runs a plan's bare kernel and catches its failure at the call site: a raising
+    kernel of any op must still give the next kernel's result and count one failure."""
+    expected = _op_calls()[op]()  # no failing kernel yet: the normal choice
+    lz.reset()
+
+    def explodes(*args, **kwargs):
+        raise RuntimeError(f"{op} kernel exploded")
+
+    lz.register_kernel(id="boom.kernel", ops=(op,), impl=explodes, platforms=CPU, priority=10_000,
+                       dtypes=ALL_FLOAT_DTYPES | {torch.int64})
+    call = _op_calls()[op]
+    got = call()
+    assert lz.health().breaker("boom.kernel").total_failures == 1
+    for e, o in zip(expected if isinstance(expected, tuple) else (expected,),
+                    got if isinstance(got, tuple) else (got,), strict=True):
+        torch.testing.assert_close(o, e, rtol=1e-4, atol=1e-5)
+    call()  # the cached plan still recovers
+    assert lz.health().breaker("boom.kernel").total_failures == 2

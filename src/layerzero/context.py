@@ -42,7 +42,12 @@ def fast_frozen_init(cls: type) -> type:
     return cls
 
 
-_GRAPH_CALL = threading.local()
+class _GraphCall(threading.local):
+    depth = 0  # LayerZero torch.library ops being run by this thread (see graph_call)
+
+
+_GRAPH_CALL = _GraphCall()
+_stream_capturing = torch._C._cuda_isCurrentStreamCapturing  # what torch.cuda.is_current_stream_capturing calls
 
 
 def graph_mode() -> bool:
@@ -51,11 +56,12 @@ def graph_mode() -> bool:
     (torch.compile mode="reduce-overhead"), whose warm-up run already allocates from the graph's
     memory pool: a kernel that keeps buffers across calls (FlashInfer's workspace and plans) breaks
     it there ("tensors in the cudagraph pool not tracked as outputs", seen on the H100), so those
-    calls select graph-safe kernels only."""
-    if getattr(_GRAPH_CALL, "depth", 0):
+    calls select graph-safe kernels only. One query of the CUDA runtime (the op keys ask it only for
+    CUDA tensors)."""
+    if _GRAPH_CALL.depth:
         return True
     try:
-        return torch.cuda.is_current_stream_capturing()
+        return _stream_capturing()
     except RuntimeError:  # a CPU-only torch build has no CUDA runtime to ask
         return False
 
@@ -63,7 +69,7 @@ def graph_mode() -> bool:
 @contextmanager
 def graph_call() -> Iterator[None]:
     """Mark the calls inside as possibly captured (see graph_mode)."""
-    _GRAPH_CALL.depth = getattr(_GRAPH_CALL, "depth", 0) + 1
+    _GRAPH_CALL.depth += 1
     try:
         yield
     finally:

@@ -70,6 +70,11 @@ class KernelSpec:
     cpu_isa: frozenset[str] = frozenset()  # all of these are required
     check: Callable[[SelectionContext], list[Rejection]] | None = field(default=None, compare=False, repr=False)
     workspace_bytes: Callable[[SelectionContext], int] | None = field(default=None, compare=False, repr=False)
+    # Miss-path hook: a callable for exactly this context, taking the op's calling convention in the
+    # caller's layout (ctx.layout), with everything that depends only on the context decided once
+    # (layout transforms, flags, the library entry point); None: the family binds `impl` as usual.
+    prepare: Callable[[SelectionContext], Callable[..., Any] | None] | None = field(default=None, compare=False,
+                                                                                   repr=False)
     # (min_rows, priority) pairs: the priority for calls with at least that many rows (norms,
     # activations: ctx.num_rows); the largest threshold reached wins, else `priority`.
     row_priorities: tuple[tuple[int, int], ...] = ()

@@ -95,6 +95,77 @@ def _sdpa(backend_name: str) -> Callable[..., torch.Tensor]:
     return run
 
 
+# torch's own entry points of the fused SDPA kernels: what F.scaled_dot_product_attention calls after
+# choosing a backend. Called directly, a pinned kernel skips both that choice (validation and the
+# can_use_* checks of every backend, each call) and the flag pinning above. Each returns a tuple
+# whose first element is the output (B, Hq, Sq, D); GQA is native (k/v with fewer heads).
+_ATEN_SDPA = {
+    ("FLASH_ATTENTION", "cuda"): "_scaled_dot_product_flash_attention",
+    ("CUDNN_ATTENTION", "cuda"): "_scaled_dot_product_cudnn_attention",
+    ("EFFICIENT_ATTENTION", "cuda"): "_scaled_dot_product_efficient_attention",
+    ("FLASH_ATTENTION", "cpu"): "_scaled_dot_product_flash_attention_for_cpu",
+}
+
+
+def _prepare_sdpa(backend_name: str) -> Callable[[SelectionContext], Callable[..., torch.Tensor] | None]:
+    """KernelSpec.prepare of a fused SDPA sub-backend: its aten entry point with the flags of this
+    context bound, and the BSHD<->BHSD transposes inline. None (the pinned F.sdpa path) for what
+    F.sdpa prepares itself: masks, windows, ALiBi, a causal mask that is not square (bottom-right),
+    head dims it pads (not a multiple of 8)."""
+
+    def prepare(ctx: SelectionContext) -> Callable[..., torch.Tensor] | None:
+        op = getattr(torch, _ATEN_SDPA.get((backend_name, ctx.device_type), ""), None)
+        causal = ctx.is_causal and ctx.seq_len_q > 1  # one query row, bottom-right aligned: no mask
+        if (op is None or ctx.mask_kind != "none" or ctx.window is not None or ctx.alibi
+                or (causal and ctx.seq_len_q != ctx.seq_len_k) or ctx.head_dim % 8 or ctx.head_dim_v % 8
+                or ctx.layout not in ("BSHD", "BHSD")):
+            return None
+        return _aten_sdpa(op, backend_name, ctx.device_type, causal, ctx.requires_grad, ctx.layout == "BSHD")
+
+    return prepare
+
+
+def _aten_sdpa(op: Callable[..., tuple[torch.Tensor, ...]], backend_name: str, device_type: str, causal: bool,
+               lse: bool, bshd: bool) -> Callable[..., torch.Tensor]:
+    """The prepared call of one fused SDPA kernel (see _prepare_sdpa); the arguments each kernel takes
+    differ, so each gets its own small closure. A last dimension with stride != 1, which torch's fused
+    kernels do not read correctly (the CPU kernel silently so: measured on torch 2.13), is copied."""
+    if backend_name == "FLASH_ATTENTION" and device_type == "cuda":
+        def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, scale: float | None
+                 ) -> torch.Tensor:
+            return op(q, k, v, dropout_p, causal, False, scale=scale)[0]
+    elif backend_name == "FLASH_ATTENTION":
+        def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, scale: float | None
+                 ) -> torch.Tensor:
+            return op(q, k, v, dropout_p, causal, scale=scale)[0]
+    elif backend_name == "CUDNN_ATTENTION":
+        def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, scale: float | None
+                 ) -> torch.Tensor:
+            return op(q, k, v, None, lse, dropout_p, causal, False, scale=scale)[0]
+    else:
+        def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, scale: float | None
+                 ) -> torch.Tensor:
+            return op(q, k, v, None, lse, dropout_p, causal, scale=scale)[0]
+
+    if bshd:
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
+                dropout_p: float, scale: float | None, window: tuple[int, int] | None = None, softcap: float = 0.0,
+                alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+            if q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
+                q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            return call(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p, scale).transpose(1, 2)
+    else:
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
+                dropout_p: float, scale: float | None, window: tuple[int, int] | None = None, softcap: float = 0.0,
+                alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+            if q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
+                q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            return call(q, k, v, dropout_p, scale)
+
+    run.__qualname__ = f"aten_sdpa_{backend_name.lower()}_{'bshd' if bshd else 'bhsd'}"
+    return run
+
+
 def _sdpa_upcast(backend_name: str) -> Callable[..., torch.Tensor]:
     """The sub-backend run in float32 on half inputs, the output cast back: for CPUs whose half
     math is emulated (see FP16_UPCAST_MIN_SEQ_Q)."""
@@ -186,13 +257,13 @@ BACKEND = Backend(
     description="torch.nn.functional: SDPA sub-backends and fused norms",
     kernels=(
         KernelSpec(
-            id="torch.sdpa_flash", ops=ATTENTION_OPS, impl=_sdpa("FLASH_ATTENTION"), priority=80,
+            id="torch.sdpa_flash", ops=ATTENTION_OPS, impl=_sdpa("FLASH_ATTENTION"), prepare=_prepare_sdpa("FLASH_ATTENTION"), priority=80,
             platforms=frozenset({"cuda"}), min_sm=80, max_sm=121, dtypes=HALF_DTYPES, max_head_dim=256,
             causal_non_square=False, supports_dropout=True, supports_backward=True, deterministic=False,
             description="FlashAttention-2 inside torch (SDPBackend.FLASH_ATTENTION)",
         ),
         KernelSpec(
-            id="torch.sdpa_flash_cpu", ops=ATTENTION_OPS, impl=_sdpa("FLASH_ATTENTION"), priority=60,
+            id="torch.sdpa_flash_cpu", ops=ATTENTION_OPS, impl=_sdpa("FLASH_ATTENTION"), prepare=_prepare_sdpa("FLASH_ATTENTION"), priority=60,
             platforms=frozenset({"cpu"}), dtypes=ALL_FLOAT_DTYPES, mask_kinds=_ANY_MASK, supports_backward=True,
             supports_window=True, supports_alibi=True,
             description="torch's CPU flash-attention kernel (SDPBackend.FLASH_ATTENTION on CPU)",
@@ -204,7 +275,7 @@ BACKEND = Backend(
             description="torch's CPU flash-attention kernel on float32 copies of float16 inputs",
         ),
         KernelSpec(
-            id="torch.sdpa_efficient", ops=ATTENTION_OPS, impl=_sdpa("EFFICIENT_ATTENTION"), priority=60,
+            id="torch.sdpa_efficient", ops=ATTENTION_OPS, impl=_sdpa("EFFICIENT_ATTENTION"), prepare=_prepare_sdpa("EFFICIENT_ATTENTION"), priority=60,
             platforms=frozenset({"cuda"}), min_sm=50, max_sm=121, dtypes=FLOAT_DTYPES, head_dim_multiple=8,
             supports_gqa=False, mask_kinds=_ANY_MASK, supports_dropout=True, supports_backward=True, deterministic=False,
             supports_window=True, supports_alibi=True, description="xFormers-derived memory-efficient kernel (SDPBackend.EFFICIENT_ATTENTION)",
@@ -215,7 +286,7 @@ BACKEND = Backend(
             # causal and not, 1.01-1.29x) and GQA prefill at 512 tokens (1.07-1.34x over FlashInfer);
             # FlashInfer led GQA D128 prefill at 1k x 8 and 8k tokens by 5-7 %. Decode 82 (80) > torch.sdpa_flash
             # (80 -> 78): GQA D128 decode at 1k-32k context was 1.00-1.20x faster than torch flash.
-            id="torch.sdpa_cudnn", ops=ATTENTION_OPS, impl=_sdpa("CUDNN_ATTENTION"), priority=89, decode_priority=82,
+            id="torch.sdpa_cudnn", ops=ATTENTION_OPS, impl=_sdpa("CUDNN_ATTENTION"), prepare=_prepare_sdpa("CUDNN_ATTENTION"), priority=89, decode_priority=82,
             platforms=frozenset({"cuda"}), min_sm=80, dtypes=HALF_DTYPES, max_head_dim=128, head_dim_multiple=8,
             supports_gqa=_CUDNN_GQA, causal_non_square=False, supports_backward=True, deterministic=False,
             check=_cudnn_shapes, description="cuDNN fused attention (SDPBackend.CUDNN_ATTENTION)",

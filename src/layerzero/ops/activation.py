@@ -25,9 +25,15 @@ import torch
 from ..context import SelectionContext
 from ..errors import InvalidInputError
 from ..state import runtime
-from . import OpFamily, bind_contiguous, contiguous_transforms, register_family, traced_ops
-
-_compiling = torch.compiler.is_compiling
+from . import (
+    OpFamily,
+    bind_contiguous,
+    compile_flags,
+    contiguous_transforms,
+    dynamo_compiling,
+    register_family,
+    traced_ops,
+)
 
 _grad_enabled = torch.is_grad_enabled
 APPROXIMATIONS = ("none", "tanh")
@@ -36,7 +42,7 @@ MLP_ACTIVATIONS = ("swiglu", "geglu")
 
 def silu(x: torch.Tensor) -> torch.Tensor:
     """x * sigmoid(x), elementwise. x: any shape, floating point."""
-    if _compiling():  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    if dynamo_compiling() or compile_flags._is_compiling_flag:  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
         return traced_ops().silu(x)
     try:
         key = _silu_key(x)
@@ -46,12 +52,15 @@ def silu(x: torch.Tensor) -> torch.Tensor:
     plan = runtime.plans.data.get(key)
     if plan is None:
         plan = runtime.plan(SILU, key, (x,), {})
-    return plan.run(x)
+    try:
+        return plan.run(x)
+    except Exception as error:
+        return plan.recover(error, x)
 
 
 def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """GELU, elementwise: exact (erf) with approximate="none", the tanh form with "tanh"."""
-    if _compiling():  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    if dynamo_compiling() or compile_flags._is_compiling_flag:  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
         return traced_ops().gelu(x, approximate)
     try:
         key = _gelu_key(x, approximate)
@@ -61,12 +70,15 @@ def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     plan = runtime.plans.data.get(key)
     if plan is None:
         plan = runtime.plan(GELU, key, (x, approximate), {})
-    return plan.run(x, approximate)
+    try:
+        return plan.run(x, approximate)
+    except Exception as error:
+        return plan.recover(error, x, approximate)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up. gate, up: (..., d_ff), same shape/dtype/device."""
-    if _compiling():  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    if dynamo_compiling() or compile_flags._is_compiling_flag:  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
         return traced_ops().swiglu(gate, up)
     try:
         key = _gated_key("activation.swiglu", gate, up)
@@ -76,12 +88,15 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     plan = runtime.plans.data.get(key)
     if plan is None:
         plan = runtime.plan(SWIGLU, key, (gate, up), {})
-    return plan.run(gate, up)
+    try:
+        return plan.run(gate, up)
+    except Exception as error:
+        return plan.recover(error, gate, up)
 
 
 def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """gelu(gate, approximate) * up. gate, up: (..., d_ff), same shape/dtype/device."""
-    if _compiling():  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    if dynamo_compiling() or compile_flags._is_compiling_flag:  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
         return traced_ops().geglu(gate, up, approximate)
     try:
         key = _gated_key("activation.geglu", gate, up, approximate)
@@ -91,7 +106,10 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> to
     plan = runtime.plans.data.get(key)
     if plan is None:
         plan = runtime.plan(GEGLU, key, (gate, up, approximate), {})
-    return plan.run(gate, up, approximate)
+    try:
+        return plan.run(gate, up, approximate)
+    except Exception as error:
+        return plan.recover(error, gate, up, approximate)
 
 
 def fused_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
@@ -101,7 +119,7 @@ def fused_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
     x: (..., d_model); w_gate, w_up: (d_ff, d_model); w_down: (d_model, d_ff), nn.Linear layout.
     activation: "swiglu" or "geglu" (approximate applies to geglu). Returns (..., d_model).
     """
-    if _compiling():  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    if dynamo_compiling() or compile_flags._is_compiling_flag:  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
         return traced_ops().fused_mlp(x, w_gate, w_up, w_down, activation, approximate)
     try:
         key = _mlp_key(x, w_gate, w_up, w_down, activation, approximate)
@@ -111,7 +129,11 @@ def fused_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
     plan = runtime.plans.data.get(key)
     if plan is None:
         plan = runtime.plan(FUSED_MLP, key, (x, w_gate, w_up, w_down, activation, approximate), {})
-    return plan.run(x, w_gate, w_up, w_down, _MLP_OP_SUFFIX[activation, approximate])
+    act = _MLP_OP_SUFFIX[activation, approximate]
+    try:
+        return plan.run(x, w_gate, w_up, w_down, act)
+    except Exception as error:
+        return plan.recover(error, x, w_gate, w_up, w_down, act)
 
 
 _MLP_OP_SUFFIX = {("swiglu", "none"): "swiglu", ("swiglu", "tanh"): "swiglu", ("geglu", "none"): "geglu",

@@ -33,9 +33,15 @@ from ..context import SelectionContext, graph_mode
 from ..errors import InvalidInputError, UnknownNameError
 from ..kernel import LAYOUTS, KernelSpec
 from ..state import runtime
-from . import OpFamily, bind_contiguous, contiguous_transforms, register_family, traced_ops
-
-_compiling = torch.compiler.is_compiling
+from . import (
+    OpFamily,
+    bind_contiguous,
+    compile_flags,
+    contiguous_transforms,
+    dynamo_compiling,
+    register_family,
+    traced_ops,
+)
 
 _grad_enabled = torch.is_grad_enabled
 KV_LAYOUTS = ("NHD", "HND")
@@ -60,7 +66,7 @@ def attention(
     Hq a multiple of Hkv (GQA/MQA). attn_mask: bool (True = attend) or additive float,
     broadcastable to (B, Hq, Sq, Sk) whatever the layout. Returns the output in q's layout.
     """
-    if _compiling():  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    if dynamo_compiling() or compile_flags._is_compiling_flag:  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
         return traced_ops().attention(q, k, v, attn_mask, is_causal, dropout_p, scale, layout, window_size, softcap,
                                      alibi_slopes)
     if window_size is not None:  # lists are not hashable and (-1, -1) is no window: normalize before the key
@@ -74,7 +80,11 @@ def attention(
     if plan is None:
         args = (q, k, v, attn_mask, is_causal, dropout_p, scale, layout, window_size, softcap, alibi_slopes)
         plan = runtime.plan(ATTENTION, key, args, {})
-    return plan.run(q, k, v, attn_mask, is_causal, dropout_p, scale, window_size, softcap, alibi_slopes)
+    try:
+        return plan.run(q, k, v, attn_mask, is_causal, dropout_p, scale, window_size, softcap, alibi_slopes)
+    except Exception as error:
+        return plan.recover(error, q, k, v, attn_mask, is_causal, dropout_p, scale, window_size, softcap,
+                            alibi_slopes)
 
 
 def _key(q: Any, k: Any, v: Any, attn_mask: Any = None, is_causal: bool = False, dropout_p: float = 0.0,
@@ -337,8 +347,12 @@ def attention_varlen(
     if plan is None:
         args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale, window_size, softcap)
         plan = runtime.plan(ATTENTION_VARLEN, key, args, {})
-    return plan.run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
-                    window_size, softcap)
+    try:
+        return plan.run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
+                        window_size, softcap)
+    except Exception as error:
+        return plan.recover(error, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
+                            window_size, softcap)
 
 
 def _varlen_key(q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any, max_seqlen_q: int = 0,
@@ -435,7 +449,11 @@ def paged_attention(
     if plan is None:
         args = (q, k_cache, v_cache, page_table, seq_lens, is_causal, scale, kv_layout, window_size, softcap)
         plan = runtime.plan(PAGED_ATTENTION, key, args, {})
-    return plan.run(q, k_cache, v_cache, page_table, seq_lens, is_causal, scale, window_size, softcap, kv_layout)
+    try:
+        return plan.run(q, k_cache, v_cache, page_table, seq_lens, is_causal, scale, window_size, softcap, kv_layout)
+    except Exception as error:
+        return plan.recover(error, q, k_cache, v_cache, page_table, seq_lens, is_causal, scale, window_size, softcap,
+                            kv_layout)
 
 
 def _paged_key(q: Any, k_cache: Any, v_cache: Any, page_table: Any, seq_lens: Any, is_causal: bool = True,

@@ -37,7 +37,10 @@ def embedding(ids: torch.Tensor, table: torch.Tensor, padding_idx: int | None = 
         raise InvalidInputError("ids", f"token ids in [0, {vocab})", f"range [{int(ids.min())}, {int(ids.max())}]")
     if padding_idx is not None and padding_idx < 0:
         padding_idx += vocab
-    return plan.run(ids, table, padding_idx)
+    try:
+        return plan.run(ids, table, padding_idx)
+    except Exception as error:
+        return plan.recover(error, ids, table, padding_idx)
 
 
 def _key(ids: Any, table: Any, padding_idx: int | None = None) -> tuple[Any, ...]:

@@ -13,9 +13,15 @@ import torch
 from ..context import SelectionContext
 from ..errors import InvalidInputError
 from ..state import runtime
-from . import OpFamily, bind_contiguous, contiguous_transforms, register_family, traced_ops
-
-_compiling = torch.compiler.is_compiling
+from . import (
+    OpFamily,
+    bind_contiguous,
+    compile_flags,
+    contiguous_transforms,
+    dynamo_compiling,
+    register_family,
+    traced_ops,
+)
 
 _grad_enabled = torch.is_grad_enabled
 
@@ -33,7 +39,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
 
     x: (..., hidden); weight: (hidden,) or None. Returns x's shape and dtype.
     """
-    if _compiling():  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    if dynamo_compiling() or compile_flags._is_compiling_flag:  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
         return traced_ops().rms_norm(x, weight, eps)
     try:
         key = ("norm.rms", x.shape, x.dtype, x.device, None if weight is None else
@@ -44,13 +50,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     plan = runtime.plans.data.get(key)
     if plan is None:
         plan = runtime.plan(RMS_NORM, key, (x, weight, eps), {})
-    return plan.run(x, weight, eps)
+    try:
+        return plan.run(x, weight, eps)
+    except Exception as error:
+        return plan.recover(error, x, weight, eps)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dimension. x: (..., hidden); weight, bias: (hidden,) or None."""
-    if _compiling():  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    if dynamo_compiling() or compile_flags._is_compiling_flag:  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
         return traced_ops().layer_norm(x, weight, bias, eps)
     try:
         key = _layer_key(x, weight, bias)
@@ -60,13 +69,16 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
     plan = runtime.plans.data.get(key)
     if plan is None:
         plan = runtime.plan(LAYER_NORM, key, (x, weight, bias, eps), {})
-    return plan.run(x, weight, bias, eps)
+    try:
+        return plan.run(x, weight, bias, eps)
+    except Exception as error:
+        return plan.recover(error, x, weight, bias, eps)
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
     """GroupNorm. x: (N, C, *); C divisible by num_groups; weight, bias: (C,) or None."""
-    if _compiling():  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    if dynamo_compiling() or compile_flags._is_compiling_flag:  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
         return traced_ops().group_norm(x, num_groups, weight, bias, eps)
     try:
         key = _group_key(x, num_groups, weight, bias)
@@ -76,7 +88,10 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
     plan = runtime.plans.data.get(key)
     if plan is None:
         plan = runtime.plan(GROUP_NORM, key, (x, num_groups, weight, bias, eps), {})
-    return plan.run(x, num_groups, weight, bias, eps)
+    try:
+        return plan.run(x, num_groups, weight, bias, eps)
+    except Exception as error:
+        return plan.recover(error, x, num_groups, weight, bias, eps)
 
 
 def _layer_key(x: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) -> tuple[Any, ...]:

@@ -32,9 +32,7 @@ from ..context import SelectionContext
 from ..errors import InvalidInputError, UnknownNameError
 from ..kernel import LAYOUTS, KernelSpec
 from ..state import runtime
-from . import OpFamily, register_family, traced_ops
-
-_compiling = torch.compiler.is_compiling
+from . import OpFamily, compile_flags, dynamo_compiling, register_family, traced_ops
 
 _grad_enabled = torch.is_grad_enabled
 
@@ -56,7 +54,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: boo
 
     cos/sin: (S, R), (B, S, R), or a (max_positions, R) cache with position_ids; see the module doc.
     """
-    if _compiling():  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    if dynamo_compiling() or compile_flags._is_compiling_flag:  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
         return traced_ops().rope(x, cos, sin, interleaved, position_ids, layout)
     try:
         key = _key(x, None, cos, sin, interleaved, position_ids, layout)
@@ -67,7 +65,10 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: boo
     if plan is None:
         plan = runtime.plan(ROPE, key, (x, cos, sin, interleaved, position_ids, layout), {})
     cos, sin = _angles(cos, sin, position_ids, x.device)
-    return plan.run(x, None, cos, sin)[0]
+    try:
+        return plan.run(x, None, cos, sin)[0]
+    except Exception as error:
+        return plan.recover(error, x, None, cos, sin)[0]
 
 
 def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False,
@@ -76,7 +77,7 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 
     q: (B, S, Hq, D), k: (B, S, Hk, D) (GQA: Hk may differ), same layout; returns (q_out, k_out).
     """
-    if _compiling():  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    if dynamo_compiling() or compile_flags._is_compiling_flag:  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
         return traced_ops().rope_qk(q, k, cos, sin, interleaved, position_ids, layout)
     try:
         key = _key(q, k, cos, sin, interleaved, position_ids, layout)
@@ -87,7 +88,10 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     if plan is None:
         plan = runtime.plan(ROPE_QK, key, (q, k, cos, sin, interleaved, position_ids, layout), {})
     cos, sin = _angles(cos, sin, position_ids, q.device)
-    return plan.run(q, k, cos, sin)
+    try:
+        return plan.run(q, k, cos, sin)
+    except Exception as error:
+        return plan.recover(error, q, k, cos, sin)
 
 
 def _angles(cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor | None,

@@ -219,7 +219,7 @@ def quantize(x: torch.Tensor, format: str = "int8", granularity: str = "per_tens
         plan = runtime.plan(QUANTIZE, key, (x, format, granularity),
                             {"block_size": block_size, "symmetric": symmetric, "scale": scale, "zero_point": zero_point})
     fmt = FORMATS[(format, bool(symmetric))]
-    data, s, zp = plan.run(x, fmt, granularity, block, scale, zero_point)
+    data, s, zp = plan(x, fmt, granularity, block, scale, zero_point)
     return QuantizedTensor(data, s, zp, format, granularity, block, x.dtype)  # type: ignore[arg-type]
 
 
@@ -234,7 +234,7 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Te
     plan = runtime.plans.data.get(key)
     if plan is None:
         plan = runtime.plan(DEQUANTIZE, key, (q, dtype), {})
-    return plan.run(q, key[-1])
+    return plan(q, key[-1])
 
 
 def activation_scheme(w: QuantizedTensor) -> tuple[QuantFormat, str, tuple[int, int] | None] | None:
@@ -269,7 +269,7 @@ def quant_linear(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | 
     plan = runtime.plans.data.get(key)
     if plan is None:
         plan = runtime.plan(QUANT_LINEAR, key, (x, weight, bias, out_dtype), {})
-    out = plan.run(x.reshape(-1, x.shape[-1]), weight, activation_scheme(weight), bias, out_dtype or x.dtype)
+    out = plan(x.reshape(-1, x.shape[-1]), weight, activation_scheme(weight), bias, out_dtype or x.dtype)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 

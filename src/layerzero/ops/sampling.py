@@ -94,8 +94,8 @@ def sample(logits: torch.Tensor, top_k: Param = None, top_p: Param = None, min_p
     if plan is None:
         plan = runtime.plan(SAMPLE, key, (logits, top_k, top_p, min_p, temperature, generator), {})
     if key[0] == "sampling.greedy":
-        return plan.run(logits)
-    return plan.run(logits, k, p, m, t, generator)
+        return plan(logits)
+    return plan(logits, k, p, m, t, generator)
 
 
 def _key_args(logits: Any, top_k: Param, top_p: Param, min_p: Param, temperature: Param,

@@ -29,7 +29,7 @@ from ..context import SelectionContext, graph_mode
 from ..errors import ConfigurationError, CudaGraphUnsafeError, KernelExecutionError, NoKernelFoundError
 from ..kernel import KernelSpec, check_constraints
 from ..reasons import Reason, Rejection
-from ..selection.engine import REFERENCE_BACKEND, SelectionReport
+from ..selection.engine import REFERENCE_BACKEND, SelectionReport, bind_kernel, reraise
 
 if TYPE_CHECKING:
     from ..ops import OpFamily
@@ -179,34 +179,22 @@ class HealthReport:
         return "\n".join(lines)
 
 
-class _Guarded:
-    """The run of a plan whose kernel is not the reference: a kernel that raises costs one warning,
-    and the call runs on the next kernel (Health.recover).
+class _Recover:
+    """The `recover` of a plan whose `run` is the bare kernel: the failure costs one warning and the
+    call runs on the next kernel (Health.recover).
 
-    A bound method of this object, not a closure: two objects kept alive per plan instead of seven
-    (function, cell tuple, five cells), which the cyclic GC visits after every selection miss;
-    calling it costs the same on the hit path.
+    An object, not a closure: two objects kept alive per plan instead of six (function, cell tuple,
+    cells), which the cyclic GC visits after every selection miss. It runs only after a failure;
+    the hot path never enters it.
     """
 
-    __slots__ = ("inner", "health", "spec", "ctx", "family", "calls")
+    __slots__ = ("health", "spec", "ctx", "family")
 
-    def __init__(self, inner: Callable[..., Any], health: Health, spec: KernelSpec, ctx: SelectionContext,
-                 family: OpFamily, calls: Any) -> None:
-        self.inner, self.health, self.spec, self.ctx, self.family, self.calls = inner, health, spec, ctx, family, calls
+    def __init__(self, health: Health, spec: KernelSpec, ctx: SelectionContext, family: OpFamily) -> None:
+        self.health, self.spec, self.ctx, self.family = health, spec, ctx, family
 
-    def run(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return self.inner(*args, **kwargs)
-        except Exception as error:
-            return self.health.recover(self.spec, self.ctx, self.family, args, kwargs, error)
-
-    def counted(self, *args: Any, **kwargs: Any) -> Any:
-        """run, counting the call (telemetry enabled)."""
-        next(self.calls)
-        try:
-            return self.inner(*args, **kwargs)
-        except Exception as error:
-            return self.health.recover(self.spec, self.ctx, self.family, args, kwargs, error)
+    def __call__(self, error: Exception, *args: Any) -> Any:
+        return self.health.recover(self.spec, self.ctx, self.family, args, {}, error)
 
 
 class Health:
@@ -366,15 +354,19 @@ class Health:
     # -- the plan guard and the fallback -------------------------------------------------------
 
     def guard(self, spec: KernelSpec, inner: Callable[..., Any], report: SelectionReport, ctx: SelectionContext,
-              family: OpFamily) -> Callable[..., Any]:
-        """`inner` (the bound `spec` for `ctx`) wrapped for fallback, call counting, probing and capture safety.
+              family: OpFamily) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        """(run, recover) of a plan running `inner` (the bound `spec` for `ctx`): see ExecutionPlan.
 
-        The reference runs unwrapped unless calls are counted: it is the last resort, and an
-        exception from it is the caller's (bad input the validation could not see).
+        The common plan's run is `inner` itself: its call site catches a failure and passes it to
+        recover, which falls back to the next kernel. Call counting, probing a half-open breaker
+        and capture safety need a wrapper around `inner`, which then recovers by itself. The
+        reference recovers nothing: it is the last resort, and an exception from it is the
+        caller's (bad input the validation could not see).
         """
         rt = self.runtime
         calls = rt.telemetry.call_counter(spec.id, ctx.op) if rt.telemetry.enabled else None
         health = self
+        recover: Callable[..., Any] = reraise
 
         if spec.backend == REFERENCE_BACKEND:
             if calls is None:
@@ -383,11 +375,10 @@ class Health:
                 def run(*args: Any, **kwargs: Any) -> Any:
                     next(calls)
                     return inner(*args, **kwargs)
-        elif self._half_open(spec) or (ctx.device_type == "cuda" and not spec.graph_safe):
+        elif calls is not None or self._half_open(spec) or (ctx.device_type == "cuda" and not spec.graph_safe):
             run = self._careful_run(spec, ctx, family, inner, calls)
         else:
-            guarded = _Guarded(inner, self, spec, ctx, family, calls)
-            run = guarded.run if calls is None else guarded.counted
+            run, recover = inner, _Recover(self, spec, ctx, family)
 
         deadline = self._retry_deadline(report)
         if deadline is not None:
@@ -400,12 +391,13 @@ class Health:
                     health.refresh()
                 return unchecked(*args, **kwargs)
 
-        return run
+        return run, recover
 
     def _careful_run(self, spec: KernelSpec, ctx: SelectionContext, family: OpFamily,
                      inner: Callable[..., Any], calls: Any) -> Callable[..., Any]:
-        """The slow guard: probes a half-open breaker, and keeps a capture-unsafe kernel out of a
-        CUDA graph even when the op's cache key does not see the capture."""
+        """The slow guard, which recovers by itself: counts calls (telemetry on), probes a half-open
+        breaker, and keeps a capture-unsafe kernel out of a CUDA graph even when the op's cache key
+        does not see the capture."""
         health = self
         probe = self._half_open(spec)
         unsafe = ctx.device_type == "cuda" and not spec.graph_safe
@@ -445,7 +437,7 @@ class Health:
                         f"under CUDA graph capture; see lz.explain"
                     )
                 raise KernelExecutionError(spec.id, error) from error
-            run, _ = family.bind(nxt, ctx)
+            run, _ = bind_kernel(nxt, ctx, family.bind, family.transforms)
             try:
                 out = run(*args, **kwargs)
             except Exception as next_error:
