@@ -523,3 +523,32 @@ def test_cuda_aten_argument_mapping(backend, requires_grad, layout, monkeypatch)
     else:
         assert rest == (None, requires_grad, 0.25, True)
     assert seen["kw"] == {"scale": 0.5}
+
+
+@pytest.mark.parametrize("backend", ["FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"])
+def test_cuda_prepared_call_retries_a_strided_last_dim_on_contiguous_copies(backend, monkeypatch):
+    """The CUDA aten kernels refuse a last dim with stride != 1 (the H200 run: each raises); the prepared
+    call checks nothing up front and retries on copies; any other error reaches the plan's recover."""
+    calls = []
+
+    def refuses_strided(q, k, v, *rest, **kw):
+        calls.append(q.stride(-1))
+        if q.stride(-1) != 1:
+            raise RuntimeError("Input tensor must have contiguous last dimension")
+        return (q.clone(),)
+
+    monkeypatch.setattr(torch, torch_native._ATEN_SDPA[(backend, "cuda")], refuses_strided)
+    ctx = SelectionContext(op="attention.full", device_type="cuda", sm=90, dtype=torch.float16, batch=1,
+                           seq_len_q=3, seq_len_k=3, num_heads=2, num_kv_heads=2, head_dim=8, head_dim_v=8,
+                           layout="BSHD")
+    run = torch_native._prepare_sdpa(backend)(ctx)
+    q, k, v = make_qkv((1, 3, 3, 2, 2, 8), torch.float32, contiguous=False)
+    out = run(q, k, v, None, False, 0.0, None)
+    assert calls == [2, 1] and torch.equal(out, q)  # refused, then ran on copies; output back in BSHD
+    calls.clear()
+    q, k, v = make_qkv((1, 3, 3, 2, 2, 8), torch.float32)
+    monkeypatch.setattr(torch, torch_native._ATEN_SDPA[(backend, "cuda")],
+                        lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("CUDA out of memory")))
+    run = torch_native._prepare_sdpa(backend)(ctx)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run(q, k, v, None, False, 0.0, None)

@@ -47,7 +47,11 @@ class _GraphCall(threading.local):
 
 
 _GRAPH_CALL = _GraphCall()
-_stream_capturing = torch._C._cuda_isCurrentStreamCapturing  # what torch.cuda.is_current_stream_capturing calls
+# What torch.cuda.is_current_stream_capturing calls (it raises RuntimeError on a CPU-only torch build).
+# The hottest keys (attention) inline graph_mode for CUDA tensors as
+#     GRAPH_CALL.depth > 0 or stream_capturing()
+stream_capturing = torch._C._cuda_isCurrentStreamCapturing
+GRAPH_CALL = _GRAPH_CALL
 
 
 def graph_mode() -> bool:
@@ -61,7 +65,7 @@ def graph_mode() -> bool:
     if _GRAPH_CALL.depth:
         return True
     try:
-        return _stream_capturing()
+        return stream_capturing()
     except RuntimeError:  # a CPU-only torch build has no CUDA runtime to ask
         return False
 

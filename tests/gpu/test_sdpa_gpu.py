@@ -19,6 +19,7 @@ import torch
 
 import layerzero as lz
 from layerzero.ops.attention import ATTENTION
+from layerzero.selection.engine import bind_kernel
 from layerzero.state import runtime
 from tests.test_attention import attention_tolerance, reference_attention
 
@@ -57,10 +58,16 @@ def _inputs(b, sq, sk, hq, hk, d, dtype, mask_kind, seed):
     return q, k, v, mask
 
 
-def _run(kernel_id, q, k, v, mask, is_causal):
-    args = (q, k, v, mask, is_causal, 0.0, None, "BSHD", None, 0.0, None)
-    run, _ = ATTENTION.bind(runtime.registry.kernel(kernel_id), ATTENTION.context(*args))
-    return run(q, k, v, mask, is_causal, 0.0, None, None, 0.0, None)
+def _bound(kernel_id, q, k, v, mask, is_causal, layout="BSHD"):
+    """The callable a plan runs for this kernel (the prepared aten call where it has one)."""
+    args = (q, k, v, mask, is_causal, 0.0, None, layout, None, 0.0, None)
+    run, _ = bind_kernel(runtime.registry.kernel(kernel_id), ATTENTION.context(*args), ATTENTION.bind,
+                         ATTENTION.transforms)
+    return run
+
+
+def _run(kernel_id, q, k, v, mask, is_causal, layout="BSHD"):
+    return _bound(kernel_id, q, k, v, mask, is_causal, layout)(q, k, v, mask, is_causal, 0.0, None, None, 0.0, None)
 
 
 def test_sdpa_kernels_match_float64_reference():
@@ -164,3 +171,61 @@ def test_declared_constraints_agree_with_torch():
          ["kernel", "dtype", "head_dim", "gqa", "mask", "causal", "Sq x Sk", "LayerZero", "torch", "our reasons",
           "torch's reason"], rows)
     assert not unsafe, f"{len(unsafe)} cases where we accept and torch refuses (see the table)"
+
+
+PREPARED = ["torch.sdpa_flash", "torch.sdpa_efficient", "torch.sdpa_cudnn"]
+
+
+def test_prepared_aten_calls_match_reference_in_both_layouts_decode_strided_and_backward():
+    """The plans of the fused kernels call torch's aten entry points directly (KernelSpec.prepare):
+    both layouts, decode rows (Sq = 1, causal), GQA, inputs whose last dim has stride 2, and the
+    gradients through the aten ops, each against float64."""
+    runtime.ensure_loaded()
+    rows, failures, prepared = [], [], {kid: 0 for kid in PREPARED}
+    shapes = [(2, 1, 4096, 32, 8, 128), (2, 1, 333, 8, 8, 64), (2, 128, 128, 8, 2, 64), (1, 77, 77, 4, 4, 128)]
+    for seed, (kid, dtype, layout, shape, strided) in enumerate(itertools.product(
+            PREPARED, [torch.bfloat16, torch.float16], ["BSHD", "BHSD"], shapes, [False, True])):
+        b, sq, sk, hq, hk, d = shape
+        q, k, v, _ = _inputs(b, sq, sk, hq, hk, 2 * d if strided else d, dtype, "none", seed)
+        if strided:
+            q, k, v = q[..., ::2], k[..., ::2], v[..., ::2]
+        if layout == "BHSD":
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        ok, _ = lz.validate(kid, "attention", q, k, v, is_causal=True, layout=layout)
+        if not ok:
+            continue
+        run = _bound(kid, q, k, v, None, True, layout)
+        prepared[kid] += run.__qualname__.startswith("aten_sdpa")
+        ref = reference_attention(q, k, v, layout=layout, is_causal=True)
+        label = f"{kid} {str(dtype)[6:]} {layout} {'x'.join(map(str, shape))}{' strided' if strided else ''}"
+        try:
+            out = run(q, k, v, None, True, 0.0, None, None, 0.0, None)
+            err = (out.double() - ref).abs().max().item()
+            verdict = "ok" if torch.allclose(out.double(), ref, **attention_tolerance(dtype)) else "MISMATCH"
+        except Exception as e:
+            err, verdict = float("nan"), f"RAISED {type(e).__name__}: {str(e)[:80]}"
+        if verdict != "ok":
+            failures.append(f"{label}: {verdict} {err:.3g}")
+        rows.append([label, run.__qualname__, f"{err:.2e}", verdict])
+    # backward through the prepared aten call (compute_log_sumexp set when an input needs grad)
+    for kid in PREPARED:
+        q, k, v, _ = _inputs(2, 64, 64, 8, 8, 64, torch.float16, "none", 7)
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        with torch.no_grad():
+            if not lz.validate(kid, "attention", q, k, v, is_causal=True)[0]:
+                continue
+        out = _run(kid, q, k, v, None, True)
+        grad = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), grad)
+        qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+        want = torch.autograd.grad(reference_attention(qd, kd, vd, is_causal=True), (qd, kd, vd), grad.double())
+        # gradients sum over rows in half precision: compared relative to their largest entry
+        errs = [((g.double() - w).abs().max() / w.abs().max()).item() for g, w in zip(got, want, strict=True)]
+        verdict = "ok" if max(errs) < 1e-2 else "MISMATCH"
+        rows.append([f"{kid} backward fp16 2x64x64x8x64", "grad", f"{max(errs):.2e}", verdict])
+        if verdict != "ok":
+            failures.append(f"{kid} backward: {errs}")
+    emit("sdpa_prepared", "Prepared aten SDPA calls vs float64 reference", ["case", "run", "max abs err", "result"],
+         rows)
+    assert all(n > 0 for n in prepared.values()), f"a fused kernel never ran through its prepared call: {prepared}"
+    assert not failures, "\n".join(failures)

@@ -127,43 +127,70 @@ def _prepare_sdpa(backend_name: str) -> Callable[[SelectionContext], Callable[..
 
 def _aten_sdpa(op: Callable[..., tuple[torch.Tensor, ...]], backend_name: str, device_type: str, causal: bool,
                lse: bool, bshd: bool) -> Callable[..., torch.Tensor]:
-    """The prepared call of one fused SDPA kernel (see _prepare_sdpa); the arguments each kernel takes
-    differ, so each gets its own small closure. A last dimension with stride != 1, which torch's fused
-    kernels do not read correctly (the CPU kernel silently so: measured on torch 2.13), is copied."""
-    if backend_name == "FLASH_ATTENTION" and device_type == "cuda":
-        def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, scale: float | None
-                 ) -> torch.Tensor:
-            return op(q, k, v, dropout_p, causal, False, scale=scale)[0]
-    elif backend_name == "FLASH_ATTENTION":
-        def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, scale: float | None
-                 ) -> torch.Tensor:
-            return op(q, k, v, dropout_p, causal, scale=scale)[0]
-    elif backend_name == "CUDNN_ATTENTION":
-        def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, scale: float | None
-                 ) -> torch.Tensor:
-            return op(q, k, v, None, lse, dropout_p, causal, False, scale=scale)[0]
-    else:
-        def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, scale: float | None
-                 ) -> torch.Tensor:
-            return op(q, k, v, None, lse, dropout_p, causal, scale=scale)[0]
+    """The prepared call of one fused SDPA kernel (see _prepare_sdpa): one frame between `lz.attention`
+    and the aten op, which is why each kernel's argument list is written out in its own closure.
 
-    if bshd:
+    A last dimension with stride != 1 is copied. The CUDA kernels refuse one (torch 2.11 on the H200:
+    flash "Input tensor must have contiguous last dimension", cuDNN "The stride for the last dimension
+    ... should be 1", efficient "last dimension must be contiguous"), so they retry on that error and
+    the common call checks nothing; the CPU flash kernel reads it silently wrong (torch 2.13), so its
+    call checks the strides first.
+    """
+    if device_type == "cpu":
         def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
                 dropout_p: float, scale: float | None, window: tuple[int, int] | None = None, softcap: float = 0.0,
                 alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
             if q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
                 q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-            return call(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p, scale).transpose(1, 2)
+            if bshd:
+                return op(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p, causal,
+                          scale=scale)[0].transpose(1, 2)
+            return op(q, k, v, dropout_p, causal, scale=scale)[0]
+    elif backend_name == "FLASH_ATTENTION":
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
+                dropout_p: float, scale: float | None, window: tuple[int, int] | None = None, softcap: float = 0.0,
+                alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+            try:
+                if bshd:
+                    return op(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p, causal, False,
+                              scale=scale)[0].transpose(1, 2)
+                return op(q, k, v, dropout_p, causal, False, scale=scale)[0]
+            except RuntimeError as error:
+                return _strided_retry(run, error, q, k, v, dropout_p, scale)
+    elif backend_name == "CUDNN_ATTENTION":
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
+                dropout_p: float, scale: float | None, window: tuple[int, int] | None = None, softcap: float = 0.0,
+                alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+            try:
+                if bshd:
+                    return op(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, lse, dropout_p, causal,
+                              False, scale=scale)[0].transpose(1, 2)
+                return op(q, k, v, None, lse, dropout_p, causal, False, scale=scale)[0]
+            except RuntimeError as error:
+                return _strided_retry(run, error, q, k, v, dropout_p, scale)
     else:
         def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
                 dropout_p: float, scale: float | None, window: tuple[int, int] | None = None, softcap: float = 0.0,
                 alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
-            if q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
-                q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-            return call(q, k, v, dropout_p, scale)
+            try:
+                if bshd:
+                    return op(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, lse, dropout_p, causal,
+                              scale=scale)[0].transpose(1, 2)
+                return op(q, k, v, None, lse, dropout_p, causal, scale=scale)[0]
+            except RuntimeError as error:
+                return _strided_retry(run, error, q, k, v, dropout_p, scale)
 
     run.__qualname__ = f"aten_sdpa_{backend_name.lower()}_{'bshd' if bshd else 'bhsd'}"
     return run
+
+
+def _strided_retry(run: Callable[..., torch.Tensor], error: RuntimeError, q: torch.Tensor, k: torch.Tensor,
+                   v: torch.Tensor, dropout_p: float, scale: float | None) -> torch.Tensor:
+    """A CUDA fused kernel refused a last dimension with stride != 1: run on contiguous copies. Any
+    other error is the kernel's (the plan's recover falls back)."""
+    if q.stride(3) == 1 and k.stride(3) == 1 and v.stride(3) == 1:
+        raise error
+    return run(q.contiguous(), k.contiguous(), v.contiguous(), None, False, dropout_p, scale)
 
 
 def _sdpa_upcast(backend_name: str) -> Callable[..., torch.Tensor]:
@@ -207,7 +234,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    return torch.layer_norm(x, (x.shape[-1],), weight, bias, eps)  # the C op (F.layer_norm adds a frame)
+
+
+def _prepare_rms_norm(ctx: SelectionContext) -> Callable[..., torch.Tensor]:
+    """rms_norm with this context's normalized shape bound (the plan key holds x's shape)."""
+    shape, op = (ctx.hidden_size,), torch.rms_norm
+    return lambda x, weight, eps: op(x, shape, weight, eps)
+
+
+def _prepare_layer_norm(ctx: SelectionContext) -> Callable[..., torch.Tensor]:
+    shape, op = (ctx.hidden_size,), torch.layer_norm
+    return lambda x, weight, bias, eps: op(x, shape, weight, bias, eps)
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -297,11 +335,11 @@ BACKEND = Backend(
             supports_window=True, supports_alibi=True, same_head_dim_v=False, description="unfused matmul-softmax-matmul (SDPBackend.MATH)",
         ),
         KernelSpec(
-            id="torch.rms_norm", ops=("norm.rms",), impl=rms_norm, priority=50, platforms=_CPU_CUDA,
+            id="torch.rms_norm", ops=("norm.rms",), impl=rms_norm, prepare=_prepare_rms_norm, priority=50, platforms=_CPU_CUDA,
             dtypes=ALL_FLOAT_DTYPES, supports_backward=True, check=_has_rms_norm, description="torch.rms_norm",
         ),
         KernelSpec(
-            id="torch.layer_norm", ops=("norm.layer",), impl=layer_norm, priority=50, platforms=_CPU_CUDA,
+            id="torch.layer_norm", ops=("norm.layer",), impl=layer_norm, prepare=_prepare_layer_norm, priority=50, platforms=_CPU_CUDA,
             dtypes=ALL_FLOAT_DTYPES, supports_backward=True, description="torch.nn.functional.layer_norm",
         ),
         KernelSpec(

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ..context import SelectionContext, graph_mode
+from ..context import GRAPH_CALL, SelectionContext, graph_mode, stream_capturing
 from ..errors import InvalidInputError, UnknownNameError
 from ..kernel import LAYOUTS, KernelSpec
 from ..state import runtime
@@ -90,14 +90,16 @@ def attention(
 def _key(q: Any, k: Any, v: Any, attn_mask: Any = None, is_causal: bool = False, dropout_p: float = 0.0,
          scale: float | None = None, layout: str = "BSHD", window_size: Any = None, softcap: float = 0.0,
          alibi_slopes: Any = None) -> tuple[Any, ...]:
-    """The plan-cache key: everything selection depends on, nothing it does not (not scale)."""
+    """The plan-cache key: everything selection depends on, nothing it does not (not scale).
+
+    Hot path: every term is an attribute read or a C call (graph_mode inlined for CUDA tensors)."""
     return (
         "attention", layout, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
         None if attn_mask is None else (attn_mask.shape, attn_mask.dtype, attn_mask.device),
-        is_causal, dropout_p > 0.0, _hashable(window_size), softcap > 0.0,
+        is_causal, dropout_p > 0.0, None if window_size is None else tuple(window_size), softcap > 0.0,
         None if alibi_slopes is None else (alibi_slopes.shape, alibi_slopes.dtype, alibi_slopes.device),
         _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
-        q.is_cuda and graph_mode(),
+        q.is_cuda and (GRAPH_CALL.depth > 0 or stream_capturing()),
     )
 
 
