@@ -129,7 +129,7 @@ def cases(quick: bool, device: torch.device) -> list[dict]:
                 fn()
             except RuntimeError:
                 continue
-            case[sub.split("_", 1)[1]] = fn
+            case[sub.split(".")[1]] = fn
         out.append(case)
         # (closures of this function's own locals: each call of attention() binds its own tensors)
 

@@ -93,7 +93,8 @@ def test_flash_attn_varlen_mapping(libs, impl):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl,page", [(fa.v2_paged, 256), (fa.v3_paged, 16)], ids=["v2", "v3"])
+@pytest.mark.parametrize("impl,page", [(fa.v2_paged, 256), (fa.v3_paged, 16), (fa.v4_paged, 16)],
+                         ids=["v2", "v3", "v4"])
 def test_flash_attn_paged_mapping(libs, impl, page):
     g = torch.Generator().manual_seed(2)
     B, Hq, Hkv, D, pages = 2, 4, 2, 16, 6

@@ -164,6 +164,10 @@ def make_flash_attn_v4() -> types.ModuleType:
                                softmax_scale=None, causal=False, window_size=(None, None), learnable_sink=None,
                                softcap=0.0, num_splits=1, pack_gqa=None, deterministic=False, return_lse=False):
         CALLS.append(("flash_attn.cute.flash_attn_varlen_func", {}))
+        if page_table is not None:  # FA4 reads a paged cache in batch form, lengths in seqused_k
+            assert cu_seqlens_q is None and cu_seqlens_k is None and q.dim() == 4
+            return _paged(q, k, v, seqused_k, page_table, softmax_scale, causal, window_size[0], window_size[1],
+                          softcap), None
         return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, window_size[0], window_size[1],
                        softcap), None
 

@@ -125,6 +125,18 @@ def v4_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
                                          window_size=_window(window, None), softcap=softcap))
 
 
+def v4_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
+             seq_lens: torch.Tensor, is_causal: bool, scale: float | None, window: tuple[int, int] | None,
+             softcap: float, kv_layout: str) -> torch.Tensor:
+    from flash_attn.cute import flash_attn_varlen_func
+
+    # FA4 reads a paged cache through its varlen entry point: q in batch form (B, Sq, H, D), the
+    # cache (num_pages, page_size, Hkv, D), lengths as seqused_k (the new tokens included)
+    return _first(flash_attn_varlen_func(q, k_cache, v_cache, seqused_k=seq_lens, page_table=page_table,
+                                         softmax_scale=scale, causal=is_causal,
+                                         window_size=_window(window, None), softcap=softcap))
+
+
 def _v2_check(ctx: SelectionContext) -> list[Rejection]:
     """FA2 has no ALiBi together with softcap (the two score modifiers are exclusive in its kernels)."""
     if ctx.alibi and ctx.softcap:
@@ -170,11 +182,16 @@ BACKENDS = (
         description="FlashAttention-4, CuTe DSL (Hopper, Blackwell)",
         kernels=(
             KernelSpec(id="flash_attn4.fwd", ops=DENSE_OPS, impl=v4_dense, priority=86, min_sm=90, max_sm=119,
-                       head_dim_multiple=8, generations=frozenset({"hopper", "blackwell"}),
+                       head_dim_multiple=8, generations=frozenset({"hopper", "blackwell"}), needs_jit=True,
                        description="flash_attn.cute.flash_attn_func (preferred on Blackwell)", **_common),
             KernelSpec(id="flash_attn4.varlen", ops=("attention.varlen",), impl=v4_varlen, priority=86, min_sm=90,
-                       max_sm=119, head_dim_multiple=8, generations=frozenset({"hopper", "blackwell"}),
+                       max_sm=119, head_dim_multiple=8, generations=frozenset({"hopper", "blackwell"}), needs_jit=True,
                        description="flash_attn.cute.flash_attn_varlen_func", **_common),
+            KernelSpec(id="flash_attn4.paged", ops=PAGED_OPS, impl=v4_paged, priority=60, min_sm=90, max_sm=119,
+                       head_dim_multiple=8, generations=frozenset({"hopper", "blackwell"}), needs_jit=True,
+                       kv_layouts=frozenset({"NHD"}),
+                       description="flash_attn.cute.flash_attn_varlen_func(page_table=..., seqused_k=...)",
+                       **_common),
         ),
     ),
 )
