@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import multiprocessing
 import os
 import signal
@@ -17,6 +18,7 @@ from layerzero.perf.perfdb import (
     MIGRATIONS,
     SCHEMA_VERSION,
     Bucket,
+    Figure,
     PerfDB,
     PerfRecord,
     current_signature,
@@ -88,9 +90,68 @@ def test_migration_from_v1_keeps_rows(tmp_path):
     conn.commit()
     conn.close()
     db = PerfDB(path)
-    assert db.schema_version == SCHEMA_VERSION == 2
+    assert db.schema_version == SCHEMA_VERSION == 3
     (row,) = db.records()
-    assert row.kernel == "a.k" and row.median_us == 5.0 and row.shape == ""
+    assert row.kernel == "a.k" and row.median_us == 5.0 and row.shape == "" and row.graph_us is None
+
+
+# The schema of version 2 as LayerZero 2026-12 wrote it (kept literally: MIGRATIONS may be refactored).
+V2_DDL = (
+    "CREATE TABLE timings (kernel TEXT NOT NULL, op TEXT NOT NULL, dtype TEXT NOT NULL,"
+    " batch INTEGER NOT NULL, seq_q INTEGER NOT NULL, seq_k INTEGER NOT NULL, heads INTEGER NOT NULL,"
+    " kv_heads INTEGER NOT NULL, head_dim INTEGER NOT NULL, rows INTEGER NOT NULL, hidden INTEGER NOT NULL,"
+    " variant TEXT NOT NULL, device TEXT NOT NULL, sm INTEGER NOT NULL, driver TEXT NOT NULL,"
+    " cuda TEXT NOT NULL, torch TEXT NOT NULL, backend_version TEXT NOT NULL,"
+    " median_us REAL NOT NULL, p95_us REAL NOT NULL, samples INTEGER NOT NULL, variance REAL NOT NULL,"
+    " correct INTEGER NOT NULL, max_error REAL NOT NULL, error TEXT NOT NULL, created REAL NOT NULL,"
+    " PRIMARY KEY (kernel, op, dtype, batch, seq_q, seq_k, heads, kv_heads, head_dim, rows, hidden, variant,"
+    " device, sm, driver, cuda, torch, backend_version))",
+    "ALTER TABLE timings ADD COLUMN shape TEXT NOT NULL DEFAULT ''",
+    "CREATE INDEX timings_by_signature ON timings (device, sm, driver, cuda, torch)",
+)
+
+
+def test_migration_from_v2_keeps_rows_as_eager_figures_and_selection_uses_them(tmp_path):
+    """A database written by the v2 schema (one time per row) opens as v3: each old time is the eager
+    figure, there is no graph figure, and scoring in either regime falls back to the eager one."""
+    q = torch.randn(1, 32, 2, 16)
+    ctx = attn_ctx(q, q)
+    base = lz.which("attention", q, q, q, is_causal=True)
+    b = Bucket.of(ctx)
+    path = tmp_path / "v2.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    conn.execute("INSERT INTO schema_version VALUES (2)")
+    for statement in V2_DDL:
+        conn.execute(statement)
+    for kernel, median in ((base, 50.0), ("torch.sdpa_math", 20.0)):
+        conn.execute("INSERT INTO timings VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+                     " ?, ?, ?, ?)",
+                     (kernel, ctx.op, ctx.dtype_name, b.batch, b.seq_q, b.seq_k, b.heads, b.kv_heads, b.head_dim,
+                      b.rows, b.hidden, b.variant, SIG.device, SIG.sm, SIG.driver, SIG.cuda, SIG.torch,
+                      runtime._backend_version(kernel) or "", median, median * 1.1, 10, (0.05 * median) ** 2, 1, 0.0,
+                      "", 1.0, "1x32x32x2x2x16x1"))
+    conn.commit()
+    conn.close()
+    db = PerfDB(path)
+    assert db.schema_version == SCHEMA_VERSION == 3
+    rows = {r.kernel: r for r in db.records()}
+    math_row = rows["torch.sdpa_math"]
+    assert (math_row.median_us, math_row.samples, math_row.shape) == (20.0, 10, "1x32x32x2x2x16x1")
+    assert math_row.graph_us is None and math_row.graph_samples == 0 and math_row.calls == 0
+    assert math_row.figure("graph") is None and math_row.figure_for("graph").regime == "eager"
+    columns = [c[1] for c in sqlite3.connect(path).execute("PRAGMA table_info(timings)")]
+    assert columns[-6:] == ["graph_us", "graph_p95_us", "graph_samples", "graph_variance", "graph_note", "calls"]
+    db.close()
+    lz.perfdb(path)
+    report = lz.explain("attention", q, q, q, is_causal=True)
+    assert report.selected_kernel == "torch.sdpa_math"
+    # a v3 row written after the migration round-trips its graph figure
+    db = lz.perfdb()
+    db.record([dataclasses.replace(math_row, graph_us=7.5, graph_p95_us=8.0, graph_samples=12, graph_variance=0.01,
+                                   calls=64)])
+    again = {r.kernel: r for r in db.records()}["torch.sdpa_math"]
+    assert again.figure("graph") == Figure("graph", 7.5, 8.0, 12, 0.01) and again.calls == 64
 
 
 def test_newer_schema_is_refused_and_selection_survives(tmp_path):
