@@ -459,25 +459,29 @@ class Measurements:
     def lookup(self, kernel_id: str, ctx: SelectionContext) -> PerfRecord | None:
         return self.bucket_records(ctx).get(kernel_id)
 
-    def score(self, kernel_id: str, ctx: SelectionContext) -> float | None:
-        """PERF_SCALE * (fastest time in the bucket) / (this kernel's time); None when the kernel is
-        unmeasured or the bucket's data is not confident.
+    def score(self, kernel_id: str, ctx: SelectionContext, regime: str = "eager") -> tuple[float, Figure] | None:
+        """(PERF_SCALE * fastest time in the bucket / this kernel's time, the figure used) in `regime`;
+        None when the kernel is unmeasured or the bucket's data is not confident.
 
-        One noisy timing could skew the ranking, so a bucket is used only when each of its correct
-        timings is confident or clearly out of the race: its median minus two standard deviations
-        is still slower than the fastest confident median (a slow fallback such as unfused math
-        attention is often noisy; on the H100 that alone kept 5 of 22 tuned shapes on priorities).
+        Each kernel is timed by `PerfRecord.figure_for(regime)`. One noisy timing could skew the
+        ranking, so a bucket is used only when each of its correct timings is confident or clearly
+        out of the race: its median minus two standard deviations is still slower than the fastest
+        confident median (a slow fallback such as unfused math attention is often noisy; on the H100
+        that alone kept 5 of 22 tuned shapes on priorities).
         """
         records = self.bucket_records(ctx)
         mine = records.get(kernel_id)
         if mine is None or not mine.correct:
             return None
-        timed = [r for r in records.values() if r.correct]
-        confident = [r.median_us for r in timed if r.confident]
+        own = mine.figure_for(regime)
+        if own is None:
+            return None
+        timed = [f for f in (r.figure_for(regime) for r in records.values() if r.correct) if f is not None]
+        confident = [f.median_us for f in timed if f.confident]
         if not confident:
             return None
         best = min(confident)
-        for r in timed:
-            if not r.confident and (r.samples < MIN_SAMPLES or r.median_us - 2.0 * math.sqrt(max(r.variance, 0.0)) <= best):
+        for f in timed:
+            if not f.confident and (f.samples < MIN_SAMPLES or f.median_us - 2.0 * math.sqrt(max(f.variance, 0.0)) <= best):
                 return None
-        return PERF_SCALE * min(r.median_us for r in timed) / mine.median_us
+        return PERF_SCALE * min(f.median_us for f in timed) / own.median_us, own
