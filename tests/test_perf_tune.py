@@ -247,3 +247,21 @@ def test_rope_and_paged_workloads_build_checkable_inputs():
         ref, cut = workloads.reference_output("paged_attention", args)
         out = lz.paged_attention(*args)  # the op on the whole batch, cut to the reference's sequence 0
         torch.testing.assert_close(cut(out).double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_window_softcap_and_swiglu_workloads(perf_path):
+    from layerzero.perf import workloads
+
+    cpu = torch.device("cpu")
+    ctx = workloads.context_for("attention_ext", (2, 1000, 1000, 8, 2, 64, 1, 256, 30), torch.float32, cpu)
+    assert (ctx.op, ctx.batch, ctx.seq_len_q, ctx.window, ctx.softcap) == ("attention.sliding_window", 2, 1000,
+                                                                            (256, 0), 30.0)
+    assert workloads.context_for("attention_ext", (1, 64, 64, 4, 4, 16, 0, 8, 0), torch.float32, cpu).window == (8, 8)
+    report = lz.tune("attention_ext", shapes=["1x32x32x4x2x16x1x8x0"], dtypes=[torch.float32], kernels="torch.*",
+                     repeats=3, warmup=1, min_sample_s=0.0, progress=False, device="cpu")
+    (res,) = report.results
+    assert res.family == "attention_ext" and res.op == "attention.sliding_window"
+    assert res.records and all(r.correct for r in res.records), [r.error for r in res.records]
+    swiglu = lz.tune("swiglu", shapes=[(5, 48)], dtypes=[torch.float32], kernels="torch.*", repeats=3, warmup=1,
+                     min_sample_s=0.0, progress=False, device="cpu")
+    assert swiglu.results[0].op == "activation.swiglu" and swiglu.results[0].best.kernel == "torch.swiglu"

@@ -8,8 +8,8 @@ twice the L2 cache, so that no call finds its inputs already cached:
 - graph (CUDA, graph-safe kernels): the same N calls captured in one CUDA graph and replayed between
   two events; per call = replay time / N, the device time. A kernel that fails to capture, or whose
   replay differs from its eager call, gets no graph figure and a note saying why.
-N is calibrated so a sample lasts at least `min_sample_s` (and, on CUDA, N >= MIN_CUDA_CALLS, so the
-host time before the first launch is a small part of a sample). Each regime takes `repeats` samples,
+N is calibrated so a sample lasts at least `min_sample_s` (and, on CUDA, N >= MIN_CUDA_CALLS unless
+fewer calls last MIN_CUDA_SAMPLE_S, so the host time before the first launch is a small part of a sample). Each regime takes `repeats` samples,
 and more (up to `max_repeats`) while p95 / median exceeds `spread`; median, p95 and variance are over
 samples.
 """
@@ -39,7 +39,10 @@ TOLERANCE = {
 }
 
 
-MIN_CUDA_CALLS = 10  # calls per CUDA sample at least: the first launch's host time is then <= 1/10 of one call
+# Calls per CUDA sample at least MIN_CUDA_CALLS, or as many as last MIN_CUDA_SAMPLE_S when fewer do: the host
+# time before the first launch (tens of us), which no later call hides, is then a small part of a sample.
+MIN_CUDA_CALLS = 10
+MIN_CUDA_SAMPLE_S = 0.02
 MAX_CALLS = 10_000
 
 
@@ -106,7 +109,7 @@ def calls_per_sample(fn: Callable[..., Any], inputs: Sequence[tuple[Any, ...]], 
         fn(*inputs[j % n])
     _sync(device)
     once = max((time.perf_counter() - t0) / 4, 1e-7)
-    floor = MIN_CUDA_CALLS if device.type == "cuda" else 1
+    floor = min(MIN_CUDA_CALLS, math.ceil(MIN_CUDA_SAMPLE_S / once)) if device.type == "cuda" else 1
     return max(floor, min(MAX_CALLS, math.ceil(min_sample_s / once)))
 
 
@@ -190,7 +193,10 @@ def time_graph(fn: Callable[..., Any], inputs: Sequence[tuple[Any, ...]], device
             raise GraphCaptureFailed(f"replay differs from the eager call (max error {err:.3g})")
         return timing
     finally:
-        graph.reset()
+        try:
+            graph.reset()
+        except Exception:  # noqa: BLE001, S110 - after a failed capture there may be nothing to reset
+            pass
 
 
 def _dtype_of(out: Any) -> torch.dtype:
@@ -280,14 +286,17 @@ def _with_graph_figure(record: PerfRecord, spec: KernelSpec, fn: Callable[..., A
         return replace(record, graph_note="graph timing off")
     if not spec.graph_safe:
         return replace(record, graph_note="not graph-safe (KernelSpec.graph_safe=False)")
+    note, g = "", None
     try:
         g = time_graph(fn, sets, device, calls, dtype=dtype, repeats=repeats, max_repeats=max_repeats, spread=spread)
     except Exception as e:  # noqa: BLE001 - no graph figure is a result, not an error
         note = str(e) if isinstance(e, GraphCaptureFailed) else f"graph timing failed: {type(e).__name__}: {e}"
-        try:
-            _sync(device)
-        except Exception:  # noqa: BLE001, S110 - a sticky CUDA error shows up in the next kernel's record
-            pass
+    try:
+        _sync(device)
+        torch.cuda.empty_cache()  # the graph's private memory pool, released by reset, goes back to the device
+    except Exception:  # noqa: BLE001, S110 - a sticky CUDA error shows up in the next kernel's record
+        pass
+    if g is None:
         return replace(record, graph_note=note[:300])
     return replace(record, graph_us=g.median_us, graph_p95_us=g.p95_us, graph_samples=g.samples,
                    graph_variance=g.variance)
