@@ -175,12 +175,14 @@ def _plain_attention(args: tuple[Any, ...]) -> Callable[..., Any]:
         mask = _visible(sq, sk, bool(causal), window, q.device)
     is_causal = bool(causal) and mask is None and sq == sk
     if softcap:  # SDPA has no softcap: transformers' eager attention (Gemma-2)
+        visible = _visible(sq, sk, bool(causal), window, q.device)
+
         def eager_softcap(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *_: Any) -> torch.Tensor:
             query, key, value = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             key, value = repeat_kv(key, hq // hkv), repeat_kv(value, hq // hkv)
             attn_weights = torch.matmul(query, key.transpose(2, 3)) * d ** -0.5
             attn_weights = torch.tanh(attn_weights / softcap) * softcap
-            attn_weights = attn_weights.masked_fill(~mask, torch.finfo(attn_weights.dtype).min)
+            attn_weights = attn_weights.masked_fill(~visible, torch.finfo(attn_weights.dtype).min)
             attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
             return torch.matmul(attn_weights, value).transpose(1, 2)
 

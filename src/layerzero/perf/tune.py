@@ -102,7 +102,7 @@ class TuneReport:
                         f = r.figure(g)
                         parts.append("-" if f is None else f"{f.median_us:.4g}{'*' if best[g] is r else ''}")
                     cells.append(" / ".join(parts))
-            picks = " | ".join(best[g].kernel if best[g] else "-" for g in REGIMES)
+            picks = " | ".join(getattr(best[g], "kernel", "-") for g in REGIMES)
             lines.append(f"| {res.label} | " + " | ".join(cells) + f" | {picks} |")
         return "\n".join(lines)
 
@@ -346,7 +346,7 @@ def _tune_command(args: Any) -> int:
                   kernels=args.kernels, repeats=args.repeats, perfdb=args.perfdb, report=args.report,
                   graphs=args.graphs)
     data = [{"op": r.op, "shape": list(r.shape), "dtype": r.dtype, "best": r.best.kernel if r.best else None,
-             "best_graph": r.best_in("graph").kernel if r.best_in("graph") else None,
+             "best_graph": getattr(r.best_in("graph"), "kernel", None),
              "kernels": {x.kernel: (x.median_us if x.correct else "wrong") for x in r.records},
              "graph_us": {x.kernel: x.graph_us for x in r.records if x.correct},
              "graph_notes": {x.kernel: x.graph_note for x in r.records if x.graph_note}} for r in report.results]
