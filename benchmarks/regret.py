@@ -415,11 +415,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="markdown file (a .json beside it gets the rows); default "
                         "benchmarks/results/regret-<device>[-quick].md")
     parser.add_argument("--render", nargs="+", default=None, help="re-render saved .json files as one report "
-                        "(no measuring); the title is the first one's")
+                        "(no measuring; with --out, their rows joined go to the .json beside it); the title is the "
+                        "first one's")
     args = parser.parse_args(argv)
     if args.render:
         saved = [json.loads(Path(p).read_text()) for p in args.render]
-        text = render([r for s in saved for r in s["rows"]], saved[0]["title"])
+        joined = {**saved[0], "rows": [r for s in saved for r in s["rows"]]}
+        if args.out:  # the joined rows first: render() rewrites their policy columns
+            Path(args.out).with_suffix(".json").write_text(json.dumps(joined, indent=1, default=str))
+        text = render(joined["rows"], joined["title"])
         print(text)
         if args.out:
             Path(args.out).write_text(text + "\n")

@@ -47,6 +47,7 @@ def test_quick_run_on_cpu_prints_a_table_last_and_writes_markdown_and_json(regre
     assert regret.main(["--render", str(out.with_suffix(".json")), str(out.with_suffix(".json")),
                         "--out", str(joined)]) == 0
     assert f"| eager | {2 * len(rows)} |" in joined.read_text()
+    assert len(json.loads(joined.with_suffix(".json").read_text())["rows"]) == 2 * len(rows)
 
 
 @pytest.mark.parametrize(("name", "shape"), [
