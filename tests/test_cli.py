@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import layerzero as lz
 from layerzero import cli
 
 
@@ -45,7 +46,9 @@ def test_backends_lists_availability_and_reasons(capsys):
     assert all(b["reason"] for b in rows.values() if not b["available"])
 
 
-def test_explain_attention_and_rms_norm(capsys):
+def test_explain_attention_and_rms_norm(capsys, monkeypatch):
+    monkeypatch.setenv("LAYERZERO_PERFDB", "off")  # not the user's cache: priorities decide
+    lz.reset()
     code, out, _ = run(capsys, "explain", "attention", "--shape", "1x64x64x8x2x64x1", "--dtype", "float32",
                        "--device", "cpu")
     assert code == 0 and out.startswith("op attention.causal: selected ")
@@ -54,6 +57,7 @@ def test_explain_attention_and_rms_norm(capsys):
                        "--json")
     data = json.loads(out)
     assert data["op"] == "norm.rms" and data["selected"] == "torch.rms_norm"
+    assert (data["regime"], data["decided_by"]) == ("eager", "priority")  # no PerfDB rows: priorities decided
     assert {c["kernel"] for c in data["candidates"]} >= {"torch.rms_norm", "reference.rms_norm"}
 
 

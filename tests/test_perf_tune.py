@@ -47,8 +47,23 @@ def perf_path(tmp_path):
 
 def test_time_calls_reports_sane_statistics():
     t = time_calls(lambda: time.sleep(0.002), [()], torch.device("cpu"), warmup=1, repeats=5, min_sample_s=0.001)
-    assert t.samples == 5 and t.iters == 1
+    assert 5 <= t.samples <= 25 and t.iters == 1  # more samples only while p95/median > 1.1 (at most 5x)
     assert 1900 < t.median_us < 20_000 and t.p95_us >= t.median_us
+    short = time_calls(lambda: None, [()], torch.device("cpu"), warmup=1, repeats=3, min_sample_s=0.002)
+    assert short.iters > 100  # N back-to-back calls fill a sample of at least min_sample_s
+
+
+def test_sampling_takes_more_repeats_while_p95_is_far_from_the_median():
+    from layerzero.perf.bench import _sampled
+
+    values = iter([1.0] * 9 + [2.0] + [1.0] * 100)  # one outlier in the first 10: p95 = 2 x the median
+    t = _sampled(lambda: next(values), 7, repeats=10, max_repeats=None, spread=1.1)
+    assert (t.samples, t.p95_us, t.median_us, t.iters) == (20, 1.0, 1.0, 7)  # 20 samples: p95 is the 19th
+    noisy = iter([1.0, 3.0] * 100)
+    t = _sampled(lambda: next(noisy), 1, repeats=10, max_repeats=30, spread=1.1)
+    assert t.samples == 30 and t.p95_us == 3.0  # never settles: stops at the cap, p95 recorded as measured
+    steady = iter([1.0] * 100)
+    assert _sampled(lambda: next(steady), 1, repeats=10, max_repeats=None, spread=1.1).samples == 10
 
 
 def test_rotation_exceeds_l2():
@@ -94,6 +109,39 @@ def test_tune_switches_selection_to_the_measured_fastest(perf_path, tmp_path, mo
     assert (tmp_path / "report" / "tune_report.md").read_text().startswith("tuned 1 shape")
     pytest.importorskip("matplotlib")
     assert (tmp_path / "report" / "tune_heatmap.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tune_on_cpu_records_eager_figures_and_no_graph_figure(perf_path):
+    report = lz.tune("rms_norm", shapes=[(8, 32)], dtypes=[torch.float32], kernels="torch.*", repeats=4, warmup=1,
+                     min_sample_s=0.001, progress=False, device="cpu")
+    (res,) = report.results
+    (row,) = [r for r in lz.perfdb().records() if r.kernel == "torch.rms_norm"]
+    assert row.correct and row.samples >= 4 and row.calls >= 1 and row.p95_us >= row.median_us > 0
+    assert row.figure("eager").median_us == row.median_us
+    assert row.graph_us is None and row.figure("graph") is None and row.graph_note == "no CUDA graphs on cpu"
+    assert res.best_in("graph") is None and report.regimes == ["eager"]
+    line = report.table().splitlines()[2]
+    assert line.endswith("| torch.rms_norm | - |") and "* / -" in line  # eager figure, no graph one
+    assert "eager (N back-to-back calls) / graph" in str(report)
+
+
+def test_tune_report_shows_both_figures(tmp_path):
+    from layerzero.perf.perfdb import Bucket, PerfRecord, current_signature
+    from layerzero.perf.tune import ShapeResult, TuneReport
+
+    sig = current_signature("cpu", 0)
+
+    def row(kernel, eager, graph=None):
+        return PerfRecord(kernel, "norm.rms", "float32", Bucket(rows=8, hidden=32), sig, "", eager, eager, 20, 0.0,
+                          graph_us=graph, graph_p95_us=graph, graph_samples=0 if graph is None else 20)
+
+    res = ShapeResult("rms_norm", (8, 32), "float32", "norm.rms",
+                      (row("a.k", 10.0, 4.0), row("b.k", 8.0, 6.0), row("c.k", 9.0)))
+    report = TuneReport([res], None)
+    assert res.best.kernel == "b.k" and res.best_in("graph").kernel == "a.k" and report.regimes == ["eager", "graph"]
+    assert report.table().splitlines()[2] == "| norm.rms float32 8x32 | 10 / 4* | 8* / 6 | 9 / - | b.k | a.k |"
+    pytest.importorskip("matplotlib")
+    assert report.heatmap(tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_tune_builtin_cpu_kernels_attention_and_norms(perf_path):
@@ -199,3 +247,21 @@ def test_rope_and_paged_workloads_build_checkable_inputs():
         ref, cut = workloads.reference_output("paged_attention", args)
         out = lz.paged_attention(*args)  # the op on the whole batch, cut to the reference's sequence 0
         torch.testing.assert_close(cut(out).double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_window_softcap_and_swiglu_workloads(perf_path):
+    from layerzero.perf import workloads
+
+    cpu = torch.device("cpu")
+    ctx = workloads.context_for("attention_ext", (2, 1000, 1000, 8, 2, 64, 1, 256, 30), torch.float32, cpu)
+    assert (ctx.op, ctx.batch, ctx.seq_len_q, ctx.window, ctx.softcap) == ("attention.sliding_window", 2, 1000,
+                                                                            (256, 0), 30.0)
+    assert workloads.context_for("attention_ext", (1, 64, 64, 4, 4, 16, 0, 8, 0), torch.float32, cpu).window == (8, 8)
+    report = lz.tune("attention_ext", shapes=["1x32x32x4x2x16x1x8x0"], dtypes=[torch.float32], kernels="torch.*",
+                     repeats=3, warmup=1, min_sample_s=0.0, progress=False, device="cpu")
+    (res,) = report.results
+    assert res.family == "attention_ext" and res.op == "attention.sliding_window"
+    assert res.records and all(r.correct for r in res.records), [r.error for r in res.records]
+    swiglu = lz.tune("swiglu", shapes=[(5, 48)], dtypes=[torch.float32], kernels="torch.*", repeats=3, warmup=1,
+                     min_sample_s=0.0, progress=False, device="cpu")
+    assert swiglu.results[0].op == "activation.swiglu" and swiglu.results[0].best.kernel == "torch.swiglu"

@@ -214,7 +214,7 @@ def test_perf_incorrect(monkeypatch):
         def lookup(self, kernel_id, ctx):
             return Record() if kernel_id == "torch.rms_norm" else None
 
-        def score(self, kernel_id, ctx):
+        def score(self, kernel_id, ctx, regime="eager"):
             return None
 
     runtime.ensure_loaded()

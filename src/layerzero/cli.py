@@ -127,8 +127,9 @@ def _explain(args: argparse.Namespace) -> int:
     report = runtime.engine.evaluate(ctx, family(args.op).transforms)
     data = {
         "op": report.op, "selected": report.selected_kernel, "score": report.score, "fallback": report.fallback,
-        "context": ctx.summary(), "notes": report.notes,
+        "context": ctx.summary(), "notes": report.notes, "regime": report.regime, "decided_by": report.decided_by,
         "candidates": [{"kernel": c.kernel_id, "score": c.score, "transforms": list(c.transforms), "rules": c.rules,
+                        "measured_us": c.measured_us, "measured_regime": c.measured_regime, "decided_by": c.decided_by,
                         "rejections": [{"reason": r.reason.value, "detail": r.detail} for r in c.rejections]}
                        for c in report.candidates],
     }

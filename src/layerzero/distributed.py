@@ -263,8 +263,8 @@ class SharedMeasurements(Measurements):
         return op in self._ops
 
     def digest(self) -> str:
-        rows = sorted((r.kernel, r.op, r.dtype, repr(r.bucket), r.median_us, r.samples, r.correct)
-                      for r in self.records)
+        rows = sorted((r.kernel, r.op, r.dtype, repr(r.bucket), r.median_us, r.samples, r.correct,
+                       -1.0 if r.graph_us is None else r.graph_us, r.graph_samples) for r in self.records)
         return hashlib.sha256(repr(rows).encode()).hexdigest()
 
 

@@ -14,7 +14,7 @@ from .capabilities import Descriptors, discover_environment
 from .context import SelectionContext
 from .errors import UnknownNameError
 from .kernel import Backend, KernelSpec, priority_for
-from .perf.perfdb import Measurements, default_path
+from .perf.perfdb import Figure, Measurements, default_path
 from .policy.model import Policy, PolicyLayers
 from .reasons import Reason, Rejection
 from .runtime.health import Health
@@ -156,26 +156,43 @@ class Runtime:
                 self.registry.add_kernel(item)
             self.bump()
 
-    def score(self, spec: KernelSpec, ctx: SelectionContext, measured: bool = True) -> float:
-        """Measured speed relative to the bucket's fastest (PerfDB, when confident), else the priority.
+    def regime(self, ctx: SelectionContext) -> str:
+        """The timing regime whose PerfDB figures score a selection for `ctx`: LAYERZERO_REGIME when
+        set, else "graph" for a call that may be captured (ctx.graph_capture: CUDA stream capture or
+        a compiled graph, see context.graph_mode), else "eager". Read on the miss path only."""
+        return self.policy.regime or ("graph" if ctx.graph_capture else "eager")
+
+    def score(self, spec: KernelSpec, ctx: SelectionContext, measured: bool = True,
+              regime: str = "eager") -> tuple[float, str]:
+        """(score, what decided it): measured speed relative to the bucket's fastest in `regime`
+        (PerfDB, when confident; decided by "eager" or "graph", the figure used), else the priority
+        ("priority"), or a prefer rule's priority ("prefer").
 
         measured=False: the caller knows the PerfDB has no rows for ctx.op (skips the lookup).
         """
         if self.policy.prefers:
             prefer = self.policy.prefer_rule(spec, ctx)  # lz.prefer / prefer rules override both
             if prefer is not None:
-                return prefer.priority
-        score = self.perf.score(spec.id, ctx) if measured else None
-        return float(priority_for(spec, ctx)) if score is None else score
+                return prefer.priority, "prefer"
+        scored = self.perf.score(spec.id, ctx, regime) if measured else None
+        if scored is None:
+            return float(priority_for(spec, ctx)), "priority"
+        return scored[0], scored[1].regime
 
     @property
     def perf(self) -> Measurements:
         """The measurements scoring reads: the local PerfDB, or the shared view in TP-invariant mode."""
         return self.measurements if self.invariant is None else self.invariant.measurements
 
-    def measured_us(self, spec: KernelSpec, ctx: SelectionContext) -> float | None:
+    def measured(self, spec: KernelSpec, ctx: SelectionContext, regime: str = "eager") -> Figure | None:
+        """The PerfDB figure of a correct kernel that scoring uses in `regime` (see PerfRecord.figure_for)."""
         record = self.perf.lookup(spec.id, ctx)
-        return None if record is None or not record.correct else record.median_us
+        return None if record is None or not record.correct else record.figure_for(regime)
+
+    def measured_us(self, spec: KernelSpec, ctx: SelectionContext) -> float | None:
+        """Microseconds per call in the regime of `ctx` (see `regime`), when measured."""
+        figure = self.measured(spec, ctx, self.regime(ctx))
+        return None if figure is None else figure.median_us
 
     def perf_rejections(self, spec: KernelSpec, ctx: SelectionContext) -> list[Rejection]:
         record = self.perf.lookup(spec.id, ctx)

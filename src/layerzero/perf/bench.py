@@ -1,10 +1,17 @@
-"""The timing harness: check a kernel against the reference, then time it.
+"""The timing harness: check a kernel against the reference, then time it in both regimes.
 
-Timing: a few warm-up calls, then `repeats` samples; each sample runs the kernel `iters` times
-(calibrated so a sample lasts at least `min_sample_s`) over a rotating set of inputs whose total
-size exceeds twice the L2 cache, so that no call finds its inputs already cached. CUDA events time
-GPU samples, `time.perf_counter` CPU ones. The per-call time of a sample is its time / iters; the
-median, p95 and variance are over samples.
+Both regimes time N back-to-back calls of the kernel's bound plan callable (what a user call runs,
+minus the health guard every kernel shares) over a rotating set of inputs whose total size exceeds
+twice the L2 cache, so that no call finds its inputs already cached:
+- eager: the N calls between two CUDA events (perf_counter on CPU); per call = elapsed / N, about
+  max(host time, device time), which is what a model's forward sees;
+- graph (CUDA, graph-safe kernels): the same N calls captured in one CUDA graph and replayed between
+  two events; per call = replay time / N, the device time. A kernel that fails to capture, or whose
+  replay differs from its eager call, gets no graph figure and a note saying why.
+N is calibrated so a sample lasts at least `min_sample_s` (and, on CUDA, N >= MIN_CUDA_CALLS unless
+fewer calls last MIN_CUDA_SAMPLE_S, so the host time before the first launch is a small part of a sample). Each regime takes `repeats` samples,
+and more (up to `max_repeats`) while p95 / median exceeds `spread`; median, p95 and variance are over
+samples.
 """
 
 from __future__ import annotations
@@ -30,6 +37,13 @@ TOLERANCE = {
     torch.float32: (2e-4, 2e-4),
     torch.float64: (1e-7, 1e-7),
 }
+
+
+# Calls per CUDA sample at least MIN_CUDA_CALLS, or as many as last MIN_CUDA_SAMPLE_S when fewer do: the host
+# time before the first launch (tens of us), which no later call hides, is then a small part of a sample.
+MIN_CUDA_CALLS = 10
+MIN_CUDA_SAMPLE_S = 0.02
+MAX_CALLS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,42 +82,127 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _p95(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
+
+
+def _sampled(sample: Callable[[], float], iters: int, repeats: int, max_repeats: int | None,
+             spread: float) -> Timing:
+    """`repeats` samples of `sample()` (us per call), then more, half as many at a time, while
+    p95 / median > spread and fewer than max_repeats (default 5 * repeats) were taken."""
+    cap = max(repeats, 5 * repeats if max_repeats is None else max_repeats)
+    per_call = [sample() for _ in range(max(1, repeats))]
+    while len(per_call) < cap and _p95(per_call) > spread * statistics.median(per_call):
+        per_call.extend(sample() for _ in range(min(max(1, repeats // 2), cap - len(per_call))))
+    variance = statistics.variance(per_call) if len(per_call) > 1 else 0.0
+    return Timing(statistics.median(per_call), _p95(per_call), variance, len(per_call), iters)
+
+
+def calls_per_sample(fn: Callable[..., Any], inputs: Sequence[tuple[Any, ...]], device: torch.device,
+                     min_sample_s: float) -> int:
+    """N: back-to-back calls that last at least `min_sample_s` (estimated from 4 streamed calls)."""
+    n = len(inputs)
+    _sync(device)
+    t0 = time.perf_counter()
+    for j in range(4):
+        fn(*inputs[j % n])
+    _sync(device)
+    once = max((time.perf_counter() - t0) / 4, 1e-7)
+    floor = min(MIN_CUDA_CALLS, math.ceil(MIN_CUDA_SAMPLE_S / once)) if device.type == "cuda" else 1
+    return max(floor, min(MAX_CALLS, math.ceil(min_sample_s / once)))
+
+
 def time_calls(fn: Callable[..., Any], inputs: Sequence[tuple[Any, ...]], device: torch.device, *,
-               warmup: int = 3, repeats: int = 10, min_sample_s: float = 1e-3) -> Timing:
-    """Time `fn(*inputs[i])`, cycling through `inputs`; see the module docstring."""
+               warmup: int = 3, repeats: int = 20, min_sample_s: float = 1e-3, max_repeats: int | None = None,
+               spread: float = 1.1, calls: int | None = None) -> Timing:
+    """The eager figure of `fn(*inputs[i])`, cycling through `inputs`: `calls` (default: calibrated)
+    back-to-back calls per sample between two CUDA events (perf_counter on CPU); see the module doc."""
     n = len(inputs)
     for i in range(max(1, warmup)):
         fn(*inputs[i % n])
-    _sync(device)
-    t0 = time.perf_counter()
-    fn(*inputs[0])
-    _sync(device)
-    once = max(time.perf_counter() - t0, 1e-7)
-    iters = max(1, min(10_000, math.ceil(min_sample_s / once)))
-    per_call: list[float] = []
+    iters = calls if calls is not None else calls_per_sample(fn, inputs, device, min_sample_s)
     cuda = device.type == "cuda"
     if cuda:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     j = 0
-    for _ in range(repeats):
+
+    def sample() -> float:
+        nonlocal j
         if cuda:
+            _sync(device)  # the device starts idle: the first launch's host time is inside the sample
             start.record()
             for _ in range(iters):
                 fn(*inputs[j % n])
                 j += 1
             end.record()
             end.synchronize()
-            per_call.append(start.elapsed_time(end) * 1e3 / iters)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                fn(*inputs[j % n])
-                j += 1
-            per_call.append((time.perf_counter() - t0) * 1e6 / iters)
-    ordered = sorted(per_call)
-    p95 = ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
-    variance = statistics.variance(per_call) if len(per_call) > 1 else 0.0
-    return Timing(statistics.median(per_call), p95, variance, len(per_call), iters)
+            return start.elapsed_time(end) * 1e3 / iters
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn(*inputs[j % n])
+            j += 1
+        return (time.perf_counter() - t0) * 1e6 / iters
+
+    return _sampled(sample, iters, repeats, max_repeats, spread)
+
+
+class GraphCaptureFailed(Exception):
+    """`time_graph` could not capture the calls, or their replay differs from the eager call."""
+
+
+def time_graph(fn: Callable[..., Any], inputs: Sequence[tuple[Any, ...]], device: torch.device, calls: int, *,
+               dtype: torch.dtype | None = None, repeats: int = 20, max_repeats: int | None = None,
+               spread: float = 1.1) -> Timing:
+    """The graph figure: `calls` back-to-back calls of `fn` over `inputs` captured in one CUDA graph,
+    replayed once per sample between two events; per call = replay time / calls (device time).
+
+    The capture protocol of runtime/graphs.py: warm up on a side stream, capture, replay. The last
+    captured call's output is compared with an eager call on the same inputs after the replays (a
+    kernel that keeps host state would replay stale work). Raises GraphCaptureFailed with the reason.
+    """
+    from ..runtime.graphs import warmup_for_capture
+
+    n = len(inputs)
+    warmup_for_capture(lambda: [fn(*inputs[j % n]) for j in range(min(n, calls))], iterations=1)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        try:
+            with torch.cuda.graph(graph):
+                out = None
+                for j in range(calls):
+                    out = fn(*inputs[j % n])
+            graph.replay()
+            _sync(device)
+        except Exception as e:  # noqa: BLE001 - any capture failure means "no graph figure"
+            raise GraphCaptureFailed(f"capture failed: {type(e).__name__}: {e}"[:300]) from e
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def sample() -> float:
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) * 1e3 / calls
+
+        timing = _sampled(sample, calls, repeats, max_repeats, spread)
+        eager = fn(*inputs[(calls - 1) % n])
+        _sync(device)
+        ok, err = compare(out, eager, dtype or _dtype_of(eager))
+        if not ok:
+            raise GraphCaptureFailed(f"replay differs from the eager call (max error {err:.3g})")
+        return timing
+    finally:
+        try:
+            graph.reset()
+        except Exception:  # noqa: BLE001, S110 - after a failed capture there may be nothing to reset
+            pass
+
+
+def _dtype_of(out: Any) -> torch.dtype:
+    if isinstance(out, tuple | list) and out:
+        return _dtype_of(out[0])
+    return out.dtype if isinstance(out, torch.Tensor) else torch.float32
 
 
 def compare(out: Any, ref: Any, dtype: torch.dtype) -> tuple[bool, float]:
@@ -132,10 +231,12 @@ def _nbytes(args: tuple[Any, ...]) -> int:
 
 
 def measure(op_family: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-            kernels: Sequence[KernelSpec], *, repeats: int = 10, warmup: int = 3, min_sample_s: float = 1e-3,
-            seed: int = 0) -> tuple[SelectionContext, list[PerfRecord]]:
+            kernels: Sequence[KernelSpec], *, repeats: int = 20, warmup: int = 3, min_sample_s: float = 1e-3,
+            seed: int = 0, graphs: bool = True, max_repeats: int | None = None,
+            spread: float = 1.1) -> tuple[SelectionContext, list[PerfRecord]]:
     """Check every kernel in `kernels` against the reference on fresh random inputs, then time the
-    correct ones. A kernel that raises or is wrong gets a record with correct=False and no time."""
+    correct ones: the eager figure always, the graph figure on CUDA for graph-safe kernels (unless
+    graphs=False). A kernel that raises or is wrong gets a record with correct=False and no time."""
     wl = workloads.workload(op_family)
     fam = workloads.family(op_family)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -163,10 +264,39 @@ def measure(op_family: str, shape: tuple[int, ...], dtype: torch.dtype, device: 
             if not ok:
                 records.append(replace(failed, max_error=err))
                 continue
-            t = time_calls(fn, sets, device, warmup=warmup, repeats=repeats, min_sample_s=min_sample_s)
+            t = time_calls(fn, sets, device, warmup=warmup, repeats=repeats, min_sample_s=min_sample_s,
+                           max_repeats=max_repeats, spread=spread)
         except Exception as e:  # noqa: BLE001 - a failing kernel is recorded, never fatal to tuning
             records.append(replace(failed, error=f"{type(e).__name__}: {e}"[:500]))
             continue
-        records.append(replace(failed, median_us=t.median_us, p95_us=t.p95_us, samples=t.samples,
-                               variance=t.variance, correct=True, max_error=err))
+        record = replace(failed, median_us=t.median_us, p95_us=t.p95_us, samples=t.samples, variance=t.variance,
+                         correct=True, max_error=err, calls=t.iters)
+        records.append(_with_graph_figure(record, spec, fn, sets, device, dtype, graphs, t.iters, repeats,
+                                          max_repeats, spread))
     return ctx, records
+
+
+def _with_graph_figure(record: PerfRecord, spec: KernelSpec, fn: Callable[..., Any], sets: Sequence[tuple[Any, ...]],
+                       device: torch.device, dtype: torch.dtype, graphs: bool, calls: int, repeats: int,
+                       max_repeats: int | None, spread: float) -> PerfRecord:
+    """`record` with its graph figure, or with a note saying why it has none."""
+    if device.type != "cuda":
+        return replace(record, graph_note=f"no CUDA graphs on {device.type}")
+    if not graphs:
+        return replace(record, graph_note="graph timing off")
+    if not spec.graph_safe:
+        return replace(record, graph_note="not graph-safe (KernelSpec.graph_safe=False)")
+    note, g = "", None
+    try:
+        g = time_graph(fn, sets, device, calls, dtype=dtype, repeats=repeats, max_repeats=max_repeats, spread=spread)
+    except Exception as e:  # noqa: BLE001 - no graph figure is a result, not an error
+        note = str(e) if isinstance(e, GraphCaptureFailed) else f"graph timing failed: {type(e).__name__}: {e}"
+    try:
+        _sync(device)
+        torch.cuda.empty_cache()  # the graph's private memory pool, released by reset, goes back to the device
+    except Exception:  # noqa: BLE001, S110 - a sticky CUDA error shows up in the next kernel's record
+        pass
+    if g is None:
+        return replace(record, graph_note=note[:300])
+    return replace(record, graph_us=g.median_us, graph_p95_us=g.p95_us, graph_samples=g.samples,
+                   graph_variance=g.variance)

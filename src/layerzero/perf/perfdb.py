@@ -8,6 +8,12 @@ processes may tune at once and a process killed mid-write leaves the database in
 Shape buckets: batch, seq_q, seq_k and rows round up to a power of two; heads, head_dim and hidden
 stay exact; the remaining non-default context fields (layout, mask kind, window, ...) form
 `variant`.
+
+Each row holds two figures, one per timing regime (see `REGIMES`): the eager one (N back-to-back
+calls, about max(host time, device time) per call: what a model's forward sees) and, for kernels
+that could be captured, the graph one (the same calls replayed from a CUDA graph: device time).
+Scoring reads the figure of the regime the call runs in, and a kernel's other figure when it has
+only one (`PerfRecord.figure_for`).
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ ENV_PATH = "LAYERZERO_PERFDB"  # a path, or "off" to ignore measurements
 MIN_SAMPLES = 5  # a timing needs this many samples to be trusted by scoring ...
 MAX_CV = 0.25  # ... and a standard deviation at most this fraction of its median
 PERF_SCALE = 1000.0  # score of the fastest measured kernel; slower ones get PERF_SCALE * best / time
+# Timing regimes: "eager" = N back-to-back calls between two events (host and device overlap, so about
+# max(host, device) per call); "graph" = the same N calls captured in a CUDA graph and replayed (device time).
+REGIMES = ("eager", "graph")
 
 
 def default_path() -> Path | None:
@@ -143,11 +152,31 @@ def current_signature(device_type: str = "cpu", index: int = 0) -> Signature:
 
 
 @dataclass(frozen=True, slots=True)
+class Figure:
+    """One regime's timing of a kernel: microseconds per call over `samples` samples."""
+
+    regime: str
+    median_us: float
+    p95_us: float
+    samples: int
+    variance: float
+
+    @property
+    def confident(self) -> bool:
+        """Enough samples with a small enough spread to rank kernels by."""
+        return (self.samples >= MIN_SAMPLES and 0 < self.median_us < math.inf
+                and math.sqrt(max(self.variance, 0.0)) <= MAX_CV * self.median_us)
+
+
+@dataclass(frozen=True, slots=True)
 class PerfRecord:
     """One kernel measured on one shape bucket under one signature.
 
     `correct` False means the kernel's output differed from the reference (or it raised: see
-    `error`); such a kernel is never selected for the bucket. Times are microseconds per call.
+    `error`); such a kernel is never selected for the bucket. Times are microseconds per call:
+    `median_us`, `p95_us`, `samples` and `variance` are the eager figure, `graph_*` the graph
+    figure (`graph_us` None: not measured, `graph_note` says why: not graph-safe, capture failed,
+    no CUDA). `calls` is N, the back-to-back calls per sample of the eager figure (0: unknown).
     """
 
     kernel: str
@@ -165,19 +194,48 @@ class PerfRecord:
     error: str = ""
     shape: str = ""
     created: float = 0.0
+    graph_us: float | None = None
+    graph_p95_us: float | None = None
+    graph_samples: int = 0
+    graph_variance: float = 0.0
+    graph_note: str = ""
+    calls: int = 0
 
     @property
     def confident(self) -> bool:
-        """Enough samples with a small enough spread to rank kernels by."""
-        return (self.correct and self.samples >= MIN_SAMPLES and self.median_us > 0
-                and math.sqrt(max(self.variance, 0.0)) <= MAX_CV * self.median_us)
+        """The eager figure has enough samples with a small enough spread to rank kernels by."""
+        eager = self.figure("eager")
+        return self.correct and eager is not None and eager.confident
+
+    def figure(self, regime: str) -> Figure | None:
+        """The figure measured in `regime` ("eager" or "graph"), None when there is none."""
+        if regime == "graph":
+            if self.graph_us is None or self.graph_samples <= 0:
+                return None
+            p95 = self.graph_p95_us if self.graph_p95_us is not None else self.graph_us
+            return Figure("graph", self.graph_us, p95, self.graph_samples, self.graph_variance)
+        if self.samples <= 0 or not math.isfinite(self.median_us):
+            return None
+        return Figure("eager", self.median_us, self.p95_us, self.samples, self.variance)
+
+    def figure_for(self, regime: str) -> Figure | None:
+        """The figure scoring uses in `regime`: that regime's, else the other one, else None.
+
+        A kernel with one figure is ranked by it rather than dropped to priorities: tune records the
+        eager figure of every correct kernel and the graph figure only where capture worked, so in
+        the graph regime the fallback is an eager time, an upper bound of the device time (it can
+        under-rank that kernel, never over-rank it); a kernel that could not be captured is rarely
+        a good pick under capture anyway.
+        """
+        return self.figure(regime) or self.figure("graph" if regime == "eager" else "eager")
 
 
 # --- schema -------------------------------------------------------------------------------------
 
 _KEY = ("kernel", "op", "dtype", "batch", "seq_q", "seq_k", "heads", "kv_heads", "head_dim", "rows", "hidden",
         "variant", "device", "sm", "driver", "cuda", "torch", "backend_version")
-_VALUES = ("median_us", "p95_us", "samples", "variance", "correct", "max_error", "error", "created")
+_VALUES = ("median_us", "p95_us", "samples", "variance", "correct", "max_error", "error", "created", "shape",
+           "graph_us", "graph_p95_us", "graph_samples", "graph_variance", "graph_note", "calls")
 
 # MIGRATIONS[i] brings a database from schema version i to i + 1; each runs in one transaction.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -195,6 +253,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # v2: the exact measured shape (reports), and an index for loading one signature's rows.
         "ALTER TABLE timings ADD COLUMN shape TEXT NOT NULL DEFAULT ''",
         "CREATE INDEX timings_by_signature ON timings (device, sm, driver, cuda, torch)",
+    ),
+    (
+        # v3: the graph figure (device time under CUDA-graph replay; NULL: none, graph_note says why) and
+        # N, the calls per sample. Rows of v2 keep their time as the eager figure (the v2 harness also
+        # timed back-to-back calls between two events, with fewer calls per sample) and have no graph figure.
+        "ALTER TABLE timings ADD COLUMN graph_us REAL",
+        "ALTER TABLE timings ADD COLUMN graph_p95_us REAL",
+        "ALTER TABLE timings ADD COLUMN graph_samples INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE timings ADD COLUMN graph_variance REAL NOT NULL DEFAULT 0",
+        "ALTER TABLE timings ADD COLUMN graph_note TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE timings ADD COLUMN calls INTEGER NOT NULL DEFAULT 0",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -259,10 +328,10 @@ class PerfDB:
     def record(self, records: Iterable[PerfRecord]) -> int:
         """Store records in one transaction (a newer measurement replaces the same key). Returns the count."""
         rows = [_row(r) for r in records]
-        columns = _KEY + _VALUES + ("shape",)
+        columns = _KEY + _VALUES
         sql = (f"INSERT INTO timings ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
                f" ON CONFLICT ({', '.join(_KEY)}) DO UPDATE SET "
-               + ", ".join(f"{c} = excluded.{c}" for c in _VALUES + ("shape",)))
+               + ", ".join(f"{c} = excluded.{c}" for c in _VALUES))
         with self._lock:
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
@@ -283,7 +352,7 @@ class PerfDB:
         if op is not None:
             where.append("op = ?")
             params.append(op)
-        sql = f"SELECT {', '.join(_KEY + _VALUES + ('shape',))} FROM timings"
+        sql = f"SELECT {', '.join(_KEY + _VALUES)} FROM timings"
         if where:
             sql += " WHERE " + " AND ".join(where)
         with self._lock:
@@ -307,15 +376,19 @@ def _row(r: PerfRecord) -> tuple[Any, ...]:
     return (r.kernel, r.op, r.dtype, b.batch, b.seq_q, b.seq_k, b.heads, b.kv_heads, b.head_dim, b.rows, b.hidden,
             b.variant, s.device, s.sm, s.driver, s.cuda, s.torch, r.backend_version or "", float(r.median_us),
             float(r.p95_us), int(r.samples), float(r.variance), int(bool(r.correct)), float(r.max_error), r.error,
-            r.created or time.time(), r.shape)
+            r.created or time.time(), r.shape, None if r.graph_us is None else float(r.graph_us),
+            None if r.graph_p95_us is None else float(r.graph_p95_us), int(r.graph_samples), float(r.graph_variance),
+            r.graph_note, int(r.calls))
 
 
 def _record(row: tuple[Any, ...]) -> PerfRecord:
     (kernel, op, dtype, batch, seq_q, seq_k, heads, kv_heads, head_dim, rows, hidden, variant, device, sm, driver,
-     cuda, torch_v, backend_version, median, p95, samples, variance, correct, max_error, error, created, shape) = row
+     cuda, torch_v, backend_version, median, p95, samples, variance, correct, max_error, error, created, shape,
+     graph_us, graph_p95, graph_samples, graph_variance, graph_note, calls) = row
     return PerfRecord(kernel, op, dtype, Bucket(batch, seq_q, seq_k, heads, kv_heads, head_dim, rows, hidden, variant),
                       Signature(device, sm, driver, cuda, torch_v), backend_version, median, p95, samples, variance,
-                      bool(correct), max_error, error, shape, created)
+                      bool(correct), max_error, error, shape, created, graph_us, graph_p95, graph_samples,
+                      graph_variance, graph_note, calls)
 
 
 # --- the runtime's view ---------------------------------------------------------------------------
@@ -386,25 +459,29 @@ class Measurements:
     def lookup(self, kernel_id: str, ctx: SelectionContext) -> PerfRecord | None:
         return self.bucket_records(ctx).get(kernel_id)
 
-    def score(self, kernel_id: str, ctx: SelectionContext) -> float | None:
-        """PERF_SCALE * (fastest time in the bucket) / (this kernel's time); None when the kernel is
-        unmeasured or the bucket's data is not confident.
+    def score(self, kernel_id: str, ctx: SelectionContext, regime: str = "eager") -> tuple[float, Figure] | None:
+        """(PERF_SCALE * fastest time in the bucket / this kernel's time, the figure used) in `regime`;
+        None when the kernel is unmeasured or the bucket's data is not confident.
 
-        One noisy timing could skew the ranking, so a bucket is used only when each of its correct
-        timings is confident or clearly out of the race: its median minus two standard deviations
-        is still slower than the fastest confident median (a slow fallback such as unfused math
-        attention is often noisy; on the H100 that alone kept 5 of 22 tuned shapes on priorities).
+        Each kernel is timed by `PerfRecord.figure_for(regime)`. One noisy timing could skew the
+        ranking, so a bucket is used only when each of its correct timings is confident or clearly
+        out of the race: its median minus two standard deviations is still slower than the fastest
+        confident median (a slow fallback such as unfused math attention is often noisy; on the H100
+        that alone kept 5 of 22 tuned shapes on priorities).
         """
         records = self.bucket_records(ctx)
         mine = records.get(kernel_id)
         if mine is None or not mine.correct:
             return None
-        timed = [r for r in records.values() if r.correct]
-        confident = [r.median_us for r in timed if r.confident]
+        own = mine.figure_for(regime)
+        if own is None:
+            return None
+        timed = [f for f in (r.figure_for(regime) for r in records.values() if r.correct) if f is not None]
+        confident = [f.median_us for f in timed if f.confident]
         if not confident:
             return None
         best = min(confident)
-        for r in timed:
-            if not r.confident and (r.samples < MIN_SAMPLES or r.median_us - 2.0 * math.sqrt(max(r.variance, 0.0)) <= best):
+        for f in timed:
+            if not f.confident and (f.samples < MIN_SAMPLES or f.median_us - 2.0 * math.sqrt(max(f.variance, 0.0)) <= best):
                 return None
-        return PERF_SCALE * min(r.median_us for r in timed) / mine.median_us
+        return PERF_SCALE * min(f.median_us for f in timed) / own.median_us, own

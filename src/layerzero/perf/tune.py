@@ -31,7 +31,7 @@ from ..selection.engine import REFERENCE_BACKEND
 from ..state import runtime
 from . import workloads
 from .bench import measure
-from .perfdb import PerfDB, PerfRecord
+from .perfdb import REGIMES, PerfDB, PerfRecord
 
 TraceEntry = tuple[str, SelectionContext]
 
@@ -48,8 +48,14 @@ class ShapeResult:
 
     @property
     def best(self) -> PerfRecord | None:
-        timed = [r for r in self.records if r.correct]
-        return min(timed, key=lambda r: r.median_us) if timed else None
+        """The fastest correct kernel by the eager figure."""
+        return self.best_in("eager")
+
+    def best_in(self, regime: str) -> PerfRecord | None:
+        """The fastest correct kernel among those measured in `regime` ("eager" or "graph")."""
+        timed = [(f.median_us, r.kernel, r) for r in self.records if r.correct
+                 for f in (r.figure(regime),) if f is not None]
+        return min(timed, key=lambda t: t[:2])[2] if timed else None
 
     @property
     def label(self) -> str:
@@ -69,13 +75,20 @@ class TuneReport:
     def kernels(self) -> list[str]:
         return sorted({r.kernel for res in self.results for r in res.records})
 
+    @property
+    def regimes(self) -> list[str]:
+        """The regimes with at least one figure: eager, and graph when some kernel was captured."""
+        return [g for g in REGIMES if any(r.figure(g) for res in self.results for r in res.records)]
+
     def table(self) -> str:
-        """A markdown table: median microseconds per kernel per shape; * = fastest, wrong = failed the check."""
+        """A markdown table: microseconds per call per kernel per shape, "eager / graph" (graph: CUDA-graph
+        replay, "-" where there is none); * = fastest in that regime, wrong = failed the reference check."""
         kernels = self.kernels
-        lines = ["| shape | " + " | ".join(kernels) + " | best |", "|---|" + "---|" * (len(kernels) + 1)]
+        lines = ["| shape | " + " | ".join(kernels) + " | best eager | best graph |",
+                 "|---|" + "---|" * (len(kernels) + 2)]
         for res in self.results:
             by_kernel = {r.kernel: r for r in res.records}
-            best = res.best
+            best = {g: res.best_in(g) for g in REGIMES}
             cells = []
             for k in kernels:
                 r = by_kernel.get(k)
@@ -84,43 +97,57 @@ class TuneReport:
                 elif not r.correct:
                     cells.append("error" if r.error else f"wrong ({r.max_error:.2g})")
                 else:
-                    cells.append(f"{r.median_us:.4g}{'*' if r is best else ''}")
-            lines.append(f"| {res.label} | " + " | ".join(cells) + f" | {best.kernel if best else '-'} |")
+                    parts = []
+                    for g in REGIMES:
+                        f = r.figure(g)
+                        parts.append("-" if f is None else f"{f.median_us:.4g}{'*' if best[g] is r else ''}")
+                    cells.append(" / ".join(parts))
+            picks = " | ".join(getattr(best[g], "kernel", "-") for g in REGIMES)
+            lines.append(f"| {res.label} | " + " | ".join(cells) + f" | {picks} |")
         return "\n".join(lines)
 
     def __str__(self) -> str:
         where = f" stored in {self.perfdb}" if self.perfdb else ""
-        head = f"tuned {len(self.results)} shape(s) in {self.seconds:.1f} s{where}; times in us per call"
+        head = (f"tuned {len(self.results)} shape(s) in {self.seconds:.1f} s{where}; us per call, eager "
+                "(N back-to-back calls) / graph (the same calls replayed from a CUDA graph: device time)")
         return "\n".join([head, self.table(), *(f"note: {n}" for n in self.notes)])
 
     def heatmap(self, path: str | Path) -> Path:
-        """A PNG of time / fastest per kernel (columns) per shape (rows); needs matplotlib."""
+        """A PNG of time / fastest per kernel (columns) per shape (rows), one panel per regime
+        measured (eager, graph); needs matplotlib."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         kernels = self.kernels
-        grid = [[math.nan] * len(kernels) for _ in self.results]
-        text = [[""] * len(kernels) for _ in self.results]
-        for i, res in enumerate(self.results):
-            best = res.best
-            for r in res.records:
-                j = kernels.index(r.kernel)
-                if r.correct and best is not None:
-                    grid[i][j] = r.median_us / best.median_us
-                    text[i][j] = f"{r.median_us:.3g}"
-                else:
-                    text[i][j] = "wrong"
-        fig, ax = plt.subplots(figsize=(2 + 1.6 * len(kernels), 1 + 0.5 * len(self.results)))
-        image = ax.imshow(grid, cmap="viridis_r", aspect="auto", norm=matplotlib.colors.LogNorm(vmin=1.0))
-        ax.set_xticks(range(len(kernels)), kernels, rotation=30, ha="right")
-        ax.set_yticks(range(len(self.results)), [res.label for res in self.results])
-        for i, row in enumerate(text):
-            for j, cell in enumerate(row):
-                ax.text(j, i, cell, ha="center", va="center", color="white" if cell == "wrong" else "black", fontsize=8)
-        fig.colorbar(image, ax=ax, label="time / fastest (us in cells)")
-        ax.set_title("LayerZero tune: us per call")
+        regimes = self.regimes or ["eager"]
+        fig, axes = plt.subplots(1, len(regimes), squeeze=False,
+                                 figsize=(len(regimes) * (2 + 1.6 * len(kernels)), 1 + 0.5 * len(self.results)))
+        for ax, regime in zip(axes[0], regimes, strict=True):
+            grid = [[math.nan] * len(kernels) for _ in self.results]
+            text = [[""] * len(kernels) for _ in self.results]
+            for i, res in enumerate(self.results):
+                best = res.best_in(regime)
+                for r in res.records:
+                    j = kernels.index(r.kernel)
+                    f = r.figure(regime)
+                    if not r.correct:
+                        text[i][j] = "wrong"
+                    elif f is not None and best is not None:
+                        grid[i][j] = f.median_us / best.figure(regime).median_us  # type: ignore[union-attr]
+                        text[i][j] = f"{f.median_us:.3g}"
+                    else:
+                        text[i][j] = "-"
+            image = ax.imshow(grid, cmap="viridis_r", aspect="auto", norm=matplotlib.colors.LogNorm(vmin=1.0))
+            ax.set_xticks(range(len(kernels)), kernels, rotation=30, ha="right")
+            ax.set_yticks(range(len(self.results)), [res.label for res in self.results])
+            for i, row in enumerate(text):
+                for j, cell in enumerate(row):
+                    ax.text(j, i, cell, ha="center", va="center", color="white" if cell == "wrong" else "black",
+                            fontsize=8)
+            fig.colorbar(image, ax=ax, label="time / fastest (us in cells)")
+            ax.set_title(f"LayerZero tune, {regime}: us per call")
         fig.tight_layout()
         path = Path(path)
         fig.savefig(path, dpi=120)
@@ -211,16 +238,21 @@ def _default_device() -> torch.device:
 
 def tune(operation: str | None = None, shapes: Sequence[Any] = (), dtypes: Sequence[torch.dtype] = (), *,
          trace: Iterable[TraceEntry] | str | Path | None = None, device: str | torch.device | None = None,
-         kernels: str = "*", repeats: int = 10, warmup: int = 3, min_sample_s: float | None = None,
+         kernels: str = "*", repeats: int = 20, warmup: int = 3, min_sample_s: float | None = None,
          perfdb: str | Path | None = None, report: str | Path | None = None, progress: bool = True,
-         include_reference: bool = False) -> TuneReport:
+         include_reference: bool = False, graphs: bool = True, max_repeats: int | None = None) -> TuneReport:
     """Measure every valid kernel for each (shape, dtype) of `operation` (or each call of a `trace`),
     check it against the reference first, store the timings in PerfDB and return the report.
 
+    Each kernel gets an eager figure (N back-to-back calls: what eager calls pay) and, on CUDA for
+    graph-safe kernels (graphs=True), a graph figure (the same calls replayed from a CUDA graph:
+    device time); selection reads the one of the regime each call runs in (see perf/bench.py).
     shapes: tuples or "AxBx..." strings in the workload's dims (attention: batch, seq_q, seq_k,
     heads, kv_heads, head_dim, causal; norms: rows, hidden). kernels: glob on kernel ids or
-    backends. perfdb: a path to use instead of the runtime's PerfDB (it becomes the runtime's).
-    report: a directory for tune_report.md and tune_heatmap.png. Cached plans are dropped after.
+    backends. repeats: samples per figure, more (up to max_repeats, default 5 * repeats) while
+    p95 / median > 1.1. perfdb: a path to use instead of the runtime's PerfDB (it becomes the
+    runtime's). report: a directory for tune_report.md and tune_heatmap.png. Cached plans are
+    dropped after.
     """
     started = time.perf_counter()
     dev = torch.device(device) if device is not None else _default_device()
@@ -262,7 +294,7 @@ def tune(operation: str | None = None, shapes: Sequence[Any] = (), dtypes: Seque
             notes.append(f"{name} {'x'.join(map(str, shape))} {ctx.dtype_name}: no kernel besides the reference")
             continue
         ctx, records = measure(name, shape, dtype, where, specs, repeats=repeats, warmup=warmup,
-                               min_sample_s=sample_s, seed=i)
+                               min_sample_s=sample_s, seed=i, graphs=graphs, max_repeats=max_repeats)
         db.record(records)  # one transaction per shape: an interrupted tune keeps what it finished
         results.append(ShapeResult(name, shape, ctx.dtype_name, ctx.op, tuple(records)))
     if progress and unique:
@@ -296,7 +328,9 @@ def add_tune_command(sub: Any) -> None:
     p.add_argument("--trace", help="a trace JSON written by lz.save_trace")
     p.add_argument("--device", default=None)
     p.add_argument("--kernels", default="*", help="glob on kernel ids or backends")
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=20, help="samples per figure (more while p95/median > 1.1)")
+    p.add_argument("--no-graphs", dest="graphs", action="store_false",
+                   help="eager figures only (no CUDA-graph replay timing)")
     p.add_argument("--perfdb", default=None, help="PerfDB file (default: $LAYERZERO_PERFDB or the cache dir)")
     p.add_argument("--report", default=None, help="directory for tune_report.md and tune_heatmap.png")
 
@@ -309,9 +343,13 @@ def _tune_command(args: Any) -> int:
             raise InvalidInputError("--dtype", "a torch dtype name such as bfloat16", name)
         dtypes.append(dtype)
     report = tune(args.op, shapes=args.shape, dtypes=dtypes, trace=args.trace, device=args.device,
-                  kernels=args.kernels, repeats=args.repeats, perfdb=args.perfdb, report=args.report)
+                  kernels=args.kernels, repeats=args.repeats, perfdb=args.perfdb, report=args.report,
+                  graphs=args.graphs)
     data = [{"op": r.op, "shape": list(r.shape), "dtype": r.dtype, "best": r.best.kernel if r.best else None,
-             "kernels": {x.kernel: (x.median_us if x.correct else "wrong") for x in r.records}} for r in report.results]
+             "best_graph": getattr(r.best_in("graph"), "kernel", None),
+             "kernels": {x.kernel: (x.median_us if x.correct else "wrong") for x in r.records},
+             "graph_us": {x.kernel: x.graph_us for x in r.records if x.correct},
+             "graph_notes": {x.kernel: x.graph_note for x in r.records if x.graph_note}} for r in report.results]
     from ..cli import emit
 
     emit(args, data, str(report))

@@ -7,8 +7,13 @@ A shape is a tuple of ints named by `Workload.dims`:
 - paged_attention: (batch, seq_q, seq_k, heads, kv_heads, head_dim, page_size), an NHD cache whose
   pages are shuffled (as a serving allocator leaves them), every sequence seq_k tokens long (make
   seq_k a multiple of page_size: the context's seq_len_k is the page table's capacity)
+- attention_ext: `lz.attention` with the options of Mistral / Gemma-2 layers: (batch, seq_q, seq_k,
+  heads, kv_heads, head_dim, causal, window, softcap); window > 0 is window_size=(window, 0) when
+  causal, (window, window) otherwise; softcap > 0 caps the scores
+- swiglu: (rows, hidden), gate and up of that shape
 
-Other op families join by calling `register_workload`.
+Other op families join by calling `register_workload`; a workload whose name is not an op family
+names the family it calls in `op_family`.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class Workload:
     ranged: dims bucketed by powers of two (the rest are exact).
     reference_view(args) -> (smaller args, function slicing the full output the same way): the
     slice of the problem checked against the reference, so the check stays cheap on huge shapes.
+    op_family: the op family it calls when that is not its own name (`family`).
     """
 
     family: str
@@ -51,6 +57,7 @@ class Workload:
     ranged: tuple[str, ...]
     make: Callable[[Shape, torch.dtype, torch.device, torch.Generator], Args]
     reference_view: Callable[[Args], tuple[Args, Callable[[Any], Any]]] | None = None
+    op_family: str = ""
 
     def check_shape(self, shape: Any) -> Shape:
         """The shape as a tuple of ints, or InvalidInputError naming the dims expected."""
@@ -81,18 +88,25 @@ def workload(name: str) -> Workload:
     return found
 
 
+def _op_family(name: str) -> str:
+    """The op family a workload (or family) name calls."""
+    wl = WORKLOADS.get(name)
+    return wl.op_family if wl is not None and wl.op_family else name
+
+
 def family(name: str) -> OpFamily:
+    """The OpFamily of a family name, or of the family a workload calls."""
     import layerzero  # noqa: F401 - registers every op family
 
-    found = FAMILIES.get(name)
+    found = FAMILIES.get(_op_family(name))
     if found is None:
         raise UnknownNameError("operation", name, FAMILIES)
     return found
 
 
 def public_op(name: str) -> Callable[..., Any]:
-    """The public function of a family (`lz.attention` for "attention")."""
-    return getattr(importlib.import_module("layerzero"), name)
+    """The public function of a family (`lz.attention` for "attention") or of the family a workload calls."""
+    return getattr(importlib.import_module("layerzero"), _op_family(name))
 
 
 def run_args(name: str, args: Args) -> Args:
@@ -145,6 +159,7 @@ def shape_of(name: str, ctx: SelectionContext) -> Shape | None:
 
 
 def reference_spec(ctx: SelectionContext) -> KernelSpec:
+    runtime.ensure_loaded()
     for spec in runtime.registry.candidates(ctx.op):
         if spec.backend == REFERENCE_BACKEND and not check_constraints(spec, ctx):
             return spec
@@ -222,6 +237,17 @@ def _paged_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, gen: t
     return (q, k_cache, v_cache, page_table, seq_lens)
 
 
+def _attention_ext_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> Args:
+    *dense, window, softcap = shape
+    q, k, v, mask, causal = _attention_inputs(tuple(dense), dtype, device, gen)
+    window_size = (window, 0 if causal else window) if window > 0 else None
+    return (q, k, v, mask, causal, 0.0, None, "BSHD", window_size, float(softcap))
+
+
+def _pair_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> Args:
+    return (_randn(shape, dtype, device, gen), _randn(shape, dtype, device, gen))
+
+
 def _paged_view(args: Args) -> tuple[Args, Callable[[Any], Any]]:
     """Sequence 0 only (its pages stay where they are in the shared cache)."""
     q, k_cache, v_cache, page_table, seq_lens, *rest = args
@@ -233,5 +259,9 @@ register_workload(Workload("attention", ("batch", "seq_q", "seq_k", "heads", "kv
 register_workload(Workload("rms_norm", ("rows", "hidden"), ("rows",), _rows_inputs(bias=False)))
 register_workload(Workload("layer_norm", ("rows", "hidden"), ("rows",), _rows_inputs(bias=True)))
 register_workload(Workload("rope_qk", ("batch", "seq", "heads", "kv_heads", "head_dim"), (), _rope_inputs))
+register_workload(Workload("attention_ext", ("batch", "seq_q", "seq_k", "heads", "kv_heads", "head_dim", "causal",
+                                             "window", "softcap"), ("batch", "seq_q", "seq_k"), _attention_ext_inputs,
+                           _attention_view, op_family="attention"))
+register_workload(Workload("swiglu", ("rows", "hidden"), ("rows",), _pair_inputs))
 register_workload(Workload("paged_attention", ("batch", "seq_q", "seq_k", "heads", "kv_heads", "head_dim", "page_size"),
                            ("batch", "seq_k"), _paged_inputs, _paged_view))

@@ -168,6 +168,7 @@ def get_config() -> dict[str, Any]:
     return {
         "version": "1.0",
         "strict_mode": bool(policy.strict),
+        "regime": policy.regime,  # None: each call's own (graph under capture / compile, else eager)
         "locks": [r.to_dict() for r in policy.locks],
         "allows": [r.to_dict() for r in policy.allows],
         "denies": [r.to_dict() for r in policy.denies],

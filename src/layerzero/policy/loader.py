@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import PolicyValidationError, UnknownNameError
+from ..perf.perfdb import REGIMES
 from .conditions import parse_condition, when_to_text
 from .model import Policy, Rule
 
@@ -44,7 +45,7 @@ _RULE_KEYS = {
     "prefer": ("operation", *_TARGET_KEYS, "priority", "condition", "when"),
 }
 ENV_VARS = ("LAYERZERO_POLICY", "LAYERZERO_LOCK", "LAYERZERO_DENY", "LAYERZERO_ALLOW", "LAYERZERO_PREFER",
-            "LAYERZERO_STRICT")
+            "LAYERZERO_STRICT", "LAYERZERO_REGIME")
 
 
 class _Located(dict):  # type: ignore[type-arg]
@@ -362,10 +363,21 @@ def parse_bool(name: str, value: str) -> bool:
     raise PolicyValidationError(f"{name}: expected 1/0, true/false, yes/no or on/off, got {value!r}")
 
 
+def parse_regime(name: str, value: str) -> str | None:
+    """A timing regime name ("eager" or "graph"; empty: unset), or PolicyValidationError naming `name`."""
+    lowered = value.strip().lower()
+    if not lowered:
+        return None
+    if lowered not in REGIMES:
+        raise PolicyValidationError(f"{name}: expected one of {', '.join(REGIMES)}, got {value!r}")
+    return lowered
+
+
 def environment_policy(environ: Mapping[str, str], registry: Registry) -> Policy:
     """The env layer: LAYERZERO_LOCK (`op=kernel,...`), LAYERZERO_DENY / LAYERZERO_ALLOW
-    (`[op=]backend_or_kernel,...`), LAYERZERO_PREFER (`[op=]backend_or_kernel[:priority],...`)
-    and LAYERZERO_STRICT (1/0). LAYERZERO_POLICY (a file) is read by the caller."""
+    (`[op=]backend_or_kernel,...`), LAYERZERO_PREFER (`[op=]backend_or_kernel[:priority],...`),
+    LAYERZERO_STRICT (1/0) and LAYERZERO_REGIME (eager/graph: which PerfDB figure scores kernels,
+    whatever the call's own regime). LAYERZERO_POLICY (a file) is read by the caller."""
     rules: dict[str, list[Rule]] = {"lock": [], "allow": [], "deny": [], "prefer": []}
     for var, kind in (("LAYERZERO_LOCK", "lock"), ("LAYERZERO_ALLOW", "allow"), ("LAYERZERO_DENY", "deny"),
                       ("LAYERZERO_PREFER", "prefer")):
@@ -396,5 +408,6 @@ def environment_policy(environ: Mapping[str, str], registry: Registry) -> Policy
                 raise PolicyValidationError(f"{var}: entry {entry!r}: {exc}") from None
             rules[kind].append(Rule(kind, operation, backends, kernels, priority=priority, source=var, layer="env"))
     strict = parse_bool("LAYERZERO_STRICT", environ["LAYERZERO_STRICT"]) if "LAYERZERO_STRICT" in environ else None
+    regime = parse_regime("LAYERZERO_REGIME", environ.get("LAYERZERO_REGIME", ""))
     return Policy(locks=tuple(rules["lock"]), allows=tuple(rules["allow"]), denies=tuple(rules["deny"]),
-                  prefers=tuple(rules["prefer"]), strict=strict)
+                  prefers=tuple(rules["prefer"]), strict=strict, regime=regime)

@@ -87,6 +87,8 @@ class Policy:
     """The rules in force. Immutable: changing policy means building a new one and swapping it.
 
     `strict` None means "not set by this source"; the merged policy has True or False.
+    `regime` ("eager" or "graph") forces the timing regime whose PerfDB figures score kernels;
+    None lets each call's own regime decide (Runtime.regime).
     """
 
     locks: tuple[Rule, ...] = ()
@@ -95,6 +97,7 @@ class Policy:
     boosts: tuple[Rule, ...] = ()
     prefers: tuple[Rule, ...] = ()
     strict: bool | None = None
+    regime: str | None = None
 
     def lock_for(self, ctx: SelectionContext) -> Rule | None:
         """The first lock that applies to this call (higher sources first, then earlier rules)."""
@@ -152,6 +155,7 @@ class PolicyLayers:
     def merged(self) -> Policy:
         layers = (self.code, self.env, self.file)
         strict = next((p.strict for p in layers if p.strict is not None), False)
+        regime = next((p.regime for p in layers if p.regime is not None), None)
         return Policy(
             locks=tuple(r for p in layers for r in p.locks),
             allows=tuple(r for p in layers for r in p.allows),
@@ -159,4 +163,5 @@ class PolicyLayers:
             boosts=tuple(r for p in layers for r in p.boosts),
             prefers=tuple(r for p in layers for r in p.prefers),
             strict=strict,
+            regime=regime,
         )

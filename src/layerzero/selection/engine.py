@@ -78,7 +78,9 @@ class Candidate:
     score: float | None = None
     transforms: tuple[str, ...] = ()
     rules: list[str] = field(default_factory=list)
-    measured_us: float | None = None  # PerfDB median for this bucket, when measured
+    measured_us: float | None = None  # PerfDB median for this bucket in the report's regime, when measured
+    measured_regime: str | None = None  # the figure measured_us is: "eager" or "graph" (see PerfRecord.figure_for)
+    decided_by: str = ""  # what the score came from: "eager" or "graph" (a PerfDB figure), "priority", "prefer"
 
     @property
     def eligible(self) -> bool:
@@ -97,6 +99,18 @@ class SelectionReport:
     cached: bool = False
     fallback: bool = False
     notes: list[str] = field(default_factory=list)
+    regime: str = "eager"  # whose PerfDB figures scored: "graph" under capture / compile, or LAYERZERO_REGIME
+
+    @property
+    def decided_by(self) -> str:
+        """What decided the selected kernel's score: "graph 16.7 us" / "eager 31 us" (its PerfDB
+        figure), "priority" or "prefer"; "" when nothing was scored."""
+        chosen = next((c for c in self.candidates if c.kernel_id == self.selected_kernel), None)
+        if chosen is None or not chosen.decided_by:
+            return ""
+        if chosen.decided_by in ("eager", "graph") and chosen.measured_us is not None:
+            return f"{chosen.decided_by} {chosen.measured_us:.4g} us"
+        return chosen.decided_by
 
     @property
     def rejection_reasons(self) -> dict[str, list[Reason]]:
@@ -107,10 +121,12 @@ class SelectionReport:
         return {c.kernel_id: c.score for c in self.candidates if c.score is not None}
 
     def __str__(self) -> str:
+        decided = self.decided_by
         lines = [
             f"op {self.op}: selected {self.selected_kernel} (score {self.score:g}"
             f"{', cached' if self.cached else ''}{', reference fallback' if self.fallback else ''})",
             f"  context: {self.context.summary()}",
+            f"  regime: {self.regime}" + (f"; decided by {decided}" if decided else ""),
         ]
         ranked = sorted(self.candidates, key=lambda c: (c.score is None, -(c.score or 0.0), c.kernel_id))
         for c in ranked:
@@ -121,7 +137,8 @@ class SelectionReport:
             else:
                 extra = f" transforms={'+'.join(c.transforms)}" if c.transforms else ""
                 rules = f" rules: {'; '.join(c.rules)}" if c.rules else ""
-                measured = "" if c.measured_us is None else f", measured {c.measured_us:.4g} us"
+                measured = "" if c.measured_us is None else f", measured {c.measured_us:.4g} us ({c.measured_regime}" + (
+                    f"; no {self.regime} figure)" if c.measured_regime != self.regime else ")")
                 score = "not scored" if c.score is None else f"score {c.score:g}"  # strict mode stops before scoring
                 lines.append(f" {mark} {c.kernel_id:<28} {score} (priority {c.priority}{measured}){extra}{rules}")
         lines.extend(f"  note: {n}" for n in self.notes)
@@ -189,6 +206,7 @@ class SelectionEngine:
         if not (complete or measured or policy.locks or policy.allows or policy.denies or policy.boosts
                 or policy.prefers):
             return self._choose_by_priority(ctx, specs, transforms_of, ask_health)
+        regime = rt.regime(ctx)  # whose PerfDB figures score: graph under capture / compile, else eager
         candidates = {s.id: Candidate(s.id, s.backend, s.priority) for s in specs}
         notes: list[str] = []
         disabled = rt.disabled_backends
@@ -231,7 +249,8 @@ class SelectionEngine:
                     "strict mode" if policy.strict else "selecting among the other kernels"
                 )
                 if policy.strict:
-                    report = SelectionReport(ctx.op, ctx, "", 0.0, list(candidates.values()), notes=[msg])
+                    report = SelectionReport(ctx.op, ctx, "", 0.0, list(candidates.values()), notes=[msg],
+                                             regime=regime)
                     raise NoKernelFoundError(f"locked kernel for {ctx.op} cannot run these inputs", report)
                 notes.append(msg)
                 rt.warn_once(("lock", lock, ctx.op), msg)
@@ -265,20 +284,24 @@ class SelectionEngine:
                     cand.rules.append(prefer.describe())
             cand.transforms = transforms_of(spec, ctx)
             if measured:
-                cand.measured_us = rt.measured_us(spec, ctx)
-            cand.score = rt.score(spec, ctx, measured) * factor - TRANSFORM_PENALTY * len(cand.transforms)
+                figure = rt.measured(spec, ctx, regime)
+                if figure is not None:
+                    cand.measured_us, cand.measured_regime = figure.median_us, figure.regime
+            score, cand.decided_by = rt.score(spec, ctx, measured, regime)
+            cand.score = score * factor - TRANSFORM_PENALTY * len(cand.transforms)
 
         eligible = [c for c in candidates.values() if c.score is not None]
         non_reference = [c for c in eligible if c.backend != REFERENCE_BACKEND]
         pool = non_reference or eligible
         if not pool:
-            report = SelectionReport(ctx.op, ctx, "", 0.0, list(candidates.values()), notes=notes)
+            report = SelectionReport(ctx.op, ctx, "", 0.0, list(candidates.values()), notes=notes, regime=regime)
             raise NoKernelFoundError(f"no kernel can run {ctx.op}", report)
         best = max(pool, key=lambda c: (c.score, c.kernel_id))
         fallback = not non_reference
         if fallback:
             notes.append("no accelerated kernel can run this call; the torch reference runs")
-        return SelectionReport(ctx.op, ctx, best.kernel_id, best.score or 0.0, list(candidates.values()), fallback=fallback, notes=notes)
+        return SelectionReport(ctx.op, ctx, best.kernel_id, best.score or 0.0, list(candidates.values()), fallback=fallback,
+                               notes=notes, regime=regime)
 
     def _first_rejection(self, spec: KernelSpec, ctx: SelectionContext, ask_health: bool) -> list[Rejection]:
         """The miss path's check of a viable kernel: health (only when something can be unhealthy or
@@ -319,6 +342,7 @@ class SelectionEngine:
                 continue
             cand.transforms = transforms_of(spec, ctx)
             cand.score = float(priority) - TRANSFORM_PENALTY * len(cand.transforms)
+            cand.decided_by = "priority"
             if best is None or (not reference, cand.score, cand.kernel_id) > (
                     best.backend != REFERENCE_BACKEND, best.score, best.kernel_id):
                 best = cand
@@ -328,7 +352,7 @@ class SelectionEngine:
         fallback = best.backend == REFERENCE_BACKEND
         notes = ["no accelerated kernel can run this call; the torch reference runs"] if fallback else []
         return SelectionReport(ctx.op, ctx, best.kernel_id, best.score or 0.0, candidates, fallback=fallback,
-                               notes=notes)
+                               notes=notes, regime=self.runtime.regime(ctx))
 
     def select(self, ctx: SelectionContext, bind: Binder, transforms_of: Callable[[KernelSpec, SelectionContext], tuple[str, ...]],
                wrap: Callable[[KernelSpec, Callable[..., Any], SelectionReport],
