@@ -22,6 +22,7 @@ import torch
 import layerzero as lz
 from layerzero.backends import reference as R
 from layerzero.ops.attention import ATTENTION, PAGED_ATTENTION
+from layerzero.selection.engine import bind_kernel
 from layerzero.state import runtime
 
 L2_BYTES = 50 * 2**20
@@ -110,7 +111,7 @@ def bench_dense(dtype, shapes, rows):
             if cand.rejections or (cand.backend == "reference" and Sq * Sk * B * Hq > 2**31):
                 continue
             spec = runtime.registry.kernel(cand.kernel_id)
-            run, _ = ATTENTION.bind(spec, ctx)
+            run, _ = bind_kernel(spec, ctx, ATTENTION.bind, ATTENTION.transforms)
             try:
                 err = check_dense(run, q, k, v, causal, 0)
                 ms = time_ms(lambda q, k, v: run(q, k, v, None, causal, 0.0, None, None, 0.0, None), sets)
@@ -140,7 +141,7 @@ def bench_paged(dtype, shapes, rows):
             if cand.rejections or cand.backend == "reference":
                 continue
             spec = runtime.registry.kernel(cand.kernel_id)
-            run, _ = PAGED_ATTENTION.bind(spec, report.context)
+            run, _ = bind_kernel(spec, report.context, PAGED_ATTENTION.bind, PAGED_ATTENTION.transforms)
             args = (q, kc, vc, page_table, seq_lens, True, None, None, 0.0, "NHD")
             try:
                 out = run(*args)

@@ -23,6 +23,7 @@ import layerzero as lz
 from layerzero.backends import reference as R
 from layerzero.kernel import check_constraints
 from layerzero.ops import FAMILIES
+from layerzero.selection.engine import bind_kernel
 from layerzero.state import runtime
 
 ROWS = [4, 64, 512, 4096, 16384, 65536]
@@ -78,7 +79,7 @@ def candidates(name: str, public_args: tuple, kernel_args: tuple):
             continue
         if check_constraints(spec, ctx):
             continue
-        run, _ = family.bind(spec, ctx)
+        run, _ = bind_kernel(spec, ctx, family.bind, family.transforms)
         yield spec.id, (lambda run=run: run(*kernel_args))
     if name in ("rms_norm", "layer_norm") and not SKIP_COMPILED:
         compiled = _compiled_norm(name)

@@ -27,6 +27,7 @@ import torch
 
 from ..context import SelectionContext
 from ..kernel import KernelSpec
+from ..selection.engine import bind_kernel
 from . import workloads
 from .perfdb import Bucket, PerfRecord, current_signature
 
@@ -256,7 +257,7 @@ def measure(op_family: str, shape: tuple[int, ...], dtype: torch.dtype, device: 
         failed = PerfRecord(spec.id, ctx.op, ctx.dtype_name, bucket, sig, version, median_us=math.inf,
                             p95_us=math.inf, samples=0, variance=0.0, correct=False, max_error=math.inf,
                             shape=wl.label(shape), created=time.time())
-        fn, _ = fam.bind(spec, ctx)
+        fn, _ = bind_kernel(spec, ctx, fam.bind, fam.transforms)  # what a plan runs (prepared calls)
         try:
             out = fn(*run)
             _sync(device)
