@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..context import SelectionContext
+from ..context import GRAPH_CALL, SelectionContext, stream_capturing
 from ..errors import InvalidInputError
 from ..state import runtime
 from . import (
@@ -141,23 +141,26 @@ _MLP_OP_SUFFIX = {("swiglu", "none"): "swiglu", ("swiglu", "tanh"): "swiglu", ("
 
 
 def _silu_key(x: Any) -> tuple[Any, ...]:
-    return ("activation.silu", x.shape, x.dtype, x.device, _grad_enabled() and x.requires_grad)
+    return ("activation.silu", x.shape, x.dtype, x.device, _grad_enabled() and x.requires_grad,
+            x.is_cuda and (GRAPH_CALL.depth > 0 or stream_capturing()))
 
 
 def _gelu_key(x: Any, approximate: str = "none") -> tuple[Any, ...]:
-    return ("activation.gelu", approximate, x.shape, x.dtype, x.device, _grad_enabled() and x.requires_grad)
+    return ("activation.gelu", approximate, x.shape, x.dtype, x.device, _grad_enabled() and x.requires_grad,
+            x.is_cuda and (GRAPH_CALL.depth > 0 or stream_capturing()))
 
 
 def _mlp_key(x: Any, w_gate: Any, w_up: Any, w_down: Any, activation: str = "swiglu",
              approximate: str = "none") -> tuple[Any, ...]:
-    weights = tuple((w.shape, w.dtype, w.device) for w in (w_gate, w_up, w_down))
     grad = _grad_enabled() and (x.requires_grad or w_gate.requires_grad or w_up.requires_grad or w_down.requires_grad)
-    return ("mlp", activation, approximate, x.shape, x.dtype, x.device, weights, grad)
+    return ("mlp", activation, approximate, x.shape, x.dtype, x.device, w_gate.shape, w_gate.dtype, w_gate.device,
+            w_up.shape, w_up.dtype, w_up.device, w_down.shape, w_down.dtype, w_down.device, grad,
+            x.is_cuda and (GRAPH_CALL.depth > 0 or stream_capturing()))
 
 
 def _gated_key(op: str, gate: Any, up: Any, approximate: str = "none") -> tuple[Any, ...]:
     return (op, approximate, gate.shape, gate.dtype, gate.device, up.shape, up.dtype, up.device,
-            _grad_enabled() and (gate.requires_grad or up.requires_grad))
+            _grad_enabled() and (gate.requires_grad or up.requires_grad), gate.is_cuda and (GRAPH_CALL.depth > 0 or stream_capturing()))
 
 
 def _check_tensors(**tensors: Any) -> None:

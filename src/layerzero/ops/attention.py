@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ..context import GRAPH_CALL, SelectionContext, graph_mode, stream_capturing
+from ..context import GRAPH_CALL, SelectionContext, stream_capturing
 from ..errors import InvalidInputError, UnknownNameError
 from ..kernel import LAYOUTS, KernelSpec
 from ..state import runtime
@@ -364,7 +364,7 @@ def _varlen_key(q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any, ma
             k.device, v.device, cu_seqlens_q.shape, cu_seqlens_q.dtype, cu_seqlens_k.shape, cu_seqlens_k.dtype,
             is_causal, _hashable(window_size), softcap > 0.0,
             _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
-            q.is_cuda and graph_mode())
+            q.is_cuda and (GRAPH_CALL.depth > 0 or stream_capturing()))
 
 
 def _varlen_context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -463,7 +463,7 @@ def _paged_key(q: Any, k_cache: Any, v_cache: Any, page_table: Any, seq_lens: An
                softcap: float = 0.0) -> tuple[Any, ...]:
     return ("attention.paged", kv_layout, q.shape, k_cache.shape, v_cache.shape, q.dtype, k_cache.dtype,
             v_cache.dtype, q.device, k_cache.device, page_table.shape, page_table.dtype, seq_lens.shape,
-            seq_lens.dtype, is_causal, _hashable(window_size), softcap > 0.0, q.is_cuda and graph_mode())
+            seq_lens.dtype, is_causal, _hashable(window_size), softcap > 0.0, q.is_cuda and (GRAPH_CALL.depth > 0 or stream_capturing()))
 
 
 def _paged_context(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..context import SelectionContext
+from ..context import GRAPH_CALL, SelectionContext, stream_capturing
 from ..errors import InvalidInputError
 from ..state import runtime
 from . import (
@@ -31,7 +31,10 @@ def _param_key(t: torch.Tensor | None) -> Any:
 
 
 def _rms_key(x: Any, weight: Any = None, eps: float = 1e-6) -> tuple[Any, ...]:
-    return ("norm.rms", x.shape, x.dtype, x.device, _param_key(weight), _grad_enabled() and x.requires_grad)
+    """The plan-cache key of rms_norm (the call, select, explain and solve all use this one)."""
+    return ("norm.rms", x.shape, x.dtype, x.device, None if weight is None else
+            (weight.shape, weight.dtype, weight.device, weight.requires_grad), _grad_enabled() and x.requires_grad,
+            x.is_cuda and (GRAPH_CALL.depth > 0 or stream_capturing()))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
@@ -42,8 +45,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     if dynamo_compiling() or compile_flags._is_compiling_flag:  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
         return traced_ops().rms_norm(x, weight, eps)
     try:
-        key = ("norm.rms", x.shape, x.dtype, x.device, None if weight is None else
-               (weight.shape, weight.dtype, weight.device, weight.requires_grad), _grad_enabled() and x.requires_grad)
+        key = _rms_key(x, weight)
     except AttributeError:
         _check(x=x, weight=weight)
         raise
@@ -96,12 +98,12 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
 
 def _layer_key(x: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) -> tuple[Any, ...]:
     return ("norm.layer", x.shape, x.dtype, x.device, _param_key(weight), _param_key(bias),
-            _grad_enabled() and x.requires_grad)
+            _grad_enabled() and x.requires_grad, x.is_cuda and (GRAPH_CALL.depth > 0 or stream_capturing()))
 
 
 def _group_key(x: Any, num_groups: int, weight: Any = None, bias: Any = None, eps: float = 1e-5) -> tuple[Any, ...]:
     return ("norm.group", x.shape, x.dtype, x.device, num_groups, _param_key(weight), _param_key(bias),
-            _grad_enabled() and x.requires_grad)
+            _grad_enabled() and x.requires_grad, x.is_cuda and (GRAPH_CALL.depth > 0 or stream_capturing()))
 
 
 def _check(**tensors: Any) -> None:

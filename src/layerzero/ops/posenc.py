@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..context import SelectionContext
+from ..context import GRAPH_CALL, SelectionContext, stream_capturing
 from ..errors import InvalidInputError, UnknownNameError
 from ..kernel import LAYOUTS, KernelSpec
 from ..state import runtime
@@ -45,7 +45,7 @@ def _key(q: Any, k: Any, cos: Any, sin: Any, interleaved: bool = False, position
          layout: str = "BSHD") -> tuple[Any, ...]:
     grad = _grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad))
     return ("posenc.rope", bool(interleaved), layout, _tkey(q), _tkey(k), _tkey(cos), _tkey(sin),
-            _tkey(position_ids), grad)
+            _tkey(position_ids), grad, q.is_cuda and (GRAPH_CALL.depth > 0 or stream_capturing()))
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False,
