@@ -141,13 +141,13 @@ def test_selected_through_lz_and_captured_in_a_cuda_graph():
                                **attention_tolerance(BF16))
     report = validate_graph_capture(lambda q, k, v: lz.attention(q, k, v, is_causal=True), q, k, v)
     ROWS.append(["flash_attn4.fwd", "CUDA graph replay 2x512 16/4 d128", True,
-                 f"{report.replays} replays ok", f"{report.max_error:.2e}"])
+                 f"{report.replays} replays ok", f"{report.max_abs_error:.2e}"])
     assert lz.health().failures == 0
 
 
 def test_first_call_compiles_a_variant_in_seconds():
-    """The CuTe JIT compiles each new variant on its first call (1.5-2.5 s on the H200 before): the
-    spec says needs_jit? it is declared so that warmup precompiles it; the figure is recorded."""
+    """The CuTe JIT compiles each new variant on its first call (1.5 s on the H200, 2026-12-04): the
+    spec declares needs_jit, so that lz.warmup builds it ahead; the three call times are recorded."""
     q, k, v = _rand(1, 320, 8, 80, dtype=FP16, seed=11), _rand(1, 320, 8, 80, dtype=FP16, seed=12), \
         _rand(1, 320, 8, 80, dtype=FP16, seed=13)  # a variant no other test compiles (fp16, d80, full)
     times = []
@@ -160,6 +160,7 @@ def test_first_call_compiles_a_variant_in_seconds():
     ROWS.append(["flash_attn4.fwd", "first / second / third call (fp16 d80 full, new variant)", "",
                  " / ".join(f"{t * 1e3:.1f} ms" for t in times), ""])
     assert times[1] < times[0]
+    runtime.ensure_loaded()
     assert runtime.registry.kernel("flash_attn4.fwd").needs_jit
 
 
