@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import ConfigurationError
-from .kernel import LAYOUTS, KernelSpec, check_constraints
+from .kernel import LAYOUTS, KernelSpec, check_constraints, runs_on
 
 if TYPE_CHECKING:
     from .state import Registry
@@ -563,7 +563,7 @@ def canary(backend: str, device: str | torch.device | None = None) -> CanaryRepo
     name = runtime.registry.backend_name(backend)
     runtime.descriptors.resolve_backend(runtime.registry, name)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    specs = [s for s in runtime.registry.kernels.values() if s.backend == name and dev.type in s.platforms]
+    specs = [s for s in runtime.registry.kernels.values() if s.backend == name and runs_on(s, dev.type)]
     claims: list[Claim] = []
     not_covered: list[str] = []
     for spec in specs:
