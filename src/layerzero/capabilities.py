@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import ConfigurationError
+from .errors import BackendNotAvailableError, ConfigurationError
 from .kernel import LAYOUTS, KernelSpec, check_constraints, runs_on
 
 if TYPE_CHECKING:
@@ -561,6 +562,11 @@ def canary(backend: str, device: str | torch.device | None = None) -> CanaryRepo
 
     runtime.ensure_loaded()
     name = runtime.registry.backend_name(backend)
+    installed, _, why = runtime.registry.backend(name).availability
+    if not installed:
+        package = runtime.registry.backend(name).distribution or runtime.registry.backend(name).module
+        raise BackendNotAvailableError(f"backend {name} is not installed here ({why.detail if why else 'unavailable'}); "
+                                       f"nothing to check: install {package} first")
     runtime.descriptors.resolve_backend(runtime.registry, name)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     specs = [s for s in runtime.registry.kernels.values() if s.backend == name and runs_on(s, dev.type)]
@@ -609,10 +615,18 @@ def add_canary_command(sub: Any) -> None:
 
 
 def _canary_command(args: Any) -> int:
-    from .cli import emit
+    from .cli import emit, parse_device
+    from .state import runtime
 
     if args.descriptors:
         load_descriptors(args.descriptors)
-    report = canary(args.backend, args.device)
+    report = canary(args.backend, parse_device(args.device))
     emit(args, report.to_dict(), str(report))
+    if not report.claims:  # nothing was checked: not a pass
+        runtime.ensure_loaded()
+        platforms = sorted({p for s in runtime.registry.kernels.values() if s.backend == report.backend
+                            for p in s.platforms})
+        print(f"layerzero canary: no claim of {report.backend} can be checked on {report.device} (its kernels run on "
+              f"{'/'.join(platforms) or 'no platform'}, or are of ops the canary has no runner for)", file=sys.stderr)
+        return 1
     return 0 if report.ok else 1

@@ -7,8 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..device import local_device_types
 from ..errors import InvalidInputError, UnknownNameError
-from ..kernel import Backend, KernelSpec
+from ..kernel import Backend, KernelSpec, runs_on
 from ..ops import FAMILIES, OpFamily
 from ..reasons import Rejection
 from ..state import runtime
@@ -47,22 +48,30 @@ def which(op: str | Callable[..., Any], *args: Any, **kwargs: Any) -> str:
 
 @dataclass(frozen=True, slots=True)
 class KernelInfo:
+    """One registered kernel. available: its backend is installed; devices: the device types of this
+    machine it can run on (empty when it is not installed or declares only other platforms)."""
+
     id: str
     backend: str
     ops: tuple[str, ...]
     priority: int
     available: bool
     description: str
+    platforms: frozenset[str] = frozenset()
+    devices: tuple[str, ...] = ()
 
 
 def list_kernels(pattern: str = "*") -> list[KernelInfo]:
     """Registered kernels whose id or one of whose op ids matches the glob `pattern`."""
     runtime.ensure_loaded()
+    here = local_device_types()
     out = []
     for spec in runtime.registry.kernels.values():
         if fnmatch.fnmatchcase(spec.id, pattern) or any(fnmatch.fnmatchcase(op, pattern) for op in spec.ops):
             available = runtime.registry.backend(spec.backend).availability[0]
-            out.append(KernelInfo(spec.id, spec.backend, spec.ops, spec.priority, available, spec.description))
+            devices = tuple(d for d in here if runs_on(spec, d)) if available else ()
+            out.append(KernelInfo(spec.id, spec.backend, spec.ops, spec.priority, available, spec.description,
+                                  spec.platforms, devices))
     return sorted(out, key=lambda k: k.id)
 
 
