@@ -243,3 +243,12 @@ def test_compiled_graph_nodes_run_in_graph_mode():
     with graph_call(), graph_call():
         assert graph_mode()
     assert not graph_mode()
+
+
+def test_bhsd_strides_warning_fires_under_compile_too(caplog):
+    """The fake kernel builds the same context as an eager miss, so a traced call warns as well."""
+    torch._dynamo.reset()
+    q = torch.randn(2, 16, 8 * 32).view(2, 16, 8, 32).transpose(1, 2)  # BHSD, given without layout=
+    with caplog.at_level("WARNING", logger="layerzero"):
+        torch.compile(lambda q: lz.attention(q, q, q), fullgraph=True, backend=Capture())(q)
+    assert any("strides are those of BHSD tensors" in r.getMessage() for r in caplog.records)
