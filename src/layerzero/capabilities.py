@@ -99,12 +99,15 @@ def _int_set(optional: bool) -> Callable[[object], object]:
 
 
 def _dtypes(v: object) -> object:
+    """dtype names as policy conditions take them: float16, fp16, bf16, torch.float32, ..."""
+    from .policy.conditions import dtype_name
+
     if not isinstance(v, list) or not v or not all(isinstance(s, str) for s in v):
         raise ValueError(f"a non-empty list of dtype names from {list(_DTYPES)}")
-    bad = [s for s in v if s not in _DTYPES]
+    bad = [s for s in v if dtype_name(s) not in _DTYPES]
     if bad:
-        raise ValueError(f"dtype names from {list(_DTYPES)} (unknown: {bad})")
-    return frozenset(_DTYPES[s] for s in v)
+        raise ValueError(f"dtype names from {list(_DTYPES)} or their short forms (fp16, bf16, fp32) (unknown: {bad})")
+    return frozenset(_DTYPES[dtype_name(s)] for s in v)  # type: ignore[index]
 
 
 def _choice(options: tuple[str, ...]) -> Callable[[object], object]:
