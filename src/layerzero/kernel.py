@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import os
@@ -174,6 +175,7 @@ def _check_fields(spec: KernelSpec) -> None:
             put(name, frozenset(items))
 
 
+@functools.lru_cache(maxsize=64)
 def _device_type(name: str) -> bool:
     """Whether torch knows `name` as a device type (not a device: 'cuda:0' is not one)."""
     try:
