@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
 import sys
-
-import importlib.util
 
 import pytest
 import torch
