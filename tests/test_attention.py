@@ -552,3 +552,60 @@ def test_cuda_prepared_call_retries_a_strided_last_dim_on_contiguous_copies(back
     run = torch_native._prepare_sdpa(backend)(ctx)
     with pytest.raises(RuntimeError, match="out of memory"):
         run(q, k, v, None, False, 0.0, None)
+
+
+# ----------------------------------------------------------------------------- BHSD tensors given as BSHD
+
+
+def _hf_style(b: int, s: int, h: int, d: int) -> torch.Tensor:
+    """A BHSD tensor as models build it: a (B, S, H*D) projection viewed and transposed."""
+    return torch.randn(b, s, h * d).view(b, s, h, d).transpose(1, 2)
+
+
+def _bhsd_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "their strides are those of BHSD tensors" in r.getMessage()]
+
+
+def test_bhsd_tensors_given_without_layout_warn_once_with_the_fix(caplog):
+    """The issue's case: (2, 8, 16, 64) BHSD tensors fit BSHD too and silently gave another result."""
+    q, k, v = _hf_style(2, 16, 8, 64), _hf_style(2, 16, 8, 64), _hf_style(2, 16, 8, 64)
+    with caplog.at_level("WARNING", logger="layerzero"):
+        wrong = lz.attention(q, k, v)  # read as BSHD: S=8, H=16
+        lz.attention(q, k, v)  # a cache hit: nothing more
+        lz.attention(_hf_style(2, 32, 8, 64), _hf_style(2, 32, 8, 64), _hf_style(2, 32, 8, 64))  # a miss: once only
+    warnings = _bhsd_warnings(caplog)
+    assert len(warnings) == 1
+    assert "q (2, 8, 16, 64) as B=2, S=8, H=16, D=64" in warnings[0]
+    assert 'pass layout="BHSD"' in warnings[0] and 'pass layout="BSHD" to say so' in warnings[0]
+    want = reference_attention(q, k, v, layout="BHSD")
+    assert (wrong.double() - want).abs().max() > 0.1  # the warning is about a real difference
+    torch.testing.assert_close(lz.attention(q, k, v, layout="BHSD").double(), want, **tolerance(torch.float32))
+    assert lz.explain("attention", q, k, v).context.bhsd_strides
+
+
+def test_bhsd_strides_of_k_or_v_are_enough(caplog):
+    q = _hf_style(2, 16, 8, 64).contiguous()  # a contiguous BHSD q: its strides cannot tell
+    with caplog.at_level("WARNING", logger="layerzero"):
+        lz.attention(q, _hf_style(2, 16, 8, 64), _hf_style(2, 16, 8, 64))
+    assert len(_bhsd_warnings(caplog)) == 1
+
+
+@pytest.mark.parametrize("case", ["contiguous_bshd", "explicit_bshd", "explicit_bhsd", "one_head"])
+def test_no_bhsd_warning_when_the_layout_is_clear(caplog, case):
+    t = _hf_style(2, 16, 8, 64)
+    calls = {
+        "contiguous_bshd": lambda: lz.attention(*(torch.randn(2, 16, 8, 64) for _ in range(3))),
+        "explicit_bshd": lambda: lz.attention(t, t, t, layout="BSHD"),  # BSHD on purpose, BHSD memory
+        "explicit_bhsd": lambda: lz.attention(t, t, t, layout="BHSD"),
+        "one_head": lambda: lz.attention(*(_hf_style(2, 16, 1, 64) for _ in range(3))),  # strides of a size-1 axis
+    }
+    with caplog.at_level("WARNING", logger="layerzero"):
+        calls[case]()
+    assert _bhsd_warnings(caplog) == []
+
+
+def test_layout_not_given_and_bshd_are_separate_plan_keys():
+    """Only a call without layout= can warn, so its plan is not shared with an explicit BSHD call's."""
+    q = torch.randn(1, 4, 2, 16)
+    assert ATTENTION.key(q, q, q) != ATTENTION.key(q, q, q, layout="BSHD")
+    assert ATTENTION.context(q, q, q) == ATTENTION.context(q, q, q, layout="BSHD")  # the same facts otherwise

@@ -50,6 +50,11 @@ def test_schema_validation_errors_name_field_expected_and_actual(doc: dict, mess
         parse_descriptor(b"{not json", "test.json")
 
 
+def test_descriptor_dtypes_take_the_names_policy_conditions_take() -> None:
+    desc = parse_descriptor(json.dumps(_doc(**{"torch.sdpa_math": {"dtypes": ["fp32", "bf16", "torch.float16"]}})))
+    assert desc.kernels["torch.sdpa_math"]["dtypes"] == {torch.float32, torch.bfloat16, torch.float16}
+
+
 def test_export_round_trips_through_the_parser() -> None:
     runtime.ensure_loaded()
     specs = [s for s in runtime.registry.kernels.values() if s.backend == "torch"]

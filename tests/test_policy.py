@@ -369,6 +369,31 @@ def test_lock_unlock_get_locks_and_errors():
         lz.lock("attn.full", "torch")
 
 
+def test_unknown_names_in_a_policy_are_one_error_class_with_op_id_suggestions():
+    errors = []
+    for call in (lambda: lz.lock("attention", "torch"), lambda: lz.lock("attention.causal", "torhc"),
+                 lambda: lz.lock("attention.causal", "torch.sdpa_mat")):
+        with pytest.raises(lz.UnknownNameError) as raised:
+            call()
+        errors.append(raised.value)
+    assert all(isinstance(e, lz.PolicyValidationError) for e in errors)  # and still a policy error
+    assert str(errors[0]).startswith("unknown operation 'attention'; did you mean 'attention.causal', ")
+    assert errors[0].close_matches[:2] == ["attention.causal", "attention.decode"]
+    assert "unknown backend or kernel 'torhc'" in str(errors[1])
+
+
+def test_unknown_names_in_files_and_environment_are_unknown_name_errors(tmp_path, monkeypatch):
+    path = write(tmp_path, "locks:\n  - {operation: attention.causal, kernel: torch.sdpa_mth}\n")
+    with pytest.raises(lz.UnknownNameError) as raised:
+        lz.configure(path)
+    assert isinstance(raised.value, lz.PolicyValidationError)
+    assert str(raised.value).startswith(f"{path}:2: locks[0].kernel: unknown kernel 'torch.sdpa_mth'")
+    monkeypatch.setenv("LAYERZERO_DENY", "atention.*=torch")
+    with pytest.raises(lz.UnknownNameError, match="LAYERZERO_DENY: entry 'atention.\\*=torch': unknown operation"):
+        lz.reset()
+        runtime.ensure_loaded()
+
+
 def test_conditional_code_lock():
     lz.lock("attention.full", "torch.sdpa_math", condition="batch_size >= 4")
     assert which(*qkv(batch=1)) == "torch.sdpa_flash_cpu"
@@ -380,14 +405,33 @@ def test_lock_that_cannot_run_warns_once_and_adapts(caplog):
     with caplog.at_level(logging.WARNING, logger="layerzero"):
         assert which(*qkv()) == "torch.sdpa_flash_cpu"
         assert which(*qkv(seq=9)) == "torch.sdpa_flash_cpu"
-    assert sum("cannot run this call" in r.message for r in caplog.records) == 1
+    warnings = [r.getMessage() for r in caplog.records if "cannot run this call" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("lock attention.full -> torch.sdpa_flash [code] cannot run this call")
 
 
 def test_strict_mode_raises_for_a_lock_that_cannot_run():
     lz.lock("attention.full", "torch.sdpa_flash")
     lz.configure(strict_mode=True)
-    with pytest.raises(lz.NoKernelFoundError, match="cannot run these inputs"):
+    with pytest.raises(lz.NoKernelFoundError, match="cannot run these inputs") as raised:
         lz.attention(*qkv())
+    report = raised.value.report
+    # every kernel of the op, each with why it was not scored: the locked one's own reasons included
+    assert all(c.rejections for c in report.candidates) and "not scored" not in str(raised.value)
+    assert report.rejection_reasons["torch.sdpa_flash"][0] is lz.Reason.PLATFORM_MISMATCH
+    assert report.rejection_reasons["torch.sdpa_flash_cpu"] == [lz.Reason.POLICY_LOCKED_OTHER]
+
+
+def test_strict_mode_error_lists_why_no_accelerated_kernel_ran():
+    lz.configure(strict_mode=True)
+    x = torch.randn(12, 2, 8)
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    with pytest.raises(lz.NoKernelFoundError, match="only the reference can run attention.varlen") as raised:
+        lz.attention_varlen(x, x, x, cu, cu, 7, 7)
+    report = raised.value.report
+    assert {c.kernel_id for c in report.candidates} == {s.id for s in runtime.registry.candidates("attention.varlen")}
+    assert all(c.rejections for c in report.candidates if c.backend != "reference")
+    assert "strict mode: the reference does not run" in str(raised.value)
 
 
 def test_every_policy_change_bumps_the_generation(tmp_path):

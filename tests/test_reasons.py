@@ -133,7 +133,8 @@ def test_backend_not_installed():
     reasons = _rejections_of("ghostlib.attn")
     assert reasons == [Reason.BACKEND_NOT_INSTALLED]
     ok, why = lz.validate("ghostlib.attn", "attention", _q(), _q(), _q())
-    assert not ok and why == [Reason.BACKEND_NOT_INSTALLED]
+    assert not ok and [r.reason for r in why] == [Reason.BACKEND_NOT_INSTALLED]
+    assert "layerzero_no_such_module_xyz" in why[0].detail
     TRIGGERED.add(Reason.BACKEND_NOT_INSTALLED)
 
 

@@ -60,6 +60,56 @@ def test_user_kernel_competes_and_wins_by_priority():
     assert report.scores["torch.rms_norm"] == 50.0 and report.scores["mine.rms"] == 90.0
 
 
+def test_user_kernel_without_platforms_runs_everywhere():
+    """The issue's call: no platforms declared, so the kernel runs on this CPU (it used to be CUDA only)."""
+    calls: list[str] = []
+    spec = lz.register_kernel(id="mine.rms_norm", ops=("norm.rms",), impl=counting_rms(calls, "mine"), priority=500)
+    assert spec.platforms == frozenset({"*"})
+    x, w = torch.randn(3, 16), torch.randn(16)
+    torch.testing.assert_close(lz.rms_norm(x, w, 1e-6).double(), ref_rms(x, w), **tolerance(torch.float32))
+    assert calls == ["mine"] and lz.which("rms_norm", x, w, 1e-6) == "mine.rms_norm"
+    cuda_only = lz.register_kernel(id="mine.rms_cuda", ops="norm.rms", impl=counting_rms(calls, "c"), platforms="cuda",
+                                   priority=900)
+    assert cuda_only.platforms == frozenset({"cuda"}) and cuda_only.ops == ("norm.rms",)
+    reasons = lz.explain("rms_norm", x, w, 1e-6).rejection_reasons["mine.rms_cuda"]
+    assert reasons == [Reason.PLATFORM_MISMATCH]
+
+
+def test_register_kernel_one_platform_as_a_string_is_that_platform():
+    spec = lz.register_kernel(id="mine.rms", ops=("norm.rms",), impl=counting_rms([], "m"), platforms="cpu")
+    assert spec.platforms == frozenset({"cpu"})  # not {"c", "p", "u"}
+    spec = lz.register_kernel(id="mine.rms", ops=("norm.rms",), impl=counting_rms([], "m"), platforms=["cpu", "cuda"])
+    assert spec.platforms == frozenset({"cpu", "cuda"})
+
+
+@pytest.mark.parametrize("fields, error, message", [
+    (dict(ops=("norm.rmss",)), lz.UnknownNameError,
+     "register_kernel('mine.k'): ops: unknown operation 'norm.rmss'; did you mean 'norm.rms'"),
+    (dict(ops=("attention",)), lz.UnknownNameError, "did you mean 'attention.causal'"),
+    (dict(platforms="cdua"), lz.UnknownNameError, "unknown platform 'cdua'; did you mean 'cuda'"),
+    (dict(platforms="cuda:0"), lz.UnknownNameError, "unknown platform 'cuda:0'"),
+    (dict(platforms=()), lz.InvalidInputError, "platforms: expected a device type"),
+    (dict(platforms=[1]), lz.InvalidInputError, "platforms: expected a device type ('cpu', 'cuda', ...) or '*'"),
+    (dict(ops=()), lz.InvalidInputError, "ops: expected an op id such as 'norm.rms'"),
+    (dict(dtypes="float16"), lz.InvalidInputError, "dtypes: expected a torch.dtype or a non-empty collection"),
+    (dict(priority="high"), lz.InvalidInputError, "priority: expected a number"),
+    (dict(max_head_dim=128.0), lz.InvalidInputError, "max_head_dim: expected an integer, got 128.0"),
+    (dict(supports_gqa="yes"), lz.InvalidInputError, "supports_gqa: expected True or False, got 'yes'"),
+    (dict(mask_kinds="boolean"), lz.UnknownNameError, "unknown mask kind 'boolean'; did you mean 'bool'"),
+    (dict(layout="BHDS"), lz.UnknownNameError, "unknown layout 'BHDS'"),
+    (dict(impl=42), lz.InvalidInputError, "impl: expected a callable"),
+    (dict(id="nodot"), lz.InvalidInputError, "id: expected a kernel id of the form 'backend.name'"),
+])
+def test_register_kernel_checks_ops_and_field_types(fields, error, message):
+    runtime.ensure_loaded()
+    before = runtime.generation
+    base = dict(id="mine.k", ops=("norm.rms",), impl=counting_rms([], "k"))
+    with pytest.raises(error) as raised:
+        lz.register_kernel(**{**base, **fields})
+    assert message in str(raised.value)
+    assert "mine.k" not in runtime.registry.kernels and runtime.generation == before  # nothing registered
+
+
 def test_lower_priority_user_kernel_loses_and_a_higher_one_takes_over():
     calls: list[str] = []
     x = torch.randn(2, 8)
@@ -420,9 +470,13 @@ def test_validate_reports_reasons_without_consulting_policy():
     q = torch.randn(1, 4, 2, 64)
     assert lz.validate("torch.sdpa_math", "attention", q, q, q) == (True, [])
     ok, reasons = lz.validate("torch.sdpa_flash", "attention", q, q, q)
-    assert not ok and reasons == [Reason.PLATFORM_MISMATCH, Reason.DTYPE_UNSUPPORTED]
+    assert not ok and [r.reason for r in reasons] == [Reason.PLATFORM_MISMATCH, Reason.DTYPE_UNSUPPORTED]
+    # the same Rejections (code and values) that explain lists for the kernel
+    explained = next(c for c in lz.explain("attention", q, q, q).candidates if c.kernel_id == "torch.sdpa_flash")
+    assert reasons == explained.rejections
+    assert reasons[0].detail == "device cpu, kernel runs on cuda"
     ok, reasons = lz.validate("torch.sdpa_efficient", lz.attention, q, torch.randn(1, 4, 1, 64), torch.randn(1, 4, 1, 64))
-    assert Reason.GQA_UNSUPPORTED in reasons
+    assert Reason.GQA_UNSUPPORTED in [r.reason for r in reasons]
     lz.configure(deny=["torch.sdpa_math"])
     assert lz.validate("torch.sdpa_math", "attention", q, q, q) == (True, [])
     assert Reason.POLICY_DENIED in lz.explain("attention", q, q, q).rejection_reasons["torch.sdpa_math"]

@@ -21,6 +21,7 @@ from .errors import (
     SelectionTimeoutError,
     UnknownNameError,
 )
+from .integrations import watch_transformers as _watch_transformers
 from .kernel import Backend, KernelSpec
 from .ops.activation import fused_mlp, geglu, gelu, silu, swiglu
 from .ops.attention import attention, attention_varlen, paged_attention
@@ -84,6 +85,7 @@ from .selection.inspect import (
 from .state import reset
 
 __version__ = "0.1.0"
+_watch_transformers()  # attn_implementation="layerzero" once transformers' attention registry loads
 
 # Measured selection (lz.tune, lz.solve, ...) loads on first use: `import layerzero` stays light.
 _PERF = {"perfdb": "tune", "record_trace": "tune", "save_trace": "tune", "tune": "tune", "solve": "solve",

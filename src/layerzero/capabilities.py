@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import ConfigurationError
-from .kernel import LAYOUTS, KernelSpec, check_constraints
+from .errors import BackendNotAvailableError, ConfigurationError
+from .kernel import LAYOUTS, KernelSpec, check_constraints, runs_on
 
 if TYPE_CHECKING:
     from .state import Registry
@@ -98,12 +99,15 @@ def _int_set(optional: bool) -> Callable[[object], object]:
 
 
 def _dtypes(v: object) -> object:
+    """dtype names as policy conditions take them: float16, fp16, bf16, torch.float32, ..."""
+    from .policy.conditions import dtype_name
+
     if not isinstance(v, list) or not v or not all(isinstance(s, str) for s in v):
         raise ValueError(f"a non-empty list of dtype names from {list(_DTYPES)}")
-    bad = [s for s in v if s not in _DTYPES]
+    bad = [s for s in v if dtype_name(s) not in _DTYPES]
     if bad:
-        raise ValueError(f"dtype names from {list(_DTYPES)} (unknown: {bad})")
-    return frozenset(_DTYPES[s] for s in v)
+        raise ValueError(f"dtype names from {list(_DTYPES)} or their short forms (fp16, bf16, fp32) (unknown: {bad})")
+    return frozenset(_DTYPES[dtype_name(s)] for s in v)  # type: ignore[index]
 
 
 def _choice(options: tuple[str, ...]) -> Callable[[object], object]:
@@ -561,9 +565,14 @@ def canary(backend: str, device: str | torch.device | None = None) -> CanaryRepo
 
     runtime.ensure_loaded()
     name = runtime.registry.backend_name(backend)
+    installed, _, why = runtime.registry.backend(name).availability
+    if not installed:
+        package = runtime.registry.backend(name).distribution or runtime.registry.backend(name).module
+        raise BackendNotAvailableError(f"backend {name} is not installed here ({why.detail if why else 'unavailable'}); "
+                                       f"nothing to check: install {package} first")
     runtime.descriptors.resolve_backend(runtime.registry, name)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    specs = [s for s in runtime.registry.kernels.values() if s.backend == name and dev.type in s.platforms]
+    specs = [s for s in runtime.registry.kernels.values() if s.backend == name and runs_on(s, dev.type)]
     claims: list[Claim] = []
     not_covered: list[str] = []
     for spec in specs:
@@ -609,10 +618,18 @@ def add_canary_command(sub: Any) -> None:
 
 
 def _canary_command(args: Any) -> int:
-    from .cli import emit
+    from .cli import emit, parse_device
+    from .state import runtime
 
     if args.descriptors:
         load_descriptors(args.descriptors)
-    report = canary(args.backend, args.device)
+    report = canary(args.backend, parse_device(args.device))
     emit(args, report.to_dict(), str(report))
+    if not report.claims:  # nothing was checked: not a pass
+        runtime.ensure_loaded()
+        platforms = sorted({p for s in runtime.registry.kernels.values() if s.backend == report.backend
+                            for p in s.platforms})
+        print(f"layerzero canary: no claim of {report.backend} can be checked on {report.device} (its kernels run on "
+              f"{'/'.join(platforms) or 'no platform'}, or are of ops the canary has no runner for)", file=sys.stderr)
+        return 1
     return 0 if report.ok else 1

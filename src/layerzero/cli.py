@@ -9,6 +9,10 @@ that fails to import costs its subcommand, not the CLI.
     layerzero list [PATTERN] [--json]
     layerzero backends [--json]
     layerzero explain attention --shape 1x512x512x32x8x128x1 --dtype float16 --device cuda [--json]
+    layerzero --version             (python -m layerzero is the same command)
+
+Every error is one line on stderr that says what to change, with exit code 2 (a usage or input
+error) or 1 (the check ran and failed, or the backend to check is not installed).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 SUBCOMMANDS: list[str] = [
     "layerzero.cli:add_doctor",
@@ -44,6 +48,43 @@ def add_command(sub: Any, name: str, help: str, run: Runner) -> argparse.Argumen
 def emit(args: argparse.Namespace, data: Any, text: str) -> None:
     """Print `data` as JSON with --json, else `text`."""
     print(json.dumps(data, indent=2, default=str) if args.json else text)
+
+
+def parse_dtype(name: str, argument: str = "--dtype") -> Any:
+    """The torch dtype of `name`, spelled as policy conditions spell it: float16, bf16, fp32,
+    torch.float64, ..."""
+    import torch
+
+    from .errors import InvalidInputError
+    from .policy.conditions import dtype_name
+
+    canonical = dtype_name(name) if isinstance(name, str) else None
+    if canonical is None:
+        raise InvalidInputError(argument, "a torch dtype name such as float16, bfloat16, float32 (or fp16, bf16, "
+                                "fp32)", repr(name))
+    return getattr(torch, canonical)
+
+
+def parse_device(value: str | None, argument: str = "--device") -> Any:
+    """The torch.device of `value` (default: cuda if this torch has it, else cpu), checked to exist here."""
+    import torch
+
+    from .device import local_device_types
+    from .errors import InvalidInputError
+
+    here = local_device_types()
+    if value is None:
+        return torch.device("cuda" if "cuda" in here else "cpu")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise InvalidInputError(argument, "a device such as cpu, cuda or cuda:1", repr(value)) from None
+    if device.type not in here:
+        raise InvalidInputError(argument, f"a device of this machine ({', '.join(here)})", repr(value),
+                                f"this torch {torch.__version__} cannot run on {device.type}; pass --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InvalidInputError(argument, f"a CUDA device index below {torch.cuda.device_count()}", repr(value))
+    return device
 
 
 # -- doctor ----------------------------------------------------------------------------------------
@@ -74,11 +115,21 @@ def _list(args: argparse.Namespace) -> int:
     from .selection.inspect import list_kernels
 
     kernels = list_kernels(args.pattern)
-    rows = [[k.id, "yes" if k.available else "no", k.priority, ",".join(k.ops)] for k in kernels]
-    data = [{"id": k.id, "backend": k.backend, "available": k.available, "priority": k.priority, "ops": list(k.ops),
+    rows = [[k.id, _where(k), k.priority, ",".join(k.ops)] for k in kernels]
+    data = [{"id": k.id, "backend": k.backend, "available": k.available, "devices": list(k.devices),
+             "platforms": sorted(k.platforms), "priority": k.priority, "ops": list(k.ops),
              "description": k.description} for k in kernels]
-    emit(args, data, "\n".join(table(["kernel", "available", "priority", "ops"], rows)))
+    emit(args, data, "\n".join(table(["kernel", "available on", "priority", "ops"], rows)))
     return 0
+
+
+def _where(kernel: Any) -> str:
+    """"cpu", "cpu,cuda", or why the kernel runs on no device of this machine."""
+    if kernel.devices:
+        return ",".join(kernel.devices)
+    if not kernel.available:
+        return "no (backend not installed)"
+    return f"no (runs on {'/'.join(sorted(kernel.platforms))})"
 
 
 def add_backends(sub: Any) -> None:
@@ -107,21 +158,17 @@ def add_explain(sub: Any) -> None:
     p.add_argument("--shape", required=True,
                    help="the workload's dims joined by x: attention batch x seq_q x seq_k x heads x kv_heads x "
                         "head_dim x causal(0/1); rms_norm/layer_norm rows x hidden")
-    p.add_argument("--dtype", default="float16", help="float16, bfloat16, float32, float64 (default float16)")
+    p.add_argument("--dtype", default="float16",
+                   help="float16, bfloat16, float32, float64 or fp16, bf16, fp32, fp64 (default float16)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
 
 
 def _explain(args: argparse.Namespace) -> int:
-    import torch
-
-    from .errors import InvalidInputError
     from .perf.workloads import context_for, family
     from .state import runtime
 
-    dtype = getattr(torch, args.dtype, None)
-    if not isinstance(dtype, torch.dtype):
-        raise InvalidInputError("--dtype", "a torch dtype name such as float16", args.dtype)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = parse_dtype(args.dtype)
+    device = parse_device(args.device)
     runtime.ensure_loaded()
     ctx = context_for(args.op, args.shape, dtype, device)
     report = runtime.engine.evaluate(ctx, family(args.op).transforms)
@@ -139,8 +186,20 @@ def _explain(args: argparse.Namespace) -> int:
 
 # -- main ------------------------------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (argparse prints the usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="layerzero", description="LayerZero: which kernel runs each op, and why")
+    from . import __version__
+
+    parser = _Parser(prog="layerzero", description="LayerZero: which kernel runs each op, and why")
+    parser.add_argument("--version", action="version", version=f"layerzero {__version__}")
+    parser.add_argument("--traceback", action="store_true",
+                        help="on an unexpected error, print the traceback (for a bug report) instead of one line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for entry in SUBCOMMANDS:
         module, _, name = entry.partition(":")
@@ -154,19 +213,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `layerzero` script; returns the exit code."""
-    from .errors import LayerZeroError
+    """Entry point of the `layerzero` script and of `python -m layerzero`; returns the exit code.
+
+    Errors are one line: a LayerZeroError's first line (it names the argument, the expected and the
+    given value), exit code 2; BackendNotAvailableError (nothing to check here) exit code 1; any
+    other exception its type and first line, exit code 2 (--traceback shows where it came from).
+    """
+    from .errors import BackendNotAvailableError, LayerZeroError, NoKernelFoundError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "run", None) is None:
         parser.print_help()
         return 2
+    where = f"layerzero {args.command}"
     try:
         return int(args.run(args))
+    except BackendNotAvailableError as e:
+        print(f"{where}: {_first_line(e)}", file=sys.stderr)
+        return 1
     except LayerZeroError as e:
-        print(f"layerzero {args.command}: error: {e}", file=sys.stderr)
+        more = "; `layerzero explain` lists every kernel's reasons" if isinstance(e, NoKernelFoundError) else ""
+        print(f"{where}: error: {_first_line(e)}{more}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if args.traceback:
+            raise
+        print(f"{where}: error: {type(e).__name__}: {_first_line(e)} (if the arguments are right, this is a bug: "
+              "report it with the output of --traceback)", file=sys.stderr)
+        return 2
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 if __name__ == "__main__":

@@ -109,6 +109,9 @@ class SelectionContext:
     head_dim: int = 0
     head_dim_v: int = 0
     layout: str = ""
+    # attention given without layout=, read as BSHD, with the strides of BHSD tensors (a likely
+    # mistake, warned about once; selection does not depend on it)
+    bhsd_strides: bool = False
     is_causal: bool = False
     mask_kind: str = "none"  # "none" | "bool" | "float"
     window: tuple[int, int] | None = None  # (left, right); -1 = unbounded on that side

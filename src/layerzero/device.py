@@ -76,3 +76,18 @@ def device_info(device: torch.device) -> DeviceInfo:
     if device.type == "cpu":
         return DeviceInfo("cpu", 0, _cpu_name(), 0, "cpu", _cpu_isa(), 0)
     return DeviceInfo(device.type, device.index or 0, device.type, 0, device.type, frozenset(), 0)
+
+
+@functools.lru_cache(maxsize=1)
+def local_device_types() -> tuple[str, ...]:
+    """The device types this machine and this torch build can run on: "cpu", then "cuda", "mps", "xpu"
+    where present (a CPU-only torch build has no "cuda" even on a GPU machine)."""
+    found = ["cpu"]
+    for name, probe in (("cuda", lambda: torch.cuda.is_available()), ("mps", lambda: torch.backends.mps.is_available()),
+                        ("xpu", lambda: torch.xpu.is_available())):
+        try:
+            if probe():
+                found.append(name)
+        except (AttributeError, RuntimeError):  # a build without that backend
+            pass
+    return tuple(found)

@@ -25,16 +25,24 @@ class InvalidInputError(LayerZeroError, ValueError):
 
 
 class UnknownNameError(LayerZeroError, KeyError):
-    """An unknown kernel id, backend, op or layout; lists the close matches."""
+    """An unknown name (kernel id, backend, op, layout, platform, ...); lists the close matches.
 
-    def __init__(self, kind: str, name: str, known: Iterable[str]) -> None:
+    Names in a dotted family are suggested by their family too: "attention" suggests
+    'attention.causal', 'attention.full', .... `where` prefixes the message (a file and line, an
+    argument), `shown` follows it (the offending line of a file).
+    """
+
+    def __init__(self, kind: str, name: str, known: Iterable[str], *, where: str = "", shown: str = "") -> None:
         known = sorted(set(known))
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        family = [k for k in known if k.startswith(f"{name}.")]
+        close = family[:8] or difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        self.kind = kind
         self.name = name
+        self.known = tuple(known)
         self.close_matches = close
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         listing = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "")
-        super().__init__(f"unknown {kind} {name!r}{hint} (known: {listing})")
+        super().__init__(f"{where}unknown {kind} {name!r}{hint} (known: {listing}){shown}")
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
@@ -63,6 +71,11 @@ class CudaGraphUnsafeError(LayerZeroError):
 
 class PolicyValidationError(LayerZeroError, ValueError):
     """A policy (file, env or code) is invalid; says where and what."""
+
+
+class UnknownPolicyNameError(UnknownNameError, PolicyValidationError):
+    """An unknown op, backend or kernel in a policy (code, environment or file): an UnknownNameError
+    like every unknown name, and a PolicyValidationError like every other problem of a policy."""
 
 
 class BackendNotAvailableError(LayerZeroError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import os
@@ -13,12 +14,18 @@ from typing import Any
 import torch
 
 from .context import SelectionContext
+from .errors import InvalidInputError, UnknownNameError
 from .reasons import Reason, Rejection
 
 FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 HALF_DTYPES = frozenset({torch.float16, torch.bfloat16})
 ALL_FLOAT_DTYPES = FLOAT_DTYPES | {torch.float64}
 LAYOUTS = ("BSHD", "BHSD")
+ANY_PLATFORM = "*"  # in KernelSpec.platforms: every device type
+# Device types suggested when a platform name is unknown; any type torch.device parses is accepted.
+COMMON_PLATFORMS = (ANY_PLATFORM, "cpu", "cuda", "mps", "xpu", "hpu", "mtia", "meta")
+MASK_KINDS = ("none", "bool", "float")
+KV_LAYOUTS = ("NHD", "HND")
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,13 +35,19 @@ class KernelSpec:
     `impl` takes the op's calling convention (see the op module). For attention that is
     `impl(q, k, v, attn_mask, is_causal, dropout_p, scale)` with q/k/v in `layout` and causal
     aligned bottom-right; the plan adds the layout transforms around it.
+
+    Fields are checked when the spec is made (InvalidInputError / UnknownNameError naming the
+    field). A set-valued field takes one value or a collection: `platforms="cpu"` is {"cpu"},
+    `ops="norm.rms"` is ("norm.rms",). `platforms` are device types as torch names them ("cpu",
+    "cuda", "mps", "xpu", ...); the default "*" means every device type: a kernel of plain torch
+    code runs wherever its tensors are. Declare the platforms of a kernel that needs one.
     """
 
     id: str  # "backend.kernel"
     ops: tuple[str, ...]
     impl: Callable[..., Any] = field(compare=False, repr=False)
     priority: int = 50
-    platforms: frozenset[str] = frozenset({"cuda"})
+    platforms: frozenset[str] = frozenset({ANY_PLATFORM})
     min_sm: int = 0
     max_sm: int = 10_000
     generations: frozenset[str] | None = None
@@ -90,7 +103,95 @@ class KernelSpec:
     backend: str = field(init=False, compare=False)  # "backend" of "backend.kernel", derived from id
 
     def __post_init__(self) -> None:
+        _check_fields(self)
         object.__setattr__(self, "backend", self.id.split(".", 1)[0])
+
+
+_INT_FIELDS = ("min_sm", "max_sm", "min_head_dim", "max_head_dim", "head_dim_multiple", "min_page_size",
+               "max_hidden_size", "min_seq_len", "max_seq_len", "max_batch")
+_BOOL_FIELDS = ("same_head_dim_v", "supports_gqa", "supports_causal", "supports_non_causal", "causal_non_square",
+                "supports_dropout", "supports_window", "supports_softcap", "supports_alibi", "supports_backward",
+                "requires_contiguous", "graph_safe", "deterministic", "needs_jit")
+# set-valued fields: (the type of one value, its description, the names it may take or None, None allowed);
+# all but cpu_isa (no flag required) must name at least one value
+_SET_FIELDS: dict[str, tuple[type, str, tuple[str, ...] | None, bool]] = {
+    "platforms": (str, "a device type ('cpu', 'cuda', ...) or '*' (every one)", None, False),
+    "generations": (str, "a GPU generation name ('ampere', 'hopper', ...)", None, True),
+    "dtypes": (torch.dtype, "a torch.dtype", None, False),
+    "head_dims": (int, "a head_dim", None, True),
+    "mask_kinds": (str, "a mask kind", MASK_KINDS, False),
+    "kv_layouts": (str, "a paged KV layout", KV_LAYOUTS, False),
+    "page_sizes": (int, "a page size", None, True),
+    "tp_sizes": (int, "a tensor-parallel size", None, True),
+    "cpu_isa": (str, "a CPU flag ('avx2', 'avx512f', ...)", None, False),
+}
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_fields(spec: KernelSpec) -> None:
+    """Type and name checks of a KernelSpec's fields; normalizes one value of a set field to a set."""
+    def put(name: str, value: object) -> None:
+        object.__setattr__(spec, name, value)
+
+    if not isinstance(spec.id, str) or "." not in spec.id.strip(".") or spec.id != spec.id.strip():
+        raise InvalidInputError("id", "a kernel id of the form 'backend.name'", repr(spec.id))
+    ops = (spec.ops,) if isinstance(spec.ops, str) else spec.ops
+    if not isinstance(ops, tuple | list | frozenset | set) or not ops or not all(isinstance(o, str) for o in ops):
+        raise InvalidInputError("ops", "an op id such as 'norm.rms' or a non-empty collection of op ids", repr(spec.ops))
+    put("ops", tuple(ops))
+    if not callable(spec.impl):
+        raise InvalidInputError("impl", "a callable taking the op's calling convention", type(spec.impl).__name__)
+    for name in ("check", "workspace_bytes"):
+        value = getattr(spec, name)
+        if value is not None and not callable(value):
+            raise InvalidInputError(name, "None or a callable of a SelectionContext", type(value).__name__)
+    if isinstance(spec.priority, bool) or not isinstance(spec.priority, int | float):
+        raise InvalidInputError("priority", "a number (built-in kernels use 0-100)", repr(spec.priority))
+    if spec.decode_priority is not None and (isinstance(spec.decode_priority, bool)
+                                             or not isinstance(spec.decode_priority, int | float)):
+        raise InvalidInputError("decode_priority", "None or a number", repr(spec.decode_priority))
+    for name in _INT_FIELDS:
+        if not _is_int(getattr(spec, name)):
+            raise InvalidInputError(name, "an integer", repr(getattr(spec, name)))
+    for name in _BOOL_FIELDS:
+        if not isinstance(getattr(spec, name), bool):
+            raise InvalidInputError(name, "True or False", repr(getattr(spec, name)))
+    if spec.layout not in LAYOUTS:
+        raise UnknownNameError("layout", str(spec.layout), LAYOUTS)
+    for name, (kind, what, names, optional) in _SET_FIELDS.items():
+        value = getattr(spec, name)
+        if value is None and optional:
+            continue
+        items = (value,) if isinstance(value, kind) else value
+        if isinstance(items, str | bytes) or not isinstance(items, tuple | list | frozenset | set) or not all(
+                isinstance(v, kind) and (kind is not int or _is_int(v)) for v in items) or (
+                not items and name != "cpu_isa"):
+            expected = f"{what} or a non-empty collection of them" + (", or None" if optional else "")
+            raise InvalidInputError(name, expected, repr(value))
+        for v in items:
+            if names is not None and v not in names:
+                raise UnknownNameError(name.removesuffix("s").replace("_", " "), v, names)
+            if name == "platforms" and v != ANY_PLATFORM and not _device_type(v):
+                raise UnknownNameError("platform", v, COMMON_PLATFORMS)
+        if not isinstance(value, frozenset):
+            put(name, frozenset(items))
+
+
+@functools.lru_cache(maxsize=64)
+def _device_type(name: str) -> bool:
+    """Whether torch knows `name` as a device type (not a device: 'cuda:0' is not one)."""
+    try:
+        return torch.device(name).type == name and ":" not in name
+    except (RuntimeError, ValueError):
+        return False
+
+
+def runs_on(spec: KernelSpec, device_type: str) -> bool:
+    """Whether the spec declares `device_type` (or every device type) among its platforms."""
+    return device_type in spec.platforms or ANY_PLATFORM in spec.platforms
 
 
 def priority_for(spec: KernelSpec, ctx: SelectionContext) -> int:
@@ -154,7 +255,7 @@ def _reasons(spec: KernelSpec, ctx: SelectionContext) -> Iterator[Rejection]:
 
 
 def _device_reasons(spec: KernelSpec, ctx: SelectionContext) -> Iterator[Rejection]:
-    if ctx.device_type not in spec.platforms:
+    if not runs_on(spec, ctx.device_type):
         yield Rejection(Reason.PLATFORM_MISMATCH,
                         f"device {ctx.device_type}, kernel runs on {'/'.join(sorted(spec.platforms))}")
     if ctx.device_type == "cuda":

@@ -47,7 +47,7 @@ NAMESPACE = "layerzero"
 
 _SCHEMAS = {
     "attention": "attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, bool is_causal=False, "
-                 "float dropout_p=0.0, float? scale=None, str layout='BSHD', int[]? window_size=None, "
+                 "float dropout_p=0.0, float? scale=None, str? layout=None, int[]? window_size=None, "
                  "float softcap=0.0, Tensor? alibi_slopes=None) -> Tensor",
     "rms_norm": "rms_norm(Tensor x, Tensor? weight=None, float eps=1e-6) -> Tensor",
     "layer_norm": "layer_norm(Tensor x, Tensor? weight=None, Tensor? bias=None, float eps=1e-5) -> Tensor",
@@ -68,7 +68,7 @@ _SCHEMAS = {
 
 # ----------------------------------------------------------------------------- real kernels
 
-def _attention_bshd_memory(out: torch.Tensor, layout: str) -> torch.Tensor:
+def _attention_bshd_memory(out: torch.Tensor, layout: str | None) -> torch.Tensor:
     if layout == "BHSD":
         return out.transpose(1, 2).contiguous().transpose(1, 2)
     return out.contiguous()
@@ -76,7 +76,7 @@ def _attention_bshd_memory(out: torch.Tensor, layout: str) -> torch.Tensor:
 
 def _attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
                     is_causal: bool = False, dropout_p: float = 0.0, scale: float | None = None,
-                    layout: str = "BSHD", window_size: Sequence[int] | None = None, softcap: float = 0.0,
+                    layout: str | None = None, window_size: Sequence[int] | None = None, softcap: float = 0.0,
                     alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     window = None if window_size is None else (int(window_size[0]), int(window_size[1]))
     out = _attn.attention(q, k, v, attn_mask, is_causal, dropout_p, scale, layout, window, softcap, alibi_slopes)
@@ -124,7 +124,7 @@ _IMPLS: dict[str, Callable[..., Any]] = {
 
 def _attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
                     is_causal: bool = False, dropout_p: float = 0.0, scale: float | None = None,
-                    layout: str = "BSHD", window_size: Sequence[int] | None = None, softcap: float = 0.0,
+                    layout: str | None = None, window_size: Sequence[int] | None = None, softcap: float = 0.0,
                     alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     window = None if window_size is None else (int(window_size[0]), int(window_size[1]))
     _attn._context(q, k, v, attn_mask, is_causal, dropout_p, scale, layout, window, softcap, alibi_slopes)

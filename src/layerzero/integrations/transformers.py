@@ -1,10 +1,15 @@
 """Hugging Face transformers: the "layerzero" attention implementation and `patch` / `unpatch`.
 
-    import layerzero.integrations.transformers as lzt        # registers "layerzero"
+    import layerzero                                         # registers "layerzero" (see below)
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="layerzero")
+    import layerzero.integrations.transformers as lzt
     model.set_attn_implementation("layerzero")               # or on a loaded model
     report = lzt.patch(model)    # attention + RMSNorm/LayerNorm + RoPE + gated MLP through LayerZero
     lzt.unpatch(model)           # back to exactly the modules it had
+
+`import layerzero` registers the attention function as soon as transformers' AttentionInterface
+exists (`layerzero.integrations.watch_transformers`: at once if transformers' models are loaded,
+else right after they load), so no import of this module is needed for `attn_implementation`.
 
 Attention follows transformers' `sdpa` semantics, so the masks transformers builds for "sdpa" are
 built for "layerzero" too (`AttentionMaskInterface`): a bool (B, 1, Sq, Sk) mask (True = attend)

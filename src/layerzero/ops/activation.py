@@ -42,7 +42,8 @@ MLP_ACTIVATIONS = ("swiglu", "geglu")
 
 def silu(x: torch.Tensor) -> torch.Tensor:
     """x * sigmoid(x), elementwise. x: any shape, floating point."""
-    if dynamo_compiling() or compile_flags._is_compiling_flag:  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    if dynamo_compiling() or compile_flags._is_compiling_flag:
         return traced_ops().silu(x)
     try:
         key = _silu_key(x)
@@ -60,7 +61,8 @@ def silu(x: torch.Tensor) -> torch.Tensor:
 
 def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """GELU, elementwise: exact (erf) with approximate="none", the tanh form with "tanh"."""
-    if dynamo_compiling() or compile_flags._is_compiling_flag:  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    if dynamo_compiling() or compile_flags._is_compiling_flag:
         return traced_ops().gelu(x, approximate)
     try:
         key = _gelu_key(x, approximate)
@@ -78,7 +80,8 @@ def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up. gate, up: (..., d_ff), same shape/dtype/device."""
-    if dynamo_compiling() or compile_flags._is_compiling_flag:  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    if dynamo_compiling() or compile_flags._is_compiling_flag:
         return traced_ops().swiglu(gate, up)
     try:
         key = _gated_key("activation.swiglu", gate, up)
@@ -96,7 +99,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """gelu(gate, approximate) * up. gate, up: (..., d_ff), same shape/dtype/device."""
-    if dynamo_compiling() or compile_flags._is_compiling_flag:  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    if dynamo_compiling() or compile_flags._is_compiling_flag:
         return traced_ops().geglu(gate, up, approximate)
     try:
         key = _gated_key("activation.geglu", gate, up, approximate)
@@ -119,7 +123,8 @@ def fused_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
     x: (..., d_model); w_gate, w_up: (d_ff, d_model); w_down: (d_model, d_ff), nn.Linear layout.
     activation: "swiglu" or "geglu" (approximate applies to geglu). Returns (..., d_model).
     """
-    if dynamo_compiling() or compile_flags._is_compiling_flag:  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    if dynamo_compiling() or compile_flags._is_compiling_flag:
         return traced_ops().fused_mlp(x, w_gate, w_up, w_down, activation, approximate)
     try:
         key = _mlp_key(x, w_gate, w_up, w_down, activation, approximate)

@@ -55,7 +55,7 @@ def attention(
     is_causal: bool = False,
     dropout_p: float = 0.0,
     scale: float | None = None,
-    layout: str = "BSHD",
+    layout: str | None = None,
     window_size: tuple[int, int] | None = None,
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
@@ -63,10 +63,14 @@ def attention(
     """Scaled dot-product attention with the fastest kernel that can run these inputs.
 
     q: (B, Sq, Hq, D) in BSHD or (B, Hq, Sq, D) in BHSD; k, v: the same with Sk and Hkv heads,
-    Hq a multiple of Hkv (GQA/MQA). attn_mask: bool (True = attend) or additive float,
-    broadcastable to (B, Hq, Sq, Sk) whatever the layout. Returns the output in q's layout.
+    Hq a multiple of Hkv (GQA/MQA). layout: "BSHD" (None, the default, means BSHD) or "BHSD".
+    attn_mask: bool (True = attend) or additive float, broadcastable to (B, Hq, Sq, Sk) whatever
+    the layout. Returns the output in q's layout. Tensors given without layout= whose strides are
+    those of BHSD tensors (heads outer to the sequence, as after `.transpose(1, 2)`) cost a warning
+    on the call's selection; pass layout= to say which they are.
     """
-    if dynamo_compiling() or compile_flags._is_compiling_flag:  # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    if dynamo_compiling() or compile_flags._is_compiling_flag:
         return traced_ops().attention(q, k, v, attn_mask, is_causal, dropout_p, scale, layout, window_size, softcap,
                                      alibi_slopes)
     if window_size is not None:  # lists are not hashable and (-1, -1) is no window: normalize before the key
@@ -88,11 +92,16 @@ def attention(
 
 
 def _key(q: Any, k: Any, v: Any, attn_mask: Any = None, is_causal: bool = False, dropout_p: float = 0.0,
-         scale: float | None = None, layout: str = "BSHD", window_size: Any = None, softcap: float = 0.0,
+         scale: float | None = None, layout: str | None = None, window_size: Any = None, softcap: float = 0.0,
          alibi_slopes: Any = None) -> tuple[Any, ...]:
     """The plan-cache key: everything selection depends on, nothing it does not (not scale).
 
-    Hot path: every term is an attribute read or a C call (graph_mode inlined for CUDA tensors)."""
+    Hot path: every term is an attribute read or a C call (graph_mode inlined for CUDA tensors).
+    Strides are not in it (reading them would cost every call): the BHSD-strides warning of
+    _context fires on the miss of each key, so a plan first selected from tensors without that
+    pattern (lz.warmup's, say) serves later calls of the same key silently. layout None (not
+    given) and "BSHD" are different keys: only the first can warn.
+    """
     return (
         "attention", layout, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
         None if attn_mask is None else (attn_mask.shape, attn_mask.dtype, attn_mask.device),
@@ -241,14 +250,40 @@ def _checked_dims(q: Any, k: Any, v: Any, attn_mask: Any, alibi_slopes: Any,
     return B, Sq, Hq, D, Sk, Hk, v.shape[-1]
 
 
+def _bhsd_strides(*tensors: torch.Tensor) -> bool:
+    """Whether a 4-D tensor read as BSHD has its heads axis outer to its sequence axis (stride(2) >
+    stride(1), both longer than 1): the strides of a BHSD tensor made by `.view(B, S, H, D)
+    .transpose(1, 2)`, the usual way models build q, k, v."""
+    for t in tensors:
+        _, s, h, _ = t.shape
+        if s > 1 and h > 1 and t.stride(2) > t.stride(1):
+            return True
+    return False
+
+
+def _warn_bhsd_strides(q: torch.Tensor) -> None:
+    B, S, H, D = q.shape
+    runtime.warn_once(("attention-bhsd-strides",), (
+        f"lz.attention: q, k, v given without layout= are read as BSHD (B, S, H, D): q {tuple(q.shape)} as B={B}, "
+        f"S={S}, H={H}, D={D}; but their strides are those of BHSD tensors (heads outer to the sequence, as after "
+        ".transpose(1, 2)). If they are (B, H, S, D), pass layout=\"BHSD\" (the output is then BHSD too); if "
+        "they are BSHD, pass layout=\"BSHD\" to say so. (Warned once.)"))
+
+
 def _context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
              is_causal: bool = False, dropout_p: float = 0.0, scale: float | None = None,
-             layout: str = "BSHD", window_size: tuple[int, int] | None = None, softcap: float = 0.0,
+             layout: str | None = None, window_size: tuple[int, int] | None = None, softcap: float = 0.0,
              alibi_slopes: torch.Tensor | None = None) -> SelectionContext:
     """Validate the inputs and describe the call (miss path only)."""
+    given = layout is not None
+    if not given:
+        layout = "BSHD"
     dims = _valid_dims(q, k, v, attn_mask, alibi_slopes, layout)
     if dims is None:
         dims = _checked_dims(q, k, v, attn_mask, alibi_slopes, layout)
+    bhsd_strides = not given and _bhsd_strides(q, k, v)
+    if bhsd_strides:
+        _warn_bhsd_strides(q)
     B, Sq, Hq, D, Sk, Hk, Dv = dims
     window = _check_options(window_size, softcap, scale)
     dtype, device = q.dtype, q.device
@@ -279,6 +314,7 @@ def _context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch
         head_dim=D, head_dim_v=Dv, layout=layout, is_causal=bool(is_causal), mask_kind=mask_kind,
         window=window, softcap=float(softcap), alibi=alibi_slopes is not None, dropout=dropout_p > 0.0,
         requires_grad=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
+        bhsd_strides=bhsd_strides,
     )
 
 

@@ -537,13 +537,19 @@ def _solve_command(args: Any) -> int:
         name, sep, value = item.partition("=")
         if not sep:
             raise InvalidInputError("--dim", "NAME=LO:HI or NAME=V1,V2", item)
-        if ":" in value:
-            lo, hi = value.split(":", 1)
-            dims[name] = (int(lo), int(hi))
-        else:
-            dims[name] = [int(v) for v in value.split(",") if v]
-    dtypes = [getattr(torch, d) for d in args.dtype]
-    result = solve(args.op, args.out, dtypes=dtypes, device=args.device, **dims)
+        try:
+            if ":" in value:
+                lo, hi = value.split(":", 1)
+                dims[name] = (int(lo), int(hi))
+            else:
+                dims[name] = [int(v) for v in value.split(",") if v]
+        except ValueError:
+            raise InvalidInputError("--dim", "NAME=LO:HI or NAME=V1,V2 with integers", item) from None
+    from ..cli import parse_device, parse_dtype
+
+    dtypes = [parse_dtype(d) for d in args.dtype]
+    device = parse_device(args.device) if args.device is not None else None
+    result = solve(args.op, args.out, dtypes=dtypes, device=device, **dims)
     from ..cli import emit
 
     emit(args, {"path": str(result.path), "kernels": result.kernels, "buckets": result.buckets,

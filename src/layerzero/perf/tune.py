@@ -324,7 +324,8 @@ def add_tune_command(sub: Any) -> None:
     p = add_command(sub, "tune", "measure every valid kernel for shapes, store in PerfDB, report", _tune_command)
     p.add_argument("op", nargs="?", help="attention, rms_norm, layer_norm")
     p.add_argument("--shape", action="append", default=[], help="dims joined by x (repeat for several shapes)")
-    p.add_argument("--dtype", action="append", default=[], help="float16, bfloat16, float32 (repeatable)")
+    p.add_argument("--dtype", action="append", default=[], help="float16, bfloat16, float32 or bf16, fp32, ... "
+                   "(repeatable)")
     p.add_argument("--trace", help="a trace JSON written by lz.save_trace")
     p.add_argument("--device", default=None)
     p.add_argument("--kernels", default="*", help="glob on kernel ids or backends")
@@ -336,13 +337,11 @@ def add_tune_command(sub: Any) -> None:
 
 
 def _tune_command(args: Any) -> int:
-    dtypes = []
-    for name in args.dtype:
-        dtype = getattr(torch, name, None)
-        if not isinstance(dtype, torch.dtype):
-            raise InvalidInputError("--dtype", "a torch dtype name such as bfloat16", name)
-        dtypes.append(dtype)
-    report = tune(args.op, shapes=args.shape, dtypes=dtypes, trace=args.trace, device=args.device,
+    from ..cli import parse_device, parse_dtype
+
+    dtypes = [parse_dtype(name) for name in args.dtype]
+    device = parse_device(args.device) if args.device is not None else None
+    report = tune(args.op, shapes=args.shape, dtypes=dtypes, trace=args.trace, device=device,
                   kernels=args.kernels, repeats=args.repeats, perfdb=args.perfdb, report=args.report,
                   graphs=args.graphs)
     data = [{"op": r.op, "shape": list(r.shape), "dtype": r.dtype, "best": r.best.kernel if r.best else None,

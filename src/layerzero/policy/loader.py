@@ -22,7 +22,7 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..errors import PolicyValidationError, UnknownNameError
+from ..errors import PolicyValidationError, UnknownNameError, UnknownPolicyNameError
 from ..perf.perfdb import REGIMES
 from .conditions import parse_condition, when_to_text
 from .model import Policy, Rule
@@ -67,11 +67,17 @@ class _Source:
         self.name = name
         self.lines = text.splitlines() if text is not None else []
 
-    def error(self, line: int, where: str, message: str) -> PolicyValidationError:
+    def error(self, line: int, where: str, message: str | UnknownNameError) -> PolicyValidationError:
+        """The error of `message` at `line`; an unknown name stays an UnknownNameError."""
         loc = f"{self.name}:{line}" if line else self.name
         text = self.lines[line - 1].strip() if 0 < line <= len(self.lines) else ""
         shown = f"\n    {line} | {text}" if text else ""
-        err = PolicyValidationError(f"{loc}: {where}: {message}{shown}" if where else f"{loc}: {message}{shown}")
+        prefix = f"{loc}: {where}: " if where else f"{loc}: "
+        if isinstance(message, UnknownNameError):
+            err: PolicyValidationError = UnknownPolicyNameError(message.kind, message.name, message.known,
+                                                                where=prefix, shown=shown)
+        else:
+            err = PolicyValidationError(f"{prefix}{message}{shown}")
         err.source, err.line, err.text = self.name, line, text  # type: ignore[attr-defined]
         return err
 
@@ -167,7 +173,7 @@ class _Validator:
     def __init__(self, src: _Source, registry: Registry, layer: str) -> None:
         self.src, self.registry, self.layer = src, registry, layer
 
-    def fail(self, line: int, where: str, message: str) -> PolicyValidationError:
+    def fail(self, line: int, where: str, message: str | UnknownNameError) -> PolicyValidationError:
         return self.src.error(line, where, message)
 
     @staticmethod
@@ -233,8 +239,8 @@ class _Validator:
             raise self.fail(*at("operation"), f"expected an operation id or pattern, got {operation!r}")
         try:
             check_operation(self.registry, operation)
-        except PolicyValidationError as exc:
-            raise self.fail(*at("operation"), str(exc)) from None
+        except UnknownNameError as exc:
+            raise self.fail(*at("operation"), exc) from None
 
         backends: list[str] = []
         kernels: list[str] = []
@@ -254,7 +260,7 @@ class _Validator:
                     else:
                         kernels.append(resolve_kernel(self.registry, value))
                 except UnknownNameError as exc:
-                    raise self.fail(*at(key), str(exc)) from None
+                    raise self.fail(*at(key), exc) from None
         if not backends and not kernels:
             keys = ", ".join(k for k in _TARGET_KEYS if k in allowed)
             raise self.fail(line, where, f"a {kind} rule needs a target: one of {keys}")
@@ -315,13 +321,12 @@ def _hint(name: Any, known: tuple[str, ...]) -> str:
 
 
 def check_operation(registry: Registry, operation: str) -> None:
-    """PolicyValidationError unless `operation` (an op id or glob) names a registered op."""
-    known = sorted(registry.by_op)
+    """UnknownPolicyNameError (a PolicyValidationError) unless `operation` (an op id or glob) names a
+    registered op."""
+    known = registry.by_op
     if operation == "*" or any(fnmatch.fnmatchcase(op, operation) for op in known):
         return
-    close = difflib.get_close_matches(operation, known, n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise PolicyValidationError(f"unknown operation {operation!r}{hint} (known: {', '.join(known)})")
+    raise UnknownPolicyNameError("operation", operation, known)
 
 
 def check_kernel_op(registry: Registry, kernel_id: str, operation: str) -> None:
@@ -341,7 +346,7 @@ def resolve_kernel(registry: Registry, name: str) -> str:
         candidate = f"{registry.aliases[backend]}.{rest}"
         if candidate in registry.kernels:
             return candidate
-    raise UnknownNameError("kernel", name, registry.kernels)
+    raise UnknownPolicyNameError("kernel", name, registry.kernels)
 
 
 def resolve_target(registry: Registry, name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -351,7 +356,7 @@ def resolve_target(registry: Registry, name: str) -> tuple[tuple[str, ...], tupl
     try:
         return (registry.backend_name(name),), ()
     except UnknownNameError:
-        raise UnknownNameError("backend or kernel", name, list(registry.backends) + list(registry.kernels)) from None
+        raise UnknownPolicyNameError("backend or kernel", name, list(registry.backends) + list(registry.kernels)) from None
 
 
 def parse_bool(name: str, value: str) -> bool:
@@ -404,8 +409,8 @@ def environment_policy(environ: Mapping[str, str], registry: Registry) -> Policy
             try:
                 check_operation(registry, operation)
                 backends, kernels = resolve_target(registry, target)
-            except (PolicyValidationError, UnknownNameError) as exc:
-                raise PolicyValidationError(f"{var}: entry {entry!r}: {exc}") from None
+            except UnknownNameError as exc:
+                raise UnknownPolicyNameError(exc.kind, exc.name, exc.known, where=f"{var}: entry {entry!r}: ") from None
             rules[kind].append(Rule(kind, operation, backends, kernels, priority=priority, source=var, layer="env"))
     strict = parse_bool("LAYERZERO_STRICT", environ["LAYERZERO_STRICT"]) if "LAYERZERO_STRICT" in environ else None
     regime = parse_regime("LAYERZERO_REGIME", environ.get("LAYERZERO_REGIME", ""))

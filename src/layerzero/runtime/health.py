@@ -39,6 +39,25 @@ log = logging.getLogger("layerzero")
 
 _UNHEALTHY = (Reason.KERNEL_UNHEALTHY, Reason.BACKEND_UNHEALTHY)
 
+# torch exceptions that steer a computation instead of reporting a kernel's failure. Non-reentrant
+# checkpointing ends its recomputation by raising _StopRecomputationError from a saved-tensor hook,
+# inside whichever op saves the last tensor it needs; CheckpointError reports a forward/recompute
+# mismatch (the caller's code); a tracer with symbolic shapes raises GuardOnDataDependentSymNode to
+# ask about a data-dependent value. Taking them for a failure would run the call again on another
+# kernel (under checkpointing the reference then crashes on the stopped frame) and charge a healthy
+# kernel's breaker: they pass through untouched. Matched by name, so that checking imports nothing.
+# BaseExceptions (KeyboardInterrupt, SystemExit, GeneratorExit) are never caught in the first place.
+_CONTROL_FLOW = frozenset({
+    ("torch.utils.checkpoint", "_StopRecomputationError"),
+    ("torch.utils.checkpoint", "CheckpointError"),
+    ("torch.fx.experimental.symbolic_shapes", "GuardOnDataDependentSymNode"),
+})
+
+
+def is_control_flow(error: BaseException) -> bool:
+    """Whether `error` is torch steering the computation (see _CONTROL_FLOW), not a kernel failing."""
+    return any((c.__module__, c.__qualname__) in _CONTROL_FLOW for c in type(error).__mro__)
+
 
 class BreakerState(str, Enum):
     CLOSED = "closed"
@@ -420,7 +439,10 @@ class Health:
     def recover(self, spec: KernelSpec, ctx: SelectionContext, family: OpFamily, args: tuple[Any, ...],
                 kwargs: dict[str, Any], error: BaseException | None) -> Any:
         """Run the call with the next kernel after `spec` failed (error) or cannot run under capture
-        (error None). The caller's tensors are passed again as they were given."""
+        (error None). The caller's tensors are passed again as they were given. torch's control-flow
+        exceptions (is_control_flow) are raised again as they are, counted nowhere."""
+        if error is not None and is_control_flow(error):
+            raise error
         rt = self.runtime
         first = spec
         if error is not None:
@@ -441,6 +463,8 @@ class Health:
             try:
                 out = run(*args, **kwargs)
             except Exception as next_error:
+                if is_control_flow(next_error):
+                    raise
                 if nxt.backend == REFERENCE_BACKEND:
                     raise KernelExecutionError(nxt.id, next_error) from next_error
                 self.record_failure(nxt, next_error)

@@ -214,12 +214,9 @@ class SelectionEngine:
         for spec in specs:
             cand = candidates[spec.id]
             if complete:
-                available, _, why = rt.registry.backend(spec.backend).availability
-                if not available and why is not None:
-                    cand.rejections.append(why)
+                cand.rejections.extend(self.kernel_rejections(spec, ctx))
+                if not rt.registry.backend(spec.backend).availability[0]:
                     continue
-                cand.rejections.extend(rt.health_rejections(spec, ctx))
-                cand.rejections.extend(check_constraints(spec, ctx))
             else:  # viable(): installed, fits the device; stop at the first reason
                 cand.rejections.extend(self._first_rejection(spec, ctx, ask_health))
                 if cand.rejections:
@@ -245,10 +242,17 @@ class SelectionEngine:
                     else:
                         candidates[spec.id].rules.append(lock.describe())
             else:
-                msg = f"lock {lock.describe()} cannot run this call; " + (
+                msg = f"{lock.describe()} cannot run this call; " + (
                     "strict mode" if policy.strict else "selecting among the other kernels"
                 )
                 if policy.strict:
+                    if not complete:  # the error lists every kernel of the op with all its reasons
+                        return self.evaluate(ctx, transforms_of, complete=True)
+                    for spec in specs:  # the others could run, but strict mode runs the locked one or none
+                        cand = candidates[spec.id]
+                        if cand.eligible and not lock.targets(spec):
+                            cand.rejections.append(Rejection(Reason.POLICY_LOCKED_OTHER,
+                                                             f"{lock.describe()}; strict mode runs only the lock"))
                     report = SelectionReport(ctx.op, ctx, "", 0.0, list(candidates.values()), notes=[msg],
                                              regime=regime)
                     raise NoKernelFoundError(f"locked kernel for {ctx.op} cannot run these inputs", report)
@@ -294,6 +298,8 @@ class SelectionEngine:
         non_reference = [c for c in eligible if c.backend != REFERENCE_BACKEND]
         pool = non_reference or eligible
         if not pool:
+            if not complete:
+                return self.evaluate(ctx, transforms_of, complete=True)  # raises, listing every kernel
             report = SelectionReport(ctx.op, ctx, "", 0.0, list(candidates.values()), notes=notes, regime=regime)
             raise NoKernelFoundError(f"no kernel can run {ctx.op}", report)
         best = max(pool, key=lambda c: (c.score, c.kernel_id))
@@ -302,6 +308,16 @@ class SelectionEngine:
             notes.append("no accelerated kernel can run this call; the torch reference runs")
         return SelectionReport(ctx.op, ctx, best.kernel_id, best.score or 0.0, list(candidates.values()), fallback=fallback,
                                notes=notes, regime=regime)
+
+    def kernel_rejections(self, spec: KernelSpec, ctx: SelectionContext) -> list[Rejection]:
+        """Every reason, policy aside, why `spec` cannot run `ctx`: its backend is unavailable (that
+        reason alone), its breaker is open, its workspace does not fit, its constraints do not hold.
+        What explain lists for the kernel before policy and measurements, and lz.validate returns."""
+        rt = self.runtime
+        available, _, why = rt.registry.backend(spec.backend).availability
+        if not available and why is not None:
+            return [why]
+        return [*rt.health_rejections(spec, ctx), *check_constraints(spec, ctx)]
 
     def _first_rejection(self, spec: KernelSpec, ctx: SelectionContext, ask_health: bool) -> list[Rejection]:
         """The miss path's check of a viable kernel: health (only when something can be unhealthy or
@@ -348,7 +364,7 @@ class SelectionEngine:
                 best = cand
                 accelerated = None if reference else cand.score
         if best is None:
-            raise NoKernelFoundError(f"no kernel can run {ctx.op}", SelectionReport(ctx.op, ctx, "", 0.0, candidates))
+            return self.evaluate(ctx, transforms_of, complete=True)  # raises, listing every kernel of the op
         fallback = best.backend == REFERENCE_BACKEND
         notes = ["no accelerated kernel can run this call; the torch reference runs"] if fallback else []
         return SelectionReport(ctx.op, ctx, best.kernel_id, best.score or 0.0, candidates, fallback=fallback,
@@ -363,6 +379,8 @@ class SelectionEngine:
         generation = self.runtime.generation
         report = self.evaluate(ctx, transforms_of, complete=False)
         if report.fallback and self.runtime.policy.strict:
+            report = self.evaluate(ctx, transforms_of, complete=True)  # every kernel of the op with its reasons
+            report.notes.append("strict mode: the reference does not run")
             raise NoKernelFoundError(f"strict mode: only the reference can run {ctx.op}", report)
         if report.fallback:
             self.runtime.warn_once(("fallback", ctx.op, ctx.device_type), f"{ctx.op}: {report.notes[-1]}; see lz.explain for reasons")

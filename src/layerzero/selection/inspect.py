@@ -7,10 +7,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..device import local_device_types
 from ..errors import InvalidInputError, UnknownNameError
-from ..kernel import Backend, KernelSpec, check_constraints
+from ..kernel import Backend, KernelSpec, runs_on
 from ..ops import FAMILIES, OpFamily
-from ..reasons import Reason
+from ..reasons import Rejection
 from ..state import runtime
 from .engine import ExecutionPlan, SelectionReport
 
@@ -47,51 +48,65 @@ def which(op: str | Callable[..., Any], *args: Any, **kwargs: Any) -> str:
 
 @dataclass(frozen=True, slots=True)
 class KernelInfo:
+    """One registered kernel. available: its backend is installed; devices: the device types of this
+    machine it can run on (empty when it is not installed or declares only other platforms)."""
+
     id: str
     backend: str
     ops: tuple[str, ...]
     priority: int
     available: bool
     description: str
+    platforms: frozenset[str] = frozenset()
+    devices: tuple[str, ...] = ()
 
 
 def list_kernels(pattern: str = "*") -> list[KernelInfo]:
     """Registered kernels whose id or one of whose op ids matches the glob `pattern`."""
     runtime.ensure_loaded()
+    here = local_device_types()
     out = []
     for spec in runtime.registry.kernels.values():
         if fnmatch.fnmatchcase(spec.id, pattern) or any(fnmatch.fnmatchcase(op, pattern) for op in spec.ops):
             available = runtime.registry.backend(spec.backend).availability[0]
-            out.append(KernelInfo(spec.id, spec.backend, spec.ops, spec.priority, available, spec.description))
+            devices = tuple(d for d in here if runs_on(spec, d)) if available else ()
+            out.append(KernelInfo(spec.id, spec.backend, spec.ops, spec.priority, available, spec.description,
+                                  spec.platforms, devices))
     return sorted(out, key=lambda k: k.id)
 
 
-def validate(kernel_id: str, op: str | Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[bool, list[Reason]]:
-    """Can `kernel_id` run `op(*args, **kwargs)`? Returns (ok, reasons); policy is not consulted."""
+def validate(kernel_id: str, op: str | Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[bool, list[Rejection]]:
+    """Can `kernel_id` run `op(*args, **kwargs)`? Returns (ok, rejections): the same `Rejection`s
+    (reason code and values) that `explain` lists for the kernel, policy rules aside."""
     runtime.ensure_loaded()
     spec = runtime.registry.kernel(kernel_id)
     ctx = _family(op).context(*args, **kwargs)
-    rejections = []
-    available, _, why = runtime.registry.backend(spec.backend).availability
-    if not available and why is not None:
-        rejections.append(why)
-    rejections.extend(check_constraints(spec, ctx))
-    return not rejections, [r.reason for r in rejections]
+    rejections = runtime.engine.kernel_rejections(spec, ctx)
+    if runtime.registry.backend(spec.backend).availability[0] and runtime.perf.has_rows(ctx.op):
+        rejections.extend(runtime.perf_rejections(spec, ctx))  # measured wrong on this shape (PERF_INCORRECT)
+    return not rejections, rejections
 
 
 def register_kernel(spec: KernelSpec | None = None, /, **fields: Any) -> KernelSpec:
     """Add a user kernel; it competes in selection like the built-in ones.
 
     Pass a KernelSpec, or its fields: `lz.register_kernel(id="mine.rms", ops=("norm.rms",),
-    impl=fn, platforms=frozenset({"cpu"}), priority=90)`. The impl takes the op's calling
-    convention (see the op modules). Replaces a kernel with the same id. Cached plans are dropped.
+    impl=fn, priority=90)`. The impl takes the op's calling convention (see the op modules).
+    `platforms` (device types, e.g. "cpu" or {"cpu", "cuda"}) defaults to every device type.
+    Op ids are checked against the registered ones (UnknownNameError with close matches), field
+    types by KernelSpec. Replaces a kernel with the same id. Cached plans are dropped.
     """
     if spec is None:
         spec = KernelSpec(**fields)
     elif fields:
         raise TypeError("pass a KernelSpec or keyword fields, not both")
-    if "." not in spec.id:
-        raise InvalidInputError("id", "a kernel id of the form 'backend.name'", repr(spec.id))
+    elif not isinstance(spec, KernelSpec):
+        raise InvalidInputError("spec", "a KernelSpec (or keyword fields)", type(spec).__name__)
+    runtime.ensure_loaded()
+    for op in spec.ops:
+        if op not in runtime.registry.by_op:
+            raise UnknownNameError("operation", op, runtime.registry.by_op,
+                                   where=f"register_kernel({spec.id!r}): ops: ")
     runtime.register(spec)
     return spec
 
