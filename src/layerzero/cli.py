@@ -90,11 +90,11 @@ def _backends(args: argparse.Namespace) -> int:
     from .selection.inspect import list_backends
 
     backends = list_backends()
-    rows = [[b.name, "yes" if b.available else "no", b.version or "-", len(b.kernels), b.reason or ""]
+    rows = [[b.name, "yes" if b.available else "no", b.version or "-", len(b.kernels), b.reason or b.probe or ""]
             for b in backends]
-    data = [{"name": b.name, "available": b.available, "version": b.version, "reason": b.reason,
+    data = [{"name": b.name, "available": b.available, "version": b.version, "reason": b.reason, "probe": b.probe,
              "kernels": list(b.kernels)} for b in backends]
-    emit(args, data, "\n".join(table(["backend", "available", "version", "kernels", "reason"], rows)))
+    emit(args, data, "\n".join(table(["backend", "available", "version", "kernels", "reason / probe"], rows)))
     return 0
 
 

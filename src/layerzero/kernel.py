@@ -229,7 +229,12 @@ def _call_reasons(spec: KernelSpec, ctx: SelectionContext) -> Iterator[Rejection
 
 @dataclass(eq=False)
 class Backend:
-    """A kernel library: how to find it without importing it, and the kernels it provides."""
+    """A kernel library: how to find it without importing it, and the kernels it provides.
+
+    `probes`: (kernel id, case) pairs, one per kernel family, that runtime/probe.py runs once on a
+    device before the backend's kernels compete there (cases: prefill, decode, paged, varlen,
+    rms_norm, layer_norm, rope, swiglu). Empty: nothing to prove (pure torch, user kernels).
+    """
 
     name: str
     kernels: tuple[KernelSpec, ...]
@@ -238,14 +243,21 @@ class Backend:
     aliases: tuple[str, ...] = ()
     min_version: str | None = None
     description: str = ""
+    requires: tuple[str, ...] = ()  # further import names that must exist (a library's compiled extension)
+    probes: tuple[tuple[str, str], ...] = ()
 
     @cached_property
     def availability(self) -> tuple[bool, str | None, Rejection | None]:
-        """(available, version, why not). Probed once, without importing the library."""
+        """(available, version, why not). Found once, without importing the library; a failed
+        probe (runtime/probe.py) or import replaces it for the process."""
         if self.module is None:
             return True, torch.__version__, None
         if not module_exists(self.module):
             return False, None, Rejection(Reason.BACKEND_NOT_INSTALLED, f"python module {self.module!r} not found")
+        for name in self.requires:
+            if not module_exists(name):
+                return False, None, Rejection(Reason.BACKEND_NOT_INSTALLED,
+                                              f"python module {name!r} not found ({self.module!r} is there without it)")
         version = None
         try:
             version = importlib.metadata.version(self.distribution or self.module)

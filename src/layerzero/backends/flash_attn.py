@@ -137,8 +137,11 @@ _common: dict[str, Any] = dict(platforms=_CUDA, dtypes=HALF_DTYPES, max_head_dim
 
 BACKENDS = (
     Backend(
-        name="flash_attn", module="flash_attn", distribution="flash-attn", aliases=("flash_attn2", "fa2"),
-        description="FlashAttention-2 (Ampere, Ada, Hopper)",
+        # FlashAttention-2 is found by its compiled extension, not by the `flash_attn` package:
+        # flash-attn-4 installs a `flash_attn` package holding only `flash_attn.cute`.
+        name="flash_attn", module="flash_attn", requires=("flash_attn_2_cuda",), distribution="flash-attn",
+        aliases=("flash_attn2", "fa2"), description="FlashAttention-2 (Ampere, Ada, Hopper)",
+        probes=(("flash_attn.v2", "prefill"), ("flash_attn.v2_kvcache", "paged")),
         kernels=(
             KernelSpec(id="flash_attn.v2", ops=DENSE_OPS, impl=v2_dense, priority=82, min_sm=80,
                        supports_dropout=True, supports_alibi=True, supports_backward=True,
@@ -154,6 +157,7 @@ BACKENDS = (
     Backend(
         name="flash_attn3", module="flash_attn_interface", distribution="flash-attn-3", aliases=("fa3",),
         description="FlashAttention-3 (Hopper only)",
+        probes=(("flash_attn3.fwd", "prefill"), ("flash_attn3.kvcache", "paged")),
         kernels=(
             KernelSpec(id="flash_attn3.fwd", ops=DENSE_OPS, impl=v3_dense, priority=90, min_sm=90, max_sm=90,
                        head_dim_multiple=8, supports_backward=True, description="FA3 flash_attn_func", **_common),
@@ -168,6 +172,7 @@ BACKENDS = (
     Backend(
         name="flash_attn4", module="flash_attn.cute", distribution="flash-attn-4", aliases=("fa4",),
         description="FlashAttention-4, CuTe DSL (Hopper, Blackwell)",
+        probes=(("flash_attn4.fwd", "prefill"),),
         kernels=(
             KernelSpec(id="flash_attn4.fwd", ops=DENSE_OPS, impl=v4_dense, priority=86, min_sm=90, max_sm=119,
                        head_dim_multiple=8, generations=frozenset({"hopper", "blackwell"}),

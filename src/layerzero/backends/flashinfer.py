@@ -542,6 +542,9 @@ BACKEND = Backend(
     module="flashinfer",
     distribution="flashinfer-python",
     description="FlashInfer plan/run attention kernels (JIT-compiled per variant) and sampling kernels",
+    # Each probe runs once its variant (bf16 or fp16, head_dim 128) is compiled; until then the JIT gate
+    # keeps the kernels out anyway and importing flashinfer is the probe.
+    probes=(("flashinfer.prefill", "prefill"), ("flashinfer.decode", "decode")),
     kernels=(
         # H100, bf16, 2026-11-26 (benchmarks/results/attention-h100.md, regret-h100.md). prefill 86: with GQA
         # it ran 1.6-2.1x faster than torch.sdpa_flash (D128 and D256); with MHA and D <= 128 torch.sdpa_cudnn

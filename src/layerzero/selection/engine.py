@@ -133,13 +133,24 @@ class SelectionEngine:
         if cached != generation:
             table = {}
             self._viable = (generation, table)
-        key = (ctx.op, ctx.device_type, ctx.sm, ctx.generation, ctx.isa, ctx.dtype)
+        key = (ctx.op, ctx.device_type, ctx.device_index, ctx.sm, ctx.generation, ctx.isa, ctx.dtype)
         specs = table.get(key)
         if specs is None:
-            specs = [s for s in rt.registry.candidates(ctx.op)
-                     if rt.registry.backend(s.backend).availability[0] and fits_device(s, ctx)]
+            # Each backend: installed, and verified on this device (runtime/probe.py: probed on first use).
+            # One skipped only because it cannot be probed now (CUDA graph capture, torch.compile tracing)
+            # makes the list temporary: it is not kept, and the next miss outside capture probes it.
+            usable: dict[str, Rejection | None] = {}
+            specs = []
+            for s in rt.registry.candidates(ctx.op):
+                if not fits_device(s, ctx):
+                    continue
+                if s.backend not in usable:
+                    usable[s.backend] = rt.backend_rejection(s.backend, ctx)
+                if usable[s.backend] is None:
+                    specs.append(s)
             specs.sort(key=lambda s: (s.backend == REFERENCE_BACKEND, -s.priority))
-            table[key] = specs
+            if not any(r is not None and r.reason is Reason.BACKEND_UNPROBED for r in usable.values()):
+                table[key] = specs
         return specs
 
     def evaluate(self, ctx: SelectionContext, transforms_of: Callable[[KernelSpec, SelectionContext], tuple[str, ...]],
@@ -166,8 +177,8 @@ class SelectionEngine:
         for spec in specs:
             cand = candidates[spec.id]
             if complete:
-                available, _, why = rt.registry.backend(spec.backend).availability
-                if not available and why is not None:
+                why = rt.backend_rejection(spec.backend, ctx, probe=fits_device(spec, ctx))
+                if why is not None:
                     cand.rejections.append(why)
                     continue
                 cand.rejections.extend(rt.health_rejections(spec, ctx))

@@ -7,8 +7,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from ..errors import InvalidInputError, UnknownNameError
-from ..kernel import Backend, KernelSpec, check_constraints
+from ..kernel import Backend, KernelSpec, check_constraints, fits_device
 from ..ops import FAMILIES, OpFamily
 from ..reasons import Reason
 from ..state import runtime
@@ -72,8 +74,8 @@ def validate(kernel_id: str, op: str | Callable[..., Any], *args: Any, **kwargs:
     spec = runtime.registry.kernel(kernel_id)
     ctx = _family(op).context(*args, **kwargs)
     rejections = []
-    available, _, why = runtime.registry.backend(spec.backend).availability
-    if not available and why is not None:
+    why = runtime.backend_rejection(spec.backend, ctx, probe=fits_device(spec, ctx))
+    if why is not None:
         rejections.append(why)
     rejections.extend(check_constraints(spec, ctx))
     return not rejections, [r.reason for r in rejections]
@@ -109,13 +111,23 @@ class BackendInfo:
     version: str | None
     reason: str | None
     kernels: tuple[str, ...]
+    probe: str | None = None  # what its probe on the device verified (runtime/probe.py), if it ran
 
 
-def list_backends() -> list[BackendInfo]:
-    """Every registered backend with its version or the reason it is unavailable."""
+def list_backends(device: str | torch.device | None = None, probe: bool = True) -> list[BackendInfo]:
+    """Every registered backend with its version or the reason it is unavailable.
+
+    probe: first prove each installed backend that has kernels for `device` (default: the current
+    CUDA device, else the CPU) with its tiny calls (cached on disk), so a library that imports but
+    cannot run is listed unavailable (BACKEND_BROKEN) with its own error text.
+    """
     runtime.ensure_loaded()
+    dev = torch.device(device) if device is not None else (
+        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
     out = []
     for b in runtime.registry.backends.values():
+        result = runtime.probes.probe(b, dev) if probe and b.probes and b.availability[0] else None
         ok, version, why = b.availability
-        out.append(BackendInfo(b.name, ok, version, None if why is None else str(why), tuple(k.id for k in b.kernels)))
+        out.append(BackendInfo(b.name, ok, version, None if why is None else str(why), tuple(k.id for k in b.kernels),
+                               None if result is None else result.describe()))
     return out
