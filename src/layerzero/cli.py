@@ -9,6 +9,7 @@ that fails to import costs its subcommand, not the CLI.
     layerzero list [PATTERN] [--json]
     layerzero backends [--json]
     layerzero explain attention --shape 1x512x512x32x8x128x1 --dtype float16 --device cuda [--json]
+    layerzero warmup attention --shape 8x2048x2048x32x8x128x1 --dtype bfloat16 [--jobs N] [--serial]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ SUBCOMMANDS: list[str] = [
     "layerzero.cli:add_explain",
     "layerzero.perf.tune:add_tune_command",
     "layerzero.perf.solve:add_solve_command",
+    "layerzero.perf.warmup:add_warmup_command",
     "layerzero.capabilities:add_canary_command",
 ]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -19,6 +19,15 @@ FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 HALF_DTYPES = frozenset({torch.float16, torch.bfloat16})
 ALL_FLOAT_DTYPES = FLOAT_DTYPES | {torch.float64}
 LAYOUTS = ("BSHD", "BHSD")
+
+
+@dataclass(frozen=True, slots=True)
+class JitVariant:
+    """A module a kernel builds on its first call for a kind of input (FlashInfer: one nvcc build
+    of 13-110 s per dtype / head_dim / window / softcap). Calls with equal keys share it."""
+
+    key: Hashable
+    label: str  # for people: "flashinfer prefill bf16 d128"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +89,9 @@ class KernelSpec:
     # the priority for attention calls with one query row (decode), where the ranking of prefill
     # kernels and decode kernels differs; None: `priority`
     decode_priority: int | None = None
+    # the module a call needs built, None when it is built already (or nothing is built): what
+    # lz.warmup compiles in worker processes (perf/warmup.py)
+    jit_variant: Callable[[SelectionContext], JitVariant | None] | None = field(default=None, compare=False, repr=False)
     description: str = ""
 
     backend: str = field(init=False, compare=False)  # "backend" of "backend.kernel", derived from id
