@@ -17,12 +17,13 @@ are verified on CPU by tests/test_flash_attn_mapping.py with a stand-in module, 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 
 from ..context import SelectionContext
-from ..kernel import HALF_DTYPES, Backend, KernelSpec
+from ..kernel import HALF_DTYPES, Backend, JitVariant, KernelSpec
 from ..reasons import Reason, Rejection
 
 _CUDA = frozenset({"cuda"})
@@ -125,6 +126,25 @@ def v4_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
                                          window_size=_window(window, None), softcap=softcap))
 
 
+FA4_DISK_CACHE_ENV = "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"
+
+
+def _v4_jit_variant(ctx: SelectionContext) -> JitVariant | None:
+    """FA4 compiles each variant with the CuTe DSL on its first call (1.5-2.5 s on the H200). A compile
+    outlives its process only with FA4's disk cache on (FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1, read
+    when flash_attn.cute is imported; FLASH_ATTENTION_CUTE_DSL_CACHE_DIR moves it): then lz.warmup's
+    worker processes can build variants in parallel for this one. Without it: None (lz.warmup
+    compiles in this process). Whether a variant is on disk already is FA4's business (a worker then
+    just loads it); the key groups calls that compile the same kernel as far as our context tells."""
+    if os.environ.get(FA4_DISK_CACHE_ENV) != "1" or ctx.device_type != "cuda":
+        return None
+    key = ("flash_attn4", ctx.dtype, ctx.head_dim, ctx.head_dim_v, ctx.is_causal, ctx.window, ctx.softcap > 0,
+           ctx.gqa_ratio, ctx.seq_len_q == 1)
+    dtype = str(ctx.dtype).removeprefix("torch.")
+    return JitVariant(key, f"flash_attn4 {dtype} d{ctx.head_dim} {'causal' if ctx.is_causal else 'full'}"
+                           f" gqa{ctx.gqa_ratio}{' decode' if ctx.seq_len_q == 1 else ''}")
+
+
 def _v2_check(ctx: SelectionContext) -> list[Rejection]:
     """FA2 has no ALiBi together with softcap (the two score modifiers are exclusive in its kernels)."""
     if ctx.alibi and ctx.softcap:
@@ -175,7 +195,7 @@ BACKENDS = (
         probes=(("flash_attn4.fwd", "prefill"),),
         kernels=(
             KernelSpec(id="flash_attn4.fwd", ops=DENSE_OPS, impl=v4_dense, priority=86, min_sm=90, max_sm=119,
-                       head_dim_multiple=8, generations=frozenset({"hopper", "blackwell"}),
+                       head_dim_multiple=8, generations=frozenset({"hopper", "blackwell"}), jit_variant=_v4_jit_variant,
                        description="flash_attn.cute.flash_attn_func (preferred on Blackwell)", **_common),
             KernelSpec(id="flash_attn4.varlen", ops=("attention.varlen",), impl=v4_varlen, priority=86, min_sm=90,
                        max_sm=119, head_dim_multiple=8, generations=frozenset({"hopper", "blackwell"}),
