@@ -48,6 +48,7 @@ COMPILE_RATIO = 5.0
 NVCC_BYTES = 4 << 30
 RESULT_TAG = "LAYERZERO_WARMUP_RESULT "
 Problem = tuple[tuple[int, ...], torch.dtype, dict[str, Any]]  # shape, dtype, keyword arguments of the op
+LOCKED = 1e9
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +76,8 @@ class WarmupEntry:
 
 @dataclass(frozen=True, slots=True)
 class VariantResult:
-    """One JIT variant built in a worker process: the worker's first call of the kernel (compile + run)."""
+    """One JIT variant built in a worker process: the worker's first call of the kernel (compile + run),
+    which began and ended at `started` and `finished` (seconds since the epoch)."""
 
     label: str
     kernel: str
@@ -83,6 +85,8 @@ class VariantResult:
     ok: bool
     error: str = ""
     pid: int = 0
+    started: float = 0.0
+    finished: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,49 +201,57 @@ def warmup(operation: str, shapes: Sequence[Any], dtypes: Sequence[torch.dtype] 
 # ----------------------------------------------------------------------------- phase 1: what to build
 
 def jit_tasks(operation: str, problems: Sequence[Problem], device: torch.device) -> list[JitTask]:
-    """The variants to build for these (shape, dtype, keyword arguments) calls, one task per variant.
+    """The variants to build for these (shape, dtype, keyword arguments) calls, one task per variant."""
+    tasks: dict[Hashable, JitTask] = {}
+    for problem in problems:
+        task = jit_task(operation, problem, device)
+        if task is not None:
+            tasks.setdefault(task.key, task)
+    return list(tasks.values())
 
-    Per call: the kernel selection would run once every variant is built. That is the current choice,
-    unless a kernel rejected only for its unbuilt variant (NEEDS_JIT_COMPILE) would outscore it: by
-    the score selection gives (PerfDB or priority, prefer rules, boosts, transform penalties), or by a
+
+def jit_task(operation: str, problem: Problem, device: torch.device) -> JitTask | None:
+    """The variant one call needs built, or None (nothing to build, or built already).
+
+    The call's kernel is the one selection will run once every variant is built: the current choice,
+    unless a kernel rejected only for its unbuilt variant (NEEDS_JIT_COMPILE) would outscore it, by the
+    score selection gives (PerfDB or priority, prefer rules, boosts, transform penalties) or by a
     policy lock that names it.
     """
     from ..selection.engine import REFERENCE_BACKEND, TRANSFORM_PENALTY
 
+    shape, dtype, options = problem
     fam = workloads.family(operation)
     policy = runtime.policy
-    tasks: dict[Hashable, JitTask] = {}
-    for shape, dtype, options in problems:
-        ctx = workloads.context_for(operation, shape, dtype, device, options)
-        report = runtime.engine.evaluate(ctx, fam.transforms)
-        measured = runtime.perf.has_rows(ctx.op)
-        lock = policy.lock_for(ctx) if policy.locks else None
-        best: tuple[float, KernelSpec] | None = None
-        if report.selected_kernel:
-            winner = runtime.registry.kernel(report.selected_kernel)
-            best = (float("-inf") if report.fallback else report.score, winner)
-        for cand in report.candidates:  # a kernel held back only by its unbuilt variant, that would win
-            if not cand.rejections or any(r.reason is not Reason.NEEDS_JIT_COMPILE for r in cand.rejections):
-                continue
-            spec = runtime.registry.kernel(cand.kernel_id)
-            if spec.backend == REFERENCE_BACKEND or spec.jit_variant is None:
-                continue
-            score = runtime.score(spec, ctx, measured) - TRANSFORM_PENALTY * len(fam.transforms(spec, ctx))
-            if policy.boosts:
-                score *= policy.boost(spec, ctx)[0]
-            if lock is not None and lock.targets(spec):
-                score = float("inf")
-            if best is None or score > best[0]:
-                best = (score, spec)
-        if best is None or best[1].jit_variant is None:
+    ctx = workloads.context_for(operation, shape, dtype, device, options)
+    report = runtime.engine.evaluate(ctx, fam.transforms)
+    measured = runtime.perf.has_rows(ctx.op)
+    lock = policy.lock_for(ctx) if policy.locks else None
+    best: tuple[float, KernelSpec] | None = None
+    if report.selected_kernel:
+        best = (float("-inf") if report.fallback else report.score, runtime.registry.kernel(report.selected_kernel))
+    for cand in report.candidates:  # a kernel held back only by its unbuilt variant, that would win
+        if not cand.rejections or any(r.reason is not Reason.NEEDS_JIT_COMPILE for r in cand.rejections):
             continue
-        spec = best[1]
-        variant = spec.jit_variant(ctx)  # type: ignore[misc]
-        if variant is not None and variant.key not in tasks:
-            tasks[variant.key] = JitTask(variant.key, variant.label, spec.id, spec.impl.__module__, operation,
-                                         tuple(shape), str(dtype).removeprefix("torch."), str(device),
-                                         {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()})
-    return list(tasks.values())
+        spec = runtime.registry.kernel(cand.kernel_id)
+        if spec.backend == REFERENCE_BACKEND or spec.jit_variant is None:
+            continue
+        score = runtime.score(spec, ctx, measured) - TRANSFORM_PENALTY * len(fam.transforms(spec, ctx))
+        if policy.boosts:
+            score *= policy.boost(spec, ctx)[0]
+        if lock is not None and lock.targets(spec):
+            score += LOCKED  # above every kernel the lock does not name, ranked among those it does
+        if best is None or score > best[0]:
+            best = (score, spec)
+    if best is None or best[1].jit_variant is None:
+        return None
+    spec = best[1]
+    variant = spec.jit_variant(ctx)  # type: ignore[misc]
+    if variant is None:
+        return None
+    return JitTask(variant.key, variant.label, spec.id, spec.impl.__module__, operation, tuple(shape),
+                   str(dtype).removeprefix("torch."), str(device),
+                   {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()})
 
 
 def compile_slots() -> tuple[int, int, int]:
@@ -320,7 +332,6 @@ def compile_parallel(tasks: Sequence[JitTask], jobs: int | None = None, progress
             r.process.kill()
             r.process.wait()
     bar.close()
-    _mark_broken(results.values())
     return [results[i] for i in sorted(results)], processes
 
 
@@ -335,20 +346,11 @@ def _collect(r: _Running, code: int, timeout_s: float) -> VariantResult:
         if line.startswith(RESULT_TAG):
             data = json.loads(line[len(RESULT_TAG):])
             return VariantResult(r.task.label, r.task.kernel, data["seconds"], data["ok"], data.get("error", ""),
-                                 data.get("pid", 0))
+                                 data.get("pid", 0), data.get("started", 0.0), data.get("finished", 0.0))
     why = (f"killed after {timeout_s:.0f} s" if code in (-9, 137) and time.time() - r.started > timeout_s
            else f"worker exited with code {code}")
     tail = " ".join(stderr.strip().splitlines()[-3:])[-400:]
     return VariantResult(r.task.label, r.task.kernel, time.time() - r.started, False, f"{why}: {tail}".rstrip(": "))
-
-
-def _mark_broken(results: Any) -> None:
-    """A variant whose worker ran the kernel and got an error or wrong numbers: its backend is broken."""
-    for result in results:
-        if not result.ok and result.error.startswith("kernel: "):
-            spec = runtime.registry.kernel(result.kernel)
-            runtime.probes.mark_broken(runtime.registry.backend(spec.backend),
-                                       f"{result.kernel} ({result.label}, lz.warmup): {result.error[8:]}")
 
 
 class _Progress:
@@ -405,7 +407,8 @@ def _clock(seconds: float) -> str:
 def _worker(payload: str) -> dict[str, Any]:
     """In a worker process: call the task's kernel once with its shape (building its variant, which the
     library keeps on disk) and compare the output with the reference. Errors of the kernel itself are
-    reported as "kernel: ..." (the parent then marks its backend broken), others as "setup: ..."."""
+    reported as "kernel: ...", others as "setup: ..."; the report shows them (a variant that fails
+    here stays unbuilt: selection keeps to the other kernels, as the JIT gate says)."""
     from ..runtime.probe import TOLERANCE
 
     task = json.loads(payload)
@@ -425,7 +428,7 @@ def _worker(payload: str) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - reported to the parent
         return {"ok": False, "seconds": time.perf_counter() - started, "error": f"setup: {type(e).__name__}: {e}",
                 "pid": os.getpid()}
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     try:
         out = run(*kernel_args)
         if dev.type == "cuda":
@@ -434,6 +437,7 @@ def _worker(payload: str) -> dict[str, Any]:
         return {"ok": False, "seconds": time.perf_counter() - t0, "error": f"kernel: {type(e).__name__}: {e}",
                 "pid": os.getpid()}
     seconds = time.perf_counter() - t0
+    when = {"started": started, "finished": time.time()}
     ref, cut = workloads.reference_output(op, args, options)
     got = cut(out)
     for o, r in zip(got if isinstance(got, tuple) else (got,), ref if isinstance(ref, tuple) else (ref,), strict=True):
@@ -442,9 +446,9 @@ def _worker(payload: str) -> dict[str, Any]:
         err = float((o.double() - r.double()).abs().max()) if o.numel() else 0.0
         tol = TOLERANCE[o.dtype] * (1.0 + float(r.double().abs().max()))
         if not err <= tol:
-            return {"ok": False, "seconds": seconds, "pid": os.getpid(),
+            return {"ok": False, "seconds": seconds, "pid": os.getpid(), **when,
                     "error": f"kernel: output differs from the reference: max error {err:.3g} > {tol:.3g}"}
-    return {"ok": True, "seconds": seconds, "pid": os.getpid()}
+    return {"ok": True, "seconds": seconds, "pid": os.getpid(), **when}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
