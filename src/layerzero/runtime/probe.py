@@ -325,7 +325,7 @@ def _write(path: Path, key: str, cases: dict[str, str]) -> None:
         verdicts[key] = cases
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"version": 1, "verdicts": verdicts}, indent=1, sort_keys=True))
+        tmp.write_text(json.dumps({"version": 1, "verdicts": verdicts}, indent=1))
         os.replace(tmp, path)
     except OSError as e:
         log.debug("layerzero: probe cache %s not written: %s", path, e)
