@@ -1,12 +1,16 @@
 """Cold start: time to the first call of FlashInfer's five standard prefill variants and one decode
 variant, from an empty JIT cache, before and after `lz.warmup`.
 
-    # each phase is one fresh process with its own empty cache (under --workdir); run them as two commands
-    PYTHONPATH=src python3 benchmarks/cold_start.py --phase before --json $OUT/cold_before.json   # serial: ~10 min
-    PYTHONPATH=src python3 benchmarks/cold_start.py --phase after --json $OUT/cold_after.json
-    PYTHONPATH=src python3 benchmarks/cold_start.py --render $OUT/cold_before.json $OUT/cold_after.json \\
-        --out benchmarks/results/cold_start-h200.md
-    PYTHONPATH=src python3 benchmarks/cold_start.py --phase both --json $OUT/cold.json          # both, in subprocesses
+    # on the H200, after `source .gpu/activate.sh` (FlashInfer). Each phase is one fresh process with its
+    # own empty caches (under --workdir); run them as separate
+    # commands. The serial phase takes ~10 min: --only splits it (each part starts from empty caches too,
+    # and the variants share no module), and its JSON is rewritten after every variant.
+    PYTHONPATH=src:$PYTHONPATH python3 benchmarks/cold_start.py --phase before --only 0,1,2 --json $OUT/cold_before_a.json
+    PYTHONPATH=src:$PYTHONPATH python3 benchmarks/cold_start.py --phase before --only 3,4,5 --json $OUT/cold_before_b.json
+    PYTHONPATH=src:$PYTHONPATH python3 benchmarks/cold_start.py --phase after --json $OUT/cold_after.json
+    PYTHONPATH=src:$PYTHONPATH python3 benchmarks/cold_start.py --render $OUT/cold_before_a.json $OUT/cold_before_b.json \\
+        $OUT/cold_after.json --out benchmarks/results/cold_start-h200.md
+    PYTHONPATH=src:$PYTHONPATH python3 benchmarks/cold_start.py --phase both --json $OUT/cold.json          # both, in subprocesses
 
 before: each variant compiled by its own first call, one after the other (what a server without warmup
         pays; FlashInfer's ninja builds each module with one nvcc per core). LAYERZERO_ALLOW_JIT=1
@@ -91,14 +95,15 @@ def _inputs(shape: tuple, dtype_name: str):
                                                 torch.Generator(device="cuda").manual_seed(0))
 
 
-def run_before(backend: str) -> dict:
+def run_before(backend: str, only: list[int], save: Path | None) -> dict:
     import torch
 
     import layerzero as lz
 
     lz.lock("attention.*", backend)
     rows, start = [], time.perf_counter()
-    for label, shape, dtype, options in VARIANTS:
+    result = {"phase": "before", "backend": backend, "rows": rows, "machine": _machine()}
+    for label, shape, dtype, options in (VARIANTS[i] for i in only):
         args = _inputs(shape, dtype)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -112,11 +117,13 @@ def run_before(backend: str) -> dict:
         kernel = lz.which("attention", *args, **options)
         rows.append({"label": label, "kernel": kernel, "first_call_s": seconds, "error": error})
         print(f"[before] {label:<34} {kernel:<22} first call {seconds:8.2f} s {error}", file=sys.stderr, flush=True)
-    return {"phase": "before", "backend": backend, "rows": rows, "total_s": time.perf_counter() - start,
-            "fallbacks": lz.health().fallbacks}
+        result.update(total_s=time.perf_counter() - start, fallbacks=lz.health().fallbacks)
+        if save is not None:  # kept if the command is stopped at its time limit
+            save.write_text(json.dumps(result, indent=1))
+    return result
 
 
-def run_after(backend: str, jobs: int | None) -> dict:
+def run_after(backend: str, jobs: int | None, only: list[int]) -> dict:
     import torch
 
     import layerzero as lz
@@ -126,15 +133,16 @@ def run_after(backend: str, jobs: int | None) -> dict:
     lz.lock("attention.*", backend)
     device = torch.device("cuda", torch.cuda.current_device())
     start = time.perf_counter()
+    variants = [VARIANTS[i] for i in only]
     needs = [W.jit_task("attention", (shape, getattr(torch, dtype), dict(options)), device)
-             for _, shape, dtype, options in VARIANTS]
+             for _, shape, dtype, options in variants]
     tasks = list({t.key: t for t in needs if t is not None}.values())
     t0 = time.perf_counter()
     built, processes = W.compile_parallel(tasks, jobs=jobs) if tasks else ([], 0)
     build_s = time.perf_counter() - t0
     runtime.bump()
     rows = []
-    for (label, shape, dtype, options), task in zip(VARIANTS, needs, strict=True):
+    for (label, shape, dtype, options), task in zip(variants, needs, strict=True):
         report = lz.warmup("attention", [(shape, options)], [getattr(torch, dtype)], device, parallel=False)
         entry = report.entries[0]
         variant = next((b for b in built if task is not None and b.label == task.label), None)
@@ -145,6 +153,20 @@ def run_after(backend: str, jobs: int | None) -> dict:
         print(f"[after] {label:<34} {entry.kernel:<22} first call {entry.first_ms:8.1f} ms", file=sys.stderr, flush=True)
     return {"phase": "after", "backend": backend, "rows": rows, "total_s": time.perf_counter() - start,
             "build_wall_s": build_s, "processes": processes, "fallbacks": lz.health().fallbacks}
+
+
+def merge(results: list[dict]) -> tuple[dict, dict]:
+    """One before and one after result from phase files (a serial phase may come in parts)."""
+    before = [r for r in results if r["phase"] == "before"]
+    after = [r for r in results if r["phase"] == "after"]
+    if not before or len(after) != 1:
+        raise SystemExit("--render needs the before file(s) and one after file")
+    rows = [row for r in before for row in r["rows"]]
+    order = [v[0] for v in VARIANTS]
+    rows.sort(key=lambda row: order.index(row["label"]))
+    total = sum(row["first_call_s"] for row in rows)  # serial first calls: their sum is the time to the last
+    merged = {**before[0], "rows": rows, "total_s": total, "fallbacks": sum(r.get("fallbacks", 0) for r in before)}
+    return merged, after[0]
 
 
 def render(before: dict, after: dict) -> str:
@@ -181,26 +203,31 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=None, help="worker processes at once (default: sized)")
     parser.add_argument("--workdir", default=None, help="where the empty caches go (default: a new temporary dir)")
     parser.add_argument("--json", default=None, help="write the phase's results (both: {before, after}) here")
-    parser.add_argument("--render", nargs=2, metavar=("BEFORE_JSON", "AFTER_JSON"), help="print the table")
+    parser.add_argument("--render", nargs="+", metavar="JSON", help="print the table from the phases' files")
+    parser.add_argument("--only", default=None, help="indices of the variants to run, e.g. 0,1,2 (default: all six)")
     parser.add_argument("--out", default=None, help="also write the table (markdown) here")
     args = parser.parse_args()
+    only = [int(i) for i in args.only.split(",")] if args.only else list(range(len(VARIANTS)))
     if args.render:
-        text = render(json.loads(Path(args.render[0]).read_text()), json.loads(Path(args.render[1]).read_text()))
+        text = render(*merge([json.loads(Path(f).read_text()) for f in args.render]))
     elif args.phase == "both":
         workdir = Path(args.workdir or tempfile.mkdtemp(prefix="lz-cold-"))
         results = {}
         for phase in ("before", "after"):
             out = workdir / f"{phase}.json"
             cmd = [sys.executable, __file__, "--phase", phase, "--backend", args.backend, "--workdir", str(workdir),
-                   "--json", str(out)] + (["--jobs", str(args.jobs)] if args.jobs else [])
+                   "--json", str(out)] + (["--jobs", str(args.jobs)] if args.jobs else []) + (
+                   ["--only", args.only] if args.only else [])
             subprocess.run(cmd, check=True)
             results[phase] = json.loads(out.read_text())
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1))
-        text = render(results["before"], results["after"])
+        text = render(*merge([results["before"], results["after"]]))
     elif args.phase:
         _environment(args.phase, Path(args.workdir or tempfile.mkdtemp(prefix="lz-cold-")), args.backend)
-        result = run_before(args.backend) if args.phase == "before" else run_after(args.backend, args.jobs)
+        save = Path(args.json) if args.json else None
+        result = (run_before(args.backend, only, save) if args.phase == "before"
+                  else run_after(args.backend, args.jobs, only))
         result["machine"] = _machine()
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
