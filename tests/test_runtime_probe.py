@@ -10,6 +10,7 @@ really run on this machine; the IPEX stand-in runs on the CPU as declared.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.metadata
 import json
 import subprocess
@@ -325,3 +326,19 @@ def test_import_layerzero_runs_no_probe_and_imports_no_backend_library():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_probe_never_builds_a_jit_variant(monkeypatch, tmp_path):
+    """Even with the JIT gate off (LAYERZERO_ALLOW_JIT=1's effect), an unbuilt variant is not probed; once
+    built it is. The JIT library is the stand-in of tests/standins/jit_standin.py."""
+    monkeypatch.setenv("LZ_STANDIN_JIT_DIR", str(tmp_path))
+    jit = importlib.import_module("tests.standins.jit_standin")
+    ungated = dataclasses.replace(jit.SPEC, check=None)
+    backend = lz.register_backend(lz.Backend("standin_jit", (ungated,), probes=(("standin_jit.rms_norm", "rms_norm"),)))
+    first = runtime.probes.probe(backend, CPU)
+    assert first.ok and first.verified == () and "rms_float32_256 is not built yet" in first.skipped[0]
+    assert jit.built("rms_float32_256") is None  # nothing compiled
+    jit.rms_norm(torch.randn(2, 256), None, 1e-6)  # built (by a first call, or lz.warmup)
+    lz.reset()
+    backend = lz.register_backend(lz.Backend("standin_jit", (ungated,), probes=(("standin_jit.rms_norm", "rms_norm"),)))
+    assert runtime.probes.probe(backend, CPU).verified == ("standin_jit.rms_norm",)

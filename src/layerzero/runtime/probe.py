@@ -18,8 +18,10 @@ What runs. Each case builds its inputs (batch 1-2, 8-32 tokens, 2-4 heads), call
 `impl` on the call's device (under torch.cuda.device(index), synchronized inside the guard so
 asynchronous CUDA errors surface there), and compares every output with the reference in float64.
 A case whose probe context the kernel's own constraints reject on this device is skipped and tried
-again later (a FlashInfer variant not compiled yet: it runs once compiled, e.g. by lz.warmup); when
-no case could run, importing the library is the probe. Everything a library can raise is caught
+again later, and so is one whose JIT module is not built yet (KernelSpec.needs_jit with a
+jit_variant: a probe never starts a FlashInfer build, 13-110 s of nvcc, even with LAYERZERO_ALLOW_JIT=1;
+it runs once the variant is built, e.g. by lz.warmup). When no case could run, importing the library
+is the probe. Everything a library can raise is caught
 (SystemExit included; KeyboardInterrupt is not). Out of memory is inconclusive: no verdict, the
 next miss tries again. A probe that leaves a sticky CUDA error (illegal address) poisons the CUDA
 context for the whole process: that cannot be contained in-process (lz.isolate runs a backend in a
@@ -210,13 +212,20 @@ def run_probe(registry: Registry, backend: Backend, device: torch.device) -> Pro
             if kernel_id in cases:
                 continue
             spec = registry.kernels.get(kernel_id)
-            built = _CASES[case](spec, device_ctx) if spec is not None else "not registered"
+            if spec is None:
+                skipped.append(f"{kernel_id}: not registered")
+                continue
+            built = _CASES[case](spec, device_ctx)
             if isinstance(built, str):
                 skipped.append(f"{kernel_id}: {built}")
                 continue
-            rejections = check_constraints(spec, built.ctx)  # type: ignore[arg-type]
+            rejections = check_constraints(spec, built.ctx)
             if rejections:
                 skipped.append(f"{kernel_id}: {rejections[0]}")
+                continue
+            unbuilt = spec.jit_variant(built.ctx) if spec.needs_jit and spec.jit_variant is not None else None
+            if unbuilt is not None:  # a probe never builds a JIT module (FlashInfer: 13-110 s of nvcc)
+                skipped.append(f"{kernel_id}: {unbuilt.label} is not built yet")
                 continue
             outcome = _run_case(built, device)
             if outcome is None:
