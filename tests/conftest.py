@@ -20,8 +20,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(autouse=True)
-def fresh_runtime():
-    """Every test starts from a clean registry, policy and plan cache."""
+def fresh_runtime(monkeypatch):
+    """Every test starts from a clean registry, policy and plan cache; backend probe verdicts are not
+    cached on disk (tests that check the probe cache point LAYERZERO_PROBE_CACHE at a temporary file)."""
+    monkeypatch.setenv("LAYERZERO_PROBE_CACHE", "off")
     lz.reset()
     yield
     lz.reset()

@@ -181,3 +181,17 @@ def test_missing_libraries_are_reasons_not_crashes():
 def runtime_spec(kernel_id: str):
     runtime.ensure_loaded()
     return runtime.registry.kernel(kernel_id)
+
+
+def test_flash_attn_4_variants_go_to_warmup_workers_only_with_its_disk_cache(monkeypatch):
+    """lz.warmup builds FA4 variants in worker processes only when FA4 keeps compiles on disk."""
+    variant_of = runtime_spec("flash_attn4.fwd").jit_variant
+    ctx = _cuda_ctx(90, "hopper")
+    monkeypatch.delenv(fa.FA4_DISK_CACHE_ENV, raising=False)
+    assert variant_of(ctx) is None
+    monkeypatch.setenv(fa.FA4_DISK_CACHE_ENV, "1")
+    v = variant_of(ctx)
+    assert v.label == "flash_attn4 bfloat16 d128 causal gqa4"
+    assert variant_of(ctx.replace(batch=8, seq_len_q=4096, seq_len_k=4096)).key == v.key
+    assert variant_of(ctx.replace(head_dim=64, head_dim_v=64)).key != v.key
+    assert variant_of(ctx.replace(seq_len_q=1)).label.endswith(" decode")

@@ -411,6 +411,58 @@ def test_jit_cache_on_disk_counts_as_compiled(monkeypatch, tmp_path):
     fi.reset(forget_compiled=True)
 
 
+@pytest.fixture
+def aot_site(tmp_path, monkeypatch):
+    """(jit_cache dir, dist(version)): files laid out as an installed flashinfer-jit-cache package (its
+    `jit_cache/` and dist-info), on sys.path; found, never imported. The JIT cache itself is empty."""
+    site = tmp_path / "site"
+    package = site / "flashinfer_jit_cache"
+    (package / "jit_cache").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+
+    def dist(version: str) -> None:
+        info = site / f"flashinfer_jit_cache-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: flashinfer-jit-cache\nVersion: {version}\n")
+
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delenv(fi.ALLOW_JIT_ENV, raising=False)
+    monkeypatch.setenv("FLASHINFER_WORKSPACE_BASE", str(tmp_path / "empty"))
+    monkeypatch.setattr(fi, "_flashinfer_version", lambda: "0.7.2.post1")
+    fi.reset(forget_compiled=True)
+    yield package / "jit_cache", dist
+    fi.reset(forget_compiled=True)
+
+
+def test_modules_of_the_flashinfer_jit_cache_package_count_as_compiled(aot_site):
+    jit_cache, dist = aot_site
+    dist("0.7.2.post1+cu130")
+    ctx = _ctx(seq_len_q=1, seq_len_k=4096)
+    variant = fi.variant_for("decode", ctx)
+    needed = _spec("decode").jit_variant(ctx)  # what lz.warmup would build in a worker process
+    assert needed.key == variant and needed.label == "flashinfer decode bf16 d128 (fa2)"
+    assert check_constraints(_spec("decode"), ctx)[0].reason is Reason.NEEDS_JIT_COMPILE
+    (jit_cache / variant.uri).mkdir()
+    (jit_cache / variant.uri / f"{variant.uri}.so").touch()
+    assert fi.aot_dir() == str(jit_cache)
+    assert check_constraints(_spec("decode"), ctx) == []  # FlashInfer loads it with no JIT
+    assert _spec("decode").jit_variant(ctx) is None  # nothing left for lz.warmup
+    assert fi.aot_packages()["flashinfer-jit-cache"] == "0.7.2.post1+cu130"
+    assert "flashinfer_jit_cache" not in sys.modules
+
+
+def test_a_jit_cache_package_for_another_flashinfer_is_not_counted(aot_site):
+    """FlashInfer refuses (raises on import) a flashinfer-jit-cache whose version does not start with its own."""
+    jit_cache, dist = aot_site
+    dist("0.6.1+cu129")
+    ctx = _ctx(seq_len_q=1, seq_len_k=4096)
+    variant = fi.variant_for("decode", ctx)
+    (jit_cache / variant.uri).mkdir()
+    (jit_cache / variant.uri / f"{variant.uri}.so").touch()
+    assert fi.aot_dir() is None
+    assert check_constraints(_spec("decode"), ctx)[0].reason is Reason.NEEDS_JIT_COMPILE
+
+
 def test_module_uris_match_flashinfer_072():
     """The names jit/attention/modules.py of FlashInfer 0.7.2.post1 gives these modules."""
     ctx = _ctx(dtype=torch.bfloat16, head_dim=128)

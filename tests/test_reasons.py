@@ -291,6 +291,36 @@ def test_backend_that_fails_to_import_becomes_unavailable(monkeypatch):
     TRIGGERED.add(Reason.BACKEND_IMPORT_FAILED)
 
 
+def _probed_backend(impl) -> Backend:
+    """A user backend whose rms_norm kernel is proven on the CPU before it competes (Backend.probes)."""
+    kernel = KernelSpec(id="probed.rms", ops=("norm.rms",), impl=impl, priority=99, platforms=frozenset({"cpu"}))
+    return lz.register_backend(Backend("probed", (kernel,), probes=(("probed.rms", "rms_norm"),)))
+
+
+def test_backend_whose_probe_raises_is_broken():
+    def broken(x, weight, eps):
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    _probed_backend(broken)
+    x, w = torch.randn(3, 8), torch.randn(8)
+    torch.testing.assert_close(lz.rms_norm(x, w), torch.nn.functional.rms_norm(x, (8,), w, 1e-6))
+    report = lz.explain("rms_norm", x, w)
+    assert report.rejection_reasons["probed.rms"] == [Reason.BACKEND_BROKEN]
+    assert "no kernel image is available" in str(report)
+    assert lz.health().failures == 0  # the probe failed, no user call did
+    TRIGGERED.add(Reason.BACKEND_BROKEN)
+
+
+def test_backend_not_probed_yet_is_skipped_while_torch_compile_traces(monkeypatch):
+    _probed_backend(lambda x, weight, eps: torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps))
+    runtime.ensure_loaded()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # what dynamo answers while tracing
+    traced = ctx(op="norm.rms", dtype=torch.float32, hidden_size=8, num_rows=3)
+    report = runtime.engine.evaluate(traced, lambda spec, c: ())
+    assert report.rejection_reasons["probed.rms"] == [Reason.BACKEND_UNPROBED]
+    TRIGGERED.add(Reason.BACKEND_UNPROBED)
+
+
 def test_every_reason_is_triggered():
     """Runs last in this module (pytest keeps file order): every code was seen or is listed as unbuilt."""
     missing = set(Reason) - TRIGGERED - NO_MECHANISM

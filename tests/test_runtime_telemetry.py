@@ -1,4 +1,8 @@
-"""Telemetry read back through the real exporters: a Prometheus scrape and OpenTelemetry readers."""
+"""Telemetry read back through the real exporters: a Prometheus scrape and OpenTelemetry readers.
+
+The exporter libraries are optional (the GPU machine has prometheus-client but no opentelemetry):
+each test that reads through one imports it with pytest.importorskip, so the rest still run.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +11,22 @@ import urllib.request
 
 import pytest
 import torch
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 import layerzero as lz
 from layerzero.kernel import ALL_FLOAT_DTYPES
 from layerzero.runtime.telemetry import LATENCY_BUCKETS_S, LatencyHistogram
 
 
+def prometheus():
+    """prometheus_client, or the test is skipped."""
+    return pytest.importorskip("prometheus_client", reason="prometheus-client is not installed")
+
+
 def scrape(registry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """{(sample name, sorted labels): value} from the registry's text exposition."""
-    text = generate_latest(registry).decode()
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = prometheus().generate_latest(registry).decode()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
 
@@ -37,7 +41,7 @@ def run_some_ops(n_norm: int = 7, n_attn: int = 3) -> None:
 
 
 def test_prometheus_scrape_counts_calls_selections_misses_hits_and_latency():
-    registry = CollectorRegistry()
+    registry = prometheus().CollectorRegistry()
     lz.enable_telemetry(prometheus=registry, opentelemetry=False)
     run_some_ops()
     attn = lz.which("attention", *(torch.randn(1, 8, 2, 16),) * 3, is_causal=True)
@@ -55,7 +59,7 @@ def test_prometheus_scrape_counts_calls_selections_misses_hits_and_latency():
 
 
 def test_prometheus_reports_failures_fallbacks_and_breaker_state():
-    registry = CollectorRegistry()
+    registry = prometheus().CollectorRegistry()
     lz.enable_telemetry(prometheus=registry, opentelemetry=False)
     lz.configure_health(failure_threshold=2)
 
@@ -77,6 +81,8 @@ def test_prometheus_reports_failures_fallbacks_and_breaker_state():
 
 
 def test_default_registry_and_localhost_http_endpoint():
+    prom = prometheus()
+    REGISTRY, generate_latest = prom.REGISTRY, prom.generate_latest  # noqa: N806 - prometheus_client's names
     lz.enable_telemetry(opentelemetry=False)  # prometheus_client's global REGISTRY
     port = lz.start_metrics_server(0)
     run_some_ops(n_norm=2, n_attn=0)
@@ -96,6 +102,13 @@ def test_metrics_server_refuses_non_loopback_address():
 
 
 def test_opentelemetry_metrics_and_selection_spans_through_in_memory_readers():
+    pytest.importorskip("opentelemetry.sdk", reason="opentelemetry-sdk is not installed")
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
     reader = InMemoryMetricReader()
     meters = MeterProvider(metric_readers=[reader])
     spans = InMemorySpanExporter()

@@ -9,6 +9,7 @@ that fails to import costs its subcommand, not the CLI.
     layerzero list [PATTERN] [--json]
     layerzero backends [--json]
     layerzero explain attention --shape 1x512x512x32x8x128x1 --dtype float16 --device cuda [--json]
+    layerzero warmup attention --shape 8x2048x2048x32x8x128x1 --dtype bfloat16 [--jobs N] [--serial]
     layerzero --version             (python -m layerzero is the same command)
 
 Every error is one line on stderr that says what to change, with exit code 2 (a usage or input
@@ -31,6 +32,7 @@ SUBCOMMANDS: list[str] = [
     "layerzero.cli:add_explain",
     "layerzero.perf.tune:add_tune_command",
     "layerzero.perf.solve:add_solve_command",
+    "layerzero.perf.warmup:add_warmup_command",
     "layerzero.capabilities:add_canary_command",
 ]
 
@@ -141,11 +143,11 @@ def _backends(args: argparse.Namespace) -> int:
     from .selection.inspect import list_backends
 
     backends = list_backends()
-    rows = [[b.name, "yes" if b.available else "no", b.version or "-", len(b.kernels), b.reason or ""]
+    rows = [[b.name, "yes" if b.available else "no", b.version or "-", len(b.kernels), b.reason or b.probe or ""]
             for b in backends]
-    data = [{"name": b.name, "available": b.available, "version": b.version, "reason": b.reason,
+    data = [{"name": b.name, "available": b.available, "version": b.version, "reason": b.reason, "probe": b.probe,
              "kernels": list(b.kernels)} for b in backends]
-    emit(args, data, "\n".join(table(["backend", "available", "version", "kernels", "reason"], rows)))
+    emit(args, data, "\n".join(table(["backend", "available", "version", "kernels", "reason / probe"], rows)))
     return 0
 
 

@@ -6,7 +6,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -26,6 +26,15 @@ ANY_PLATFORM = "*"  # in KernelSpec.platforms: every device type
 COMMON_PLATFORMS = (ANY_PLATFORM, "cpu", "cuda", "mps", "xpu", "hpu", "mtia", "meta")
 MASK_KINDS = ("none", "bool", "float")
 KV_LAYOUTS = ("NHD", "HND")
+
+
+@dataclass(frozen=True, slots=True)
+class JitVariant:
+    """A module a kernel builds on its first call for a kind of input (FlashInfer: one nvcc build
+    of 13-110 s per dtype / head_dim / window / softcap). Calls with equal keys share it."""
+
+    key: Hashable
+    label: str  # for people: "flashinfer prefill bf16 d128"
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +107,9 @@ class KernelSpec:
     # the priority for attention calls with one query row (decode), where the ranking of prefill
     # kernels and decode kernels differs; None: `priority`
     decode_priority: int | None = None
+    # the module a call needs built, None when it is built already (or nothing is built): what
+    # lz.warmup compiles in worker processes (perf/warmup.py)
+    jit_variant: Callable[[SelectionContext], JitVariant | None] | None = field(default=None, compare=False, repr=False)
     description: str = ""
 
     backend: str = field(init=False, compare=False)  # "backend" of "backend.kernel", derived from id
@@ -335,7 +347,12 @@ def _call_reasons(spec: KernelSpec, ctx: SelectionContext) -> Iterator[Rejection
 
 @dataclass(eq=False)
 class Backend:
-    """A kernel library: how to find it without importing it, and the kernels it provides."""
+    """A kernel library: how to find it without importing it, and the kernels it provides.
+
+    `probes`: (kernel id, case) pairs, one per kernel family, that runtime/probe.py runs once on a
+    device before the backend's kernels compete there (cases: prefill, decode, paged, varlen,
+    rms_norm, layer_norm, rope, swiglu). Empty: nothing to prove (pure torch, user kernels).
+    """
 
     name: str
     kernels: tuple[KernelSpec, ...]
@@ -344,14 +361,21 @@ class Backend:
     aliases: tuple[str, ...] = ()
     min_version: str | None = None
     description: str = ""
+    requires: tuple[str, ...] = ()  # further import names that must exist (a library's compiled extension)
+    probes: tuple[tuple[str, str], ...] = ()
 
     @cached_property
     def availability(self) -> tuple[bool, str | None, Rejection | None]:
-        """(available, version, why not). Probed once, without importing the library."""
+        """(available, version, why not). Found once, without importing the library; a failed
+        probe (runtime/probe.py) or import replaces it for the process."""
         if self.module is None:
             return True, torch.__version__, None
         if not module_exists(self.module):
             return False, None, Rejection(Reason.BACKEND_NOT_INSTALLED, f"python module {self.module!r} not found")
+        for name in self.requires:
+            if not module_exists(name):
+                return False, None, Rejection(Reason.BACKEND_NOT_INSTALLED,
+                                              f"python module {name!r} not found ({self.module!r} is there without it)")
         version = None
         try:
             version = importlib.metadata.version(self.distribution or self.module)

@@ -19,6 +19,7 @@ from .policy.model import Policy, PolicyLayers
 from .reasons import Reason, Rejection
 from .runtime.health import Health
 from .runtime.memory import MemoryGuard
+from .runtime.probe import Probes
 from .runtime.telemetry import Telemetry
 from .selection.cache import PlanCache
 from .selection.engine import ExecutionPlan, SelectionEngine, SelectionReport
@@ -107,6 +108,7 @@ class Runtime:
         self.policy_layers = PolicyLayers()  # code > env > file; `policy` is their merge
         self.policy_watcher: Any = None  # policy.config.PolicyWatcher of lz.watch_policy
         self.health = Health(self)
+        self.probes = Probes(self)  # availability by proof: backends verified once per device
         self.telemetry = Telemetry(self)
         self.memory = MemoryGuard()
         self._warned: set[Hashable] = set()
@@ -211,6 +213,15 @@ class Runtime:
         backend = self.registry.backends.get(kernel_id.split(".", 1)[0])
         return None if backend is None else backend.availability[1]
 
+    def backend_rejection(self, name: str, ctx: SelectionContext, probe: bool = True) -> Rejection | None:
+        """Why backend `name` cannot run ctx's calls: not installed or broken (its availability), or its
+        probe on ctx's device failed or cannot run now (runtime/probe.py; probe=False: not asked)."""
+        backend = self.registry.backend(name)
+        available, _, why = backend.availability
+        if not available:
+            return why or Rejection(Reason.BACKEND_NOT_INSTALLED, name)
+        return self.probes.rejection(backend, ctx) if probe else None
+
     def health_rejections(self, spec: KernelSpec, ctx: SelectionContext | None = None) -> list[Rejection]:
         """Open circuit breakers (runtime.health) and, given a context, the memory headroom."""
         if self.invariant is not None:  # rank-local: the same on every rank instead
@@ -272,4 +283,4 @@ def reset() -> None:
     fresh = Runtime()
     runtime.__dict__.update(fresh.__dict__)
     runtime.engine.runtime = runtime
-    runtime.health.runtime = runtime.telemetry.runtime = runtime
+    runtime.health.runtime = runtime.telemetry.runtime = runtime.probes.runtime = runtime

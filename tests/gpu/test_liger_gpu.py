@@ -13,6 +13,7 @@ from layerzero.backends import liger
 from layerzero.backends import reference as R
 
 pytestmark = pytest.mark.gpu
+pytest.importorskip("liger_kernel", reason="liger-kernel is not importable (source .gpu/activate.sh first)")
 
 TOL = {torch.float16: {"rtol": 1e-3, "atol": 1e-3}, torch.bfloat16: {"rtol": 1e-2, "atol": 1e-2},
        torch.float32: {"rtol": 1e-4, "atol": 1e-5}}

@@ -16,6 +16,12 @@ from layerzero.backends import triton_act, triton_rope
 
 pytestmark = pytest.mark.gpu
 
+
+@pytest.fixture
+def needs_triton():
+    pytest.importorskip("triton", reason="triton is not installed")
+
+
 TOL = {torch.float16: {"rtol": 1e-3, "atol": 1e-3}, torch.bfloat16: {"rtol": 1e-2, "atol": 1e-2},
        torch.float32: {"rtol": 1e-4, "atol": 1e-5}}
 TWO_ROUNDINGS = {torch.float16: {"rtol": 2e-3, "atol": 2e-3}, torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2},
@@ -33,7 +39,7 @@ def check(name: str, shape: tuple, dtype: torch.dtype, out: torch.Tensor, ref: t
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 7), (4096, 14336), (3, 5, 1001), (2**20 + 3,)])
-def test_triton_gated_act(dtype, shape):
+def test_triton_gated_act(needs_triton, dtype, shape):
     gate = torch.randn(shape, device="cuda", dtype=dtype) * 2
     up = torch.randn(shape, device="cuda", dtype=dtype)
     g, u = gate.double(), up.double()
@@ -71,7 +77,7 @@ def test_torch_rope_eager(dtype, interleaved, B, S, H, D, R_):
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("B, S, Hq, Hk, D, R_", [(2, 33, 16, 4, 128, 128), (32, 17, 32, 8, 64, 64),
                                                   (1, 7, 4, 4, 96, 32), (3, 1, 8, 1, 80, 80), (2, 5, 3, 0, 16, 16)])
-def test_triton_rope_strided(dtype, interleaved, B, S, Hq, Hk, D, R_):
+def test_triton_rope_strided(needs_triton, dtype, interleaved, B, S, Hq, Hk, D, R_):
     """q/k as strided views of one fused QKV projection (how layerzero.serve calls it), per-row
     positions (a (B, S, R) cos/sin) and partial rotary; Hk == 0: single-tensor rope (k None)."""
     qkv = torch.randn(B, S, (Hq + 2 * max(Hk, 1)) * D, device="cuda", dtype=dtype)
@@ -93,7 +99,7 @@ def test_triton_rope_strided(dtype, interleaved, B, S, Hq, Hk, D, R_):
         check(name + "[k]", (B, S, Hq, Hk, D, R_), dtype, ko, rk, TOL[dtype])
 
 
-def test_rope_qk_picks_triton_rope_on_fused_qkv_views():
+def test_rope_qk_picks_triton_rope_on_fused_qkv_views(needs_triton):
     qkv = torch.randn(4, 64, (32 + 16) * 64, device="cuda", dtype=torch.bfloat16)
     q, k = qkv[..., :2048].unflatten(-1, (32, 64)), qkv[..., 2048:2560].unflatten(-1, (8, 64))
     cos, sin = lz.rope_cache(128, 64, device="cuda")
@@ -108,7 +114,7 @@ def test_rope_qk_picks_triton_rope_on_fused_qkv_views():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("activation, approximate", [("swiglu", "none"), ("geglu", "none"), ("geglu", "tanh")])
-def test_public_ops_pick_and_match(dtype, activation, approximate):
+def test_public_ops_pick_and_match(needs_triton, dtype, activation, approximate):
     x = torch.randn(4, 9, 1024, device="cuda", dtype=dtype)
     w_g = torch.randn(2816, 1024, device="cuda", dtype=dtype) / 32
     w_u = torch.randn(2816, 1024, device="cuda", dtype=dtype) / 32

@@ -8,7 +8,6 @@ $OUT/triton_paged_gpu.md when OUT is set).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
@@ -18,10 +17,8 @@ import layerzero as lz
 from layerzero.backends import reference
 from layerzero.backends import triton_paged as tp
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),
-]
+pytestmark = pytest.mark.gpu
+pytest.importorskip("triton", reason="triton is not installed")
 
 # bf16: 1e-2 relative; fp16: 1e-3 relative; absolute 1e-2 / 2e-3 (outputs are O(1) averages of N(0,1) values)
 TOL = {torch.bfloat16: dict(rtol=1e-2, atol=1e-2), torch.float16: dict(rtol=1e-3, atol=2e-3)}

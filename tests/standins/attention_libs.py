@@ -238,3 +238,31 @@ def make_xformers() -> dict[str, types.ModuleType]:
     xformers.ops = ops
     return {"xformers": xformers, "xformers.ops": ops, "xformers.ops.fmha": fmha,
             "xformers.ops.fmha.attn_bias": attn_bias}
+
+
+# xformers 0.0.35 under torch 2.11 on the H200 (../shared/gpu/README.md): it imports, prints "xFormers can't
+# load C++/CUDA extensions", and every memory_efficient_attention call raises this (abridged).
+NO_OPERATOR = ("No operator found for `memory_efficient_attention_forward` with inputs:\n"
+               "     query       : shape=(1, 16, 4, 128) (torch.float32)\n"
+               "`fa3F@0.0.0` is not supported because:\n    xFormers wasn't build with CUDA support\n"
+               "`cutlassF-pt` is not supported because:\n    xFormers wasn't build with CUDA support")
+
+
+def make_broken_xformers(mode: str) -> dict[str, types.ModuleType]:
+    """STAND-IN for an xformers that imports but cannot run: mode "raises" raises NotImplementedError
+    like xformers 0.0.35 under torch 2.11 (NO_OPERATOR); mode "wrong" returns the query, numbers that
+    are not attention. Modules carry a __spec__, so find_spec sees the library as installed."""
+    import importlib.machinery
+
+    modules = make_xformers()
+
+    def memory_efficient_attention(query, key, value, attn_bias=None, p=0.0, scale=None, op=None):
+        CALLS.append(("xformers.ops.memory_efficient_attention", {"broken": mode}))
+        if mode == "raises":
+            raise NotImplementedError(NO_OPERATOR)
+        return query.clone()
+
+    modules["xformers.ops"].memory_efficient_attention = memory_efficient_attention
+    for name, module in modules.items():
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    return modules

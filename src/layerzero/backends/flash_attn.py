@@ -17,12 +17,13 @@ are verified on CPU by tests/test_flash_attn_mapping.py with a stand-in module, 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 
 from ..context import SelectionContext
-from ..kernel import HALF_DTYPES, Backend, KernelSpec
+from ..kernel import HALF_DTYPES, Backend, JitVariant, KernelSpec
 from ..reasons import Reason, Rejection
 
 _CUDA = frozenset({"cuda"})
@@ -137,6 +138,25 @@ def v4_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page
                                          window_size=_window(window, None), softcap=softcap))
 
 
+FA4_DISK_CACHE_ENV = "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"
+
+
+def _v4_jit_variant(ctx: SelectionContext) -> JitVariant | None:
+    """FA4 compiles each variant with the CuTe DSL on its first call (1.5-2.5 s on the H200). A compile
+    outlives its process only with FA4's disk cache on (FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1, read
+    when flash_attn.cute is imported; FLASH_ATTENTION_CUTE_DSL_CACHE_DIR moves it): then lz.warmup's
+    worker processes can build variants in parallel for this one. Without it: None (lz.warmup
+    compiles in this process). Whether a variant is on disk already is FA4's business (a worker then
+    just loads it); the key groups calls that compile the same kernel as far as our context tells."""
+    if os.environ.get(FA4_DISK_CACHE_ENV) != "1" or ctx.device_type != "cuda":
+        return None
+    key = ("flash_attn4", ctx.dtype, ctx.head_dim, ctx.head_dim_v, ctx.is_causal, ctx.window, ctx.softcap > 0,
+           ctx.gqa_ratio, ctx.seq_len_q == 1)
+    dtype = str(ctx.dtype).removeprefix("torch.")
+    return JitVariant(key, f"flash_attn4 {dtype} d{ctx.head_dim} {'causal' if ctx.is_causal else 'full'}"
+                           f" gqa{ctx.gqa_ratio}{' decode' if ctx.seq_len_q == 1 else ''}")
+
+
 def _v2_check(ctx: SelectionContext) -> list[Rejection]:
     """FA2 has no ALiBi together with softcap (the two score modifiers are exclusive in its kernels)."""
     if ctx.alibi and ctx.softcap:
@@ -149,8 +169,11 @@ _common: dict[str, Any] = dict(platforms=_CUDA, dtypes=HALF_DTYPES, max_head_dim
 
 BACKENDS = (
     Backend(
-        name="flash_attn", module="flash_attn", distribution="flash-attn", aliases=("flash_attn2", "fa2"),
-        description="FlashAttention-2 (Ampere, Ada, Hopper)",
+        # FlashAttention-2 is found by its compiled extension, not by the `flash_attn` package:
+        # flash-attn-4 installs a `flash_attn` package holding only `flash_attn.cute`.
+        name="flash_attn", module="flash_attn", requires=("flash_attn_2_cuda",), distribution="flash-attn",
+        aliases=("flash_attn2", "fa2"), description="FlashAttention-2 (Ampere, Ada, Hopper)",
+        probes=(("flash_attn.v2", "prefill"), ("flash_attn.v2_kvcache", "paged")),
         kernels=(
             KernelSpec(id="flash_attn.v2", ops=DENSE_OPS, impl=v2_dense, priority=82, min_sm=80,
                        supports_dropout=True, supports_alibi=True, supports_backward=True,
@@ -166,6 +189,7 @@ BACKENDS = (
     Backend(
         name="flash_attn3", module="flash_attn_interface", distribution="flash-attn-3", aliases=("fa3",),
         description="FlashAttention-3 (Hopper only)",
+        probes=(("flash_attn3.fwd", "prefill"), ("flash_attn3.kvcache", "paged")),
         kernels=(
             KernelSpec(id="flash_attn3.fwd", ops=DENSE_OPS, impl=v3_dense, priority=90, min_sm=90, max_sm=90,
                        head_dim_multiple=8, supports_backward=True, description="FA3 flash_attn_func", **_common),
@@ -180,9 +204,11 @@ BACKENDS = (
     Backend(
         name="flash_attn4", module="flash_attn.cute", distribution="flash-attn-4", aliases=("fa4",),
         description="FlashAttention-4, CuTe DSL (Hopper, Blackwell)",
+        probes=(("flash_attn4.fwd", "prefill"),),
         kernels=(
             KernelSpec(id="flash_attn4.fwd", ops=DENSE_OPS, impl=v4_dense, priority=86, min_sm=90, max_sm=119,
                        head_dim_multiple=8, generations=frozenset({"hopper", "blackwell"}), needs_jit=True,
+                       jit_variant=_v4_jit_variant,
                        description="flash_attn.cute.flash_attn_func (preferred on Blackwell)", **_common),
             KernelSpec(id="flash_attn4.varlen", ops=("attention.varlen",), impl=v4_varlen, priority=86, min_sm=90,
                        max_sm=119, head_dim_multiple=8, generations=frozenset({"hopper", "blackwell"}), needs_jit=True,

@@ -22,9 +22,14 @@ computes its own slopes), or backward.
 
 Modules compile on first use. A variant (Variant: prefill/decode, dtype, head_dim, window,
 softcap) is selected only when it is known compiled: run in this process, compiled by
-`warmup(...)`, or found in FlashInfer's JIT cache on disk
-($FLASHINFER_WORKSPACE_BASE/.cache/flashinfer/<version>/<arch>/cached_ops/<uri>/<uri>.so);
-LAYERZERO_ALLOW_JIT=1 lets selection pick it anyway (the first call then compiles).
+`warmup(...)` or `lz.warmup` (worker processes, in parallel: perf/warmup.py), found in FlashInfer's
+JIT cache on disk ($FLASHINFER_WORKSPACE_BASE/.cache/flashinfer/<version>/<arch>/cached_ops/<uri>/<uri>.so),
+or shipped ahead of time: FlashInfer loads `<aot dir>/<uri>/<uri>.so` before any JIT (jit/core.py,
+JitSpec.is_aot), the aot dir being the `jit_cache/` of the flashinfer-jit-cache package when it is
+installed (and its version starts with flashinfer's: FlashInfer refuses it otherwise), else
+flashinfer's own data/aot. flashinfer-cubin only ships cubins that FlashInfer would download
+(trtllm-gen kernels); none of the modules used here loads one. LAYERZERO_ALLOW_JIT=1 lets selection
+pick an uncompiled variant anyway (the first call then compiles).
 
 State kept here (documented exception to "all state on runtime"): one float workspace per device
 and an LRU of planned wrappers, dropped when lz.reset() replaces the runtime's plan cache; the set
@@ -39,6 +44,7 @@ from __future__ import annotations
 
 import glob
 import importlib.metadata
+import importlib.util
 import math
 import os
 import threading
@@ -51,7 +57,7 @@ import torch
 
 from ..context import SelectionContext
 from ..errors import BackendNotAvailableError, InvalidInputError
-from ..kernel import HALF_DTYPES, Backend, KernelSpec
+from ..kernel import HALF_DTYPES, Backend, JitVariant, KernelSpec
 from ..reasons import Reason, Rejection
 from ..state import runtime
 from .flashinfer_sampling import SAMPLING_KERNELS
@@ -130,8 +136,45 @@ def jit_cache_dir() -> str:
     return os.path.join(base, ".cache", "flashinfer")
 
 
+def _distribution_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def aot_dir() -> str | None:
+    """Where FlashInfer loads ahead-of-time modules from (jit/env.py of 0.7), found without importing:
+    flashinfer-jit-cache's `jit_cache/` when installed with a matching version, else flashinfer/data/aot."""
+    try:
+        spec = importlib.util.find_spec("flashinfer_jit_cache")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        package, ours = _distribution_version("flashinfer-jit-cache"), _flashinfer_version()
+        if package and ours and not package.startswith(ours):
+            return None  # FlashInfer raises on import with a mismatched flashinfer-jit-cache
+        return os.path.join(list(spec.submodule_search_locations)[0], "jit_cache")
+    try:
+        spec = importlib.util.find_spec("flashinfer")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return os.path.join(list(spec.submodule_search_locations)[0], "data", "aot")
+
+
+def aot_packages() -> dict[str, str | None]:
+    """The versions of FlashInfer's ahead-of-time packages (None: not installed)."""
+    return {name: _distribution_version(name) for name in ("flashinfer-jit-cache", "flashinfer-cubin")}
+
+
 def compiled_on_disk(variant: Variant, sm: int) -> bool:
-    """Whether FlashInfer's JIT cache holds this module for this GPU (`<version>/<arch>/cached_ops/<uri>/<uri>.so`)."""
+    """Whether this module is built for this GPU: shipped ahead of time (aot_dir()/<uri>/<uri>.so) or in
+    FlashInfer's JIT cache (`<version>/<arch>/cached_ops/<uri>/<uri>.so`)."""
+    aot = aot_dir()
+    if aot is not None and os.path.exists(os.path.join(aot, variant.uri, variant.uri + ".so")):
+        return True
     version = _flashinfer_version() or "*"
     pattern = os.path.join(glob.escape(jit_cache_dir()), version, "*", "cached_ops", variant.uri, variant.uri + ".so")
     arch = f"{sm // 10}{sm % 10}"
@@ -514,11 +557,27 @@ def _checker(kind: str, dense_decode: bool = False) -> Callable[[SelectionContex
         variant = variant_for(kind, ctx)
         if not is_compiled(variant, ctx.sm):
             out.append(Rejection(Reason.NEEDS_JIT_COMPILE, f"{variant.uri} is not compiled (about "
-                                 f"{'13' if kind == 'decode' else '100'} s of nvcc): warm it with "
-                                 f"layerzero.backends.flashinfer.warmup or set {ALLOW_JIT_ENV}=1"))
+                                 f"{'13' if kind == 'decode' else '100'} s of nvcc): build it with lz.warmup / "
+                                 f"`layerzero warmup`, or set {ALLOW_JIT_ENV}=1"))
         return out
 
     return check
+
+
+def _jit_variant(kind: str) -> Callable[[SelectionContext], JitVariant | None]:
+    """The module a call needs built (for lz.warmup), None when it is compiled or the call is not FlashInfer's."""
+
+    def jit_variant(ctx: SelectionContext) -> JitVariant | None:
+        if ctx.device_type != "cuda" or ctx.dtype not in HALF_DTYPES or ctx.head_dim not in HEAD_DIMS:
+            return None
+        v = variant_for(kind, ctx)
+        if is_compiled(v, ctx.sm):
+            return None
+        extras = "".join((" window" if v.sliding_window else "", " softcap" if v.softcap else ""))
+        dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}[v.dtype]
+        return JitVariant(v, f"flashinfer {v.kind} {dtype} d{v.head_dim}{extras} ({v.backend})")
+
+    return jit_variant
 
 
 def _workspace_bytes(ctx: SelectionContext) -> int:
@@ -533,6 +592,7 @@ def _spec(name: str, ops: tuple[str, ...], impl: Callable[..., Any], priority: i
         id=f"flashinfer.{name}", ops=ops, impl=impl, priority=priority, platforms=frozenset({"cuda"}), min_sm=75,
         dtypes=HALF_DTYPES, head_dims=HEAD_DIMS, supports_window=True, supports_softcap=True, graph_safe=False,
         needs_jit=True, check=_checker(kind, dense_decode), workspace_bytes=_workspace_bytes,
+        jit_variant=_jit_variant(kind),
         description=description, **kw,
     )
 
@@ -542,6 +602,9 @@ BACKEND = Backend(
     module="flashinfer",
     distribution="flashinfer-python",
     description="FlashInfer plan/run attention kernels (JIT-compiled per variant) and sampling kernels",
+    # Each probe runs once its variant (bf16 or fp16, head_dim 128) is compiled; until then the JIT gate
+    # keeps the kernels out anyway and importing flashinfer is the probe.
+    probes=(("flashinfer.prefill", "prefill"), ("flashinfer.decode", "decode")),
     kernels=(
         # H100, bf16, 2026-11-26 (benchmarks/results/attention-h100.md, regret-h100.md). prefill 86: with GQA
         # it ran 1.6-2.1x faster than torch.sdpa_flash (D128 and D256); with MHA and D <= 128 torch.sdpa_cudnn

@@ -149,6 +149,7 @@ BACKEND = _IpexBackend(
     distribution="intel_extension_for_pytorch",
     aliases=("intel_extension_for_pytorch",),
     description="Intel Extension for PyTorch CPU kernels (ipex.llm.functional); stand-in tested only",
+    probes=(("ipex.rms_norm", "rms_norm"), ("ipex.rope", "rope"), ("ipex.varlen", "varlen")),
     kernels=(
         _spec("rms_norm", ("norm.rms",), rms_norm, 45, "ipex.llm.functional.rms_norm (torch_ipex.rmsnorm)",
               check=_needs_weight),

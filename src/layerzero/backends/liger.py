@@ -112,6 +112,7 @@ BACKEND = Backend(
     distribution="liger-kernel",
     aliases=("liger_kernel",),
     description="Liger-Kernel Triton kernels (rms_norm, layer_norm, rope, swiglu, geglu)",
+    probes=(("liger.rms_norm", "rms_norm"), ("liger.rope", "rope")),
     kernels=(
         _spec("rms_norm", ("norm.rms",), rms_norm, 45, "rms_norm_forward, casting_mode='gemma' (float32 math)",
               row_priorities=((ROWS_LIGER_NORMS_WIN, 55),)),

@@ -89,6 +89,7 @@ BACKEND = Backend(
     module="triton",
     distribution="triton",
     description="LayerZero's Triton gate*act kernel (SwiGLU / GeGLU, erf and tanh)",
+    probes=(("triton_act.swiglu", "swiglu"),),
     kernels=(
         _spec("swiglu", ("activation.swiglu",), swiglu, "one-pass silu(gate) * up in float32"),
         _spec("geglu", ("activation.geglu", "activation.geglu_tanh"), geglu, "one-pass gelu(gate) * up in float32"),

@@ -234,6 +234,7 @@ BACKEND = Backend(
     min_version="3.0",
     aliases=("triton_decode",),
     description="LayerZero's own Triton paged-KV decode attention (flash-decoding, GQA-grouped)",
+    probes=(("triton_paged.decode", "paged"),),
     # H100, bf16 (benchmarks/results/attention-h100.md, paged_decode-h100.md): 1996-2346 GB/s vs FlashInfer's
     # paged decode 902-1598 GB/s on B32 x 8k / B8 x 32k with shuffled pages, hence priority 95 (> flashinfer.
     # paged_decode 92). Graph safe: the launch reads shapes only, and a CUDA-graph replay with new seq_lens

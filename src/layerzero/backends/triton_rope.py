@@ -90,6 +90,7 @@ BACKEND = Backend(
     module="triton",
     distribution="triton",
     description="LayerZero's Triton RoPE (q and k in one launch, strided inputs, float32 math)",
+    probes=(("triton_rope.rope", "rope"),),
     kernels=(
         _spec("rope", ("posenc.rope",), rope, "q and k rotated in one launch from any strides (NeoX pairs)"),
         _spec("rope_interleaved", ("posenc.rope_interleaved",), rope_interleaved,

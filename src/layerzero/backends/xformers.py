@@ -74,6 +74,9 @@ def memory_efficient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
 BACKEND = Backend(
     name="xformers", module="xformers", distribution="xformers",
     description="xFormers memory_efficient_attention (cutlass / flash dispatch inside xformers)",
+    # xformers 0.0.35 imports under torch 2.11 but its extension does not load: every call raises
+    # "No operator found". The probe finds that before a user call does (BACKEND_BROKEN).
+    probes=(("xformers.memory_efficient", "prefill"),),
     kernels=(
         KernelSpec(
             id="xformers.memory_efficient", impl=memory_efficient, priority=65,

@@ -109,20 +109,22 @@ def public_op(name: str) -> Callable[..., Any]:
     return getattr(importlib.import_module("layerzero"), _op_family(name))
 
 
-def run_args(name: str, args: Args) -> Args:
-    """The arguments the public op passes to its plan's `run` for `args` (the kernel convention).
+def run_args(name: str, args: Args, options: dict[str, Any] | None = None) -> Args:
+    """The arguments the public op passes to its plan's `run` for `op(*args, **options)` (the kernel
+    convention).
 
     Captured by calling the op once with a recording plan in the cache slot of this call, so this
     follows each op's convention without restating it.
     """
+    options = options or {}
     fam = family(name)
-    key = fam.key(*args)
+    key = fam.key(*args, **options)
     captured: list[Args] = []
     data = runtime.plans.data
     saved = data.get(key)
     data[key] = ExecutionPlan("perf.capture", "", lambda *a: captured.append(a))
     try:
-        public_op(name)(*args)
+        public_op(name)(*args, **options)
     finally:
         if saved is None:
             data.pop(key, None)
@@ -133,13 +135,15 @@ def run_args(name: str, args: Args) -> Args:
     return captured[0]
 
 
-def context_for(name: str, shape: Shape, dtype: torch.dtype, device: torch.device) -> SelectionContext:
-    """The SelectionContext of `shape` without allocating it (tiny tensors, then the real sizes)."""
+def context_for(name: str, shape: Shape, dtype: torch.dtype, device: torch.device,
+                options: dict[str, Any] | None = None) -> SelectionContext:
+    """The SelectionContext of `shape` without allocating it (tiny tensors, then the real sizes);
+    `options`: the op's keyword arguments (attention: window_size, softcap, ...)."""
     wl = workload(name)
     shape = wl.check_shape(shape)
     tiny = tuple(1 if d in wl.ranged else x for d, x in zip(wl.dims, shape, strict=True))
     args = wl.make(tiny, dtype, device, torch.Generator(device=device).manual_seed(0))
-    ctx = family(name).context(*args)
+    ctx = family(name).context(*args, **(options or {}))
     sizes = dict(zip(wl.dims, shape, strict=True))
     return ctx.replace(**{CONTEXT_FIELDS[d]: sizes[d] for d in wl.ranged})
 
@@ -167,7 +171,7 @@ def reference_spec(ctx: SelectionContext) -> KernelSpec:
     raise UnknownNameError(f"reference kernel for {ctx.op}", ctx.op, known)
 
 
-def reference_output(name: str, args: Args) -> tuple[Any, Callable[[Any], Any]]:
+def reference_output(name: str, args: Args, options: dict[str, Any] | None = None) -> tuple[Any, Callable[[Any], Any]]:
     """(reference output, slicer): the reference on float64 (CPU) / float32 (GPU) copies of the
     inputs, and the function that cuts the kernel's full output down to what it covers."""
     wl = workload(name)
@@ -177,9 +181,9 @@ def reference_output(name: str, args: Args) -> tuple[Any, Callable[[Any], Any]]:
         wide = torch.float32
     up = tuple(a.to(wide) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in view)
     fam = family(name)
-    ctx = fam.context(*up)
+    ctx = fam.context(*up, **(options or {}))
     run, _ = fam.bind(reference_spec(ctx), ctx)
-    return run(*run_args(name, up)), cut
+    return run(*run_args(name, up, options)), cut
 
 
 # --- the built-in workloads -----------------------------------------------------------------------

@@ -31,6 +31,7 @@ class BackendRow:
     version: str | None
     reason: str | None
     kernels: int
+    probe: str | None = None  # what the backend's probe verified on the default device
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,8 +68,8 @@ class DoctorReport:
             [f"{d.type}:{d.index}", d.name, d.sm or "-", d.generation, gib(d.total_bytes), gib(d.free_bytes)]
             for d in self.devices])
         lines.append("backends:")
-        lines += table(["backend", "available", "version", "kernels", "reason"], [
-            [b.name, "yes" if b.available else "no", b.version or "-", b.kernels, b.reason or ""]
+        lines += table(["backend", "available", "version", "kernels", "reason / probe"], [
+            [b.name, "yes" if b.available else "no", b.version or "-", b.kernels, b.reason or b.probe or ""]
             for b in self.backends])
         h = self.health
         lines.append(f"health: {'ok' if h['healthy'] else 'degraded'}, {h['failures']} failures, "
@@ -159,9 +160,13 @@ def readiness_check(smoke: bool = True, required_backends: tuple[str, ...] = ())
         runtime.ensure_loaded()
     except Exception as e:
         return False, [f"loading backends failed: {type(e).__name__}: {e}"]
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     for name in required_backends:
         try:
-            ok, _, why = runtime.registry.backend(name).availability
+            backend = runtime.registry.backend(name)
+            if backend.availability[0]:
+                runtime.probes.probe(backend, device)  # a library that imports but cannot run is not ready
+            ok, _, why = backend.availability
         except Exception as e:
             issues.append(f"required backend {name!r}: {e}")
             continue
@@ -215,7 +220,8 @@ def doctor(smoke: bool = True) -> DoctorReport:
 
     ready, issues = readiness_check(smoke=smoke)
     cudnn = torch.backends.cudnn.version() if torch.cuda.is_available() else None
-    backends = tuple(BackendRow(b.name, b.available, b.version, b.reason, len(b.kernels)) for b in list_backends())
+    backends = tuple(BackendRow(b.name, b.available, b.version, b.reason, len(b.kernels), b.probe)
+                     for b in list_backends())
     mem = runtime.memory.config
     return DoctorReport(
         python=sys.version.split()[0], platform=platform.platform(), torch=torch.__version__,

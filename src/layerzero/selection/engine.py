@@ -152,6 +152,9 @@ TRANSFORM_PENALTY = 2.0
 
 
 _DISABLED = Rejection(Reason.BACKEND_DISABLED, "disabled by lz.disabled()")
+# Why a backend as a whole cannot run here (kernel_rejections gives it alone, nothing else applies)
+BACKEND_REASONS = frozenset({Reason.BACKEND_NOT_INSTALLED, Reason.BACKEND_IMPORT_FAILED,
+                             Reason.BACKEND_VERSION_UNSUPPORTED, Reason.BACKEND_BROKEN, Reason.BACKEND_UNPROBED})
 
 
 def _disabled(spec: KernelSpec, disabled: frozenset[str]) -> bool:
@@ -180,13 +183,24 @@ class SelectionEngine:
         if cached != generation:
             table = {}
             self._viable = (generation, table)
-        key = (ctx.op, ctx.device_type, ctx.sm, ctx.generation, ctx.isa, ctx.dtype)
+        key = (ctx.op, ctx.device_type, ctx.device_index, ctx.sm, ctx.generation, ctx.isa, ctx.dtype)
         specs = table.get(key)
         if specs is None:
-            specs = [s for s in rt.registry.candidates(ctx.op)
-                     if rt.registry.backend(s.backend).availability[0] and fits_device(s, ctx)]
+            # Each backend: installed, and verified on this device (runtime/probe.py: probed on first use).
+            # One skipped only because it cannot be probed now (CUDA graph capture, torch.compile tracing)
+            # makes the list temporary: it is not kept, and the next miss outside capture probes it.
+            usable: dict[str, Rejection | None] = {}
+            specs = []
+            for s in rt.registry.candidates(ctx.op):
+                if not fits_device(s, ctx):
+                    continue
+                if s.backend not in usable:
+                    usable[s.backend] = rt.backend_rejection(s.backend, ctx)
+                if usable[s.backend] is None:
+                    specs.append(s)
             specs.sort(key=lambda s: (s.backend == REFERENCE_BACKEND, -s.priority))
-            table[key] = specs
+            if not any(r is not None and r.reason is Reason.BACKEND_UNPROBED for r in usable.values()):
+                table[key] = specs
         return specs
 
     def evaluate(self, ctx: SelectionContext, transforms_of: Callable[[KernelSpec, SelectionContext], tuple[str, ...]],
@@ -214,8 +228,9 @@ class SelectionEngine:
         for spec in specs:
             cand = candidates[spec.id]
             if complete:
-                cand.rejections.extend(self.kernel_rejections(spec, ctx))
-                if not rt.registry.backend(spec.backend).availability[0]:
+                rejections = self.kernel_rejections(spec, ctx)
+                cand.rejections.extend(rejections)
+                if rejections and rejections[0].reason in BACKEND_REASONS:  # nothing else applies
                     continue
             else:  # viable(): installed, fits the device; stop at the first reason
                 cand.rejections.extend(self._first_rejection(spec, ctx, ask_health))
@@ -314,8 +329,8 @@ class SelectionEngine:
         reason alone), its breaker is open, its workspace does not fit, its constraints do not hold.
         What explain lists for the kernel before policy and measurements, and lz.validate returns."""
         rt = self.runtime
-        available, _, why = rt.registry.backend(spec.backend).availability
-        if not available and why is not None:
+        why = rt.backend_rejection(spec.backend, ctx, probe=fits_device(spec, ctx))
+        if why is not None:
             return [why]
         return [*rt.health_rejections(spec, ctx), *check_constraints(spec, ctx)]
 

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from ..device import local_device_types
 from ..errors import InvalidInputError, UnknownNameError
 from ..kernel import Backend, KernelSpec, runs_on
@@ -124,13 +126,23 @@ class BackendInfo:
     version: str | None
     reason: str | None
     kernels: tuple[str, ...]
+    probe: str | None = None  # what its probe on the device verified (runtime/probe.py), if it ran
 
 
-def list_backends() -> list[BackendInfo]:
-    """Every registered backend with its version or the reason it is unavailable."""
+def list_backends(device: str | torch.device | None = None, probe: bool = True) -> list[BackendInfo]:
+    """Every registered backend with its version or the reason it is unavailable.
+
+    probe: first prove each installed backend that has kernels for `device` (default: the current
+    CUDA device, else the CPU) with its tiny calls (cached on disk), so a library that imports but
+    cannot run is listed unavailable (BACKEND_BROKEN) with its own error text.
+    """
     runtime.ensure_loaded()
+    dev = torch.device(device) if device is not None else (
+        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
     out = []
     for b in runtime.registry.backends.values():
+        result = runtime.probes.probe(b, dev) if probe and b.probes and b.availability[0] else None
         ok, version, why = b.availability
-        out.append(BackendInfo(b.name, ok, version, None if why is None else str(why), tuple(k.id for k in b.kernels)))
+        out.append(BackendInfo(b.name, ok, version, None if why is None else str(why), tuple(k.id for k in b.kernels),
+                               None if result is None else result.describe()))
     return out
