@@ -72,6 +72,7 @@ from .runtime.memory import configure_memory
 from .runtime.telemetry import disable_telemetry, enable_telemetry, start_metrics_server, telemetry
 from .selection.engine import ExecutionPlan, SelectionReport
 from .selection.inspect import (
+    dry_run,
     explain,
     list_backends,
     list_kernels,
@@ -112,7 +113,7 @@ __all__ = [
     "Backend", "BackendNotAvailableError", "CacheCorruptionError", "ConfigurationError", "CudaGraphUnsafeError",
     "ExecutionPlan", "InvalidInputError", "KernelExecutionError", "KernelSpec", "LayerZeroError",
     "NoKernelFoundError", "PolicyValidationError", "Reason", "Rejection", "SelectionContext", "SelectionReport",
-    "SelectionTimeoutError", "UnknownNameError", "attention", "attention_varlen", "explain", "group_norm", "layer_norm", "paged_attention",
+    "SelectionTimeoutError", "UnknownNameError", "attention", "attention_varlen", "dry_run", "explain", "group_norm", "layer_norm", "paged_attention",
     "CanaryReport", "DescriptorError", "HubLockError", "IsolatedBackend", "RingBuffer", "RingBufferOverrun",
     "canary", "clear_descriptors", "isolate", "load_descriptors", "register_hub_kernels",
     "list_backends", "list_kernels", "register_backend", "register_kernel", "reset", "rms_norm", "select", "validate", "which",

@@ -1,0 +1,149 @@
+"""Op ids everywhere: every inspection entry point takes `attention.causal`, `norm.rms`, ... (and
+globs where a set makes sense) first or as `operation=`, with the call's inputs or a SelectionContext;
+inputs of another op are an error that says what they are (issue 20)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import layerzero as lz
+from layerzero.ops import FAMILIES, OP_FAMILIES
+from layerzero.state import runtime
+
+
+def qkv(batch: int = 2, seq_q: int = 16, seq_k: int | None = None, heads: int = 4, dim: int = 32):
+    q = torch.randn(batch, seq_q, heads, dim)
+    k = torch.randn(batch, seq_k or seq_q, heads, dim)
+    return q, k, torch.randn_like(k)
+
+
+def causal_context(**changes: object) -> lz.SelectionContext:
+    fields = dict(op="attention.causal", batch=1, seq_len_q=512, seq_len_k=512, num_heads=8, num_kv_heads=8,
+                  head_dim=64, head_dim_v=64, layout="BSHD", is_causal=True)
+    return lz.SelectionContext(**{**fields, **changes})
+
+
+def test_op_family_table_covers_every_registered_op_id():
+    runtime.ensure_loaded()
+    assert set(runtime.registry.by_op) <= set(OP_FAMILIES)
+    assert {f for names in OP_FAMILIES.values() for f in names} <= set(FAMILIES)
+
+
+def test_which_takes_an_op_id_and_its_implied_arguments():
+    q, k, v = qkv()
+    by_id = lz.explain("attention.causal", q, k, v)
+    assert by_id.context.is_causal and by_id.op == "attention.causal"  # is_causal=True implied
+    assert lz.which("attention.causal", q, k, v) == lz.which("attention", q, k, v, is_causal=True)
+    assert lz.explain("attention.full", q, k, v).op == "attention.full"
+
+
+def test_explain_with_inputs_first_and_operation_keyword():
+    q, k, v = qkv()
+    report = lz.explain(q, k, v, operation="attention.causal")
+    assert report.op == "attention.causal" and report.selected_kernel
+    assert report.context.batch == 2 and report.context.seq_len_q == 16
+    assert report.selected_kernel == lz.explain("attention", q, k, v, is_causal=True).selected_kernel
+    assert lz.which(q, k, v, operation="attention.causal") == report.selected_kernel
+
+
+def test_both_an_op_and_a_different_operation_keyword_is_an_error():
+    q, k, v = qkv()
+    with pytest.raises(lz.InvalidInputError, match="operation: expected 'attention.causal'"):
+        lz.explain("attention.causal", q, k, v, operation="attention.full")
+
+
+def test_no_operation_at_all_is_an_error():
+    q, k, v = qkv()
+    with pytest.raises(lz.InvalidInputError, match="operation: expected an op id"):
+        lz.explain(q, k, v)
+
+
+def test_decode_op_id_with_a_long_query_says_what_the_tensors_are():
+    q, k, v = qkv(batch=2, seq_q=2048)
+    with pytest.raises(lz.InvalidInputError) as info:
+        lz.which("attention.decode", q, k, v)
+    message = str(info.value)
+    assert "expected inputs of attention.decode (seq_len_q 1" in message
+    assert "seq_len_q=2048" in message and "batch=2" in message and "attention.full inputs" in message
+
+
+def test_decode_op_id_accepts_dense_single_token_query():
+    q, _, _ = qkv(batch=2, seq_q=1)
+    _, k, v = qkv(batch=2, seq_q=64)
+    assert lz.which("attention.decode", q, k, v) == lz.which("attention", q, k, v)
+
+
+def test_op_id_contradicted_by_an_explicit_argument_is_an_error():
+    q, k, v = qkv()
+    with pytest.raises(lz.InvalidInputError, match=r"inputs of attention\.causal \(is_causal=True\), got attention\.full"):
+        lz.which("attention.causal", q, k, v, is_causal=False)
+
+
+def test_norm_op_ids_and_globs():
+    x, w = torch.randn(4, 64), torch.ones(64)
+    assert lz.which("norm.rms", x, w) == lz.which("rms_norm", x, w)
+    assert lz.explain("norm.*", x, w).op == "norm.rms"  # the first family that takes the inputs
+    q, k, v = qkv()
+    assert lz.explain("attention.*", q, k, v, is_causal=True).op == "attention.causal"
+
+
+def test_unknown_op_id_lists_the_known_ones():
+    with pytest.raises(lz.UnknownNameError, match="unknown operation 'attention.foo'.*attention.causal"):
+        lz.which("attention.foo", *qkv())
+
+
+def test_select_with_a_context_selects_without_tensors():
+    plan = lz.select(operation="attention.causal", context=causal_context())
+    assert isinstance(plan, lz.ExecutionPlan) and plan.op == "attention.causal"
+    q, k, v = torch.randn(1, 512, 8, 64), torch.randn(1, 512, 8, 64), torch.randn(1, 512, 8, 64)
+    assert plan.kernel_id == lz.which("attention.causal", q, k, v)
+    assert lz.which(context=causal_context()) == plan.kernel_id  # the context's own op
+
+
+def test_a_context_of_another_op_is_an_error():
+    with pytest.raises(lz.InvalidInputError, match="context: expected a context of attention.decode, got a context "
+                                                   "of attention.causal inputs"):
+        lz.select(operation="attention.decode", context=causal_context())
+    with pytest.raises(lz.InvalidInputError, match="context: expected a layerzero.SelectionContext, got dict"):
+        lz.select(operation="attention.causal", context={"op": "attention.causal"})
+    with pytest.raises(lz.InvalidInputError, match="a context or the call's inputs, not both"):
+        lz.select(*qkv(), operation="attention.causal", context=causal_context())
+
+
+def test_dry_run_is_the_report_for_a_context_and_runs_nothing():
+    calls = []
+
+    def spy(*args):
+        calls.append(args)
+        raise AssertionError("dry_run ran a kernel")
+
+    lz.register_kernel(id="spy.attn", ops=("attention.causal",), impl=spy, platforms=frozenset({"cpu"}),
+                       priority=99, dtypes=frozenset({torch.float32}))
+    report = lz.dry_run(operation="attention.causal", context=causal_context())
+    assert isinstance(report, lz.SelectionReport)
+    assert report.selected_kernel == "spy.attn" and not calls
+    assert "torch.sdpa_math" in report.scores  # every candidate, not only the winner
+
+
+def test_validate_with_a_context():
+    ok, reasons = lz.validate("torch.sdpa_math", context=causal_context())
+    assert ok and reasons == []
+    ok, reasons = lz.validate("torch.rms_norm", context=causal_context())
+    assert not ok and reasons == [lz.Reason.OP_UNSUPPORTED]
+    ok, reasons = lz.validate("torch.sdpa_flash_cpu", context=causal_context(dtype=torch.int8))
+    assert not ok and lz.Reason.DTYPE_UNSUPPORTED in reasons
+    q, k, v = qkv()
+    assert lz.validate("torch.sdpa_math", "attention.causal", q, k, v) == (True, [])
+
+
+def test_list_kernels_by_operation_glob():
+    attention = lz.list_kernels(operation="attention.*")
+    ids = {k.id for k in attention}
+    assert {"torch.sdpa_math", "flashinfer.decode", "reference.attention"} <= ids
+    assert "torch.rms_norm" not in ids
+    assert all(any(op.startswith("attention.") for op in k.ops) for k in attention)
+    assert {k.id for k in lz.list_kernels(operation="norm.rms")} >= {"torch.rms_norm", "reference.rms_norm"}
+    assert {k.id for k in lz.list_kernels("torch.*", operation="attention.causal")} >= {"torch.sdpa_math"}
+    with pytest.raises(lz.UnknownNameError, match="unknown operation 'atention.\\*'"):
+        lz.list_kernels(operation="atention.*")
