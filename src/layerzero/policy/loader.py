@@ -237,6 +237,7 @@ class _Validator:
 
         backends: list[str] = []
         kernels: list[str] = []
+        named = 0
         for key in _TARGET_KEYS:
             if key not in entry:
                 continue
@@ -247,23 +248,24 @@ class _Validator:
             elif not isinstance(values, str):
                 raise self.fail(*at(key), f"expected a name, got {values!r}")
             for value in values if isinstance(values, list) else [values]:
+                named += 1
                 try:
-                    if key.startswith("backend"):
+                    group = self.registry.group(value) if key.startswith("backend") else None
+                    if group is not None:  # torch_sdpa: torch's SDPA kernels
+                        kernels.extend(group)
+                        check_target_op(self.registry, group, operation, value)
+                    elif key.startswith("backend"):
                         backends.append(self.registry.backend_name(value))
                     else:
                         kernels.append(resolve_kernel(self.registry, value))
-                except UnknownNameError as exc:
+                        check_kernel_op(self.registry, kernels[-1], operation)
+                except (UnknownNameError, PolicyValidationError) as exc:
                     raise self.fail(*at(key), str(exc)) from None
-        if not backends and not kernels:
+        if not named:
             keys = ", ".join(k for k in _TARGET_KEYS if k in allowed)
             raise self.fail(line, where, f"a {kind} rule needs a target: one of {keys}")
-        if kind == "lock" and len(backends) + len(kernels) != 1:
+        if kind == "lock" and named != 1:
             raise self.fail(line, where, "a lock names exactly one target: backend or kernel, not both")
-        for kernel_id in kernels:
-            try:
-                check_kernel_op(self.registry, kernel_id, operation)
-            except PolicyValidationError as exc:
-                raise self.fail(*at("kernel" if "kernel" in entry else "kernels"), str(exc)) from None
 
         condition_text = ""
         if "condition" in entry and "when" in entry:
@@ -343,10 +345,22 @@ def resolve_kernel(registry: Registry, name: str) -> str:
     raise UnknownNameError("kernel", name, registry.kernels)
 
 
+def check_target_op(registry: Registry, kernel_ids: tuple[str, ...], operation: str, name: str) -> None:
+    """PolicyValidationError unless one of the kernels a name stands for (a group) implements `operation`."""
+    ops = sorted({op for k in kernel_ids for op in registry.kernels[k].ops})
+    if operation != "*" and not any(fnmatch.fnmatchcase(op, operation) for op in ops):
+        raise PolicyValidationError(f"{name!r} ({', '.join(kernel_ids)}) does not implement {operation!r} "
+                                    f"(it implements {', '.join(ops)})")
+
+
 def resolve_target(registry: Registry, name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(backends, kernels) for a name that is a kernel id or a backend name or alias."""
+    """(backends, kernels) for a name that is a kernel id, a group (`torch_sdpa`: torch's SDPA kernels),
+    or a backend name or alias."""
     if "." in name:
         return (), (resolve_kernel(registry, name),)
+    group = registry.group(name)
+    if group is not None:
+        return (), group
     try:
         return (registry.backend_name(name),), ()
     except UnknownNameError:

@@ -108,8 +108,9 @@ _DISABLED = Rejection(Reason.BACKEND_DISABLED, "disabled by lz.disabled()")
 
 
 def _disabled(spec: KernelSpec, disabled: frozenset[str]) -> bool:
-    """The backend is switched off by lz.disabled() (the reference never is)."""
-    return bool(disabled) and spec.backend != REFERENCE_BACKEND and (spec.backend in disabled or "*" in disabled)
+    """The kernel or its backend is switched off by lz.disabled() (the reference never is)."""
+    return bool(disabled) and spec.backend != REFERENCE_BACKEND and (
+        spec.backend in disabled or spec.id in disabled or "*" in disabled)
 
 
 class SelectionEngine:
