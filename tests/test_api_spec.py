@@ -147,3 +147,76 @@ def test_list_kernels_by_operation_glob():
     assert {k.id for k in lz.list_kernels("torch.*", operation="attention.causal")} >= {"torch.sdpa_math"}
     with pytest.raises(lz.UnknownNameError, match="unknown operation 'atention.\\*'"):
         lz.list_kernels(operation="atention.*")
+
+
+# ---- measured selection, warm-up, solve and compile take op ids (and the spec's 4-tuple shapes)
+
+
+def test_warmup_takes_an_op_id_and_the_spec_four_tuple_shapes():
+    report = lz.warmup(operation="attention.causal", shapes=[(1, 32, 2, 16), (2, 64, 2, 16)])
+    assert [e.shape for e in report.entries] == [(1, 32, 32, 2, 2, 16, 1), (2, 64, 64, 2, 2, 16, 1)]
+    q = torch.randn(2, 64, 2, 16)
+    key = FAMILIES["attention"].key(q, q, q, None, True)
+    assert runtime.plans.data.get(key) is not None  # the plan of that shape is cached: the call will hit
+    assert report.entries[1].kernel == lz.which("attention.causal", q, q, q)
+    decode = lz.warmup("attention.decode", [(2, 128, 2, 16)]).entries[0]
+    assert decode.shape == (2, 1, 128, 2, 2, 16, 0)
+    assert lz.warmup("norm.rms", [(8, 64)]).entries[0].kernel == lz.which("norm.rms", torch.randn(8, 64),
+                                                                          torch.ones(64))
+
+
+def test_warmup_shapes_that_contradict_the_op_id_are_errors():
+    with pytest.raises(lz.InvalidInputError, match=r"shape: expected causal 1 for attention.causal"):
+        lz.warmup(operation="attention.causal", shapes=[(1, 64, 64, 4, 4, 32, 0)])
+    with pytest.raises(lz.InvalidInputError, match=r"shape: expected \(batch, seq, heads, head_dim\) or 7"):
+        lz.warmup(operation="attention.causal", shapes=[(1, 64, 4)])
+    with pytest.raises(lz.UnknownNameError, match="unknown operation with a perf workload 'attention.varlen'"):
+        lz.warmup(operation="attention.varlen", shapes=[(1, 64, 4, 32)])
+
+
+def test_tune_takes_an_op_id(tmp_path):
+    report = lz.tune("attention.causal", shapes=[(1, 32, 2, 16)], dtypes=[torch.float32], device="cpu",
+                     perfdb=tmp_path / "perf.sqlite", repeats=2, warmup=1, min_sample_s=0.0, progress=False,
+                     kernels="torch.sdpa_*")
+    (result,) = report.results
+    assert result.op == "attention.causal" and result.shape == (1, 32, 32, 2, 2, 16, 1)
+    assert result.best is not None and {r.kernel for r in lz.perfdb().records()} >= {result.best.kernel}
+
+
+def test_solve_takes_an_op_id_and_fixes_its_dims(tmp_path):
+    result = lz.solve("attention.causal", tmp_path / "solved.py", batch=(1, 4), seq_q=(1, 64), seq_k=(1, 64),
+                      heads=[2], kv_heads=[2], head_dim=[16], dtypes=[torch.float32], device="cpu")
+    text = result.path.read_text()
+    assert "causal: [1]" in text or "'causal': [1]" in text
+    assert "and is_causal:" in text and "not is_causal" not in text  # only the causal branch was solved
+    with pytest.raises(lz.InvalidInputError, match=r"attention.causal.causal: expected \[1\] \(as attention.causal"):
+        lz.solve("attention.causal", tmp_path / "x.py", batch=(1, 4), seq_q=(1, 64), seq_k=(1, 64), heads=[2],
+                 kv_heads=[2], head_dim=[16], causal=[False], device="cpu")
+
+
+def test_compile_returns_bucketed_solved_plans_ready_to_save(tmp_path):
+    shapes = [(1, 32, 2, 16), (4, 128, 2, 16)]
+    compiled = lz.compile(operation="attention.causal", shapes=shapes, dtypes=[torch.float32], device="cpu")
+    assert isinstance(compiled, lz.CompiledPlans) and compiled.family == "attention"
+    assert compiled.dims["batch"] == (1, 4) and compiled.dims["seq_q"] == (32, 128)
+    assert compiled.dims["causal"] == [1] and compiled.dims["heads"] == [2]
+    assert [p.shape for p in compiled.plans] == [(1, 32, 32, 2, 2, 16, 1), (4, 128, 128, 2, 2, 16, 1)]
+    for plan, (b, s, h, d) in zip(compiled.plans, shapes, strict=True):
+        q = torch.randn(b, s, h, d)
+        assert plan.kernel == lz.which("attention.causal", q, q, q)
+        assert f"batch={b}" in plan.bucket and f"seq_q={s}" in plan.bucket
+    assert set(compiled.kernels.values()) >= {p.kernel for p in compiled.plans}
+    # ready to save: the module imports and dispatches to the same kernels without the engine
+    path = compiled.save(tmp_path / "compiled_attention.py")
+    assert path.read_text() == compiled.source
+    module = compiled.load()
+    q, k, v = torch.randn(3, 100, 2, 16), torch.randn(3, 100, 2, 16), torch.randn(3, 100, 2, 16)
+    torch.testing.assert_close(module.attention(q, k, v, is_causal=True), lz.attention(q, k, v, is_causal=True))
+    assert "compiled attention.causal" in str(compiled)
+
+
+def test_compile_solves_only_the_head_combinations_of_its_shapes():
+    compiled = lz.compile("attention.causal", [(1, 32, 4, 16), (1, 32, 2, 16)], dtypes=[torch.float32], device="cpu")
+    assert compiled.dims["heads"] == [2, 4]
+    assert "Hq == 4 and Hkv == 4" in compiled.source and "Hq == 2 and Hkv == 2" in compiled.source
+    assert "Hq == 2 and Hkv == 4" not in compiled.source  # not a shape given (and not valid GQA)

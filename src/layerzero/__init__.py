@@ -89,6 +89,7 @@ __version__ = "0.1.0"
 
 # Measured selection (lz.tune, lz.solve, ...) loads on first use: `import layerzero` stays light.
 _PERF = {"perfdb": "tune", "record_trace": "tune", "save_trace": "tune", "tune": "tune", "solve": "solve",
+         "compile": "solve", "CompiledPlans": "solve",
          "warmup": "warmup", "plan_block": "planner", "BlockPlanner": "planner", "BlockStep": "planner"}
 
 
@@ -99,9 +100,10 @@ def __getattr__(name: str) -> object:
         return getattr(importlib.import_module(f".perf.{_PERF[name]}", __name__), name)
     raise AttributeError(f"module 'layerzero' has no attribute {name!r}")
 
+# lz.compile is left out: `from layerzero import *` would shadow the builtin compile.
 __all__ = [
     "alibi_slopes", "fused_mlp", "geglu", "gelu", "rope", "rope_cache", "rope_inv_freq", "rope_qk", "silu", "swiglu",
-    "perfdb", "record_trace", "save_trace", "solve", "tune", "warmup", "BlockPlanner", "BlockStep", "plan_block",
+    "perfdb", "record_trace", "save_trace", "solve", "CompiledPlans", "tune", "warmup", "BlockPlanner", "BlockStep", "plan_block",
     "PackedFormat", "QuantFormat", "QuantizedTensor", "awq_format", "dequantize", "embedding", "gptq_format",
     "quant_linear", "quantize", "sample", "sample_greedy", "sample_topk", "sample_topp",
     "BatchEncoding", "Tokenizer", "detokenize", "get_tokenizer", "register_tokenizer", "tokenize", "tokenize_batch",

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..errors import InvalidInputError
 from ..state import runtime
 from . import workloads
 
@@ -56,10 +57,10 @@ class WarmupReport:
     def __str__(self) -> str:
         lines = [f"warmed {len(self.entries)} shape(s) in {self.seconds:.2f} s; compiled: "
                  f"{', '.join(sorted({e.kernel for e in self.compiled})) or 'nothing'}",
-                 f"{'op':<12} {'shape':<26} {'dtype':<9} {'kernel':<28} {'select ms':>9} {'1st ms':>9} "
+                 f"{'op':<16} {'shape':<26} {'dtype':<9} {'kernel':<28} {'select ms':>9} {'1st ms':>9} "
                  f"{'2nd ms':>9}  jit"]
         for e in self.entries:
-            lines.append(f"{e.family:<12} {'x'.join(map(str, e.shape)):<26} {e.dtype:<9} {e.kernel:<28} "
+            lines.append(f"{e.family:<16} {'x'.join(map(str, e.shape)):<26} {e.dtype:<9} {e.kernel:<28} "
                          f"{e.select_ms:>9.3f} {e.first_ms:>9.3f} {e.second_ms:>9.3f}  "
                          f"{'compiled' if e.compiled else '-'}")
         return "\n".join(lines)
@@ -75,23 +76,27 @@ def _timed(fn: Any, device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def warmup(operation: str, shapes: Sequence[Any], dtypes: Sequence[torch.dtype] = (),
+def warmup(operation: str, shapes: Sequence[Any] = (), dtypes: Sequence[torch.dtype] = (),
            device: str | torch.device | None = None) -> WarmupReport:
     """Pre-select (the plans stay cached for these exact shapes) and call each kernel once.
 
-    shapes: as for lz.tune (attention: batch, seq_q, seq_k, heads, kv_heads, head_dim, causal;
-    norms: rows, hidden).
+    operation: an op id (`"attention.causal"`, `"norm.rms"`) or a family name (`"attention"`).
+    shapes: as for lz.tune (attention: batch, seq_q, seq_k, heads, kv_heads, head_dim, causal, or for an
+    attention op id also (batch, seq, heads, head_dim); norms: rows, hidden).
     """
     started = time.perf_counter()
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    wl = workloads.workload(operation)
-    fam = workloads.family(operation)
-    op = workloads.public_op(operation)
+    resolved = [workloads.op_shape(operation, raw) for raw in shapes]  # every shape checked before any runs
+    if not resolved:
+        raise InvalidInputError("shapes", f"at least one shape for {operation}", shapes)
+    name = resolved[0][0]
+    wl = workloads.workload(name)
+    fam = workloads.family(name)
+    op = workloads.public_op(name)
     runtime.ensure_loaded()
     entries = []
     for dtype in dtypes or [torch.bfloat16 if dev.type == "cuda" else torch.float32]:
-        for raw in shapes:
-            shape = wl.check_shape(raw)
+        for _, shape in resolved:
             args = wl.make(shape, dtype, dev, torch.Generator(device=dev).manual_seed(0))
             t0 = time.perf_counter()
             plan = runtime.plan(fam, fam.key(*args), args, {})
