@@ -122,15 +122,17 @@ def _rank(report: Any) -> list[str]:
     return [c.kernel_id for c in eligible]
 
 
-def _rankings(name: str, corners: list[SelectionContext],
-              memo: dict[SelectionContext, list[str] | None]) -> list[list[str] | None]:
-    """The engine's ranking at each corner (None: no kernel there); neighbouring boxes share corners."""
+def _rankings(name: str, corners: list[SelectionContext], memo: dict[SelectionContext, list[str] | None],
+              order: Sequence[str] | None = None) -> list[list[str] | None]:
+    """The engine's ranking at each corner (None: no kernel there); neighbouring boxes share corners.
+    order: only these kernels, in this order of preference (a static dispatcher's table)."""
     fam = workloads.family(name)
     out = []
     for ctx in corners:
         if ctx not in memo:
             try:
-                memo[ctx] = _rank(runtime.engine.evaluate(ctx, fam.transforms))
+                ranked = _rank(runtime.engine.evaluate(ctx, fam.transforms))
+                memo[ctx] = ranked if order is None else [k for k in order if k in ranked] or None
             except NoKernelFoundError:
                 memo[ctx] = None
         out.append(memo[ctx])
@@ -169,7 +171,7 @@ MAX_BOXES_PER_CELL = 96
 
 
 def _tree(name: str, template: SelectionContext, ranged: list[str], intervals: dict[str, list[Interval]],
-          notes: list[str], counter: list[int]) -> Any:
+          notes: list[str], counter: list[int], order: Sequence[str] | None = None) -> Any:
     """Nested [(lo, hi, child)] over `ranged` dims; leaves are kernel ids, None (dynamic),
     ("square", same, other) where Sq == Sk matters, or ("split", dim, [(lo, hi, leaf)]) where a cell
     was bisected."""
@@ -206,7 +208,7 @@ def _tree(name: str, template: SelectionContext, ranged: list[str], intervals: d
         budget[0] -= 1
         results, wanted = [], []
         for group in groups(box):
-            rankings = _rankings(name, [at(p) for p in group], memo)
+            rankings = _rankings(name, [at(p) for p in group], memo, order)
             firsts = [r[0] if r else None for r in rankings]  # the engine's pick per corner (None: no kernel)
             ok = len(set(firsts)) == 1
             results.append((ok, firsts[0], rankings))
@@ -401,11 +403,13 @@ def solve(ops: str | Mapping[str, Mapping[str, Any]], path: str | Path, *, dtype
 
 def _generate(ops: str | Mapping[str, Mapping[str, Any]], dtypes: Sequence[torch.dtype],
               device: str | torch.device | None, dims: Mapping[str, Any],
-              combos: Mapping[str, set[tuple[int, ...]]] | None = None) -> tuple[str, tuple[Any, ...]]:
+              combos: Mapping[str, set[tuple[int, ...]]] | None = None,
+              order: Mapping[str, Sequence[str]] | None = None) -> tuple[str, tuple[Any, ...]]:
     """(module text, SolveResult fields after the path) for lz.solve and lz.compile.
 
     combos: per family, the combinations of exact dims to solve (lz.compile: those of its shapes);
-    None solves every combination of the values given."""
+    None solves every combination of the values given. order: per family, only these kernels, the
+    first that can run a bucket winning (layerzero.dispatch's static dispatcher)."""
     if isinstance(ops, str):
         ops = {ops: dims}
     elif dims:
@@ -456,7 +460,7 @@ def _generate(ops: str | Mapping[str, Mapping[str, Any]], dtypes: Sequence[torch
                 shape = tuple(fixed.get(d, ranges.get(d, (1, 1))[0]) for d in wl.dims)
                 template = workloads.context_for(name, shape, dtype, dev)
                 counter = [0]
-                node = _tree(name, template, ranged, intervals, notes, counter)
+                node = _tree(name, template, ranged, intervals, notes, counter, (order or {}).get(name))
                 cells += counter[0]
                 conds = [f"dt is _{str(dtype).removeprefix('torch.')}"]
                 for d, value in fixed.items():
@@ -563,7 +567,8 @@ def _module_text(names: list[str], ops: Mapping[str, Mapping[str, Any]], dtypes:
 
 @dataclass(frozen=True, slots=True)
 class PlanEntry:
-    """One shape of `lz.compile`: its power-of-two bucket and the kernel solved for it."""
+    """One shape of `lz.compile`: its power-of-two bucket and the kernel solved for it ("" when none
+    can run it: the solved module sends such calls to dynamic selection)."""
 
     shape: tuple[int, ...]
     dtype: str
@@ -610,13 +615,14 @@ class CompiledPlans:
 
 
 def compile(operation: str, shapes: Sequence[Any], *, dtypes: Sequence[torch.dtype] = (),  # noqa: A001
-            device: str | torch.device | None = None) -> CompiledPlans:
+            device: str | torch.device | None = None, kernels: Sequence[str] | None = None) -> CompiledPlans:
     """Offline plans for `shapes` of `operation` (an op id or family name): each shape's bucket and
     kernel, and a solved module over the shapes' ranges (lz.solve), ready to save.
 
     shapes: as for lz.tune / lz.warmup (for an attention op id also (batch, seq, heads, head_dim)).
     Ranged dims (batch, sequence lengths, rows) are solved over [smallest, largest] of the shapes,
-    the exact ones (heads, head_dim, ...) for the combinations the shapes have.
+    the exact ones (heads, head_dim, ...) for the combinations the shapes have. kernels: only these
+    kernel ids, the first that can run a bucket winning (else the engine's choice).
     """
     resolved = [workloads.op_shape(operation, s) for s in shapes]
     if not resolved:
@@ -632,15 +638,15 @@ def compile(operation: str, shapes: Sequence[Any], *, dtypes: Sequence[torch.dty
     combos = {name: {tuple(shape[i] for i in exact) for shape in full}}
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype_list = list(dtypes) or [torch.bfloat16 if dev.type == "cuda" else torch.float32]
-    text, (kernels, cells, branches, notes) = _generate({name: dims}, dtype_list, dev, {}, combos)
-    fam = workloads.family(name)
+    order = None if kernels is None else {name: list(kernels)}
+    text, (variables, cells, branches, notes) = _generate({name: dims}, dtype_list, dev, {}, combos, order)
     plans = []
     for dtype in dtype_list:
         for shape in full:
             ctx = workloads.context_for(name, shape, dtype, dev)
-            report = runtime.engine.evaluate(ctx, fam.transforms)
-            plans.append(PlanEntry(shape, ctx.dtype_name, Bucket.of(ctx).label(), report.selected_kernel))
-    return CompiledPlans(operation, name, dims, tuple(plans), text, kernels, cells, branches, notes)
+            ranked = _rankings(name, [ctx], {}, kernels)[0]
+            plans.append(PlanEntry(shape, ctx.dtype_name, Bucket.of(ctx).label(), ranked[0] if ranked else ""))
+    return CompiledPlans(operation, name, dims, tuple(plans), text, variables, cells, branches, notes)
 
 
 def add_solve_command(sub: Any) -> None:

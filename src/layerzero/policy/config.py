@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from types import TracebackType
 from typing import Any
@@ -406,9 +406,10 @@ class PolicyWatcher:
     `check()` polls once now (tests call it to avoid sleeping); `stop()` ends the thread.
     """
 
-    def __init__(self, path: PathLike, interval_s: float) -> None:
+    def __init__(self, path: PathLike, interval_s: float, parse: Callable[[bytes, str], Policy] | None = None) -> None:
         self.path = os.fspath(path)
         self.interval_s = interval_s
+        self._parse = parse or _parse_file_bytes  # the file's format: the policy schema unless told
         self.reloads = 0
         self.errors = 0
         self.last_error: str | None = None
@@ -423,7 +424,7 @@ class PolicyWatcher:
     def load_now(self) -> None:
         """Load the file and install it; raises PolicyValidationError if it is invalid."""
         content = self._read()
-        policy = _parse_file_bytes(content, self.path)
+        policy = self._parse(content, self.path)
         self._install(policy, content)
 
     def check(self) -> bool:
@@ -436,7 +437,7 @@ class PolicyWatcher:
             if content == self._seen:
                 return False
             try:
-                policy = _parse_file_bytes(content, self.path)
+                policy = self._parse(content, self.path)
                 error = None
             except PolicyValidationError as exc:
                 error = str(exc)
@@ -499,13 +500,15 @@ def _parse_file_bytes(content: bytes, path: str) -> Policy:
     return parse_policy_text(content, runtime.registry, source=path)
 
 
-def watch_policy(path: PathLike, interval_s: float = 1.0) -> PolicyWatcher:
+def watch_policy(path: PathLike, interval_s: float = 1.0, *,
+                 parse: Callable[[bytes, str], Policy] | None = None) -> PolicyWatcher:
     """Load `path` now (raising if invalid), then poll it every `interval_s` and swap the policy
-    atomically when it changes. Replaces an earlier watcher; `.stop()` or `with` ends it."""
+    atomically when it changes. Replaces an earlier watcher; `.stop()` or `with` ends it.
+    parse: (content, path) -> Policy for another file format (layerzero.dispatch's config)."""
     if isinstance(interval_s, bool) or not isinstance(interval_s, (int, float)) or not interval_s > 0:
         raise ConfigurationError(f"interval_s: expected a number of seconds > 0, got {interval_s!r}")
     runtime.ensure_loaded()
-    watcher = PolicyWatcher(path, float(interval_s))
+    watcher = PolicyWatcher(path, float(interval_s), parse)
     watcher.load_now()
     with runtime._lock:
         previous, runtime.policy_watcher = runtime.policy_watcher, watcher
