@@ -25,10 +25,11 @@ def qkv(batch: int = 2, seq: int = 32, heads: int = 2, dim: int = 16):
     return q, torch.randn_like(q), torch.randn_like(q)
 
 
-def test_import_layerzero_does_not_load_dispatch():
+def test_import_layerzero_loads_neither_dispatch_nor_telemetry_exporters():
     import subprocess
 
-    code = "import layerzero, sys; assert 'layerzero.dispatch' not in sys.modules"
+    code = ("import layerzero, sys; assert 'layerzero.dispatch' not in sys.modules; "
+            "assert 'layerzero.telemetry' not in sys.modules and 'opentelemetry' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
