@@ -220,3 +220,31 @@ def test_compile_solves_only_the_head_combinations_of_its_shapes():
     assert compiled.dims["heads"] == [2, 4]
     assert "Hq == 4 and Hkv == 4" in compiled.source and "Hq == 2 and Hkv == 2" in compiled.source
     assert "Hq == 2 and Hkv == 4" not in compiled.source  # not a shape given (and not valid GQA)
+
+
+# ---- policy calls and the command line take op ids under the spec's names too
+
+
+def test_lock_unlock_and_prefer_by_operation_keyword():
+    q, k, v = qkv()
+    lz.lock(operation="attention.causal", kernel="torch.sdpa_math")
+    assert lz.which("attention.causal", q, k, v) == "torch.sdpa_math"
+    assert lz.unlock(operation="attention.causal") is True
+    base = lz.which("attention.causal", q, k, v)
+    with lz.prefer("torch.sdpa_math", operation="attention.causal"):
+        assert lz.which("attention.causal", q, k, v) == "torch.sdpa_math"
+        assert lz.which("attention.full", q, k, v) == base  # the preference is for attention.causal only
+    with pytest.raises(lz.PolicyValidationError, match="give op or operation, not both"):
+        lz.prefer("torch.sdpa_math", op="attention.full", operation="attention.causal")
+
+
+def test_cli_explain_takes_an_op_id_and_the_short_shape(capsys):
+    import json
+
+    from layerzero import cli
+
+    assert cli.main(["explain", "attention.causal", "--shape", "1x64x4x32", "--dtype", "float32", "--device", "cpu",
+                     "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["op"] == "attention.causal" and "seq_len_q=64 seq_len_k=64" in data["context"]
+    assert data["selected"] == lz.which("attention.causal", *(torch.randn(1, 64, 4, 32),) * 3)

@@ -111,6 +111,8 @@ def op_shape(operation: str, shape: Any) -> tuple[str, Shape]:
     """(workload family, full workload shape) of a shape given for `operation` (family name or op id)."""
     name, fixed = resolve(operation)
     wl = workload(name)
+    if isinstance(shape, str) and fixed:  # "1x512x32x128" as the CLI gives it
+        shape = tuple(int(x) for x in shape.replace(",", "x").split("x") if x)
     short = name == "attention" and fixed and isinstance(shape, tuple | list) and len(shape) == 4
     if short:
         batch, seq, heads, head_dim = shape

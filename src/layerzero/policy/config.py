@@ -199,13 +199,13 @@ def _code_rule(kind: str, op: str, target: str, condition: str | None = None, **
     return Rule(kind, op, backends, kernels, fn, condition or "", source="code", layer="code", **extra)
 
 
-def lock(op: str, kernel: str, condition: str | None = None) -> None:
-    """Run `op` (an op id or glob) with `kernel` (a kernel id or backend name) whenever it can.
+def lock(operation: str, kernel: str, condition: str | None = None) -> None:
+    """Run `operation` (an op id or glob) with `kernel` (a kernel id, backend name or group) whenever it can.
 
     Replaces an earlier code lock of the same op. If the kernel cannot run a call, LayerZero
     warns once and selects among the rest, or raises NoKernelFoundError in strict mode.
     """
-    _set_lock(op, kernel, condition)
+    _set_lock(operation, kernel, condition)
 
 
 def _set_lock(op: str, kernel: str, condition: str | None = None) -> None:
@@ -218,11 +218,12 @@ def _set_lock(op: str, kernel: str, condition: str | None = None) -> None:
     _update_layer("code", lambda p: replace(p, locks=(rule, *(r for r in p.locks if r.operation != op))))
 
 
-def unlock(op: str) -> bool:
-    """Remove the locks on exactly `op` from every source (until that source is read again).
+def unlock(operation: str) -> bool:
+    """Remove the locks on exactly `operation` from every source (until that source is read again).
 
     Returns whether a lock was removed.
     """
+    op = operation
     runtime.ensure_loaded()
     with runtime._lock:
         layers = runtime.policy_layers
@@ -251,15 +252,20 @@ def get_locks() -> dict[str, str]:
 
 
 class prefer:  # noqa: N801 - used like a function: lz.prefer("torch") or `with lz.prefer("torch"):`
-    """Give the kernels of `target` (a backend or kernel id) the priority `priority` for `op`.
+    """Give the kernels of `target` (a backend, kernel id or group) the priority `priority` for `op`
+    (an op id or glob; also `operation=`).
 
     Takes effect at once and stays (a setting); used as a context manager it is undone on
     exit, also when the block raises. The default priority (1000) is above every built-in one.
     """
 
     def __init__(self, target: str, priority: float = DEFAULT_PREFER_PRIORITY, *, op: str = "*",
-                 condition: str | None = None) -> None:
+                 condition: str | None = None, operation: str | None = None) -> None:
         runtime.ensure_loaded()
+        if operation is not None:  # the spec's name for op
+            if op != "*" and op != operation:
+                raise PolicyValidationError(f"prefer: give op or operation, not both (got {op!r} and {operation!r})")
+            op = operation
         if isinstance(priority, bool) or not isinstance(priority, (int, float)) or priority != priority:
             raise PolicyValidationError(f"prefer: priority: expected a number, got {priority!r}")
         self.rule = _code_rule("prefer", op, target, condition, priority=float(priority))
