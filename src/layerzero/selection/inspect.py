@@ -105,8 +105,7 @@ def resolve_call(op: Op | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -
         other = other or ctx
     if other is not None:
         raise InvalidInputError("operation", f"inputs of {op}{_EXPECTS.get(op, '')}", _describe(other))
-    assert problem is not None
-    raise problem
+    raise problem if problem is not None else UnknownNameError("operation", op, [*FAMILIES, *OP_FAMILIES])
 
 
 def context_family(op: Op | None, context: Any) -> OpFamily:
