@@ -44,6 +44,7 @@ def test_dynamic_dispatch_is_the_lz_call():
     assert dispatcher.which("attention.causal", (q, k, v)) == lz.which("attention.causal", q, k, v)
     x, w = torch.randn(4, 8), torch.ones(8)
     torch.testing.assert_close(dispatcher.dispatch("norm.rms", {"x": x, "weight": w}), lz.rms_norm(x, w))
+    torch.testing.assert_close(dispatcher.dispatch("rms_norm", (x, w)), lz.rms_norm(x, w))  # a family name too
 
 
 def test_dynamic_dispatch_follows_policy():

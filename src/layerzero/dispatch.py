@@ -34,7 +34,7 @@ from .errors import (
     UnknownNameError,
 )
 from .kernel import Backend, KernelSpec
-from .ops import op_matches
+from .ops import is_op_id, op_matches
 from .policy.config import PolicyWatcher, watch_policy
 from .policy.loader import parse_dispatch_text
 from .policy.model import Policy
@@ -88,8 +88,10 @@ class _Resolver:
         key = family.key(*args, **kw)
         if (operation, key, context) not in self.checked:
             ctx = family.context(*args, **kw)
-            if not op_matches(operation, ctx):
-                resolve_call(operation, args, kwargs)  # the error that says what the inputs are
+            if is_op_id(operation) and not op_matches(operation, ctx):
+                call = resolve_call(operation, args, kwargs)  # another family of the op, or the error saying
+                family, kw, key = call.family, call.kwargs, call.family.key(*args, **call.kwargs)  # what they are
+                ctx = family.context(*args, **kw)
             if context is not None:
                 _check_context(context, ctx)
             if len(self.checked) > 4096:
