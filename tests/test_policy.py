@@ -68,7 +68,9 @@ def test_seed_readme_example_loads_verbatim_with_aliases(tmp_path):
     config = lz.configure(write(tmp_path, SEED_EXAMPLE))
     policy = runtime.policy
     assert [r.kind for r in policy.rules()] == ["lock", "allow", "deny", "boost"]
-    assert policy.denies[0].backends == ("torch",)  # torch_sdpa is an alias of torch
+    # torch_sdpa names torch's SDPA kernels (not its norms)
+    assert policy.denies[0].backends == () and "torch.sdpa_math" in policy.denies[0].kernels
+    assert all(k.startswith("torch.sdpa_") for k in policy.denies[0].kernels)
     assert policy.locks[0].condition_text == "sm >= 80 and batch_size >= 8"
     assert policy.boosts[0].boost_factor == 2.0
     assert config["locks"][0]["source"].endswith("policy.yaml:2")
@@ -280,7 +282,8 @@ def test_environment_variables(monkeypatch, tmp_path):
     assert which(*qkv()) == "torch.sdpa_math"  # flash_cpu denied for attention.full
     q, k, v = qkv()
     assert which(q, k, v, attn_mask=torch.ones(8, 8, dtype=torch.bool)) == "torch.sdpa_math"
-    assert config["allows"][0]["backends"] == ["torch"]
+    assert "torch.sdpa_math" in config["allows"][0]["kernels"]  # torch_sdpa: torch's SDPA kernels
+    assert "backends" not in config["allows"][0]
     assert config["sources"]["environment"]["LAYERZERO_STRICT"] == "yes"
 
 

@@ -55,6 +55,7 @@ from .policy.config import (
     PolicyWatcher,
     configure,
     disabled,
+    enabled,
     get_config,
     get_locks,
     load_config,
@@ -73,6 +74,7 @@ from .runtime.memory import configure_memory
 from .runtime.telemetry import disable_telemetry, enable_telemetry, start_metrics_server, telemetry
 from .selection.engine import ExecutionPlan, SelectionReport
 from .selection.inspect import (
+    dry_run,
     explain,
     list_backends,
     list_kernels,
@@ -89,6 +91,7 @@ _watch_transformers()  # attn_implementation="layerzero" once transformers' atte
 
 # Measured selection (lz.tune, lz.solve, ...) loads on first use: `import layerzero` stays light.
 _PERF = {"perfdb": "tune", "record_trace": "tune", "save_trace": "tune", "tune": "tune", "solve": "solve",
+         "compile": "solve", "CompiledPlans": "solve",
          "warmup": "warmup", "plan_block": "planner", "BlockPlanner": "planner", "BlockStep": "planner"}
 
 
@@ -99,14 +102,15 @@ def __getattr__(name: str) -> object:
         return getattr(importlib.import_module(f".perf.{_PERF[name]}", __name__), name)
     raise AttributeError(f"module 'layerzero' has no attribute {name!r}")
 
+# lz.compile is left out: `from layerzero import *` would shadow the builtin compile.
 __all__ = [
     "alibi_slopes", "fused_mlp", "geglu", "gelu", "rope", "rope_cache", "rope_inv_freq", "rope_qk", "silu", "swiglu",
-    "perfdb", "record_trace", "save_trace", "solve", "tune", "warmup", "BlockPlanner", "BlockStep", "plan_block",
+    "perfdb", "record_trace", "save_trace", "solve", "CompiledPlans", "tune", "warmup", "BlockPlanner", "BlockStep", "plan_block",
     "PackedFormat", "QuantFormat", "QuantizedTensor", "awq_format", "dequantize", "embedding", "gptq_format",
     "quant_linear", "quantize", "sample", "sample_greedy", "sample_topk", "sample_topp",
     "BatchEncoding", "Tokenizer", "detokenize", "get_tokenizer", "register_tokenizer", "tokenize", "tokenize_batch",
     "PrefixCacheStats", "prefix_cache", "register_prefix",
-    "PolicyWatcher", "configure", "disabled", "get_config", "get_locks", "load_config", "lock", "prefer", "unlock",
+    "PolicyWatcher", "configure", "disabled", "enabled", "get_config", "get_locks", "load_config", "lock", "prefer", "unlock",
     "watch_policy",
     "BreakerState", "DoctorReport", "GraphValidation", "HealthReport", "configure_health", "configure_memory",
     "disable_telemetry", "doctor", "enable_telemetry", "health", "is_graph_safe", "readiness_check",
@@ -114,7 +118,7 @@ __all__ = [
     "Backend", "BackendNotAvailableError", "CacheCorruptionError", "ConfigurationError", "CudaGraphUnsafeError",
     "ExecutionPlan", "InvalidInputError", "KernelExecutionError", "KernelSpec", "LayerZeroError",
     "NoKernelFoundError", "PolicyValidationError", "Reason", "Rejection", "SelectionContext", "SelectionReport",
-    "SelectionTimeoutError", "UnknownNameError", "attention", "attention_varlen", "explain", "group_norm", "layer_norm", "paged_attention",
+    "SelectionTimeoutError", "UnknownNameError", "attention", "attention_varlen", "dry_run", "explain", "group_norm", "layer_norm", "paged_attention",
     "CanaryReport", "DescriptorError", "HubLockError", "IsolatedBackend", "RingBuffer", "RingBufferOverrun",
     "canary", "clear_descriptors", "isolate", "load_descriptors", "register_hub_kernels",
     "list_backends", "list_kernels", "register_backend", "register_kernel", "reset", "rms_norm", "select", "validate", "which",

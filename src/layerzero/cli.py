@@ -156,7 +156,7 @@ def _backends(args: argparse.Namespace) -> int:
 def add_explain(sub: Any) -> None:
     p = add_command(sub, "explain", "every candidate kernel for an op and shape, with its reasons or score",
                     _explain)
-    p.add_argument("op", help="an op with a workload: attention, rms_norm, layer_norm, ...")
+    p.add_argument("op", help="an op id or family with a workload: attention.causal, norm.rms, attention, ...")
     p.add_argument("--shape", required=True,
                    help="the workload's dims joined by x: attention batch x seq_q x seq_k x heads x kv_heads x "
                         "head_dim x causal(0/1); rms_norm/layer_norm rows x hidden")
@@ -166,14 +166,15 @@ def add_explain(sub: Any) -> None:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from .perf.workloads import context_for, family
+    from .perf.workloads import context_for, family, op_shape
     from .state import runtime
 
     dtype = parse_dtype(args.dtype)
     device = parse_device(args.device)
     runtime.ensure_loaded()
-    ctx = context_for(args.op, args.shape, dtype, device)
-    report = runtime.engine.evaluate(ctx, family(args.op).transforms)
+    name, shape = op_shape(args.op, args.shape)
+    ctx = context_for(name, shape, dtype, device)
+    report = runtime.engine.evaluate(ctx, family(name).transforms)
     data = {
         "op": report.op, "selected": report.selected_kernel, "score": report.score, "fallback": report.fallback,
         "context": ctx.summary(), "notes": report.notes, "regime": report.regime, "decided_by": report.decided_by,

@@ -359,6 +359,9 @@ class Backend:
     module: str | None = None  # import name probed with find_spec; None = always present
     distribution: str | None = None  # pip distribution name, for the version
     aliases: tuple[str, ...] = ()
+    # (name, kernel-id glob): names for part of the backend that policy targets (lock, deny, prefer,
+    # disabled, ...) resolve to those kernels: ("torch_sdpa", "torch.sdpa_*") is torch's SDPA kernels
+    groups: tuple[tuple[str, str], ...] = ()
     min_version: str | None = None
     description: str = ""
     requires: tuple[str, ...] = ()  # further import names that must exist (a library's compiled extension)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import importlib
 import logging
 import threading
@@ -44,6 +45,7 @@ class Registry:
         self.kernels: dict[str, KernelSpec] = {}
         self.by_op: dict[str, list[KernelSpec]] = {}
         self.aliases: dict[str, str] = {}
+        self.groups: dict[str, str] = {}  # group name -> kernel-id glob (Backend.groups)
         self.descriptors: Any = None  # capabilities.Descriptors of the runtime: applied when an op is first seen
 
     def add_backend(self, backend: Backend) -> None:
@@ -53,10 +55,12 @@ class Registry:
             # the first declaration keeps its probe and gains the other's kernels and aliases.
             ids = {s.id for s in backend.kernels}
             backend = dataclasses.replace(old, kernels=tuple(s for s in old.kernels if s.id not in ids)
-                                          + backend.kernels, aliases=old.aliases + backend.aliases)
+                                          + backend.kernels, aliases=old.aliases + backend.aliases,
+                                          groups=old.groups + backend.groups)
         self.backends[backend.name] = backend
         for alias in backend.aliases:
             self.aliases[alias] = backend.name
+        self.groups.update(backend.groups)
         for spec in backend.kernels:
             self.add_kernel(spec)
 
@@ -78,6 +82,13 @@ class Registry:
         if name in self.aliases:
             return self.aliases[name]
         raise UnknownNameError("backend", name, list(self.backends) + list(self.aliases))
+
+    def group(self, name: str) -> tuple[str, ...] | None:
+        """The kernel ids a group name stands for as a policy target (`torch_sdpa`), or None."""
+        pattern = self.groups.get(name)
+        if pattern is None:
+            return None
+        return tuple(sorted(k for k in self.kernels if fnmatch.fnmatchcase(k, pattern)))
 
     def backend(self, name: str) -> Backend:
         return self.backends[self.backend_name(name)]

@@ -292,6 +292,7 @@ def _has_rms_norm(ctx: SelectionContext) -> list[Rejection]:
 BACKEND = Backend(
     name="torch",
     aliases=("torch_sdpa", "pytorch", "sdpa"),
+    groups=(("torch_sdpa", "torch.sdpa_*"), ("sdpa", "torch.sdpa_*")),  # as policy targets: the SDPA kernels only
     description="torch.nn.functional: SDPA sub-backends and fused norms",
     kernels=(
         KernelSpec(

@@ -61,6 +61,63 @@ def bind_contiguous(spec: KernelSpec, ctx: SelectionContext) -> tuple[Callable[.
     return run, ("contiguous",)
 
 
+# Op id -> the families whose calls can have that id, the usual one first. Inspection and policy calls
+# take an op id (or a glob of them) where they take a family name through this table; the call's own
+# context then says which id it is. tests/test_api_spec.py checks it covers every registered op id.
+OP_FAMILIES: dict[str, tuple[str, ...]] = {
+    "attention.causal": ("attention",), "attention.full": ("attention",), "attention.masked": ("attention",),
+    "attention.sliding_window": ("attention",), "attention.varlen": ("attention_varlen",),
+    "attention.paged": ("paged_attention",), "attention.decode": ("paged_attention", "attention"),
+    "norm.rms": ("rms_norm",), "norm.layer": ("layer_norm",), "norm.group": ("group_norm",),
+    "posenc.rope": ("rope", "rope_qk"), "posenc.rope_interleaved": ("rope", "rope_qk"),
+    "activation.silu": ("silu",), "activation.gelu": ("gelu",), "activation.gelu_tanh": ("gelu",),
+    "activation.swiglu": ("swiglu",), "activation.geglu": ("geglu",), "activation.geglu_tanh": ("geglu",),
+    "mlp.swiglu": ("fused_mlp",), "mlp.geglu": ("fused_mlp",), "mlp.geglu_tanh": ("fused_mlp",),
+    "sampling.greedy": ("sample_greedy", "sample"), "sampling.topk": ("sample_topk", "sample"),
+    "sampling.topp": ("sample_topp", "sample"), "sampling.plain": ("sample",), "sampling.minp": ("sample",),
+    "sampling.topk_topp": ("sample",), "sampling.combined": ("sample",),
+    "quant.quantize": ("quantize",), "quant.dequantize": ("dequantize",), "quant.linear": ("quant_linear",),
+    "embedding.lookup": ("embedding",),
+}
+# Arguments an op id implies for a family's call when the call does not give them:
+# lz.which("attention.causal", q, k, v) is lz.which("attention", q, k, v, is_causal=True).
+IMPLIED: dict[tuple[str, str], dict[str, Any]] = {
+    ("attention.causal", "attention"): {"is_causal": True},
+    ("posenc.rope_interleaved", "rope"): {"interleaved": True},
+    ("posenc.rope_interleaved", "rope_qk"): {"interleaved": True},
+    ("activation.gelu_tanh", "gelu"): {"approximate": "tanh"},
+    ("activation.geglu_tanh", "geglu"): {"approximate": "tanh"},
+    ("mlp.geglu", "fused_mlp"): {"activation": "geglu"},
+    ("mlp.geglu_tanh", "fused_mlp"): {"activation": "geglu", "approximate": "tanh"},
+}
+
+
+def is_op_id(name: str) -> bool:
+    """An op id or a glob of them (`attention.causal`, `attention.*`), not a family name (`rms_norm`)."""
+    return "." in name or any(c in name for c in "*?[")
+
+
+def families_for(op: str) -> list[str]:
+    """The families whose calls can have an op id matching `op` (an id or glob), usual ones first."""
+    import fnmatch
+
+    out: dict[str, None] = {}
+    for op_id, names in OP_FAMILIES.items():
+        if fnmatch.fnmatchcase(op_id, op):
+            out.update(dict.fromkeys(names))
+    return list(out)
+
+
+def op_matches(op: str, ctx: SelectionContext) -> bool:
+    """Is a call described by `ctx` an `op` call (an op id or glob)? A dense attention call with one
+    query row is also a decode (`attention.decode`), as the kernels that serve decode see it."""
+    import fnmatch
+
+    if fnmatch.fnmatchcase(ctx.op, op):
+        return True
+    return op == "attention.decode" and ctx.op.startswith("attention.") and ctx.seq_len_q == 1
+
+
 def register_family(family: OpFamily) -> OpFamily:
     FAMILIES[family.name] = family
     return family

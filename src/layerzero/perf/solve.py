@@ -20,6 +20,7 @@ a machine whose signature differs, go to dynamic selection.
 
 from __future__ import annotations
 
+import builtins
 import datetime
 import importlib
 import inspect
@@ -27,6 +28,7 @@ import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -37,7 +39,7 @@ from ..kernel import KernelSpec
 from ..selection.engine import REFERENCE_BACKEND
 from ..state import builtin_backend_modules, runtime
 from . import workloads
-from .perfdb import bucket_low, current_signature, pow2_bucket
+from .perfdb import Bucket, bucket_low, current_signature, pow2_bucket
 
 Interval = tuple[int, int]
 
@@ -120,15 +122,17 @@ def _rank(report: Any) -> list[str]:
     return [c.kernel_id for c in eligible]
 
 
-def _rankings(name: str, corners: list[SelectionContext],
-              memo: dict[SelectionContext, list[str] | None]) -> list[list[str] | None]:
-    """The engine's ranking at each corner (None: no kernel there); neighbouring boxes share corners."""
+def _rankings(name: str, corners: list[SelectionContext], memo: dict[SelectionContext, list[str] | None],
+              order: Sequence[str] | None = None) -> list[list[str] | None]:
+    """The engine's ranking at each corner (None: no kernel there); neighbouring boxes share corners.
+    order: only these kernels, in this order of preference (a static dispatcher's table)."""
     fam = workloads.family(name)
     out = []
     for ctx in corners:
         if ctx not in memo:
             try:
-                memo[ctx] = _rank(runtime.engine.evaluate(ctx, fam.transforms))
+                ranked = _rank(runtime.engine.evaluate(ctx, fam.transforms))
+                memo[ctx] = ranked if order is None else [k for k in order if k in ranked] or None
             except NoKernelFoundError:
                 memo[ctx] = None
         out.append(memo[ctx])
@@ -167,7 +171,7 @@ MAX_BOXES_PER_CELL = 96
 
 
 def _tree(name: str, template: SelectionContext, ranged: list[str], intervals: dict[str, list[Interval]],
-          notes: list[str], counter: list[int]) -> Any:
+          notes: list[str], counter: list[int], order: Sequence[str] | None = None) -> Any:
     """Nested [(lo, hi, child)] over `ranged` dims; leaves are kernel ids, None (dynamic),
     ("square", same, other) where Sq == Sk matters, or ("split", dim, [(lo, hi, leaf)]) where a cell
     was bisected."""
@@ -204,7 +208,7 @@ def _tree(name: str, template: SelectionContext, ranged: list[str], intervals: d
         budget[0] -= 1
         results, wanted = [], []
         for group in groups(box):
-            rankings = _rankings(name, [at(p) for p in group], memo)
+            rankings = _rankings(name, [at(p) for p in group], memo, order)
             firsts = [r[0] if r else None for r in rankings]  # the engine's pick per corner (None: no kernel)
             ok = len(set(firsts)) == 1
             results.append((ok, firsts[0], rankings))
@@ -358,17 +362,59 @@ def _parse_dims(name: str, dims: Mapping[str, Any]) -> tuple[dict[str, Interval]
     return ranges, exact
 
 
+def _by_family(ops: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{family: dims} for {op id or family: dims}; the dims an op id fixes (causal for attention.causal,
+    seq_q for attention.decode) are set, and given values that contradict them are an error."""
+    out: dict[str, dict[str, Any]] = {}
+    for op, given in ops.items():
+        name, fixed = workloads.resolve(op)
+        if name in out:
+            raise InvalidInputError("ops", f"one entry per op family ({name})", op)
+        if not isinstance(given, Mapping):
+            raise InvalidInputError(f"ops[{op!r}]", "a mapping of dims", type(given).__name__)
+        dims = dict(given)
+        ranged = workloads.workload(name).ranged
+        for dim, value in fixed.items():
+            want: Any = (value, value) if dim in ranged else [value]
+            if dim in dims:
+                have = dims[dim]
+                have = tuple(int(x) for x in have) if dim in ranged else [
+                    int(x) for x in (have if isinstance(have, list | tuple | set) else [have])]
+                if list(have) != list(want):
+                    raise InvalidInputError(f"{op}.{dim}", f"{want!r} (as {op} says) or nothing", dims[dim])
+            dims[dim] = want
+        out[name] = dims
+    return out
+
+
 def solve(ops: str | Mapping[str, Mapping[str, Any]], path: str | Path, *, dtypes: Sequence[torch.dtype] = (),
           device: str | torch.device | None = None, **dims: Any) -> SolveResult:
     """Write a module at `path` that dispatches `ops` by flat bucket bounds, with no selection engine.
 
-    ops: an op family name with its dims as keyword arguments, or {name: {dim: value}}. Ranged dims
-    (attention batch/seq_q/seq_k, norm rows) take (lo, hi); the others a list of exact values.
+    ops: an op family name or op id (`attention.causal`: causal fixed) with its dims as keyword
+    arguments, or {name: {dim: value}}. Ranged dims (attention batch/seq_q/seq_k, norm rows) take
+    (lo, hi); the others a list of exact values.
     """
+    text, result = _generate(ops, dtypes, device, dims)
+    path = Path(path)
+    path.write_text(text)
+    return SolveResult(path, *result)
+
+
+def _generate(ops: str | Mapping[str, Mapping[str, Any]], dtypes: Sequence[torch.dtype],
+              device: str | torch.device | None, dims: Mapping[str, Any],
+              combos: Mapping[str, set[tuple[int, ...]]] | None = None,
+              order: Mapping[str, Sequence[str]] | None = None) -> tuple[str, tuple[Any, ...]]:
+    """(module text, SolveResult fields after the path) for lz.solve and lz.compile.
+
+    combos: per family, the combinations of exact dims to solve (lz.compile: those of its shapes);
+    None solves every combination of the values given. order: per family, only these kernels, the
+    first that can run a bucket winning (layerzero.dispatch's static dispatcher)."""
     if isinstance(ops, str):
         ops = {ops: dims}
     elif dims:
         raise TypeError("pass dims inside the ops mapping or as keywords with one op name, not both")
+    ops = _by_family(ops)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype_list = list(dtypes) or [torch.bfloat16 if dev.type == "cuda" else torch.float32]
     runtime.ensure_loaded()
@@ -408,11 +454,13 @@ def solve(ops: str | Mapping[str, Mapping[str, Any]], path: str | Path, *, dtype
         for dtype in dtype_list:
             # dict.fromkeys: a value given twice (hidden=(4096, 4096)) is one branch, not a dead copy
             for combo in itertools.product(*(tuple(dict.fromkeys(exact[d])) for d in wl.dims if d in exact)):
+                if combos is not None and combo not in combos[name]:
+                    continue
                 fixed = dict(zip([d for d in wl.dims if d in exact], combo, strict=True))
                 shape = tuple(fixed.get(d, ranges.get(d, (1, 1))[0]) for d in wl.dims)
                 template = workloads.context_for(name, shape, dtype, dev)
                 counter = [0]
-                node = _tree(name, template, ranged, intervals, notes, counter)
+                node = _tree(name, template, ranged, intervals, notes, counter, (order or {}).get(name))
                 cells += counter[0]
                 conds = [f"dt is _{str(dtype).removeprefix('torch.')}"]
                 for d, value in fixed.items():
@@ -430,9 +478,7 @@ def solve(ops: str | Mapping[str, Mapping[str, Any]], path: str | Path, *, dtype
     used_backends = sorted({s.backend for s in specs.values() if s.id in modules})
     versions = {b: runtime.registry.backend(b).availability[1] for b in used_backends}
     text = _module_text(names, ops, dtype_list, dev, here.as_dict(), versions, modules, specs, w, bodies)
-    path = Path(path)
-    path.write_text(text)
-    return SolveResult(path, {v: k for k, v in w.kernels.items()}, cells, w.branches, tuple(dict.fromkeys(notes)))
+    return text, ({v: k for k, v in w.kernels.items()}, cells, w.branches, tuple(dict.fromkeys(notes)))
 
 
 def _module_text(names: list[str], ops: Mapping[str, Mapping[str, Any]], dtypes: list[torch.dtype], dev: torch.device,
@@ -517,6 +563,90 @@ def _module_text(names: list[str], ops: Mapping[str, Mapping[str, Any]], dtypes:
     ]
     out += [f"    {n} = _dynamic_{n}  # noqa: F811" for n in names]
     return "\n".join(out) + "\n"
+
+
+@dataclass(frozen=True, slots=True)
+class PlanEntry:
+    """One shape of `lz.compile`: its power-of-two bucket and the kernel solved for it ("" when none
+    can run it: the solved module sends such calls to dynamic selection)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    bucket: str
+    kernel: str
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledPlans:
+    """What `lz.compile` returns: per shape the bucket and kernel, and the solved module covering the
+    shapes' ranges (flat bucket bounds calling the kernels directly, as `lz.solve` writes it).
+
+    `save(path)` writes the module (import it to dispatch with no selection engine); `load()` builds
+    it in memory; `source` is its text.
+    """
+
+    operation: str
+    family: str
+    dims: dict[str, Any]
+    plans: tuple[PlanEntry, ...]
+    source: str
+    kernels: dict[str, str]  # variable in the module -> kernel id
+    buckets: int
+    branches: int
+    notes: tuple[str, ...] = ()
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.source)
+        return path
+
+    def load(self, name: str | None = None) -> ModuleType:
+        """The solved module, built in memory: `compiled.load().attention(q, k, v, is_causal=True)`."""
+        module = ModuleType(name or f"layerzero_compiled_{self.family}")
+        exec(builtins.compile(self.source, f"<lz.compile {self.operation}>", "exec"), module.__dict__)  # noqa: S102
+        return module
+
+    def __str__(self) -> str:
+        lines = [f"compiled {self.operation} ({self.family}): {len(self.plans)} shape(s), {self.buckets} buckets -> "
+                 f"{self.branches} branches; kernels: {', '.join(sorted(set(self.kernels.values()))) or 'none'}"]
+        for p in self.plans:
+            lines.append(f"  {'x'.join(map(str, p.shape)):<24} {p.dtype:<9} {p.kernel:<28} {p.bucket}")
+        return "\n".join(lines + [f"  note: {n}" for n in self.notes])
+
+
+def compile(operation: str, shapes: Sequence[Any], *, dtypes: Sequence[torch.dtype] = (),  # noqa: A001
+            device: str | torch.device | None = None, kernels: Sequence[str] | None = None) -> CompiledPlans:
+    """Offline plans for `shapes` of `operation` (an op id or family name): each shape's bucket and
+    kernel, and a solved module over the shapes' ranges (lz.solve), ready to save.
+
+    shapes: as for lz.tune / lz.warmup (for an attention op id also (batch, seq, heads, head_dim)).
+    Ranged dims (batch, sequence lengths, rows) are solved over [smallest, largest] of the shapes,
+    the exact ones (heads, head_dim, ...) for the combinations the shapes have. kernels: only these
+    kernel ids, the first that can run a bucket winning (else the engine's choice).
+    """
+    resolved = [workloads.op_shape(operation, s) for s in shapes]
+    if not resolved:
+        raise InvalidInputError("shapes", f"at least one shape for {operation}", shapes)
+    name = resolved[0][0]
+    wl = workloads.workload(name)
+    full = [shape for _, shape in resolved]
+    dims: dict[str, Any] = {}
+    for i, d in enumerate(wl.dims):
+        values = [shape[i] for shape in full]
+        dims[d] = (max(1, min(values)), max(1, max(values))) if d in wl.ranged else sorted(set(values))
+    exact = [i for i, d in enumerate(wl.dims) if d not in wl.ranged]
+    combos = {name: {tuple(shape[i] for i in exact) for shape in full}}
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_list = list(dtypes) or [torch.bfloat16 if dev.type == "cuda" else torch.float32]
+    order = None if kernels is None else {name: list(kernels)}
+    text, (variables, cells, branches, notes) = _generate({name: dims}, dtype_list, dev, {}, combos, order)
+    plans = []
+    for dtype in dtype_list:
+        for shape in full:
+            ctx = workloads.context_for(name, shape, dtype, dev)
+            ranked = _rankings(name, [ctx], {}, kernels)[0]
+            plans.append(PlanEntry(shape, ctx.dtype_name, Bucket.of(ctx).label(), ranked[0] if ranked else ""))
+    return CompiledPlans(operation, name, dims, tuple(plans), text, variables, cells, branches, notes)
 
 
 def add_solve_command(sub: Any) -> None:

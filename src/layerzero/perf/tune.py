@@ -247,12 +247,13 @@ def tune(operation: str | None = None, shapes: Sequence[Any] = (), dtypes: Seque
     Each kernel gets an eager figure (N back-to-back calls: what eager calls pay) and, on CUDA for
     graph-safe kernels (graphs=True), a graph figure (the same calls replayed from a CUDA graph:
     device time); selection reads the one of the regime each call runs in (see perf/bench.py).
+    operation: an op id (`"attention.causal"`, `"norm.rms"`) or a family name (`"attention"`).
     shapes: tuples or "AxBx..." strings in the workload's dims (attention: batch, seq_q, seq_k,
-    heads, kv_heads, head_dim, causal; norms: rows, hidden). kernels: glob on kernel ids or
-    backends. repeats: samples per figure, more (up to max_repeats, default 5 * repeats) while
-    p95 / median > 1.1. perfdb: a path to use instead of the runtime's PerfDB (it becomes the
-    runtime's). report: a directory for tune_report.md and tune_heatmap.png. Cached plans are
-    dropped after.
+    heads, kv_heads, head_dim, causal, or for an attention op id (batch, seq, heads, head_dim);
+    norms: rows, hidden). kernels: glob on kernel ids or backends. repeats: samples per figure, more
+    (up to max_repeats, default 5 * repeats) while p95 / median > 1.1. perfdb: a path to use instead
+    of the runtime's PerfDB (it becomes the runtime's). report: a directory for tune_report.md and
+    tune_heatmap.png. Cached plans are dropped after.
     """
     started = time.perf_counter()
     dev = torch.device(device) if device is not None else _default_device()
@@ -269,13 +270,14 @@ def tune(operation: str | None = None, shapes: Sequence[Any] = (), dtypes: Seque
     if trace is not None:
         problems.extend(_problems_from_trace(trace, notes))
     if operation is not None:
-        wl = workloads.workload(operation)
         if not shapes:
+            wl = workloads.workload(workloads.resolve(operation)[0])
             raise InvalidInputError("shapes", f"at least one shape ({', '.join(wl.dims)}) for {operation}", shapes)
+        resolved = [workloads.op_shape(operation, s) for s in shapes]
         for dtype in dtypes or [torch.bfloat16 if dev.type == "cuda" else torch.float32]:
-            problems.extend((operation, wl.check_shape(s), dtype, dev.type) for s in shapes)
+            problems.extend((name, shape, dtype, dev.type) for name, shape in resolved)
     elif trace is None:
-        raise InvalidInputError("operation", "an op family name (or trace=...)", None)
+        raise InvalidInputError("operation", "an op id or family name (or trace=...)", None)
     seen, unique = set(), []
     for p in problems:  # one measurement per (family, shape, dtype)
         if p not in seen:

@@ -36,6 +36,7 @@ from typing import IO, Any
 
 import torch
 
+from ..errors import InvalidInputError
 from ..kernel import KernelSpec
 from ..reasons import Reason
 from ..state import runtime
@@ -109,10 +110,10 @@ class WarmupReport:
                          f"({self.processes} process(es) at once)")
             lines += [f"  {v.label:<44} {v.seconds:>8.1f} s  {'ok' if v.ok else 'FAILED: ' + v.error}"
                       for v in self.variants]
-        lines.append(f"{'op':<12} {'shape':<26} {'dtype':<9} {'kernel':<28} {'select ms':>9} {'1st ms':>9} "
+        lines.append(f"{'op':<16} {'shape':<26} {'dtype':<9} {'kernel':<28} {'select ms':>9} {'1st ms':>9} "
                      f"{'2nd ms':>9}  jit")
         for e in self.entries:
-            lines.append(f"{e.family:<12} {'x'.join(map(str, e.shape)):<26} {e.dtype:<9} {e.kernel:<28} "
+            lines.append(f"{e.family:<16} {'x'.join(map(str, e.shape)):<26} {e.dtype:<9} {e.kernel:<28} "
                          f"{e.select_ms:>9.3f} {e.first_ms:>9.3f} {e.second_ms:>9.3f}  "
                          f"{'compiled' if e.compiled else '-'}")
         return "\n".join(lines)
@@ -148,15 +149,17 @@ def _timed(fn: Any, device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def warmup(operation: str, shapes: Sequence[Any], dtypes: Sequence[torch.dtype] = (),
+def warmup(operation: str, shapes: Sequence[Any] = (), dtypes: Sequence[torch.dtype] = (),
            device: str | torch.device | None = None, *, options: dict[str, Any] | None = None,
            parallel: bool = True, jobs: int | None = None, progress: bool = True,
            timeout_s: float = 3600.0) -> WarmupReport:
     """Build the JIT variants these calls need in parallel worker processes, then pre-select (the plans
     stay cached for these exact shapes) and call each kernel once here.
 
-    shapes: as for lz.tune (attention: batch, seq_q, seq_k, heads, kv_heads, head_dim, causal;
-    norms: rows, hidden); an entry may be a pair (shape, {keyword arguments of this call}).
+    operation: an op id (`"attention.causal"`, `"norm.rms"`) or a family name (`"attention"`).
+    shapes: as for lz.tune (attention: batch, seq_q, seq_k, heads, kv_heads, head_dim, causal, or for an
+    attention op id also (batch, seq, heads, head_dim); norms: rows, hidden); an entry may be a pair
+    (shape, {keyword arguments of this call}).
     options: the op's keyword arguments for every shape (attention: window_size, softcap).
     parallel=False: no worker processes (the first call here compiles).
     jobs: worker processes at once (default: sized to the cores and free memory). progress: the
@@ -166,19 +169,25 @@ def warmup(operation: str, shapes: Sequence[Any], dtypes: Sequence[torch.dtype] 
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
-    wl = workloads.workload(operation)
-    fam = workloads.family(operation)
-    op = workloads.public_op(operation)
+    resolved = []  # (family, shape, this call's own keyword arguments); every shape checked before any runs
+    for raw in shapes:
+        own = raw[1] if isinstance(raw, tuple | list) and len(raw) == 2 and isinstance(raw[1], dict) else None
+        name, shape = workloads.op_shape(operation, raw[0] if own is not None else raw)
+        resolved.append((name, shape, own))
+    if not resolved:
+        raise InvalidInputError("shapes", f"at least one shape for {operation}", shapes)
+    name = resolved[0][0]
+    wl = workloads.workload(name)
+    fam = workloads.family(name)
+    op = workloads.public_op(name)
     runtime.ensure_loaded()
     problems: list[Problem] = []
     for dtype in dtypes or [torch.bfloat16 if dev.type == "cuda" else torch.float32]:
-        for raw in shapes:
-            own = raw[1] if isinstance(raw, tuple | list) and len(raw) == 2 and isinstance(raw[1], dict) else None
-            problems.append((wl.check_shape(raw[0] if own is not None else raw), dtype,
-                             {**(options or {}), **(own or {})}))
+        for _, shape, own in resolved:
+            problems.append((wl.check_shape(shape), dtype, {**(options or {}), **(own or {})}))
     variants: list[VariantResult] = []
     processes, compile_s = 0, 0.0
-    tasks = jit_tasks(operation, problems, dev) if parallel else []
+    tasks = jit_tasks(name, problems, dev) if parallel else []
     if tasks:
         t0 = time.perf_counter()
         variants, processes = compile_parallel(tasks, jobs=jobs, progress=progress, timeout_s=timeout_s)

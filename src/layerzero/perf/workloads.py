@@ -94,6 +94,55 @@ def _op_family(name: str) -> str:
     return wl.op_family if wl is not None and wl.op_family else name
 
 
+# Op id -> (its workload family, the dims the id fixes). Shapes given for an attention op id may also
+# take the spec's short form (batch, seq, heads, head_dim): seq keys (seq queries but for decode),
+# as many kv heads as heads, causal as the id says.
+OP_WORKLOADS: dict[str, tuple[str, dict[str, int]]] = {
+    "attention.causal": ("attention", {"causal": 1}),
+    "attention.full": ("attention", {"causal": 0}),
+    "attention.decode": ("attention", {"seq_q": 1, "causal": 0}),
+    "attention.paged": ("paged_attention", {}),
+    "norm.rms": ("rms_norm", {}),
+    "norm.layer": ("layer_norm", {}),
+    "posenc.rope": ("rope_qk", {}),
+}
+
+
+def resolve(operation: str) -> tuple[str, dict[str, int]]:
+    """(workload family, dims fixed by the name) for a family name or an op id."""
+    if not isinstance(operation, str):
+        raise InvalidInputError("operation", "an op id such as 'attention.causal' or a family name", repr(operation))
+    if operation in WORKLOADS:
+        return operation, {}
+    found = OP_WORKLOADS.get(operation)
+    if found is None:
+        raise UnknownNameError("operation with a perf workload", operation, [*WORKLOADS, *OP_WORKLOADS])
+    return found
+
+
+def op_shape(operation: str, shape: Any) -> tuple[str, Shape]:
+    """(workload family, full workload shape) of a shape given for `operation` (family name or op id)."""
+    name, fixed = resolve(operation)
+    wl = workload(name)
+    if isinstance(shape, str) and fixed:  # "1x512x32x128" as the CLI gives it
+        shape = tuple(int(x) for x in shape.replace(",", "x").split("x") if x)
+    short = name == "attention" and fixed and isinstance(shape, tuple | list) and len(shape) == 4
+    if short:
+        batch, seq, heads, head_dim = shape
+        shape = (batch, fixed.get("seq_q", seq), seq, heads, heads, head_dim, fixed.get("causal", 0))
+    try:
+        full = wl.check_shape(shape)
+    except InvalidInputError:
+        if name != "attention" or not fixed:
+            raise
+        raise InvalidInputError("shape", f"(batch, seq, heads, head_dim) or {len(wl.dims)} non-negative ints "
+                                f"({', '.join(wl.dims)}) for {operation}", shape) from None
+    for dim, value in fixed.items():
+        if full[wl.dims.index(dim)] != value:
+            raise InvalidInputError("shape", f"{dim} {value} for {operation} ({', '.join(wl.dims)})", shape)
+    return name, full
+
+
 def family(name: str) -> OpFamily:
     """The OpFamily of a family name, or of the family a workload calls."""
     import layerzero  # noqa: F401 - registers every op family

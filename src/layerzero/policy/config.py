@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from types import TracebackType
 from typing import Any
@@ -24,6 +24,7 @@ from .loader import (
     ENV_VARS,
     check_kernel_op,
     check_operation,
+    check_target_op,
     environment_policy,
     load_policy_file,
     parse_policy_mapping,
@@ -199,28 +200,31 @@ def _code_rule(kind: str, op: str, target: str, condition: str | None = None, **
     return Rule(kind, op, backends, kernels, fn, condition or "", source="code", layer="code", **extra)
 
 
-def lock(op: str, kernel: str, condition: str | None = None) -> None:
-    """Run `op` (an op id or glob) with `kernel` (a kernel id or backend name) whenever it can.
+def lock(operation: str, kernel: str, condition: str | None = None) -> None:
+    """Run `operation` (an op id or glob) with `kernel` (a kernel id, backend name or group) whenever it can.
 
     Replaces an earlier code lock of the same op. If the kernel cannot run a call, LayerZero
     warns once and selects among the rest, or raises NoKernelFoundError in strict mode.
     """
-    _set_lock(op, kernel, condition)
+    _set_lock(operation, kernel, condition)
 
 
 def _set_lock(op: str, kernel: str, condition: str | None = None) -> None:
     runtime.ensure_loaded()
     rule = _code_rule("lock", op, kernel, condition)
-    for kernel_id in rule.kernels:
-        check_kernel_op(runtime.registry, kernel_id, op)
+    if len(rule.kernels) == 1:
+        check_kernel_op(runtime.registry, rule.kernels[0], op)
+    elif rule.kernels:  # a group (torch_sdpa)
+        check_target_op(runtime.registry, rule.kernels, op, kernel)
     _update_layer("code", lambda p: replace(p, locks=(rule, *(r for r in p.locks if r.operation != op))))
 
 
-def unlock(op: str) -> bool:
-    """Remove the locks on exactly `op` from every source (until that source is read again).
+def unlock(operation: str) -> bool:
+    """Remove the locks on exactly `operation` from every source (until that source is read again).
 
     Returns whether a lock was removed.
     """
+    op = operation
     runtime.ensure_loaded()
     with runtime._lock:
         layers = runtime.policy_layers
@@ -249,15 +253,20 @@ def get_locks() -> dict[str, str]:
 
 
 class prefer:  # noqa: N801 - used like a function: lz.prefer("torch") or `with lz.prefer("torch"):`
-    """Give the kernels of `target` (a backend or kernel id) the priority `priority` for `op`.
+    """Give the kernels of `target` (a backend, kernel id or group) the priority `priority` for `op`
+    (an op id or glob; also `operation=`).
 
     Takes effect at once and stays (a setting); used as a context manager it is undone on
     exit, also when the block raises. The default priority (1000) is above every built-in one.
     """
 
     def __init__(self, target: str, priority: float = DEFAULT_PREFER_PRIORITY, *, op: str = "*",
-                 condition: str | None = None) -> None:
+                 condition: str | None = None, operation: str | None = None) -> None:
         runtime.ensure_loaded()
+        if operation is not None:  # the spec's name for op
+            if op != "*" and op != operation:
+                raise PolicyValidationError(f"prefer: give op or operation, not both (got {op!r} and {operation!r})")
+            op = operation
         if isinstance(priority, bool) or not isinstance(priority, (int, float)) or priority != priority:
             raise PolicyValidationError(f"prefer: priority: expected a number, got {priority!r}")
         self.rule = _code_rule("prefer", op, target, condition, priority=float(priority))
@@ -291,38 +300,107 @@ class prefer:  # noqa: N801 - used like a function: lz.prefer("torch") or `with 
 _Prefer = prefer  # `configure(prefer=...)` shadows the name
 
 
-class disabled:  # noqa: N801 - a context manager used like a function
-    """`with lz.disabled("flashinfer", "xformers"):` selection skips those backends in the block.
+def _switch_targets(call: str, targets: tuple[str, ...]) -> frozenset[str]:
+    """Backend names and kernel ids for lz.disabled / lz.enabled (a group such as torch_sdpa gives its kernels)."""
+    names: set[str] = set()
+    for name in targets:
+        if not isinstance(name, str):
+            raise ConfigurationError(f"{call}: expected backend names or kernel ids, got {name!r}")
+        group = runtime.registry.group(name)
+        if "." in name or group is not None:
+            backends, kernels = resolve_target(runtime.registry, name)
+        else:
+            backends, kernels = (runtime.registry.backend_name(name),), ()
+        if REFERENCE_BACKEND in backends or any(runtime.registry.kernel(k).backend == REFERENCE_BACKEND
+                                                for k in kernels):
+            raise ConfigurationError(f"{call}: the reference backend cannot be disabled (a call always runs)")
+        names.update(backends + kernels)
+    return frozenset(names)
 
-    With no arguments, every backend but the torch reference is skipped (reference-only mode).
-    Process-wide; restored on exit, also when the block raises. The reference cannot be disabled.
+
+class disabled:  # noqa: N801 - used like a function: lz.disabled("xformers") or `with lz.disabled(...):`
+    """Skip backends, kernel ids or groups (`torch_sdpa`: torch's SDPA kernels) in selection.
+
+    Takes effect at once and stays (a setting, like `prefer`) until `.undo()` or `lz.enabled(...)`;
+    used as `with lz.disabled("flashinfer", "xformers"):` it is undone on exit, also when the block
+    raises. With no arguments, every backend but the torch reference is skipped (reference-only
+    mode). Process-wide. The reference cannot be disabled: a call always runs.
     """
 
-    def __init__(self, *backends: str) -> None:
+    def __init__(self, *targets: str) -> None:
         runtime.ensure_loaded()
-        names = []
-        for name in backends:
-            if not isinstance(name, str):
-                raise ConfigurationError(f"disabled: expected backend names, got {name!r}")
-            canonical = runtime.registry.backend_name(name)
-            if canonical == REFERENCE_BACKEND:
-                raise ConfigurationError("disabled: the reference backend cannot be disabled (a call always runs)")
-            names.append(canonical)
-        self.backends = frozenset(names) if names else frozenset({"*"})
-        self.added: frozenset[str] = frozenset()
-
-    def __enter__(self) -> disabled:
+        names = _switch_targets("disabled", targets) if targets else frozenset({"*"})
+        self.targets = targets
         with runtime._lock:
-            self.added = self.backends - runtime.disabled_backends
+            self.added = names - runtime.disabled_backends  # what undo() takes back
             runtime.disabled_backends = runtime.disabled_backends | self.added
             runtime.bump()
+
+    def undo(self) -> None:
+        """Enable again what this call disabled (not what was disabled before it)."""
+        with runtime._lock:
+            runtime.disabled_backends = runtime.disabled_backends - self.added
+            self.added = frozenset()
+            runtime.bump()
+
+    def __enter__(self) -> disabled:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
+        self.undo()
+
+    def __repr__(self) -> str:
+        return f"<disabled {', '.join(self.targets) or '*'}>"
+
+
+class enabled:  # noqa: N801 - used like a function: lz.enabled("torch_sdpa") or `with lz.enabled(...):`
+    """Re-enable what `lz.disabled` switched off: backends, kernel ids or groups; with no arguments,
+    everything. `.undo()` (or the end of a `with` block) disables them again.
+
+    Enabling a backend also enables its kernels disabled one by one. A kernel or backend that is
+    disabled only through a wider entry (its backend, or `lz.disabled()` with no arguments) cannot
+    be enabled alone: ConfigurationError names the entry to enable instead.
+    """
+
+    def __init__(self, *targets: str) -> None:
+        runtime.ensure_loaded()
+        names = _switch_targets("enabled", targets)
         with runtime._lock:
-            runtime.disabled_backends = runtime.disabled_backends - self.added
+            current = runtime.disabled_backends
+            if not targets:
+                removed = set(current)
+            elif "*" in current:
+                raise ConfigurationError(f"enabled: {targets[0]!r} is disabled through lz.disabled() (every "
+                                         "backend); call lz.enabled() (or undo that call) instead")
+            else:
+                removed = {n for n in names if n in current}
+                for name in names - removed:
+                    kernel = runtime.registry.kernels.get(name)
+                    if kernel is None:  # a backend: its kernels disabled one by one too
+                        removed.update(k for k in current if k in runtime.registry.kernels
+                                       and runtime.registry.kernels[k].backend == name)
+                    elif kernel.backend in current:
+                        raise ConfigurationError(f"enabled: {name!r} is disabled through lz.disabled("
+                                                 f"{kernel.backend!r}); call lz.enabled({kernel.backend!r}) "
+                                                 "(or undo that call) instead")
+            self.removed = frozenset(removed)
+            runtime.disabled_backends = current - self.removed
             runtime.bump()
+
+    def undo(self) -> None:
+        """Disable again what this call enabled."""
+        with runtime._lock:
+            runtime.disabled_backends = runtime.disabled_backends | self.removed
+            self.removed = frozenset()
+            runtime.bump()
+
+    def __enter__(self) -> enabled:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.undo()
 
 
 # ---- hot reload
@@ -335,9 +413,10 @@ class PolicyWatcher:
     `check()` polls once now (tests call it to avoid sleeping); `stop()` ends the thread.
     """
 
-    def __init__(self, path: PathLike, interval_s: float) -> None:
+    def __init__(self, path: PathLike, interval_s: float, parse: Callable[[bytes, str], Policy] | None = None) -> None:
         self.path = os.fspath(path)
         self.interval_s = interval_s
+        self._parse = parse or _parse_file_bytes  # the file's format: the policy schema unless told
         self.reloads = 0
         self.errors = 0
         self.last_error: str | None = None
@@ -352,7 +431,7 @@ class PolicyWatcher:
     def load_now(self) -> None:
         """Load the file and install it; raises PolicyValidationError if it is invalid."""
         content = self._read()
-        policy = _parse_file_bytes(content, self.path)
+        policy = self._parse(content, self.path)
         self._install(policy, content)
 
     def check(self) -> bool:
@@ -365,7 +444,7 @@ class PolicyWatcher:
             if content == self._seen:
                 return False
             try:
-                policy = _parse_file_bytes(content, self.path)
+                policy = self._parse(content, self.path)
                 error = None
             except PolicyValidationError as exc:
                 error = str(exc)
@@ -428,13 +507,15 @@ def _parse_file_bytes(content: bytes, path: str) -> Policy:
     return parse_policy_text(content, runtime.registry, source=path)
 
 
-def watch_policy(path: PathLike, interval_s: float = 1.0) -> PolicyWatcher:
+def watch_policy(path: PathLike, interval_s: float = 1.0, *,
+                 parse: Callable[[bytes, str], Policy] | None = None) -> PolicyWatcher:
     """Load `path` now (raising if invalid), then poll it every `interval_s` and swap the policy
-    atomically when it changes. Replaces an earlier watcher; `.stop()` or `with` ends it."""
+    atomically when it changes. Replaces an earlier watcher; `.stop()` or `with` ends it.
+    parse: (content, path) -> Policy for another file format (layerzero.dispatch's config)."""
     if isinstance(interval_s, bool) or not isinstance(interval_s, (int, float)) or not interval_s > 0:
         raise ConfigurationError(f"interval_s: expected a number of seconds > 0, got {interval_s!r}")
     runtime.ensure_loaded()
-    watcher = PolicyWatcher(path, float(interval_s))
+    watcher = PolicyWatcher(path, float(interval_s), parse)
     watcher.load_now()
     with runtime._lock:
         previous, runtime.policy_watcher = runtime.policy_watcher, watcher
@@ -444,6 +525,6 @@ def watch_policy(path: PathLike, interval_s: float = 1.0) -> PolicyWatcher:
 
 
 __all__ = [
-    "PolicyWatcher", "configure", "disabled", "get_config", "get_locks", "load_config", "load_environment",
+    "PolicyWatcher", "configure", "disabled", "enabled", "get_config", "get_locks", "load_config", "load_environment",
     "lock", "prefer", "unlock", "watch_policy",
 ]

@@ -20,6 +20,7 @@ import fnmatch
 import functools
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ..errors import PolicyValidationError, UnknownNameError, UnknownPolicyNameError
@@ -244,6 +245,7 @@ class _Validator:
 
         backends: list[str] = []
         kernels: list[str] = []
+        named = 0
         for key in _TARGET_KEYS:
             if key not in entry:
                 continue
@@ -254,23 +256,26 @@ class _Validator:
             elif not isinstance(values, str):
                 raise self.fail(*at(key), f"expected a name, got {values!r}")
             for value in values if isinstance(values, list) else [values]:
+                named += 1
                 try:
-                    if key.startswith("backend"):
+                    group = self.registry.group(value) if key.startswith("backend") else None
+                    if group is not None:  # torch_sdpa: torch's SDPA kernels
+                        kernels.extend(group)
+                        check_target_op(self.registry, group, operation, value)
+                    elif key.startswith("backend"):
                         backends.append(self.registry.backend_name(value))
                     else:
                         kernels.append(resolve_kernel(self.registry, value))
+                        check_kernel_op(self.registry, kernels[-1], operation)
                 except UnknownNameError as exc:
                     raise self.fail(*at(key), exc) from None
-        if not backends and not kernels:
+                except PolicyValidationError as exc:
+                    raise self.fail(*at(key), str(exc)) from None
+        if not named:
             keys = ", ".join(k for k in _TARGET_KEYS if k in allowed)
             raise self.fail(line, where, f"a {kind} rule needs a target: one of {keys}")
-        if kind == "lock" and len(backends) + len(kernels) != 1:
+        if kind == "lock" and named != 1:
             raise self.fail(line, where, "a lock names exactly one target: backend or kernel, not both")
-        for kernel_id in kernels:
-            try:
-                check_kernel_op(self.registry, kernel_id, operation)
-            except PolicyValidationError as exc:
-                raise self.fail(*at("kernel" if "kernel" in entry else "kernels"), str(exc)) from None
 
         condition_text = ""
         if "condition" in entry and "when" in entry:
@@ -349,10 +354,22 @@ def resolve_kernel(registry: Registry, name: str) -> str:
     raise UnknownPolicyNameError("kernel", name, registry.kernels)
 
 
+def check_target_op(registry: Registry, kernel_ids: tuple[str, ...], operation: str, name: str) -> None:
+    """PolicyValidationError unless one of the kernels a name stands for (a group) implements `operation`."""
+    ops = sorted({op for k in kernel_ids for op in registry.kernels[k].ops})
+    if operation != "*" and not any(fnmatch.fnmatchcase(op, operation) for op in ops):
+        raise PolicyValidationError(f"{name!r} ({', '.join(kernel_ids)}) does not implement {operation!r} "
+                                    f"(it implements {', '.join(ops)})")
+
+
 def resolve_target(registry: Registry, name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(backends, kernels) for a name that is a kernel id or a backend name or alias."""
+    """(backends, kernels) for a name that is a kernel id, a group (`torch_sdpa`: torch's SDPA kernels),
+    or a backend name or alias."""
     if "." in name:
         return (), (resolve_kernel(registry, name),)
+    group = registry.group(name)
+    if group is not None:
+        return (), group
     try:
         return (registry.backend_name(name),), ()
     except UnknownNameError:
@@ -416,3 +433,95 @@ def environment_policy(environ: Mapping[str, str], registry: Registry) -> Policy
     regime = parse_regime("LAYERZERO_REGIME", environ.get("LAYERZERO_REGIME", ""))
     return Policy(locks=tuple(rules["lock"]), allows=tuple(rules["allow"]), denies=tuple(rules["deny"]),
                   prefers=tuple(rules["prefer"]), strict=strict, regime=regime)
+
+
+# ---- the dispatch config format (layerzero.dispatch): ordered rules, each a lock
+
+DISPATCH_OPERATORS = ("==", "!=", "<", "<=", ">", ">=", "in", "not in")
+_DISPATCH_RULE_KEYS = ("operation", "conditions", "kernel", "backend")
+_CONDITION_KEYS = ("field", "operator", "value")
+
+
+def parse_dispatch_text(text: str | bytes, registry: Registry, source: str = "<dispatch config>",
+                        layer: str = "file") -> Policy:
+    """Parse a dispatch config (the spec's dispatch_config.yaml) into a Policy of locks.
+
+        version: "1.0"
+        rules:
+          - operation: "attention.*"
+            conditions: [{field: batch_size, operator: ">", value: 32}]
+            kernel: flashinfer.prefill          # a kernel id, a backend or a group (torch_sdpa)
+          - operation: "attention.*"
+            kernel: flash_attn                  # no conditions: the default
+
+    Each rule is a lock whose condition is its conditions joined with `and`; locks apply in order,
+    so the first rule whose operation and conditions match a call decides. The policy sections
+    (locks, allows, denies, boosts, prefer, strict_mode) may stand beside `rules`; their locks come first.
+    """
+    import yaml
+
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    src = _Source(source, text)
+    try:
+        document = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+    except _Problem as exc:
+        raise src.error(exc.line, "", exc.message) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise src.error(mark.line + 1 if mark is not None else 0, "", f"not valid YAML: {exc}") from None
+    if not isinstance(document, Mapping):
+        raise src.error(1, "", f"expected a mapping with version and rules, got {type(document).__name__}")
+    validator = _Validator(src, registry, layer)
+    rules = document.get("rules")
+    rest = _Located({k: v for k, v in document.items() if k != "rules"})
+    rest.line, rest.key_lines = getattr(document, "line", 0), getattr(document, "key_lines", {})
+    policy = validator.document(rest)
+    if rules is None:
+        return policy
+    if not isinstance(rules, list):
+        raise src.error(validator.line_of(document, "rules"), "rules", f"expected a list of rules, got {rules!r}")
+    locks = []
+    for i, entry in enumerate(rules):
+        where = f"rules[{i}]"
+        line = rules.item_lines[i] if isinstance(rules, _LocatedList) else 0
+        if not isinstance(entry, Mapping):
+            raise src.error(line, where, f"expected a mapping with keys {', '.join(_DISPATCH_RULE_KEYS)}, got {entry!r}")
+        for key in entry:
+            if key not in _DISPATCH_RULE_KEYS:
+                raise src.error(validator.line_of(entry, key), where, f"unknown key {key!r}"
+                                f"{_hint(key, _DISPATCH_RULE_KEYS)} (allowed: {', '.join(_DISPATCH_RULE_KEYS)})")
+        lock = _Located({k: entry[k] for k in ("operation", "kernel", "backend") if k in entry})
+        lock.line = getattr(entry, "line", line)
+        lock.key_lines = dict(getattr(entry, "key_lines", {}))
+        if "kernel" in lock and "." not in str(lock["kernel"]):  # `kernel: flash_attn` names a backend
+            lock["backend"] = lock.pop("kernel")
+            lock.key_lines["backend"] = lock.key_lines.get("kernel", lock.line)
+        if "conditions" in entry:
+            lock["condition"] = _conditions_text(src, validator, entry, where)
+            lock.key_lines["condition"] = validator.line_of(entry, "conditions")
+        locks.append(validator.rule("lock", where, lock, lock.line))
+    return replace(policy, locks=policy.locks + tuple(locks))
+
+
+def _conditions_text(src: _Source, validator: _Validator, entry: Any, where: str) -> str:
+    conditions = entry["conditions"]
+    line = validator.line_of(entry, "conditions")
+    if not isinstance(conditions, list) or not conditions:
+        raise src.error(line, f"{where}.conditions", f"expected a non-empty list of {{field, operator, value}}, "
+                                                     f"got {conditions!r}")
+    parts = []
+    for j, cond in enumerate(conditions):
+        at = f"{where}.conditions[{j}]"
+        cline = conditions.item_lines[j] if isinstance(conditions, _LocatedList) else line
+        if not isinstance(cond, Mapping) or set(cond) != set(_CONDITION_KEYS):
+            raise src.error(cline, at, f"expected a mapping with exactly field, operator and value, got {cond!r}")
+        field, op, value = cond["field"], cond["operator"], cond["value"]
+        if not isinstance(field, str) or not field.isidentifier():
+            raise src.error(cline, at, f"field: expected a context field name such as batch_size, got {field!r}")
+        if op not in DISPATCH_OPERATORS:
+            raise src.error(cline, at, f"operator: expected one of {', '.join(DISPATCH_OPERATORS)}, got {op!r}")
+        if op in ("in", "not in") and not isinstance(value, list):
+            raise src.error(cline, at, f"value: expected a list for {op!r}, got {value!r}")
+        parts.append(f"{field} {op} {value!r}")
+    return " and ".join(parts)

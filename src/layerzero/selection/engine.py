@@ -158,8 +158,9 @@ BACKEND_REASONS = frozenset({Reason.BACKEND_NOT_INSTALLED, Reason.BACKEND_IMPORT
 
 
 def _disabled(spec: KernelSpec, disabled: frozenset[str]) -> bool:
-    """The backend is switched off by lz.disabled() (the reference never is)."""
-    return bool(disabled) and spec.backend != REFERENCE_BACKEND and (spec.backend in disabled or "*" in disabled)
+    """The kernel or its backend is switched off by lz.disabled() (the reference never is)."""
+    return bool(disabled) and spec.backend != REFERENCE_BACKEND and (
+        spec.backend in disabled or spec.id in disabled or "*" in disabled)
 
 
 class SelectionEngine:
