@@ -195,3 +195,20 @@ def test_flash_attn_4_variants_go_to_warmup_workers_only_with_its_disk_cache(mon
     assert variant_of(ctx.replace(batch=8, seq_len_q=4096, seq_len_k=4096)).key == v.key
     assert variant_of(ctx.replace(head_dim=64, head_dim_v=64)).key != v.key
     assert variant_of(ctx.replace(seq_len_q=1)).label.endswith(" decode")
+
+
+@pytest.mark.parametrize("seq_q, seq_k, head_dim, expected", [
+    (512, 512, 128, "torch.sdpa_cudnn"),       # short prefill: cuDNN (FA4's launch costs more than it saves)
+    (8192, 8192, 128, "flash_attn4.fwd"),      # long prefill: FA4 from 4096 query rows
+    (1, 4096, 128, "torch.sdpa_cudnn"),        # decode: torch's kernels (FA4 1.4x slower on the H200)
+    (2048, 2048, 256, "flash_attn4.fwd"),      # D256, which cuDNN cannot take: FA4 over torch flash
+    (1, 8192, 256, "torch.sdpa_flash"),        # D256 decode
+])
+def test_fa4_priorities_on_hopper_follow_the_h200_measurements(monkeypatch, seq_q, seq_k, head_dim, expected):
+    runtime.ensure_loaded()
+    monkeypatch.setitem(runtime.registry.backend("flash_attn4").__dict__, "availability", (True, "stand-in", None))
+    ctx = _cuda_ctx(90, "hopper", seq_len_q=seq_q, seq_len_k=seq_k, head_dim=head_dim, head_dim_v=head_dim,
+                    op="attention.causal")
+    ranked = [c for c in runtime.engine.evaluate(ctx, ATTENTION.transforms).candidates
+              if c.score is not None and c.backend in ("torch", "flash_attn4")]
+    assert max(ranked, key=lambda c: c.score).kernel_id == expected

@@ -107,6 +107,10 @@ class KernelSpec:
     # the priority for attention calls with one query row (decode), where the ranking of prefill
     # kernels and decode kernels differs; None: `priority`
     decode_priority: int | None = None
+    # (min_seq_len_q, priority) pairs for attention: the priority for calls with at least that many
+    # query rows per sequence (long prefills, where a kernel's higher launch cost is hidden behind its
+    # device time); the largest threshold reached wins, over `priority` and decode_priority.
+    seq_priorities: tuple[tuple[int, int], ...] = ()
     # the module a call needs built, None when it is built already (or nothing is built): what
     # lz.warmup compiles in worker processes (perf/warmup.py)
     jit_variant: Callable[[SelectionContext], JitVariant | None] | None = field(default=None, compare=False, repr=False)
@@ -156,7 +160,7 @@ def _check_fields(spec: KernelSpec) -> None:
     put("ops", tuple(ops))
     if not callable(spec.impl):
         raise InvalidInputError("impl", "a callable taking the op's calling convention", type(spec.impl).__name__)
-    for name in ("check", "workspace_bytes"):
+    for name in ("check", "workspace_bytes", "prepare"):
         value = getattr(spec, name)
         if value is not None and not callable(value):
             raise InvalidInputError(name, "None or a callable of a SelectionContext", type(value).__name__)
@@ -165,6 +169,12 @@ def _check_fields(spec: KernelSpec) -> None:
     if spec.decode_priority is not None and (isinstance(spec.decode_priority, bool)
                                              or not isinstance(spec.decode_priority, int | float)):
         raise InvalidInputError("decode_priority", "None or a number", repr(spec.decode_priority))
+    for name in ("row_priorities", "seq_priorities"):
+        pairs = getattr(spec, name)
+        if not isinstance(pairs, tuple) or not all(
+                isinstance(p, tuple) and len(p) == 2 and _is_int(p[0]) and isinstance(p[1], int | float)
+                and not isinstance(p[1], bool) for p in pairs):
+            raise InvalidInputError(name, "a tuple of (threshold, priority) pairs of numbers", repr(pairs))
     for name in _INT_FIELDS:
         if not _is_int(getattr(spec, name)):
             raise InvalidInputError(name, "an integer", repr(getattr(spec, name)))
@@ -207,7 +217,8 @@ def runs_on(spec: KernelSpec, device_type: str) -> bool:
 
 
 def priority_for(spec: KernelSpec, ctx: SelectionContext) -> int:
-    """The spec's default priority for this call (decode, CPU-ISA and row-count dependent where the spec says so)."""
+    """The spec's default priority for this call (decode, CPU-ISA, query-length and row-count dependent
+    where the spec says so)."""
     priority = spec.priority
     if spec.decode_priority is not None and ctx.seq_len_q == 1:
         priority = spec.decode_priority
@@ -215,8 +226,9 @@ def priority_for(spec: KernelSpec, ctx: SelectionContext) -> int:
         if flag in ctx.isa:
             priority = value
             break
-    if not spec.row_priorities:
-        return priority
+    for min_seq, value in sorted(spec.seq_priorities):
+        if ctx.seq_len_q >= min_seq:
+            priority = value
     for min_rows, value in sorted(spec.row_priorities):
         if ctx.num_rows >= min_rows:
             priority = value

@@ -206,7 +206,16 @@ BACKENDS = (
         description="FlashAttention-4, CuTe DSL (Hopper, Blackwell)",
         probes=(("flash_attn4.fwd", "prefill"),),
         kernels=(
-            KernelSpec(id="flash_attn4.fwd", ops=DENSE_OPS, impl=v4_dense, priority=86, min_sm=90, max_sm=119,
+            # Priorities from the H200 (2026-12-04, bf16; benchmarks/results/attention-h200-quick.md): FA4
+            # was correct in 60/60 cases but launches with ~0.15 ms of host work (CuTe DSL), so it loses
+            # decode (16x4k: 0.15 vs torch flash 0.11 ms; D256 8x8k: 0.44 vs 0.31) and short prefills
+            # (1x512: 0.18 vs cuDNN 0.04 ms), and wins long ones: 4x2048 D256 0.32 ms vs torch flash 0.53
+            # (cuDNN takes D <= 128 only), and 12-13 % over cuDNN on GQA D128 prefill at 2k-8k tokens in
+            # device time (../shared/gpu/README). So: 86 (above torch flash's 80 - 2, below cuDNN's
+            # 89 - 2 for the BSHD->BHSD transpose, and the first choice on Blackwell, as before), decode
+            # 70, and 88 from 4096 query rows (above cuDNN).
+            KernelSpec(id="flash_attn4.fwd", ops=DENSE_OPS, impl=v4_dense, priority=86, decode_priority=70,
+                       seq_priorities=((4096, 88),), min_sm=90, max_sm=119,
                        head_dim_multiple=8, generations=frozenset({"hopper", "blackwell"}), needs_jit=True,
                        jit_variant=_v4_jit_variant,
                        description="flash_attn.cute.flash_attn_func (preferred on Blackwell)", **_common),
