@@ -11,7 +11,7 @@ import torch
 
 import layerzero as lz
 from layerzero.backends.hub import HubLockError, register_hub_kernels, system_tags, write_lock
-from layerzero.capabilities import DescriptorError
+from layerzero.descriptors import DescriptorError
 from layerzero.reasons import Reason
 
 _KERNEL = '''

@@ -226,7 +226,7 @@ def test_compile_modes_on_gpu(mode: str):
 def test_compiled_graph_nodes_run_in_graph_mode():
     """The real kernel of a layerzero custom op marks its calls as possibly captured (a compiled
     graph may be replayed as a CUDA graph), so CUDA selection keeps graph-unsafe kernels out."""
-    from layerzero.context import graph_call, graph_mode
+    from layerzero.capture import graph_call, graph_mode
 
     seen: list[bool] = []
 

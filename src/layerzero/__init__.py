@@ -6,8 +6,9 @@
 """
 
 from .backends.hub import HubLockError, register_hub_kernels
-from .capabilities import CanaryReport, DescriptorError, canary, clear_descriptors, load_descriptors
+from .capabilities import CanaryReport, canary, clear_descriptors, load_descriptors
 from .context import SelectionContext
+from .descriptors import DescriptorError
 from .errors import (
     BackendNotAvailableError,
     CacheCorruptionError,

@@ -33,7 +33,7 @@ SUBCOMMANDS: list[str] = [
     "layerzero.perf.tune:add_tune_command",
     "layerzero.perf.solve:add_solve_command",
     "layerzero.perf.warmup:add_warmup_command",
-    "layerzero.capabilities:add_canary_command",
+    "layerzero.cli:add_canary",
 ]
 
 Runner = Callable[[argparse.Namespace], int]
@@ -58,7 +58,7 @@ def parse_dtype(name: str, argument: str = "--dtype") -> Any:
     import torch
 
     from .errors import InvalidInputError
-    from .policy.conditions import dtype_name
+    from .kernel import dtype_name
 
     canonical = dtype_name(name) if isinstance(name, str) else None
     if canonical is None:
@@ -185,6 +185,35 @@ def _explain(args: argparse.Namespace) -> int:
     }
     emit(args, data, str(report))
     return 0
+
+
+# -- canary ----------------------------------------------------------------------------------------
+
+def add_canary(sub: Any) -> None:
+    """`layerzero canary BACKEND [--device D] [--json]`: exit 1 when a declared capability does not hold."""
+    p = add_command(sub, "canary", "run a backend's declared capabilities against the reference; exit 1 on a lie",
+                    _canary)
+    p.add_argument("backend", help="a backend name or alias, e.g. torch")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--descriptors", default=None, help="a descriptor file or directory to load first")
+
+
+def _canary(args: argparse.Namespace) -> int:
+    from .capabilities import canary, load_descriptors
+    from .state import runtime
+
+    if args.descriptors:
+        load_descriptors(args.descriptors)
+    report = canary(args.backend, parse_device(args.device))
+    emit(args, report.to_dict(), str(report))
+    if not report.claims:  # nothing was checked: not a pass
+        runtime.ensure_loaded()
+        platforms = sorted({p for s in runtime.registry.kernels.values() if s.backend == report.backend
+                            for p in s.platforms})
+        print(f"layerzero canary: no claim of {report.backend} can be checked on {report.device} (its kernels run on "
+              f"{'/'.join(platforms) or 'no platform'}, or are of ops the canary has no runner for)", file=sys.stderr)
+        return 1
+    return 0 if report.ok else 1
 
 
 # -- main ------------------------------------------------------------------------------------------

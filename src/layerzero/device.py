@@ -91,3 +91,18 @@ def local_device_types() -> tuple[str, ...]:
         except (AttributeError, RuntimeError):  # a build without that backend
             pass
     return tuple(found)
+
+
+# The fixed facts of each device seen, as SelectionContext fields (device_info reads them once; this
+# saves building the dict again on every selection miss).
+_CONTEXT_FIELDS: dict[torch.device, dict[str, object]] = {}
+
+
+def context_fields(device: torch.device) -> dict[str, object]:
+    """The SelectionContext fields that describe `device`: device_type, device_index, sm, generation, isa."""
+    fixed = _CONTEXT_FIELDS.get(device)
+    if fixed is None:
+        info = device_info(device)
+        fixed = _CONTEXT_FIELDS[device] = {"device_type": info.type, "device_index": info.index, "sm": info.sm,
+                                           "generation": info.generation, "isa": info.isa}
+    return fixed

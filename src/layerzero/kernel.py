@@ -26,6 +26,19 @@ ANY_PLATFORM = "*"  # in KernelSpec.platforms: every device type
 COMMON_PLATFORMS = (ANY_PLATFORM, "cpu", "cuda", "mps", "xpu", "hpu", "mtia", "meta")
 MASK_KINDS = ("none", "bool", "float")
 KV_LAYOUTS = ("NHD", "HND")
+# Short dtype names that policy conditions, descriptors and the CLI accept besides torch's own.
+_DTYPE_ALIASES = {
+    "bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32",
+    "fp64": "float64", "double": "float64", "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn",
+    "fp8_e5m2": "float8_e5m2",
+}
+
+
+def dtype_name(value: str) -> str | None:
+    """Canonical torch dtype name for "bfloat16", "torch.bfloat16" or "bf16"; None if unknown."""
+    name = value.strip().removeprefix("torch.")
+    name = _DTYPE_ALIASES.get(name, name)
+    return name if isinstance(getattr(torch, name, None), torch.dtype) else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from .backends.reference import filter_probs, tempered
-from .context import graph_call
+from .capture import graph_call
 from .errors import InvalidInputError
 from .kv_cache import PagedKVCache
 from .ops.activation import fused_mlp

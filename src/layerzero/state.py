@@ -11,8 +11,8 @@ import time
 from collections.abc import Hashable
 from typing import Any
 
-from .capabilities import Descriptors, discover_environment
 from .context import SelectionContext
+from .descriptors import Descriptors, discover_environment
 from .errors import UnknownNameError
 from .kernel import Backend, KernelSpec, priority_for
 from .perf.perfdb import Figure, Measurements, default_path
@@ -172,7 +172,7 @@ class Runtime:
     def regime(self, ctx: SelectionContext) -> str:
         """The timing regime whose PerfDB figures score a selection for `ctx`: LAYERZERO_REGIME when
         set, else "graph" for a call that may be captured (ctx.graph_capture: CUDA stream capture or
-        a compiled graph, see context.graph_mode), else "eager". Read on the miss path only."""
+        a compiled graph, see capture.graph_mode), else "eager". Read on the miss path only."""
         return self.policy.regime or ("graph" if ctx.graph_capture else "eager")
 
     def score(self, spec: KernelSpec, ctx: SelectionContext, measured: bool = True,

@@ -38,8 +38,8 @@ from typing import Any
 
 import torch
 
-from ..capabilities import DescriptorError, parse_descriptor, parse_kernel_fields
 from ..context import SelectionContext
+from ..descriptors import DescriptorError, parse_descriptor, parse_kernel_fields
 from ..errors import ConfigurationError
 from ..kernel import Backend, KernelSpec
 from ..reasons import Reason, Rejection

@@ -15,7 +15,7 @@ empty Library op costs ~4 us and a `torch.library.custom_op` ~25 us of dispatch 
 is the one the plan cache picks for those shapes at the first real call (selection is per shape
 bucket, so a compiled graph keeps calling the kernel chosen for it); with CUDA graphs
 (mode="reduce-overhead") the replay contains the kernels only. Because any compiled graph may be
-run with CUDA graphs, these real kernels select graph-safe kernels only (`context.graph_mode`): on
+run with CUDA graphs, these real kernels select graph-safe kernels only (`capture.graph_mode`): on
 the H100, FlashInfer's persistent workspace, allocated during the CUDA-graph warm-up, broke
 mode="reduce-overhead". Eager calls keep every kernel.
 
@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from ..context import graph_call
+from ..capture import graph_call
 from ..errors import InvalidInputError
 from ..ops import activation as _act
 from ..ops import attention as _attn
@@ -97,7 +97,7 @@ def _rope_qk_impl(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
 
 
 def _in_graph_mode(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The real kernel of a compiled graph's node: selects graph-safe kernels only (context.graph_mode)."""
+    """The real kernel of a compiled graph's node: selects graph-safe kernels only (capture.graph_mode)."""
     def run(*args: Any) -> Any:
         with graph_call():
             return fn(*args)

@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from ..context import GRAPH_CALL, SelectionContext, stream_capturing
+from ..capture import GRAPH_CALL, stream_capturing
+from ..context import SelectionContext
 from ..errors import InvalidInputError, UnknownNameError
 from ..kernel import LAYOUTS, KernelSpec
 from ..state import runtime

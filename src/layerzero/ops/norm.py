@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from ..context import GRAPH_CALL, SelectionContext, stream_capturing
+from ..capture import GRAPH_CALL, stream_capturing
+from ..context import SelectionContext
 from ..errors import InvalidInputError
 from ..state import runtime
 from . import (

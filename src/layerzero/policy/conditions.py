@@ -23,10 +23,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import fields
 from typing import Any
 
-import torch
-
 from ..context import SelectionContext
 from ..errors import PolicyValidationError
+from ..kernel import dtype_name
 
 Condition = Callable[[SelectionContext], bool]
 
@@ -38,11 +37,6 @@ _KIND_OF_ANNOTATION = {
     "torch.dtype": "dtype", "frozenset[str]": "set",
 }
 _NUMERIC = frozenset({"int", "float"})
-_DTYPE_ALIASES = {
-    "bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32",
-    "fp64": "float64", "double": "float64", "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn",
-    "fp8_e5m2": "float8_e5m2",
-}
 _NAMED_CONSTANTS = {"true": True, "false": False, "none": None, "null": None}
 
 _COMPARE: dict[type[ast.cmpop], tuple[str, Callable[[Any, Any], bool]]] = {
@@ -63,13 +57,6 @@ def field_kinds() -> Mapping[str, str]:
             kinds[name] = _KIND_OF_ANNOTATION.get(str(attr.fget.__annotations__.get("return")), "other")
     kinds.pop("dtype_name", None)  # `dtype` already compares by name
     return kinds
-
-
-def dtype_name(value: str) -> str | None:
-    """Canonical torch dtype name for "bfloat16", "torch.bfloat16" or "bf16"; None if unknown."""
-    name = value.strip().removeprefix("torch.")
-    name = _DTYPE_ALIASES.get(name, name)
-    return name if isinstance(getattr(torch, name, None), torch.dtype) else None
 
 
 class _Operand:

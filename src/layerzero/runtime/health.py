@@ -25,7 +25,8 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from ..context import SelectionContext, graph_mode
+from ..capture import graph_mode
+from ..context import SelectionContext
 from ..errors import ConfigurationError, CudaGraphUnsafeError, KernelExecutionError, NoKernelFoundError
 from ..kernel import KernelSpec, check_constraints
 from ..reasons import Reason, Rejection

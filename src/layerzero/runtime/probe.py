@@ -33,7 +33,7 @@ traces, a probe cannot run (its synchronization and allocations would break the 
 already verified on the device is used, one not yet verified is skipped for that selection
 (Reason.BACKEND_UNPROBED), and cached plans are dropped once it has been probed so that later
 selections consider it. Warm up before capturing (runtime.graphs.warmup_for_capture, lz.warmup) and
-nothing is skipped. Inside LayerZero's ops in a compiled graph (context.graph_mode) the stream is not
+nothing is skipped. Inside LayerZero's ops in a compiled graph (capture.graph_mode) the stream is not
 capturing and probes run: their tensors are temporaries freed before the op returns.
 """
 

@@ -7,8 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..context import SelectionContext, fast_frozen_init
+from ..context import SelectionContext
 from ..errors import NoKernelFoundError
+from ..frozen import fast_frozen_init
 from ..kernel import KernelSpec, call_rejection, check_constraints, fits_device, priority_for
 from ..reasons import Reason, Rejection
 
