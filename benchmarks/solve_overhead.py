@@ -33,7 +33,7 @@ import torch
 import layerzero as lz
 from layerzero.perf import workloads
 from layerzero.perf.solve import FAMILY_CODE, _call
-from layerzero.runtime.graphs import warmup_for_capture
+from layerzero.graphs import warmup_for_capture
 from layerzero.state import runtime
 
 

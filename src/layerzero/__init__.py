@@ -9,6 +9,7 @@ from .backends.hub import HubLockError, register_hub_kernels
 from .capabilities import CanaryReport, canary, clear_descriptors, load_descriptors
 from .context import SelectionContext
 from .descriptors import DescriptorError
+from .doctor import DoctorReport, doctor, readiness_check
 from .errors import (
     BackendNotAvailableError,
     CacheCorruptionError,
@@ -22,8 +23,13 @@ from .errors import (
     SelectionTimeoutError,
     UnknownNameError,
 )
+from .graphs import GraphValidation, is_graph_safe, validate_graph_capture, warmup_for_capture
 from .integrations import watch_transformers as _watch_transformers
+from .isolation import IsolatedBackend, isolate
 from .kernel import Backend, KernelSpec
+from .monitor.health import BreakerState, HealthReport, configure_health, health
+from .monitor.memory import configure_memory
+from .monitor.telemetry import disable_telemetry, enable_telemetry, start_metrics_server, telemetry
 from .ops.activation import fused_mlp, geglu, gelu, silu, swiglu
 from .ops.attention import attention, attention_varlen, paged_attention
 from .ops.embedding import embedding
@@ -67,12 +73,6 @@ from .policy.config import (
 )
 from .reasons import Reason, Rejection
 from .ringbuffer import RingBuffer, RingBufferOverrun
-from .runtime.doctor import DoctorReport, doctor, readiness_check
-from .runtime.graphs import GraphValidation, is_graph_safe, validate_graph_capture, warmup_for_capture
-from .runtime.health import BreakerState, HealthReport, configure_health, health
-from .runtime.isolation import IsolatedBackend, isolate
-from .runtime.memory import configure_memory
-from .runtime.telemetry import disable_telemetry, enable_telemetry, start_metrics_server, telemetry
 from .selection.engine import ExecutionPlan, SelectionReport
 from .selection.inspect import (
     dry_run,

@@ -98,7 +98,7 @@ def add_doctor(sub: Any) -> None:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from .runtime.doctor import doctor
+    from .doctor import doctor
 
     report = doctor(smoke=not args.no_smoke)
     emit(args, report.to_dict(), str(report))
@@ -113,7 +113,7 @@ def add_list(sub: Any) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from .runtime.doctor import table
+    from .doctor import table
     from .selection.inspect import list_kernels
 
     kernels = list_kernels(args.pattern)
@@ -139,7 +139,7 @@ def add_backends(sub: Any) -> None:
 
 
 def _backends(args: argparse.Namespace) -> int:
-    from .runtime.doctor import table
+    from .doctor import table
     from .selection.inspect import list_backends
 
     backends = list_backends()

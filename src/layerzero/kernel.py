@@ -374,7 +374,7 @@ def _call_reasons(spec: KernelSpec, ctx: SelectionContext) -> Iterator[Rejection
 class Backend:
     """A kernel library: how to find it without importing it, and the kernels it provides.
 
-    `probes`: (kernel id, case) pairs, one per kernel family, that runtime/probe.py runs once on a
+    `probes`: (kernel id, case) pairs, one per kernel family, that monitor/probe.py runs once on a
     device before the backend's kernels compete there (cases: prefill, decode, paged, varlen,
     rms_norm, layer_norm, rope, swiglu). Empty: nothing to prove (pure torch, user kernels).
     """
@@ -395,7 +395,7 @@ class Backend:
     @cached_property
     def availability(self) -> tuple[bool, str | None, Rejection | None]:
         """(available, version, why not). Found once, without importing the library; a failed
-        probe (runtime/probe.py) or import replaces it for the process."""
+        probe (monitor/probe.py) or import replaces it for the process."""
         if self.module is None:
             return True, torch.__version__, None
         if not module_exists(self.module):

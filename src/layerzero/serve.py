@@ -35,6 +35,7 @@ import torch
 from .backends.reference import filter_probs, tempered
 from .capture import graph_call
 from .errors import InvalidInputError
+from .graphs import warmup_for_capture
 from .kv_cache import PagedKVCache
 from .ops.activation import fused_mlp
 from .ops.attention import attention, attention_varlen, paged_attention
@@ -42,7 +43,6 @@ from .ops.embedding import embedding
 from .ops.norm import rms_norm
 from .ops.posenc import rope_cache, rope_qk
 from .ops.sampling import _normalize, sample, sample_greedy
-from .runtime.graphs import warmup_for_capture
 from .selection.inspect import which
 from .speculative import SpeculativeStats, UnsupportedBatchError, accept_greedy, accept_sampled
 
@@ -377,7 +377,7 @@ class _DecodeGraphs:
     (eager, a 1B model's step is ~200 launches and host-bound at every batch size on the H100).
 
     Each step copies its inputs (token ids, positions, KV slots, the page table at a fixed width, lengths)
-    into the graph's static buffers and replays it. Capture follows runtime/graphs.py: one eager warm-up
+    into the graph's static buffers and replays it. Capture follows graphs.py: one eager warm-up
     in graph mode (so LayerZero picks graph-safe kernels and compiles them), then the capture. A batch
     size whose capture fails runs eagerly from then on (the failure is logged, never raised).
     """

@@ -15,13 +15,13 @@ from .context import SelectionContext
 from .descriptors import Descriptors, discover_environment
 from .errors import UnknownNameError
 from .kernel import Backend, KernelSpec, priority_for
+from .monitor.health import Health
+from .monitor.memory import MemoryGuard
+from .monitor.probe import Probes
+from .monitor.telemetry import Telemetry
 from .perf.perfdb import Figure, Measurements, default_path
 from .policy.model import Policy, PolicyLayers
 from .reasons import Reason, Rejection
-from .runtime.health import Health
-from .runtime.memory import MemoryGuard
-from .runtime.probe import Probes
-from .runtime.telemetry import Telemetry
 from .selection.cache import PlanCache
 from .selection.engine import ExecutionPlan, SelectionEngine, SelectionReport
 
@@ -226,7 +226,7 @@ class Runtime:
 
     def backend_rejection(self, name: str, ctx: SelectionContext, probe: bool = True) -> Rejection | None:
         """Why backend `name` cannot run ctx's calls: not installed or broken (its availability), or its
-        probe on ctx's device failed or cannot run now (runtime/probe.py; probe=False: not asked)."""
+        probe on ctx's device failed or cannot run now (monitor/probe.py; probe=False: not asked)."""
         backend = self.registry.backend(name)
         available, _, why = backend.availability
         if not available:
@@ -234,7 +234,7 @@ class Runtime:
         return self.probes.rejection(backend, ctx) if probe else None
 
     def health_rejections(self, spec: KernelSpec, ctx: SelectionContext | None = None) -> list[Rejection]:
-        """Open circuit breakers (runtime.health) and, given a context, the memory headroom."""
+        """Open circuit breakers (monitor/health.py) and, given a context, the memory headroom."""
         if self.invariant is not None:  # rank-local: the same on every rank instead
             return self.invariant.rejections(spec)
         out = self.health.rejections(spec)

@@ -1,4 +1,4 @@
-"""Exporters by name, as the spec writes them, over runtime/telemetry.py's prometheus_client collector
+"""Exporters by name, as the spec writes them, over monitor/telemetry.py's prometheus_client collector
 and OpenTelemetry instruments:
 
     from layerzero.telemetry import get_metrics_exporter, OTelExporter
@@ -20,8 +20,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .errors import LayerZeroError, UnknownNameError
-from .runtime.telemetry import TelemetrySnapshot, _require
-from .runtime.telemetry import telemetry as snapshot
+from .monitor.telemetry import TelemetrySnapshot, _require
+from .monitor.telemetry import telemetry as snapshot
 from .state import runtime
 
 __all__ = ["OTelExporter", "PrometheusExporter", "TelemetryExportError", "get_metrics_exporter", "snapshot"]

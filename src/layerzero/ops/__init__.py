@@ -13,7 +13,7 @@ from ..context import SelectionContext
 from ..kernel import KernelSpec
 
 # Every `lz.*` call first asks whether torch.compile / torch.export is tracing it (then it becomes one
-# custom op node, integrations/torch_ops.py), as
+# custom op node, integrations/torch_library.py), as
 #     if dynamo_compiling() or compile_flags._is_compiling_flag:
 # the two facts torch.compiler.is_compiling() reads (export's flag, dynamo's folded call) without its
 # two Python frames: 70 ns instead of 200 on the CPU VM, more on the GPU host. On a torch without the
@@ -125,6 +125,6 @@ def register_family(family: OpFamily) -> OpFamily:
 
 def traced_ops() -> Any:
     """The torch.library ops that torch.compile/export trace in place of `lz.*` (imported on first trace)."""
-    from ..integrations import torch_ops
+    from ..integrations import torch_library
 
-    return torch_ops
+    return torch_library

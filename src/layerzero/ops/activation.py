@@ -43,7 +43,7 @@ MLP_ACTIVATIONS = ("swiglu", "geglu")
 
 def silu(x: torch.Tensor) -> torch.Tensor:
     """x * sigmoid(x), elementwise. x: any shape, floating point."""
-    # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    # torch.compile / torch.export: one custom op node (integrations/torch_library.py)
     if dynamo_compiling() or compile_flags._is_compiling_flag:
         return traced_ops().silu(x)
     try:
@@ -62,7 +62,7 @@ def silu(x: torch.Tensor) -> torch.Tensor:
 
 def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """GELU, elementwise: exact (erf) with approximate="none", the tanh form with "tanh"."""
-    # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    # torch.compile / torch.export: one custom op node (integrations/torch_library.py)
     if dynamo_compiling() or compile_flags._is_compiling_flag:
         return traced_ops().gelu(x, approximate)
     try:
@@ -81,7 +81,7 @@ def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up. gate, up: (..., d_ff), same shape/dtype/device."""
-    # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    # torch.compile / torch.export: one custom op node (integrations/torch_library.py)
     if dynamo_compiling() or compile_flags._is_compiling_flag:
         return traced_ops().swiglu(gate, up)
     try:
@@ -100,7 +100,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """gelu(gate, approximate) * up. gate, up: (..., d_ff), same shape/dtype/device."""
-    # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    # torch.compile / torch.export: one custom op node (integrations/torch_library.py)
     if dynamo_compiling() or compile_flags._is_compiling_flag:
         return traced_ops().geglu(gate, up, approximate)
     try:
@@ -124,7 +124,7 @@ def fused_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
     x: (..., d_model); w_gate, w_up: (d_ff, d_model); w_down: (d_model, d_ff), nn.Linear layout.
     activation: "swiglu" or "geglu" (approximate applies to geglu). Returns (..., d_model).
     """
-    # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    # torch.compile / torch.export: one custom op node (integrations/torch_library.py)
     if dynamo_compiling() or compile_flags._is_compiling_flag:
         return traced_ops().fused_mlp(x, w_gate, w_up, w_down, activation, approximate)
     try:

@@ -70,7 +70,7 @@ def attention(
     those of BHSD tensors (heads outer to the sequence, as after `.transpose(1, 2)`) cost a warning
     on the call's selection; pass layout= to say which they are.
     """
-    # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    # torch.compile / torch.export: one custom op node (integrations/torch_library.py)
     if dynamo_compiling() or compile_flags._is_compiling_flag:
         return traced_ops().attention(q, k, v, attn_mask, is_causal, dropout_p, scale, layout, window_size, softcap,
                                      alibi_slopes)

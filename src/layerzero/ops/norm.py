@@ -43,7 +43,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
 
     x: (..., hidden); weight: (hidden,) or None. Returns x's shape and dtype.
     """
-    # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    # torch.compile / torch.export: one custom op node (integrations/torch_library.py)
     if dynamo_compiling() or compile_flags._is_compiling_flag:
         return traced_ops().rms_norm(x, weight, eps)
     try:
@@ -63,7 +63,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dimension. x: (..., hidden); weight, bias: (hidden,) or None."""
-    # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    # torch.compile / torch.export: one custom op node (integrations/torch_library.py)
     if dynamo_compiling() or compile_flags._is_compiling_flag:
         return traced_ops().layer_norm(x, weight, bias, eps)
     try:
@@ -83,7 +83,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
     """GroupNorm. x: (N, C, *); C divisible by num_groups; weight, bias: (C,) or None."""
-    # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    # torch.compile / torch.export: one custom op node (integrations/torch_library.py)
     if dynamo_compiling() or compile_flags._is_compiling_flag:
         return traced_ops().group_norm(x, num_groups, weight, bias, eps)
     try:

@@ -55,7 +55,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: boo
 
     cos/sin: (S, R), (B, S, R), or a (max_positions, R) cache with position_ids; see the module doc.
     """
-    # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    # torch.compile / torch.export: one custom op node (integrations/torch_library.py)
     if dynamo_compiling() or compile_flags._is_compiling_flag:
         return traced_ops().rope(x, cos, sin, interleaved, position_ids, layout)
     try:
@@ -79,7 +79,7 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 
     q: (B, S, Hq, D), k: (B, S, Hk, D) (GQA: Hk may differ), same layout; returns (q_out, k_out).
     """
-    # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    # torch.compile / torch.export: one custom op node (integrations/torch_library.py)
     if dynamo_compiling() or compile_flags._is_compiling_flag:
         return traced_ops().rope_qk(q, k, cos, sin, interleaved, position_ids, layout)
     try:

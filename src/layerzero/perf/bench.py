@@ -158,11 +158,11 @@ def time_graph(fn: Callable[..., Any], inputs: Sequence[tuple[Any, ...]], device
     """The graph figure: `calls` back-to-back calls of `fn` over `inputs` captured in one CUDA graph,
     replayed once per sample between two events; per call = replay time / calls (device time).
 
-    The capture protocol of runtime/graphs.py: warm up on a side stream, capture, replay. The last
+    The capture protocol of graphs.py: warm up on a side stream, capture, replay. The last
     captured call's output is compared with an eager call on the same inputs after the replays (a
     kernel that keeps host state would replay stale work). Raises GraphCaptureFailed with the reason.
     """
-    from ..runtime.graphs import warmup_for_capture
+    from ..graphs import warmup_for_capture
 
     n = len(inputs)
     warmup_for_capture(lambda: [fn(*inputs[j % n]) for j in range(min(n, calls))], iterations=1)

@@ -418,7 +418,7 @@ def _worker(payload: str) -> dict[str, Any]:
     library keeps on disk) and compare the output with the reference. Errors of the kernel itself are
     reported as "kernel: ...", others as "setup: ..."; the report shows them (a variant that fails
     here stays unbuilt: selection keeps to the other kernels, as the JIT gate says)."""
-    from ..runtime.probe import TOLERANCE
+    from ..monitor.probe import TOLERANCE
 
     task = json.loads(payload)
     started = time.perf_counter()

@@ -33,7 +33,7 @@ class ExecutionPlan:
 
     `run` is the bare prepared callable (no wrapper frame on the hot path); a call site catches what
     it raises and hands it to `recover(error, *args)`, which records the failure and returns the
-    result of the next kernel (runtime.health), or raises. Call sites:
+    result of the next kernel (monitor/health.py), or raises. Call sites:
         try:
             return plan.run(*args)
         except Exception as error:
@@ -188,7 +188,7 @@ class SelectionEngine:
         key = (ctx.op, ctx.device_type, ctx.device_index, ctx.sm, ctx.generation, ctx.isa, ctx.dtype)
         specs = table.get(key)
         if specs is None:
-            # Each backend: installed, and verified on this device (runtime/probe.py: probed on first use).
+            # Each backend: installed, and verified on this device (monitor/probe.py: probed on first use).
             # One skipped only because it cannot be probed now (CUDA graph capture, torch.compile tracing)
             # makes the list temporary: it is not kept, and the next miss outside capture probes it.
             usable: dict[str, Rejection | None] = {}

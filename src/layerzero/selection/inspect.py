@@ -277,7 +277,7 @@ class BackendInfo:
     version: str | None
     reason: str | None
     kernels: tuple[str, ...]
-    probe: str | None = None  # what its probe on the device verified (runtime/probe.py), if it ran
+    probe: str | None = None  # what its probe on the device verified (monitor/probe.py), if it ran
 
 
 def list_backends(device: str | torch.device | None = None, probe: bool = True) -> list[BackendInfo]:

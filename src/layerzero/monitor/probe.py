@@ -32,7 +32,7 @@ the backend stays as installed. While the current stream captures a CUDA graph, 
 traces, a probe cannot run (its synchronization and allocations would break the capture): a backend
 already verified on the device is used, one not yet verified is skipped for that selection
 (Reason.BACKEND_UNPROBED), and cached plans are dropped once it has been probed so that later
-selections consider it. Warm up before capturing (runtime.graphs.warmup_for_capture, lz.warmup) and
+selections consider it. Warm up before capturing (graphs.warmup_for_capture, lz.warmup) and
 nothing is skipped. Inside LayerZero's ops in a compiled graph (capture.graph_mode) the stream is not
 capturing and probes run: their tensors are temporaries freed before the op returns.
 """

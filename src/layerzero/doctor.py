@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .memory import free_memory
+from .monitor.memory import free_memory
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +113,7 @@ def _version(distribution: str) -> str | None:
 
 
 def _devices() -> list[DeviceRow]:
-    from ..device import device_info
+    from .device import device_info
 
     rows = []
     cpu = device_info(torch.device("cpu"))
@@ -131,7 +131,7 @@ def _devices() -> list[DeviceRow]:
 def _driver() -> str:
     if not torch.cuda.is_available():
         return ""
-    from ..perf.perfdb import _nvidia_driver
+    from .perf.perfdb import _nvidia_driver
 
     return _nvidia_driver()
 
@@ -153,7 +153,7 @@ def readiness_check(smoke: bool = True, required_backends: tuple[str, ...] = ())
     """(ready, issues): can this process serve? Checks that backends load, that every backend in
     `required_backends` is available, that no breaker is open, and (smoke) that attention and
     rms_norm on the default device agree with the float64 reference."""
-    from ..state import runtime
+    from .state import runtime
 
     issues: list[str] = []
     try:
@@ -185,9 +185,9 @@ def readiness_check(smoke: bool = True, required_backends: tuple[str, ...] = ())
 
 def _smoke() -> list[str]:
     """Run attention and rms_norm once on the default device against the float64 reference."""
-    from ..backends import reference
-    from ..ops.attention import attention
-    from ..ops.norm import rms_norm
+    from .backends import reference
+    from .ops.attention import attention
+    from .ops.norm import rms_norm
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -215,8 +215,8 @@ def _smoke() -> list[str]:
 def doctor(smoke: bool = True) -> DoctorReport:
     """Device, driver, torch, every backend with version / availability / reason, breakers,
     plan cache, PerfDB, telemetry and memory settings, and the readiness verdict."""
-    from ..selection.inspect import list_backends
-    from ..state import runtime
+    from .selection.inspect import list_backends
+    from .state import runtime
 
     ready, issues = readiness_check(smoke=smoke)
     cudnn = torch.backends.cudnn.version() if torch.cuda.is_available() else None
