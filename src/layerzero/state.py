@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import importlib
 import logging
@@ -49,14 +48,7 @@ class Registry:
         self.descriptors: Any = None  # capabilities.Descriptors of the runtime: applied when an op is first seen
 
     def add_backend(self, backend: Backend) -> None:
-        old = self.backends.get(backend.name)
-        if old is not None and old is not backend:
-            # One library's kernels may be declared in several modules (torch_native, torch_posenc_act):
-            # the first declaration keeps its probe and gains the other's kernels and aliases.
-            ids = {s.id for s in backend.kernels}
-            backend = dataclasses.replace(old, kernels=tuple(s for s in old.kernels if s.id not in ids)
-                                          + backend.kernels, aliases=old.aliases + backend.aliases,
-                                          groups=old.groups + backend.groups)
+        """Add (or replace: same name) a backend and register its kernels."""
         self.backends[backend.name] = backend
         for alias in backend.aliases:
             self.aliases[alias] = backend.name

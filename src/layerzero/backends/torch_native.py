@@ -1,5 +1,6 @@
-"""torch's own kernels: the four SDPA sub-backends, each pinned with `sdpa_kernel`, and the
-fused norm functions of `torch.nn.functional`.
+"""The `torch` backend: torch's own kernels. The four SDPA sub-backends, each pinned with
+`sdpa_kernel` (or called through its aten entry point, KernelSpec.prepare); the fused norms; RoPE,
+activations and the gated MLP in plain torch ops.
 
 Constraints follow torch's dispatcher checks (aten/src/ATen/native/transformers/sdp_utils*):
 flash needs SM 8.0-12.1, fp16/bf16, head_dim <= 256, no mask, and a square causal mask;
@@ -9,10 +10,17 @@ needs SM >= 8.0, fp16/bf16, head_dim <= 128 (multiple of 8), and takes GQA throu
 from torch 2.8 on (pytorch#149976; on the H100 with torch 2.11 it ran serve's 32 x 512 GQA 32/8 D64
 causal prefill in 129 us against FlashInfer's 180 us); math runs everything. The GPU test suite checks
 these declarations against `torch.backends.cuda.can_use_*` on the H100.
+
+RoPE is computed in float32 (half-precision products and differences would cancel badly);
+activations use torch's own kernels. The `*_compiled` activation variants fuse the same math with
+`torch.compile(dynamic=True)`: one compilation serves every shape; they are CUDA-only and get a low
+priority until measurements say otherwise. A compiled RoPE was removed: on the H100 (2026-11-25)
+one compiled function serving both RoPE forms and three dtypes hit dynamo's recompile limit of 8.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 
@@ -22,7 +30,7 @@ import torch.nn.functional as F
 from ..context import SelectionContext
 from ..kernel import ALL_FLOAT_DTYPES, FLOAT_DTYPES, HALF_DTYPES, Backend, KernelSpec
 from ..reasons import Reason, Rejection
-from .reference import alibi_bias, band_mask
+from .reference import alibi_bias, band_mask, gated_act
 
 ATTENTION_OPS = ("attention.causal", "attention.full", "attention.masked", "attention.sliding_window")
 _ANY_MASK = frozenset({"none", "bool", "float"})
@@ -253,6 +261,91 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     return F.group_norm(x, num_groups, weight, bias, eps)
 
 
+# ----------------------------------------------------------------------------- RoPE, activations, MLP
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """(B, S, H, D) x; cos/sin (1 or B, S, R): rotate the first R dims, computing in float32 (or 64)."""
+    half = cos.shape[-1] // 2
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    c = cos[..., :half].to(ct)[:, :, None, :]
+    s = sin[..., :half].to(ct)[:, :, None, :]
+    first, second = (slice(0, 2 * half, 2), slice(1, 2 * half, 2)) if interleaved else (
+        slice(0, half), slice(half, 2 * half))
+    x1, x2 = x[..., first].to(ct), x[..., second].to(ct)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    out[..., first] = x1 * c - x2 * s
+    out[..., second] = x2 * c + x1 * s
+    if 2 * half < x.shape[-1]:
+        out[..., 2 * half:] = x[..., 2 * half:]
+    return out
+
+
+def rope(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor,
+         sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return rotate(q, cos, sin, False), None if k is None else rotate(k, cos, sin, False)
+
+
+def rope_interleaved(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor,
+                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return rotate(q, cos, sin, True), None if k is None else rotate(k, cos, sin, True)
+
+
+def _rotate_cat(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """The same math as `rotate`, written as one expression for the compiler to fuse."""
+    half = cos.shape[-1] // 2
+    c = cos[..., :half].float()[:, :, None, :]
+    s = sin[..., :half].float()[:, :, None, :]
+    rot, rest = x[..., : 2 * half].float(), x[..., 2 * half:]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot[..., :half], rot[..., half:]
+        out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    return torch.cat((out.to(x.dtype), rest), dim=-1)
+
+
+@functools.cache
+def _compiled(name: str) -> Callable[..., torch.Tensor]:
+    fns: dict[str, Callable[..., torch.Tensor]] = {
+        "swiglu": lambda g, u: (F.silu(g.float()) * u.float()).to(g.dtype),
+        "geglu": lambda g, u, approximate: (F.gelu(g.float(), approximate=approximate) * u.float()).to(g.dtype),
+    }
+    return torch.compile(fns[name], dynamic=True, fullgraph=True)
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    return F.silu(x)
+
+
+def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    return F.gelu(x, approximate=approximate)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str) -> torch.Tensor:
+    return F.gelu(gate, approximate=approximate) * up
+
+
+def swiglu_compiled(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return _compiled("swiglu")(gate, up)
+
+
+def geglu_compiled(gate: torch.Tensor, up: torch.Tensor, approximate: str) -> torch.Tensor:
+    return _compiled("geglu")(gate, up, approximate)
+
+
+def fused_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+              activation: str) -> torch.Tensor:
+    """Two cuBLAS/oneDNN GEMMs, torch's activation, the down GEMM."""
+    return F.linear(gated_act(activation)(F.linear(x, w_gate), F.linear(x, w_up)), w_down)
+
+
+_MLP_OPS = ("mlp.swiglu", "mlp.geglu", "mlp.geglu_tanh")
+_CUDA_ONLY = {"platforms": frozenset({"cuda"}), "dtypes": FLOAT_DTYPES, "needs_jit": True}
 
 # CPU priorities by ISA, from benchmarks/results/cpu_isa-cpu.md (AMD EPYC, AVX2 without
 # avx512_bf16/avx512_fp16/AMX, torch 2.13, 2026-11-25, a shared and noisy VM): flash_cpu beat math in
@@ -293,7 +386,8 @@ BACKEND = Backend(
     name="torch",
     aliases=("torch_sdpa", "pytorch", "sdpa"),
     groups=(("torch_sdpa", "torch.sdpa_*"), ("sdpa", "torch.sdpa_*")),  # as policy targets: the SDPA kernels only
-    description="torch.nn.functional: SDPA sub-backends and fused norms",
+    description="torch: SDPA sub-backends, fused norms, RoPE in plain ops, F.silu/F.gelu activations, "
+                "torch.compile'd fused variants",
     kernels=(
         KernelSpec(
             id="torch.sdpa_flash", ops=ATTENTION_OPS, impl=_sdpa("FLASH_ATTENTION"), prepare=_prepare_sdpa("FLASH_ATTENTION"), priority=80,
@@ -347,5 +441,30 @@ BACKEND = Backend(
             id="torch.group_norm", ops=("norm.group",), impl=group_norm, priority=50, platforms=_CPU_CUDA,
             dtypes=ALL_FLOAT_DTYPES, supports_backward=True, description="torch.nn.functional.group_norm",
         ),
+        KernelSpec(id="torch.rope", ops=("posenc.rope",), impl=rope, priority=50, platforms=_CPU_CUDA,
+                   dtypes=ALL_FLOAT_DTYPES, layout="BSHD", supports_backward=True,
+                   description="RoPE (half rotation) in float32 torch ops"),
+        KernelSpec(id="torch.rope_interleaved", ops=("posenc.rope_interleaved",), impl=rope_interleaved,
+                   priority=50, platforms=_CPU_CUDA, dtypes=ALL_FLOAT_DTYPES, layout="BSHD", supports_backward=True,
+                   description="RoPE (GPT-J interleaved pairs) in float32 torch ops"),
+        KernelSpec(id="torch.silu", ops=("activation.silu",), impl=silu, priority=50, platforms=_CPU_CUDA,
+                   dtypes=ALL_FLOAT_DTYPES, supports_backward=True, description="torch.nn.functional.silu"),
+        KernelSpec(id="torch.gelu", ops=("activation.gelu", "activation.gelu_tanh"), impl=gelu, priority=50,
+                   platforms=_CPU_CUDA, dtypes=ALL_FLOAT_DTYPES, supports_backward=True,
+                   description="torch.nn.functional.gelu"),
+        KernelSpec(id="torch.swiglu", ops=("activation.swiglu",), impl=swiglu, priority=50, platforms=_CPU_CUDA,
+                   dtypes=ALL_FLOAT_DTYPES, supports_backward=True, description="F.silu(gate) * up (two kernels)"),
+        KernelSpec(id="torch.geglu", ops=("activation.geglu", "activation.geglu_tanh"), impl=geglu, priority=50,
+                   platforms=_CPU_CUDA, dtypes=ALL_FLOAT_DTYPES, supports_backward=True,
+                   description="F.gelu(gate) * up (two kernels)"),
+        KernelSpec(id="torch.swiglu_compiled", ops=("activation.swiglu",), impl=swiglu_compiled, priority=30,
+                   supports_backward=True, description="silu(gate) * up, torch.compile(dynamic=True)",
+                   **_CUDA_ONLY),  # type: ignore[arg-type]
+        KernelSpec(id="torch.geglu_compiled", ops=("activation.geglu", "activation.geglu_tanh"), impl=geglu_compiled,
+                   priority=30, supports_backward=True, description="gelu(gate) * up, torch.compile(dynamic=True)",
+                   **_CUDA_ONLY),  # type: ignore[arg-type]
+        KernelSpec(id="torch.fused_mlp", ops=_MLP_OPS, impl=fused_mlp, priority=50, platforms=_CPU_CUDA,
+                   dtypes=ALL_FLOAT_DTYPES, supports_backward=True,
+                   description="F.linear x2, torch gate*act, F.linear"),
     ),
 )
