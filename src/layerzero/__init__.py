@@ -103,24 +103,29 @@ def __getattr__(name: str) -> object:
         return getattr(importlib.import_module(f".perf.{_PERF[name]}", __name__), name)
     raise AttributeError(f"module 'layerzero' has no attribute {name!r}")
 
-# lz.compile is left out: `from layerzero import *` would shadow the builtin compile.
+# The documented API (README.md, docs/): lz.compile is left out, as `from layerzero import *` would
+# shadow the builtin compile. Result types and helpers of these calls (DoctorReport, QuantizedTensor,
+# awq_format, ...) stay importable as lz.<name> without being part of it.
 __all__ = [
-    "alibi_slopes", "fused_mlp", "geglu", "gelu", "rope", "rope_cache", "rope_inv_freq", "rope_qk", "silu", "swiglu",
-    "perfdb", "record_trace", "save_trace", "solve", "CompiledPlans", "tune", "warmup", "BlockPlanner", "BlockStep", "plan_block",
-    "PackedFormat", "QuantFormat", "QuantizedTensor", "awq_format", "dequantize", "embedding", "gptq_format",
-    "quant_linear", "quantize", "sample", "sample_greedy", "sample_topk", "sample_topp",
-    "BatchEncoding", "Tokenizer", "detokenize", "get_tokenizer", "register_tokenizer", "tokenize", "tokenize_batch",
-    "PrefixCacheStats", "prefix_cache", "register_prefix",
-    "PolicyWatcher", "configure", "disabled", "enabled", "get_config", "get_locks", "load_config", "lock", "prefer", "unlock",
+    # ops
+    "alibi_slopes", "attention", "attention_varlen", "dequantize", "detokenize", "embedding", "fused_mlp", "geglu",
+    "gelu", "group_norm", "layer_norm", "paged_attention", "quant_linear", "quantize", "register_prefix",
+    "register_tokenizer", "rms_norm", "rope", "rope_cache", "rope_qk", "sample", "sample_greedy", "sample_topk",
+    "sample_topp", "silu", "swiglu", "tokenize", "tokenize_batch",
+    # selection: inspect and register
+    "Backend", "ExecutionPlan", "KernelSpec", "Reason", "Rejection", "SelectionContext", "SelectionReport",
+    "dry_run", "explain", "list_backends", "list_kernels", "register_kernel", "reset", "select", "validate", "which",
+    # policy
+    "configure", "disabled", "enabled", "get_config", "get_locks", "load_config", "lock", "prefer", "unlock",
     "watch_policy",
-    "BreakerState", "DoctorReport", "GraphValidation", "HealthReport", "configure_health", "configure_memory",
-    "disable_telemetry", "doctor", "enable_telemetry", "health", "is_graph_safe", "readiness_check",
-    "start_metrics_server", "telemetry", "validate_graph_capture", "warmup_for_capture",
-    "Backend", "BackendNotAvailableError", "CacheCorruptionError", "ConfigurationError", "CudaGraphUnsafeError",
-    "ExecutionPlan", "InvalidInputError", "KernelExecutionError", "KernelSpec", "LayerZeroError",
-    "NoKernelFoundError", "PolicyValidationError", "Reason", "Rejection", "SelectionContext", "SelectionReport",
-    "SelectionTimeoutError", "UnknownNameError", "attention", "attention_varlen", "dry_run", "explain", "group_norm", "layer_norm", "paged_attention",
-    "CanaryReport", "DescriptorError", "HubLockError", "IsolatedBackend", "RingBuffer", "RingBufferOverrun",
-    "canary", "clear_descriptors", "isolate", "load_descriptors", "register_hub_kernels",
-    "list_backends", "list_kernels", "register_backend", "register_kernel", "reset", "rms_norm", "select", "validate", "which",
+    # measured selection, warm-up, solving
+    "plan_block", "record_trace", "solve", "tune", "warmup",
+    # runtime: health, telemetry, graphs, capabilities, isolation, hub
+    "canary", "configure_memory", "doctor", "enable_telemetry", "health", "is_graph_safe", "isolate",
+    "load_descriptors", "readiness_check", "register_hub_kernels", "start_metrics_server", "validate_graph_capture",
+    "warmup_for_capture",
+    # errors
+    "BackendNotAvailableError", "CacheCorruptionError", "ConfigurationError", "CudaGraphUnsafeError",
+    "DescriptorError", "HubLockError", "InvalidInputError", "KernelExecutionError", "LayerZeroError",
+    "NoKernelFoundError", "PolicyValidationError", "RingBufferOverrun", "SelectionTimeoutError", "UnknownNameError",
 ]
