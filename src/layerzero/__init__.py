@@ -5,11 +5,22 @@
     print(lz.explain("attention", q, k, v, is_causal=True))
 """
 
-from .backends.hub import HubLockError, register_hub_kernels
+from .backends.hub import HubLockError
 from .capabilities import CanaryReport, canary, clear_descriptors, load_descriptors
 from .context import SelectionContext
 from .descriptors import DescriptorError
-from .doctor import DoctorReport, doctor, readiness_check
+from .doctor import (
+    DoctorReport,
+    configure_health,
+    configure_memory,
+    disable_telemetry,
+    doctor,
+    enable_telemetry,
+    health,
+    readiness_check,
+    start_metrics_server,
+    telemetry,
+)
 from .errors import (
     BackendNotAvailableError,
     CacheCorruptionError,
@@ -27,9 +38,7 @@ from .graphs import GraphValidation, is_graph_safe, validate_graph_capture, warm
 from .integrations import watch_transformers as _watch_transformers
 from .isolation import IsolatedBackend, isolate
 from .kernel import Backend, KernelSpec
-from .monitor.health import BreakerState, HealthReport, configure_health, health
-from .monitor.memory import configure_memory
-from .monitor.telemetry import disable_telemetry, enable_telemetry, start_metrics_server, telemetry
+from .monitor.health import BreakerState, HealthReport
 from .ops.activation import fused_mlp, geglu, gelu, silu, swiglu
 from .ops.attention import attention, attention_varlen, paged_attention
 from .ops.embedding import embedding
@@ -80,14 +89,15 @@ from .selection.inspect import (
     list_backends,
     list_kernels,
     register_backend,
+    register_hub_kernels,
     register_kernel,
     select,
     validate,
     which,
 )
 from .state import reset
+from .version import __version__
 
-__version__ = "0.1.0"
 _watch_transformers()  # attn_implementation="layerzero" once transformers' attention registry loads
 
 # Measured selection (lz.tune, lz.solve, ...) loads on first use: `import layerzero` stays light.

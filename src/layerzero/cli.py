@@ -226,7 +226,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
 
     parser = _Parser(prog="layerzero", description="LayerZero: which kernel runs each op, and why")
     parser.add_argument("--version", action="version", version=f"layerzero {__version__}")

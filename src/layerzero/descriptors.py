@@ -33,7 +33,7 @@ from .errors import ConfigurationError
 from .kernel import LAYOUTS, KernelSpec, dtype_name
 
 if TYPE_CHECKING:
-    from .state import Registry
+    from .backends import Registry
 
 log = logging.getLogger("layerzero")
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from .backends import Registry
 from .context import SelectionContext
 from .errors import (
     BackendNotAvailableError,
@@ -39,7 +40,7 @@ from .policy.config import PolicyWatcher, watch_policy
 from .policy.loader import parse_dispatch_text
 from .policy.model import Policy
 from .selection.inspect import resolve_call
-from .state import Registry, runtime
+from .state import runtime
 
 log = logging.getLogger("layerzero")
 

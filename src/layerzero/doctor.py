@@ -1,16 +1,25 @@
-"""`lz.doctor()`: what this process has (device, driver, torch, backends, breakers, caches,
-PerfDB, telemetry) and `lz.readiness_check()`: whether it can serve, with the reasons if not."""
+"""The runtime's monitors as calls: `lz.doctor()`, what this process has (device, driver, torch,
+backends, breakers, caches, PerfDB, telemetry); `lz.readiness_check()`, whether it can serve, with
+the reasons if not; the health (breakers), memory headroom and telemetry settings and readings."""
 
 from __future__ import annotations
 
 import platform
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-from .monitor.memory import free_memory
+from .backends import reference
+from .monitor.health import HealthConfig, HealthReport
+from .monitor.memory import MemoryConfig, free_memory
+from .monitor.telemetry import TelemetrySnapshot
+from .ops.attention import attention
+from .ops.norm import rms_norm
+from .selection.inspect import list_backends
+from .state import runtime
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,8 +162,6 @@ def readiness_check(smoke: bool = True, required_backends: tuple[str, ...] = ())
     """(ready, issues): can this process serve? Checks that backends load, that every backend in
     `required_backends` is available, that no breaker is open, and (smoke) that attention and
     rms_norm on the default device agree with the float64 reference."""
-    from .state import runtime
-
     issues: list[str] = []
     try:
         runtime.ensure_loaded()
@@ -185,10 +192,6 @@ def readiness_check(smoke: bool = True, required_backends: tuple[str, ...] = ())
 
 def _smoke() -> list[str]:
     """Run attention and rms_norm once on the default device against the float64 reference."""
-    from .backends import reference
-    from .ops.attention import attention
-    from .ops.norm import rms_norm
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     tol = 2e-2 if dtype == torch.float16 else 1e-4
@@ -215,9 +218,6 @@ def _smoke() -> list[str]:
 def doctor(smoke: bool = True) -> DoctorReport:
     """Device, driver, torch, every backend with version / availability / reason, breakers,
     plan cache, PerfDB, telemetry and memory settings, and the readiness verdict."""
-    from .selection.inspect import list_backends
-    from .state import runtime
-
     ready, issues = readiness_check(smoke=smoke)
     cudnn = torch.backends.cudnn.version() if torch.cuda.is_available() else None
     backends = tuple(BackendRow(b.name, b.available, b.version, b.reason, len(b.kernels), b.probe)
@@ -235,3 +235,48 @@ def doctor(smoke: bool = True) -> DoctorReport:
         memory={"headroom_fraction": mem.headroom_fraction, "headroom_bytes": mem.headroom_bytes},
         ready=ready, issues=tuple(issues),
     )
+
+
+# ---- health, memory headroom, telemetry
+
+
+def health() -> HealthReport:
+    """Circuit-breaker states and failure/fallback counts of this process (`lz.health()`)."""
+    return runtime.health.report()
+
+
+def configure_health(**changes: Any) -> HealthConfig:
+    """Change breaker thresholds or turn the runtime fallback off, e.g.
+    `lz.configure_health(failure_threshold=3, window_s=10, cooldown_s=5)`. See HealthConfig."""
+    return runtime.health.configure(**changes)
+
+
+def configure_memory(headroom_fraction: float = 0.05, headroom_bytes: int = 0,
+                     free_memory: Callable[[str, int], tuple[int, int] | None] | None = None) -> MemoryConfig:
+    """Keep max(headroom_bytes, headroom_fraction * device total) free: kernels whose declared
+    workspace would not fit are rejected with WORKSPACE_TOO_LARGE. Drops cached plans."""
+    config = MemoryConfig(headroom_fraction, headroom_bytes, free_memory)
+    runtime.memory.configure(config)
+    runtime.bump()
+    return config
+
+
+def telemetry() -> TelemetrySnapshot:
+    """A snapshot of LayerZero's counters (no exporter needed)."""
+    return runtime.telemetry.snapshot()
+
+
+def enable_telemetry(prometheus: bool | Any = True, opentelemetry: bool = True, meter_provider: Any = None,
+                     tracer_provider: Any = None, spans: bool = True) -> None:
+    """Count kernel calls and export all counters (see Telemetry.enable). Drops cached plans."""
+    runtime.telemetry.enable(prometheus, opentelemetry, meter_provider, tracer_provider, spans)
+
+
+def disable_telemetry() -> None:
+    """Stop counting calls and detach exporters; counters keep their values."""
+    runtime.telemetry.disable()
+
+
+def start_metrics_server(port: int = 9464, addr: str = "127.0.0.1", registry: Any = None) -> int:
+    """Serve Prometheus /metrics on localhost; returns the port (0 picks a free one)."""
+    return runtime.telemetry.start_http_server(port, addr, registry)

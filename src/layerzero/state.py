@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-import fnmatch
-import importlib
 import logging
+import os
 import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
+from dataclasses import replace
 from typing import Any
 
+from .backends import Registry, builtin_backends
 from .context import SelectionContext
 from .descriptors import Descriptors, discover_environment
-from .errors import UnknownNameError
 from .kernel import Backend, KernelSpec, priority_for
 from .monitor.health import Health
 from .monitor.memory import MemoryGuard
 from .monitor.probe import Probes
 from .monitor.telemetry import Telemetry
 from .perf.perfdb import Figure, Measurements, default_path
+from .policy.loader import environment_policy, load_policy_file
 from .policy.model import Policy, PolicyLayers
 from .reasons import Reason, Rejection
 from .selection.cache import PlanCache
@@ -28,79 +29,14 @@ log = logging.getLogger("layerzero")
 
 
 
-def builtin_backend_modules() -> list[str]:
-    """Every module of layerzero.backends; each defines BACKEND or BACKENDS (none imports its library)."""
-    import pkgutil
-
-    package = importlib.import_module("layerzero.backends")
-    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
-
-
-class Registry:
-    """Backends and their kernels, indexed by id and by op."""
-
-    def __init__(self) -> None:
-        self.backends: dict[str, Backend] = {}
-        self.kernels: dict[str, KernelSpec] = {}
-        self.by_op: dict[str, list[KernelSpec]] = {}
-        self.aliases: dict[str, str] = {}
-        self.groups: dict[str, str] = {}  # group name -> kernel-id glob (Backend.groups)
-        self.descriptors: Any = None  # capabilities.Descriptors of the runtime: applied when an op is first seen
-
-    def add_backend(self, backend: Backend) -> None:
-        """Add (or replace: same name) a backend and register its kernels."""
-        self.backends[backend.name] = backend
-        for alias in backend.aliases:
-            self.aliases[alias] = backend.name
-        self.groups.update(backend.groups)
-        for spec in backend.kernels:
-            self.add_kernel(spec)
-
-    def add_kernel(self, spec: KernelSpec) -> None:
-        if spec.backend not in self.backends:
-            self.backends[spec.backend] = Backend(spec.backend, ())
-        old = self.kernels.get(spec.id)
-        if old is not None:
-            for op in old.ops:
-                self.by_op[op] = [s for s in self.by_op[op] if s.id != spec.id]
-        self.kernels[spec.id] = spec
-        for op in spec.ops:
-            self.by_op.setdefault(op, []).append(spec)
-
-    def backend_name(self, name: str) -> str:
-        """Canonical backend name for a name or alias (`torch_sdpa` -> `torch`)."""
-        if name in self.backends:
-            return name
-        if name in self.aliases:
-            return self.aliases[name]
-        raise UnknownNameError("backend", name, list(self.backends) + list(self.aliases))
-
-    def group(self, name: str) -> tuple[str, ...] | None:
-        """The kernel ids a group name stands for as a policy target (`torch_sdpa`), or None."""
-        pattern = self.groups.get(name)
-        if pattern is None:
-            return None
-        return tuple(sorted(k for k in self.kernels if fnmatch.fnmatchcase(k, pattern)))
-
-    def backend(self, name: str) -> Backend:
-        return self.backends[self.backend_name(name)]
-
-    def kernel(self, kernel_id: str) -> KernelSpec:
-        spec = self.kernels.get(kernel_id)
-        if spec is None:
-            raise UnknownNameError("kernel", kernel_id, self.kernels)
-        return spec
-
-    def candidates(self, op: str) -> list[KernelSpec]:
-        if self.descriptors is not None and self.descriptors.pending:
-            self.descriptors.resolve(self, op)
-        return self.by_op.get(op, [])
-
-
 class Runtime:
     """All mutable state of LayerZero in one place."""
 
     def __init__(self) -> None:
+        self._build()
+
+    def _build(self) -> None:
+        """Fresh components, each given this runtime to read what it needs from the others."""
         self._lock = threading.RLock()
         self.registry = Registry()
         self.descriptors = self.registry.descriptors = Descriptors()  # capabilities descriptors (lazy)
@@ -122,6 +58,15 @@ class Runtime:
         # free memory) may change a choice; it supplies shared measurements, exclusions and tp_size/tp_rank.
         self.invariant: Any = None
 
+    def reset(self) -> None:
+        """Fresh state (tests, lz.reset): stop the threads of the old components, then build new ones.
+        Whoever holds this object (the ops) sees the new components on its next call."""
+        self.telemetry.close()
+        if self.policy_watcher is not None:
+            self.policy_watcher.stop()
+        self.plans.close()
+        self._build()
+
     @property
     def generation(self) -> int:
         return self.plans.generation
@@ -132,16 +77,25 @@ class Runtime:
         with self._lock:
             if self._loaded:
                 return
-            for name in builtin_backend_modules():
-                module = importlib.import_module(f"layerzero.backends.{name}")
-                for backend in getattr(module, "BACKENDS", None) or (getattr(module, "BACKEND", None),):
-                    if backend is not None:
-                        self.registry.add_backend(backend)
+            for backend in builtin_backends():
+                self.registry.add_backend(backend)
             discover_environment(self.descriptors)  # LAYERZERO_DESCRIPTORS: read and hashed, parsed on first use
-            from .policy.config import load_environment
-
-            load_environment(self)  # LAYERZERO_* variables; PolicyValidationError if invalid
+            self.load_environment()  # LAYERZERO_* variables; PolicyValidationError if invalid
             self._loaded = True
+
+    def load_environment(self, environ: Mapping[str, str] | None = None) -> None:
+        """Read LAYERZERO_* into the env layer of the policy (and LAYERZERO_POLICY into the file layer).
+
+        Uses the registry directly (never ensure_loaded). Nothing changes unless everything is valid.
+        """
+        environ = os.environ if environ is None else environ
+        env_policy = environment_policy(environ, self.registry)
+        path = environ.get("LAYERZERO_POLICY") or None
+        with self._lock:
+            layers = self.policy_layers
+            if path is not None:
+                layers = replace(layers, file=load_policy_file(path, self.registry), file_path=path)
+            self.set_layers(replace(layers, env=env_policy))
 
     def bump(self) -> None:
         """Invalidate every cached plan (policy, registry, health or perf data changed)."""
@@ -151,6 +105,12 @@ class Runtime:
         with self._lock:
             self.policy = policy
             self.bump()
+
+    def set_layers(self, layers: PolicyLayers) -> None:
+        """Install new policy layers (code > env > file); the policy in force becomes their merge."""
+        with self._lock:
+            self.policy_layers = layers
+            self.set_policy(layers.merged())
 
     def register(self, item: Backend | KernelSpec) -> None:
         self.ensure_loaded()
@@ -278,12 +238,4 @@ runtime = Runtime()
 
 def reset() -> None:
     """Fresh runtime state (tests): registry reloaded, policy cleared, caches empty."""
-    global runtime
-    runtime.telemetry.close()
-    if runtime.policy_watcher is not None:
-        runtime.policy_watcher.stop()
-    runtime.plans.close()
-    fresh = Runtime()
-    runtime.__dict__.update(fresh.__dict__)
-    runtime.engine.runtime = runtime
-    runtime.health.runtime = runtime.telemetry.runtime = runtime.probes.runtime = runtime
+    runtime.reset()

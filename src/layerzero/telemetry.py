@@ -19,9 +19,9 @@ import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .doctor import telemetry as snapshot
 from .errors import LayerZeroError, UnknownNameError
 from .monitor.telemetry import TelemetrySnapshot, _require
-from .monitor.telemetry import telemetry as snapshot
 from .state import runtime
 
 __all__ = ["OTelExporter", "PrometheusExporter", "TelemetryExportError", "get_metrics_exporter", "snapshot"]

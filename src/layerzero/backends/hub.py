@@ -257,21 +257,3 @@ def hub_kernel_specs(repo_id: str, path: str | os.PathLike[str], revision: str |
         fields.setdefault("description", f"{repo_id}@{repo.revision} ({variant or 'no fitting variant'})")
         specs.append(KernelSpec(id=kernel_id, impl=_impl(repo, function), check=_refusal(repo), **fields))
     return specs
-
-
-def register_hub_kernels(repo_id: str, path: str | os.PathLike[str], revision: str | None = None,
-                         lockfile: str | os.PathLike[str] | None = None) -> list[str]:
-    """Register a hub repository's kernels (backend "hub"); they compete in selection. Returns their ids.
-
-    path: the local repository (a checkout or a Hub cache snapshot). lockfile: a kernels.lock that
-    pins the revision and variant hashes; a mismatch raises HubLockError and registers nothing.
-    """
-    from ..state import runtime
-
-    specs = hub_kernel_specs(repo_id, path, revision, lockfile)
-    runtime.ensure_loaded()
-    with runtime._lock:
-        for spec in specs:
-            runtime.registry.add_kernel(spec)
-        runtime.bump()
-    return [s.id for s in specs]

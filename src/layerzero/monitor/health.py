@@ -500,18 +500,3 @@ class Health:
             if s.backend == REFERENCE_BACKEND and s.id not in excluded and not check_constraints(s, ctx):
                 return s
         return None
-
-
-def health() -> HealthReport:
-    """Circuit-breaker states and failure/fallback counts of this process (`lz.health()`)."""
-    from ..state import runtime
-
-    return runtime.health.report()
-
-
-def configure_health(**changes: Any) -> HealthConfig:
-    """Change breaker thresholds or turn the runtime fallback off, e.g.
-    `lz.configure_health(failure_threshold=3, window_s=10, cooldown_s=5)`. See HealthConfig."""
-    from ..state import runtime
-
-    return runtime.health.configure(**changes)

@@ -116,15 +116,3 @@ class MemoryGuard:
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
-
-
-def configure_memory(headroom_fraction: float = 0.05, headroom_bytes: int = 0,
-                     free_memory: Callable[[str, int], tuple[int, int] | None] | None = None) -> MemoryConfig:
-    """Keep max(headroom_bytes, headroom_fraction * device total) free: kernels whose declared
-    workspace would not fit are rejected with WORKSPACE_TOO_LARGE. Drops cached plans."""
-    from ..state import runtime
-
-    config = MemoryConfig(headroom_fraction, headroom_bytes, free_memory)
-    runtime.memory.configure(config)
-    runtime.bump()
-    return config

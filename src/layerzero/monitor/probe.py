@@ -55,9 +55,11 @@ import torch
 from ..context import SelectionContext
 from ..kernel import Backend, KernelSpec, check_constraints, fits_device
 from ..reasons import Reason, Rejection
+from ..version import __version__
 
 if TYPE_CHECKING:
-    from ..state import Registry, Runtime
+    from ..backends import Registry
+    from ..state import Runtime
 
 log = logging.getLogger("layerzero")
 
@@ -307,7 +309,6 @@ def cache_key(backend: Backend, device: torch.device) -> str | None:
     version = backend.availability[1]
     if not version:
         return None
-    from .. import __version__
     from ..perf.perfdb import current_signature
 
     sig = current_signature(device.type, device.index or 0)

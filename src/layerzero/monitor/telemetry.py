@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BackendNotAvailableError, ConfigurationError
+from ..version import __version__
 
 if TYPE_CHECKING:
     from ..context import SelectionContext
@@ -198,6 +199,17 @@ class Telemetry:
         self.close()
         self.runtime.bump()
 
+    def snapshot(self) -> TelemetrySnapshot:
+        """The counters now (lz.telemetry())."""
+        with self._lock:
+            self._fold()
+            calls = {key: _count_value(c) for key, c in self.calls.items()}
+            return TelemetrySnapshot(
+                self.enabled, calls, dict(self.selections), dict(self.misses),
+                max(0, sum(calls.values()) - sum(self.misses.values())), dict(self.fallbacks), dict(self.failures),
+                dict(self.transitions), self.selection_latency.count, self.selection_latency.sum,
+            )
+
     def close(self) -> None:
         """Disable without dropping plans (lz.reset replaces them anyway)."""
         self.enabled = False
@@ -230,8 +242,6 @@ class Telemetry:
     def _attach_otel(self, meter_provider: Any, tracer_provider: Any, spans: bool) -> None:
         from opentelemetry import metrics, trace
         from opentelemetry.metrics import Observation
-
-        from .. import __version__
 
         provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
         meter = provider.get_meter("layerzero", __version__)
@@ -286,44 +296,6 @@ class TelemetrySnapshot:
     breaker_transitions: dict[tuple[str, str, str], int]
     selection_latency_count: int
     selection_latency_sum_s: float
-
-
-def telemetry() -> TelemetrySnapshot:
-    """A snapshot of LayerZero's counters (no exporter needed)."""
-    from ..state import runtime
-
-    t = runtime.telemetry
-    with t._lock:
-        t._fold()
-        calls = {key: _count_value(c) for key, c in t.calls.items()}
-        snap = TelemetrySnapshot(
-            t.enabled, calls, dict(t.selections), dict(t.misses), max(0, sum(calls.values()) - sum(t.misses.values())),
-            dict(t.fallbacks), dict(t.failures), dict(t.transitions), t.selection_latency.count,
-            t.selection_latency.sum,
-        )
-    return snap
-
-
-def enable_telemetry(prometheus: bool | Any = True, opentelemetry: bool = True, meter_provider: Any = None,
-                     tracer_provider: Any = None, spans: bool = True) -> None:
-    """Count kernel calls and export all counters (see Telemetry.enable). Drops cached plans."""
-    from ..state import runtime
-
-    runtime.telemetry.enable(prometheus, opentelemetry, meter_provider, tracer_provider, spans)
-
-
-def disable_telemetry() -> None:
-    """Stop counting calls and detach exporters; counters keep their values."""
-    from ..state import runtime
-
-    runtime.telemetry.disable()
-
-
-def start_metrics_server(port: int = 9464, addr: str = "127.0.0.1", registry: Any = None) -> int:
-    """Serve Prometheus /metrics on localhost; returns the port (0 picks a free one)."""
-    from ..state import runtime
-
-    return runtime.telemetry.start_http_server(port, addr, registry)
 
 
 class PrometheusCollector:

@@ -33,11 +33,12 @@ from typing import Any
 
 import torch
 
+from ..backends import builtin_backend_modules
 from ..context import SelectionContext
 from ..errors import ConfigurationError, InvalidInputError, NoKernelFoundError
 from ..kernel import KernelSpec
 from ..selection.engine import REFERENCE_BACKEND
-from ..state import builtin_backend_modules, runtime
+from ..state import runtime
 from . import workloads
 from .perfdb import Bucket, bucket_low, current_signature, pow2_bucket
 

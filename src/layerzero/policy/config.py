@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import ConfigurationError, PolicyValidationError
 from ..selection.engine import REFERENCE_BACKEND
-from ..state import Runtime, runtime
+from ..state import runtime
 from .conditions import parse_condition
 from .loader import (
     DEFAULT_PREFER_PRIORITY,
@@ -30,7 +30,7 @@ from .loader import (
     parse_policy_mapping,
     resolve_target,
 )
-from .model import LAYERS, Policy, PolicyLayers, Rule
+from .model import LAYERS, Policy, Rule
 
 log = logging.getLogger("layerzero")
 
@@ -40,35 +40,13 @@ PathLike = str | os.PathLike[str]
 # ---- installing layers
 
 
-def _install(rt: Runtime, layers: PolicyLayers) -> None:
-    with rt._lock:
-        rt.policy_layers = layers
-        rt.set_policy(layers.merged())
-
-
 def _update_layer(layer: str, change: Any) -> Policy:
     """Apply `change(policy) -> policy` to one layer atomically; returns the merged policy."""
     runtime.ensure_loaded()
     with runtime._lock:
         layers = runtime.policy_layers
-        _install(runtime, replace(layers, **{layer: change(getattr(layers, layer))}))
+        runtime.set_layers(replace(layers, **{layer: change(getattr(layers, layer))}))
         return runtime.policy
-
-
-def load_environment(rt: Runtime, environ: Mapping[str, str] | None = None) -> None:
-    """Read LAYERZERO_* into the env layer (and LAYERZERO_POLICY into the file layer).
-
-    Called when the runtime loads its backends and by `lz.load_config()`; it uses the registry
-    directly and never calls `ensure_loaded`. Nothing changes unless everything is valid.
-    """
-    environ = os.environ if environ is None else environ
-    env_policy = environment_policy(environ, rt.registry)
-    path = environ.get("LAYERZERO_POLICY") or None
-    with rt._lock:
-        layers = rt.policy_layers
-        if path is not None:
-            layers = replace(layers, file=load_policy_file(path, rt.registry), file_path=path)
-        _install(rt, replace(layers, env=env_policy))
 
 
 # ---- configure / load_config / get_config
@@ -145,7 +123,7 @@ def load_config(path: PathLike | None = None) -> dict[str, Any]:
             os.environ.get("LAYERZERO_POLICY") or runtime.policy_layers.file_path
         )
         file_policy = load_policy_file(file_path, runtime.registry) if file_path else None
-        _install(runtime, replace(runtime.policy_layers, env=env_policy))
+        runtime.set_layers(replace(runtime.policy_layers, env=env_policy))
         if file_policy is not None:
             _set_file(file_policy, file_path)
     return get_config()
@@ -155,7 +133,7 @@ def _set_file(policy: Policy, path: str) -> None:
     """Install the file source; a watcher of another file stops (it would overwrite this one)."""
     with runtime._lock:
         watcher = runtime.policy_watcher
-        _install(runtime, replace(runtime.policy_layers, file=policy, file_path=path))
+        runtime.set_layers(replace(runtime.policy_layers, file=policy, file_path=path))
     if watcher is not None and os.path.abspath(watcher.path) != os.path.abspath(path):
         watcher.stop()
 
@@ -235,7 +213,7 @@ def unlock(operation: str) -> bool:
             if len(kept) != len(policy.locks):
                 changed[name] = replace(policy, locks=kept)
         if changed:
-            _install(runtime, replace(layers, **changed))
+            runtime.set_layers(replace(layers, **changed))
         return bool(changed)
 
 
@@ -468,7 +446,7 @@ class PolicyWatcher:
         with runtime._lock:
             if self._stop.is_set():
                 return False
-            _install(runtime, replace(runtime.policy_layers, file=policy, file_path=self.path))
+            runtime.set_layers(replace(runtime.policy_layers, file=policy, file_path=self.path))
             self._seen = content
             self.reloads += 1
             self.last_error = None
@@ -525,6 +503,6 @@ def watch_policy(path: PathLike, interval_s: float = 1.0, *,
 
 
 __all__ = [
-    "PolicyWatcher", "configure", "disabled", "enabled", "get_config", "get_locks", "load_config", "load_environment",
+    "PolicyWatcher", "configure", "disabled", "enabled", "get_config", "get_locks", "load_config",
     "lock", "prefer", "unlock", "watch_policy",
 ]

@@ -29,7 +29,7 @@ from .conditions import parse_condition, when_to_text
 from .model import Policy, Rule
 
 if TYPE_CHECKING:
-    from ..state import Registry
+    from ..backends import Registry
 
 SUPPORTED_VERSIONS = ("1", "1.0")
 DEFAULT_PREFER_PRIORITY = 1000.0  # above every built-in kernel priority (0-100)

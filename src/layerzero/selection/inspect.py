@@ -9,12 +9,14 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import inspect
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ..backends.hub import hub_kernel_specs
 from ..context import SelectionContext
 from ..device import local_device_types
 from ..errors import InvalidInputError, LayerZeroError, UnknownNameError
@@ -268,6 +270,23 @@ def register_backend(backend: Backend) -> Backend:
     """Add a whole backend (a library with several kernels)."""
     runtime.register(backend)
     return backend
+
+
+def register_hub_kernels(repo_id: str, path: str | os.PathLike[str], revision: str | None = None,
+                         lockfile: str | os.PathLike[str] | None = None) -> list[str]:
+    """Register a hub repository's kernels (backend "hub", backends/hub.py); they compete in selection.
+    Returns their ids.
+
+    path: the local repository (a checkout or a Hub cache snapshot). lockfile: a kernels.lock that
+    pins the revision and variant hashes; a mismatch raises HubLockError and registers nothing.
+    """
+    specs = hub_kernel_specs(repo_id, path, revision, lockfile)
+    runtime.ensure_loaded()
+    with runtime._lock:
+        for spec in specs:
+            runtime.registry.add_kernel(spec)
+        runtime.bump()
+    return [s.id for s in specs]
 
 
 @dataclass(frozen=True, slots=True)
