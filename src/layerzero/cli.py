@@ -1,15 +1,18 @@
-"""The `layerzero` command: doctor, list, backends, explain (and the subcommands other modules add).
+"""The `layerzero` command: doctor, list, backends, explain, tune, solve, warmup, canary.
 
-Each subcommand is a function `add(subparsers)` that declares its parser with `add_command`
-and the function that runs it. To add one, write that function in your module and name it in
-SUBCOMMANDS below ("module:function"); it is imported only when the CLI starts, and a module
-that fails to import costs its subcommand, not the CLI.
+Each subcommand is a function `add(subparsers)` that declares its parser with `add_command` and
+the function that runs it; the library modules a subcommand needs are imported when it runs, and
+no library module imports this one. SUBCOMMANDS names them ("module:function"): a plug-in adds its
+own there; a module that fails to import costs its subcommand, not the CLI.
 
     layerzero doctor [--json] [--no-smoke]
     layerzero list [PATTERN] [--json]
     layerzero backends [--json]
     layerzero explain attention --shape 1x512x512x32x8x128x1 --dtype float16 --device cuda [--json]
     layerzero warmup attention --shape 8x2048x2048x32x8x128x1 --dtype bfloat16 [--jobs N] [--serial]
+    layerzero tune attention --shape 1x512x512x32x8x128x1 --dtype bfloat16 [--report DIR]
+    layerzero solve attention --dim batch=1:64 --dim heads=32 ... --out solved.py
+    layerzero canary torch [--device cpu]
     layerzero --version             (python -m layerzero is the same command)
 
 Every error is one line on stderr that says what to change, with exit code 2 (a usage or input
@@ -30,9 +33,9 @@ SUBCOMMANDS: list[str] = [
     "layerzero.cli:add_list",
     "layerzero.cli:add_backends",
     "layerzero.cli:add_explain",
-    "layerzero.perf.tune:add_tune_command",
-    "layerzero.perf.solve:add_solve_command",
-    "layerzero.perf.warmup:add_warmup_command",
+    "layerzero.cli:add_tune",
+    "layerzero.cli:add_solve",
+    "layerzero.cli:add_warmup",
     "layerzero.cli:add_canary",
 ]
 
@@ -185,6 +188,121 @@ def _explain(args: argparse.Namespace) -> int:
     }
     emit(args, data, str(report))
     return 0
+
+
+# -- tune, solve, warmup --------------------------------------------------------------------------
+
+def add_tune(sub: Any) -> None:
+    """`layerzero tune OP --shape AxBx... [--dtype ...] [--report DIR]`."""
+    p = add_command(sub, "tune", "measure every valid kernel for shapes, store in PerfDB, report", _tune)
+    p.add_argument("op", nargs="?", help="attention, rms_norm, layer_norm")
+    p.add_argument("--shape", action="append", default=[], help="dims joined by x (repeat for several shapes)")
+    p.add_argument("--dtype", action="append", default=[], help="float16, bfloat16, float32 or bf16, fp32, ... "
+                   "(repeatable)")
+    p.add_argument("--trace", help="a trace JSON written by lz.save_trace")
+    p.add_argument("--device", default=None)
+    p.add_argument("--kernels", default="*", help="glob on kernel ids or backends")
+    p.add_argument("--repeats", type=int, default=20, help="samples per figure (more while p95/median > 1.1)")
+    p.add_argument("--no-graphs", dest="graphs", action="store_false",
+                   help="eager figures only (no CUDA-graph replay timing)")
+    p.add_argument("--perfdb", default=None, help="PerfDB file (default: $LAYERZERO_PERFDB or the cache dir)")
+    p.add_argument("--report", default=None, help="directory for tune_report.md and tune_heatmap.png")
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from .perf.tune import tune
+
+    dtypes = [parse_dtype(name) for name in args.dtype]
+    device = parse_device(args.device) if args.device is not None else None
+    report = tune(args.op, shapes=args.shape, dtypes=dtypes, trace=args.trace, device=device,
+                  kernels=args.kernels, repeats=args.repeats, perfdb=args.perfdb, report=args.report,
+                  graphs=args.graphs)
+    data = [{"op": r.op, "shape": list(r.shape), "dtype": r.dtype, "best": r.best.kernel if r.best else None,
+             "best_graph": getattr(r.best_in("graph"), "kernel", None),
+             "kernels": {x.kernel: (x.median_us if x.correct else "wrong") for x in r.records},
+             "graph_us": {x.kernel: x.graph_us for x in r.records if x.correct},
+             "graph_notes": {x.kernel: x.graph_note for x in r.records if x.graph_note}} for r in report.results]
+    emit(args, data, str(report))
+    return 0
+
+
+def add_solve(sub: Any) -> None:
+    """`layerzero solve OP --dim batch=1:64 --dim heads=32 ... --out solved.py`."""
+    p = add_command(sub, "solve", "write a standalone module dispatching an op by shape buckets", _solve)
+    p.add_argument("op", help="attention, rms_norm, layer_norm")
+    p.add_argument("--dim", action="append", default=[], help="NAME=LO:HI for a ranged dim, NAME=V1,V2 for exact")
+    p.add_argument("--dtype", action="append", default=[], help="repeatable; default bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True, help="path of the module to write")
+
+
+def _solve(args: argparse.Namespace) -> int:
+    from .errors import InvalidInputError
+    from .perf.solve import solve
+
+    dims: dict[str, Any] = {}
+    for item in args.dim:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise InvalidInputError("--dim", "NAME=LO:HI or NAME=V1,V2", item)
+        try:
+            if ":" in value:
+                lo, hi = value.split(":", 1)
+                dims[name] = (int(lo), int(hi))
+            else:
+                dims[name] = [int(v) for v in value.split(",") if v]
+        except ValueError:
+            raise InvalidInputError("--dim", "NAME=LO:HI or NAME=V1,V2 with integers", item) from None
+    dtypes = [parse_dtype(d) for d in args.dtype]
+    device = parse_device(args.device) if args.device is not None else None
+    result = solve(args.op, args.out, dtypes=dtypes, device=device, **dims)
+    emit(args, {"path": str(result.path), "kernels": result.kernels, "buckets": result.buckets,
+                "branches": result.branches, "notes": list(result.notes)}, str(result))
+    return 0
+
+
+def add_warmup(sub: Any) -> None:
+    p = add_command(sub, "warmup", "build the JIT variants of given shapes in parallel, then pre-select and run "
+                    "each once", _warmup)
+    p.add_argument("op", help="an op with a workload: attention, rms_norm, layer_norm, rope_qk, paged_attention")
+    p.add_argument("--shape", action="append", required=True,
+                   help="the workload's dims joined by x (repeatable), e.g. attention 8x1x4096x32x8x128x1")
+    p.add_argument("--dtype", action="append", default=None, help="float16, bfloat16, float32 (repeatable)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--jobs", type=int, default=None, help="worker processes at once (default: cores and free RAM)")
+    p.add_argument("--serial", action="store_true", help="no worker processes: compile in this process")
+    p.add_argument("--window", default=None, help="attention window_size as LEFT,RIGHT (-1 = unbounded)")
+    p.add_argument("--softcap", type=float, default=None, help="attention logits soft cap")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _warmup(args: argparse.Namespace) -> int:
+    import torch
+
+    from .errors import InvalidInputError
+    from .perf.warmup import warmup
+
+    dtypes = []
+    for name in args.dtype or []:
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype):
+            raise InvalidInputError("--dtype", "a torch dtype name such as bfloat16", name)
+        dtypes.append(dtype)
+    options: dict[str, Any] = {}
+    if args.window:
+        options["window_size"] = tuple(int(x) for x in args.window.split(","))
+    if args.softcap:
+        options["softcap"] = args.softcap
+    report = warmup(args.op, args.shape, dtypes, args.device, options=options, parallel=not args.serial,
+                    jobs=args.jobs, progress=not args.quiet)
+    data = {"seconds": report.seconds, "compile_seconds": report.compile_seconds, "processes": report.processes,
+            "variants": [{"label": v.label, "kernel": v.kernel, "seconds": v.seconds, "ok": v.ok, "error": v.error}
+                         for v in report.variants],
+            "entries": [{"shape": list(e.shape), "dtype": e.dtype, "kernel": e.kernel, "select_ms": e.select_ms,
+                         "first_ms": e.first_ms, "second_ms": e.second_ms, "compiled": e.compiled}
+                        for e in report.entries]}
+    emit(args, data, str(report))
+    return 0 if all(v.ok for v in report.variants) else 1
 
 
 # -- canary ----------------------------------------------------------------------------------------

@@ -475,49 +475,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # ----------------------------------------------------------------------------- `layerzero warmup`
 
-def add_warmup_command(sub: Any) -> None:
-    from ..cli import add_command
-
-    p = add_command(sub, "warmup", "build the JIT variants of given shapes in parallel, then pre-select and run "
-                    "each once", _warmup_command)
-    p.add_argument("op", help="an op with a workload: attention, rms_norm, layer_norm, rope_qk, paged_attention")
-    p.add_argument("--shape", action="append", required=True,
-                   help="the workload's dims joined by x (repeatable), e.g. attention 8x1x4096x32x8x128x1")
-    p.add_argument("--dtype", action="append", default=None, help="float16, bfloat16, float32 (repeatable)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--jobs", type=int, default=None, help="worker processes at once (default: cores and free RAM)")
-    p.add_argument("--serial", action="store_true", help="no worker processes: compile in this process")
-    p.add_argument("--window", default=None, help="attention window_size as LEFT,RIGHT (-1 = unbounded)")
-    p.add_argument("--softcap", type=float, default=None, help="attention logits soft cap")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def _warmup_command(args: argparse.Namespace) -> int:
-    from ..cli import emit
-    from ..errors import InvalidInputError
-
-    dtypes = []
-    for name in args.dtype or []:
-        dtype = getattr(torch, name, None)
-        if not isinstance(dtype, torch.dtype):
-            raise InvalidInputError("--dtype", "a torch dtype name such as bfloat16", name)
-        dtypes.append(dtype)
-    options: dict[str, Any] = {}
-    if args.window:
-        options["window_size"] = tuple(int(x) for x in args.window.split(","))
-    if args.softcap:
-        options["softcap"] = args.softcap
-    report = warmup(args.op, args.shape, dtypes, args.device, options=options, parallel=not args.serial,
-                    jobs=args.jobs, progress=not args.quiet)
-    data = {"seconds": report.seconds, "compile_seconds": report.compile_seconds, "processes": report.processes,
-            "variants": [{"label": v.label, "kernel": v.kernel, "seconds": v.seconds, "ok": v.ok, "error": v.error}
-                         for v in report.variants],
-            "entries": [{"shape": list(e.shape), "dtype": e.dtype, "kernel": e.kernel, "select_ms": e.select_ms,
-                         "first_ms": e.first_ms, "second_ms": e.second_ms, "compiled": e.compiled}
-                        for e in report.entries]}
-    emit(args, data, str(report))
-    return 0 if all(v.ok for v in report.variants) else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())
