@@ -391,6 +391,14 @@ class Backend:
     description: str = ""
     requires: tuple[str, ...] = ()  # further import names that must exist (a library's compiled extension)
     probes: tuple[tuple[str, str], ...] = ()
+    # Set by the registry that holds the backend: called by `changed()`.
+    on_change: Callable[[], None] | None = field(default=None, init=False, repr=False)
+
+    def changed(self) -> None:
+        """What this backend can run has changed (a JIT module got built): the runtime that registered it
+        drops the plans chosen before."""
+        if self.on_change is not None:
+            self.on_change()
 
     @cached_property
     def availability(self) -> tuple[bool, str | None, Rejection | None]:

@@ -38,7 +38,7 @@ class Runtime:
     def _build(self) -> None:
         """Fresh components, each given this runtime to read what it needs from the others."""
         self._lock = threading.RLock()
-        self.registry = Registry()
+        self.registry = Registry(on_change=self.bump)
         self.descriptors = self.registry.descriptors = Descriptors()  # capabilities descriptors (lazy)
         self.policy = Policy()
         self.plans = PlanCache()

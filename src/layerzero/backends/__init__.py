@@ -6,6 +6,7 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import pkgutil
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import UnknownNameError
@@ -29,7 +30,8 @@ def builtin_backends() -> list[Backend]:
 class Registry:
     """Backends and their kernels, indexed by id and by op."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_change: Callable[[], None] | None = None) -> None:
+        self.on_change = on_change  # given to each backend added (Backend.changed): the runtime's bump
         self.backends: dict[str, Backend] = {}
         self.kernels: dict[str, KernelSpec] = {}
         self.by_op: dict[str, list[KernelSpec]] = {}
@@ -39,6 +41,7 @@ class Registry:
 
     def add_backend(self, backend: Backend) -> None:
         """Add (or replace: same name) a backend and register its kernels."""
+        backend.on_change = self.on_change
         self.backends[backend.name] = backend
         for alias in backend.aliases:
             self.aliases[alias] = backend.name
