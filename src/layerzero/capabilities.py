@@ -16,9 +16,12 @@ from typing import Any
 
 import torch
 
+from .backends import reference
+from .context import SelectionContext
 from .descriptors import DescriptorError, parse_descriptor
 from .errors import BackendNotAvailableError
 from .kernel import KernelSpec, check_constraints, runs_on
+from .state import runtime
 
 
 def load_descriptors(path: str | os.PathLike[str] | dict[str, Any]) -> list[str]:
@@ -28,7 +31,6 @@ def load_descriptors(path: str | os.PathLike[str] | dict[str, Any]) -> list[str]
     considers their backend. Cached plans are dropped when the descriptor digest changes.
     Returns the backends described.
     """
-    from .state import runtime
 
     runtime.ensure_loaded()
     descriptors = runtime.descriptors
@@ -63,7 +65,6 @@ def load_descriptors(path: str | os.PathLike[str] | dict[str, Any]) -> list[str]
 
 def clear_descriptors() -> None:
     """Remove every descriptor; kernels return to their declarations in code (plans dropped if any was loaded)."""
-    from .state import runtime
 
     runtime.ensure_loaded()
     d = runtime.descriptors
@@ -158,7 +159,6 @@ def _attention_claims(spec: KernelSpec, device: torch.device) -> Iterator[tuple[
 
 
 def _run_attention(spec: KernelSpec, device: torch.device, p: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    from .backends import reference
 
     g = torch.Generator(device="cpu").manual_seed(p["head_dim"])
     b, h, s, d, dtype = 1, 2, 8, p["head_dim"], p["dtype"]
@@ -191,7 +191,6 @@ def _norm_claims(spec: KernelSpec, device: torch.device) -> Iterator[tuple[str, 
 
 
 def _run_norm(spec: KernelSpec, device: torch.device, op: str, p: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    from .backends import reference
 
     g = torch.Generator(device="cpu").manual_seed(p["hidden"])
     x = torch.randn(4, p["hidden"], generator=g).to(device=device, dtype=p["dtype"])
@@ -206,7 +205,6 @@ def _run_norm(spec: KernelSpec, device: torch.device, op: str, p: dict[str, Any]
 
 
 def _claim_context(spec: KernelSpec, op: str, p: dict[str, Any], device: torch.device) -> Any:
-    from .context import SelectionContext
 
     fields: dict[str, Any] = dict(op=op, dtype=p["dtype"], **SelectionContext.device_fields(device))
     if op.startswith("attention"):
@@ -227,7 +225,6 @@ def canary(backend: str, device: str | torch.device | None = None) -> CanaryRepo
     hidden 64/1000/4096. A claim fails when the kernel raises or differs from the float64
     reference beyond the dtype's tolerance. Kernels of other ops are listed as not covered.
     """
-    from .state import runtime
 
     runtime.ensure_loaded()
     name = runtime.registry.backend_name(backend)

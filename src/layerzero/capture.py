@@ -1,6 +1,6 @@
 """Graph mode: whether the kernels a call runs may end up in a CUDA graph.
 
-True during CUDA stream capture and inside LayerZero's torch.library ops (integrations/torch_library.py).
+True during CUDA stream capture and inside LayerZero's torch.library ops (ops/library.py).
 A compiled graph may be run with CUDA graphs (torch.compile mode="reduce-overhead"), whose warm-up
 run already allocates from the graph's memory pool: a kernel that keeps buffers across calls
 (FlashInfer's workspace and plans) breaks it there ("tensors in the cudagraph pool not tracked as

@@ -28,6 +28,15 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from .capabilities import canary, load_descriptors
+from .device import local_device_types
+from .doctor import doctor, table
+from .errors import BackendNotAvailableError, InvalidInputError, LayerZeroError, NoKernelFoundError
+from .kernel import dtype_name
+from .selection.inspect import list_backends, list_kernels
+from .state import runtime
+from .version import __version__
+
 SUBCOMMANDS: list[str] = [
     "layerzero.cli:add_doctor",
     "layerzero.cli:add_list",
@@ -60,8 +69,6 @@ def parse_dtype(name: str, argument: str = "--dtype") -> Any:
     torch.float64, ..."""
     import torch
 
-    from .errors import InvalidInputError
-    from .kernel import dtype_name
 
     canonical = dtype_name(name) if isinstance(name, str) else None
     if canonical is None:
@@ -74,8 +81,6 @@ def parse_device(value: str | None, argument: str = "--device") -> Any:
     """The torch.device of `value` (default: cuda if this torch has it, else cpu), checked to exist here."""
     import torch
 
-    from .device import local_device_types
-    from .errors import InvalidInputError
 
     here = local_device_types()
     if value is None:
@@ -101,7 +106,6 @@ def add_doctor(sub: Any) -> None:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from .doctor import doctor
 
     report = doctor(smoke=not args.no_smoke)
     emit(args, report.to_dict(), str(report))
@@ -116,8 +120,6 @@ def add_list(sub: Any) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from .doctor import table
-    from .selection.inspect import list_kernels
 
     kernels = list_kernels(args.pattern)
     rows = [[k.id, _where(k), k.priority, ",".join(k.ops)] for k in kernels]
@@ -142,8 +144,6 @@ def add_backends(sub: Any) -> None:
 
 
 def _backends(args: argparse.Namespace) -> int:
-    from .doctor import table
-    from .selection.inspect import list_backends
 
     backends = list_backends()
     rows = [[b.name, "yes" if b.available else "no", b.version or "-", len(b.kernels), b.reason or b.probe or ""]
@@ -170,7 +170,6 @@ def add_explain(sub: Any) -> None:
 
 def _explain(args: argparse.Namespace) -> int:
     from .perf.workloads import context_for, family, op_shape
-    from .state import runtime
 
     dtype = parse_dtype(args.dtype)
     device = parse_device(args.device)
@@ -237,7 +236,6 @@ def add_solve(sub: Any) -> None:
 
 
 def _solve(args: argparse.Namespace) -> int:
-    from .errors import InvalidInputError
     from .perf.solve import solve
 
     dims: dict[str, Any] = {}
@@ -279,7 +277,6 @@ def add_warmup(sub: Any) -> None:
 def _warmup(args: argparse.Namespace) -> int:
     import torch
 
-    from .errors import InvalidInputError
     from .perf.warmup import warmup
 
     dtypes = []
@@ -317,8 +314,6 @@ def add_canary(sub: Any) -> None:
 
 
 def _canary(args: argparse.Namespace) -> int:
-    from .capabilities import canary, load_descriptors
-    from .state import runtime
 
     if args.descriptors:
         load_descriptors(args.descriptors)
@@ -344,7 +339,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .version import __version__
 
     parser = _Parser(prog="layerzero", description="LayerZero: which kernel runs each op, and why")
     parser.add_argument("--version", action="version", version=f"layerzero {__version__}")
@@ -369,7 +363,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     given value), exit code 2; BackendNotAvailableError (nothing to check here) exit code 1; any
     other exception its type and first line, exit code 2 (--traceback shows where it came from).
     """
-    from .errors import BackendNotAvailableError, LayerZeroError, NoKernelFoundError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -39,7 +39,7 @@ from .ops import is_op_id, op_matches
 from .policy.config import PolicyWatcher, watch_policy
 from .policy.loader import parse_dispatch_text
 from .policy.model import Policy
-from .selection.inspect import resolve_call
+from .selection.inspect import resolve_call, which
 from .state import runtime
 
 log = logging.getLogger("layerzero")
@@ -129,20 +129,13 @@ class DynamicDispatcher:
         it sets is checked against the inputs (once per call signature)."""
         args, kwargs = _inputs(inputs, kwargs)
         family, kw, _ = self._resolve(operation, args, kwargs, context)
-        return _public(family.name)(*args, **kw)
+        return family.function(*args, **kw)
 
     def which(self, operation: str, inputs: Any, **kwargs: Any) -> str:
         """The kernel id `dispatch` runs for these inputs."""
         args, kwargs = _inputs(inputs, kwargs)
-        from .selection.inspect import which
 
         return which(operation, *args, **kwargs)
-
-
-def _public(name: str) -> Any:
-    import layerzero
-
-    return getattr(layerzero, name)
 
 
 def create_dynamic_dispatcher(kernel_registry: Registry | Iterable[KernelSpec] | None = None,

@@ -38,6 +38,7 @@ from .errors import ConfigurationError, LayerZeroError
 from .kernel import KernelSpec
 from .perf.perfdb import Bucket, Measurements, PerfRecord, current_signature
 from .reasons import Reason, Rejection
+from .selection.inspect import which
 from .state import Runtime, runtime
 
 MODES = ("inference", "training")
@@ -404,7 +405,6 @@ def verify_selection(calls: Sequence[Call], group: Any = None, timeout: float = 
 
     Raises SelectionMismatchError listing, for the first differing call, every rank's kernel.
     """
-    from .selection.inspect import which
 
     picks = [which(op, *args, **kwargs) for op, args, kwargs in calls]
     digest = hashlib.sha256(repr(picks).encode()).hexdigest()

@@ -13,11 +13,13 @@ from typing import Any
 import torch
 
 from .backends import reference
+from .device import device_info
 from .monitor.health import HealthConfig, HealthReport
 from .monitor.memory import MemoryConfig, free_memory
 from .monitor.telemetry import TelemetrySnapshot
 from .ops.attention import attention
 from .ops.norm import rms_norm
+from .perf.perfdb import _nvidia_driver
 from .selection.inspect import list_backends
 from .state import runtime
 
@@ -122,7 +124,6 @@ def _version(distribution: str) -> str | None:
 
 
 def _devices() -> list[DeviceRow]:
-    from .device import device_info
 
     rows = []
     cpu = device_info(torch.device("cpu"))
@@ -140,7 +141,6 @@ def _devices() -> list[DeviceRow]:
 def _driver() -> str:
     if not torch.cuda.is_available():
         return ""
-    from .perf.perfdb import _nvidia_driver
 
     return _nvidia_driver()
 

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 from .errors import CudaGraphUnsafeError, InvalidInputError
+from .selection.inspect import select
+from .state import runtime
 
 # Tolerances between a replayed graph and eager execution: under capture a different (safe)
 # kernel may run than eagerly, so the comparison allows each dtype's rounding.
@@ -36,8 +38,6 @@ def is_graph_safe(kernel_or_op: str | Callable[..., Any], *args: Any, **kwargs: 
 
     `lz.is_graph_safe("torch.sdpa_flash")`; `lz.is_graph_safe("rms_norm", x, w)`.
     """
-    from .selection.inspect import select
-    from .state import runtime
 
     runtime.ensure_loaded()
     if isinstance(kernel_or_op, str) and not args and not kwargs and kernel_or_op in runtime.registry.kernels:
@@ -87,7 +87,6 @@ def validate_graph_capture(fn: Callable[..., Any], *args: Any, replays: int = 5,
     if not tensors or any(t.device.type != "cuda" for t in tensors):
         got = sorted({t.device.type for t in tensors}) or "no tensors"
         raise InvalidInputError("args", "CUDA tensors (the graph's static input buffers)", got)
-    from .state import runtime
 
     warmup_for_capture(fn, *args, iterations=warmup)
     fallbacks_before = runtime.health.fallbacks

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigurationError, KernelExecutionError
+from .state import runtime
 
 _ALIGN = 64
 
@@ -60,7 +61,6 @@ def _worker_main(conn: Connection, module: str | None, num_threads: int | None =
     if num_threads is not None:
         torch.set_num_threads(num_threads)
 
-    from .state import runtime
 
     runtime.ensure_loaded()
     if module is not None:
@@ -307,7 +307,6 @@ def isolate(backend: str, module: str | None = None, timeout_s: float = 30.0,
     one; the worker imports it. Cached plans are dropped. Call `.shutdown()` when done (also done
     when the handle is garbage-collected or the interpreter exits).
     """
-    from .state import runtime
 
     runtime.ensure_loaded()
     name = runtime.registry.backend_name(backend)

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 
 from .errors import InvalidInputError
+from .ops.sampling import sample
+from .selection.inspect import explain, which
 
 LogitsFn = Callable[..., torch.Tensor]
 
@@ -87,7 +89,6 @@ def _logits(model: LogitsFn, tokens: torch.Tensor, name: str) -> torch.Tensor:
 
 def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     """One token from probabilities (V,), through lz.sample."""
-    from .ops.sampling import sample
 
     return int(sample(probs.clamp_min(0).log().unsqueeze(0), generator=generator)[0])
 
@@ -272,7 +273,6 @@ def kernel_pair(op: str | Callable[..., Any], draft_args: tuple[Any, ...], targe
                 draft_kwargs: dict[str, Any] | None = None, target_kwargs: dict[str, Any] | None = None) -> KernelPair:
     """Select `op`'s kernel for the draft's call and for the target's verification call (e.g. Sq = 1
     decode for the draft, Sq = k + 1 for the target) and report both with their explanations."""
-    from .selection.inspect import explain, which
 
     dk, tk = draft_kwargs or {}, target_kwargs or {}
     name = op if isinstance(op, str) else getattr(op, "__name__", repr(op))

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .doctor import telemetry as snapshot
-from .errors import LayerZeroError, UnknownNameError
+from .errors import InvalidInputError, LayerZeroError, UnknownNameError
 from .monitor.telemetry import TelemetrySnapshot, _require
 from .state import runtime
 
@@ -102,7 +102,6 @@ class OTelExporter:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
         if endpoint is None and (span_exporter is None or metric_exporter is None):
-            from .errors import InvalidInputError
 
             raise InvalidInputError("endpoint", "an OTLP collector URL such as 'http://collector:4317' (or both "
                                     "span_exporter= and metric_exporter=)", None)

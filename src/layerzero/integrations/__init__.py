@@ -1,7 +1,8 @@
-"""Framework integrations, each imported on demand (none is imported by `import layerzero`).
+"""Framework integrations, each imported on demand (none is imported by `import layerzero`). The
+`torch.ops.layerzero.*` custom ops that torch.compile and torch.export see in place of the `lz.*` calls
+are the op families' own (ops/library.py).
 
-- `layerzero.integrations.torch_library`: the `torch.ops.layerzero.*` custom ops that torch.compile and
-  torch.export see in place of the `lz.*` calls (imported on the first trace).
+
 - `layerzero.integrations.transformers`: the "layerzero" attention implementation of Hugging Face
   transformers and `patch(model)` / `unpatch(model)` for norms, RoPE and gated MLPs. It registers
   itself as soon as transformers' attention registry exists (`watch_transformers`), so

@@ -52,8 +52,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..backends import reference
 from ..context import SelectionContext
 from ..kernel import Backend, KernelSpec, check_constraints, fits_device
+from ..perf.perfdb import current_signature
 from ..reasons import Reason, Rejection
 from ..version import __version__
 
@@ -309,7 +311,6 @@ def cache_key(backend: Backend, device: torch.device) -> str | None:
     version = backend.availability[1]
     if not version:
         return None
-    from ..perf.perfdb import current_signature
 
     sig = current_signature(device.type, device.index or 0)
     probes = ",".join(f"{k}:{c}" for k, c in backend.probes)
@@ -402,7 +403,6 @@ def _dense(seq_q: int, seq_k: int) -> Callable[[KernelSpec, SelectionContext], _
         dev = _device(ctx)
 
         def run() -> tuple[tuple[Any, ...], tuple[torch.Tensor, ...]]:
-            from ..backends import reference
 
             q, k, v = (_randn((1, s, h, d), dtype, dev, i) for i, (s, h) in enumerate(((seq_q, hq), (seq_k, 2),
                                                                                          (seq_k, 2))))
@@ -437,7 +437,6 @@ def _paged(spec: KernelSpec, device_ctx: SelectionContext) -> _Case | str:
     dev = _device(ctx)
 
     def run() -> tuple[tuple[Any, ...], tuple[torch.Tensor, ...]]:
-        from ..backends import reference
 
         shape = (4, page, 2, d) if layout == "NHD" else (4, 2, page, d)
         q, kc, vc = _randn((2, 1, hq, d), dtype, dev, 0), _randn(shape, dtype, dev, 1), _randn(shape, dtype, dev, 2)
@@ -462,7 +461,6 @@ def _varlen(spec: KernelSpec, device_ctx: SelectionContext) -> _Case | str:
     dev = _device(ctx)
 
     def run() -> tuple[tuple[Any, ...], tuple[torch.Tensor, ...]]:
-        from ..backends import reference
 
         cu = torch.tensor([0, 5, 12], dtype=torch.int32, device=dev)
         q, k, v = _randn((12, hq, d), dtype, dev, 0), _randn((12, 2, d), dtype, dev, 1), _randn((12, 2, d), dtype, dev, 2)
@@ -484,7 +482,6 @@ def _rows(op: str) -> Callable[[KernelSpec, SelectionContext], _Case | str]:
         dev = _device(ctx)
 
         def run() -> tuple[tuple[Any, ...], tuple[torch.Tensor, ...]]:
-            from ..backends import reference
 
             x, y = _randn((4, 256), dtype, dev, 0), _randn((4, 256), dtype, dev, 1)
             w, b = _randn((256,), dtype, dev, 2), _randn((256,), dtype, dev, 3)
@@ -512,7 +509,6 @@ def _rope(spec: KernelSpec, device_ctx: SelectionContext) -> _Case | str:
     dev = _device(ctx)
 
     def run() -> tuple[tuple[Any, ...], tuple[torch.Tensor, ...]]:
-        from ..backends import reference
 
         q, k = _randn((1, 8, 4, 64), dtype, dev, 0), _randn((1, 8, 2, 64), dtype, dev, 1)
         angles = torch.arange(8, dtype=torch.float32)[:, None] * (10000.0 ** (-torch.arange(32) / 32))[None, :]

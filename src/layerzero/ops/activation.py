@@ -26,15 +26,7 @@ from ..capture import GRAPH_CALL, stream_capturing
 from ..context import SelectionContext
 from ..errors import InvalidInputError
 from ..state import runtime
-from . import (
-    OpFamily,
-    bind_contiguous,
-    compile_flags,
-    contiguous_transforms,
-    dynamo_compiling,
-    register_family,
-    traced_ops,
-)
+from .family import OpFamily, compile_flags, dynamo_compiling, register_family
 
 _grad_enabled = torch.is_grad_enabled
 APPROXIMATIONS = ("none", "tanh")
@@ -43,9 +35,11 @@ MLP_ACTIVATIONS = ("swiglu", "geglu")
 
 def silu(x: torch.Tensor) -> torch.Tensor:
     """x * sigmoid(x), elementwise. x: any shape, floating point."""
-    # torch.compile / torch.export: one custom op node (integrations/torch_library.py)
+    # torch.compile / torch.export: one custom op node (ops/library.py)
     if dynamo_compiling() or compile_flags._is_compiling_flag:
-        return traced_ops().silu(x)
+        from .library import trace  # an import dynamo runs for real: registers the ops
+
+        return trace(SILU, x)
     try:
         key = _silu_key(x)
     except AttributeError:
@@ -62,9 +56,11 @@ def silu(x: torch.Tensor) -> torch.Tensor:
 
 def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """GELU, elementwise: exact (erf) with approximate="none", the tanh form with "tanh"."""
-    # torch.compile / torch.export: one custom op node (integrations/torch_library.py)
+    # torch.compile / torch.export: one custom op node (ops/library.py)
     if dynamo_compiling() or compile_flags._is_compiling_flag:
-        return traced_ops().gelu(x, approximate)
+        from .library import trace  # an import dynamo runs for real: registers the ops
+
+        return trace(GELU, x, approximate)
     try:
         key = _gelu_key(x, approximate)
     except AttributeError:
@@ -81,11 +77,13 @@ def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up. gate, up: (..., d_ff), same shape/dtype/device."""
-    # torch.compile / torch.export: one custom op node (integrations/torch_library.py)
+    # torch.compile / torch.export: one custom op node (ops/library.py)
     if dynamo_compiling() or compile_flags._is_compiling_flag:
-        return traced_ops().swiglu(gate, up)
+        from .library import trace  # an import dynamo runs for real: registers the ops
+
+        return trace(SWIGLU, gate, up)
     try:
-        key = _gated_key("activation.swiglu", gate, up)
+        key = _swiglu_key(gate, up)
     except AttributeError:
         _check_tensors(gate=gate, up=up)
         raise
@@ -100,11 +98,13 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """gelu(gate, approximate) * up. gate, up: (..., d_ff), same shape/dtype/device."""
-    # torch.compile / torch.export: one custom op node (integrations/torch_library.py)
+    # torch.compile / torch.export: one custom op node (ops/library.py)
     if dynamo_compiling() or compile_flags._is_compiling_flag:
-        return traced_ops().geglu(gate, up, approximate)
+        from .library import trace  # an import dynamo runs for real: registers the ops
+
+        return trace(GEGLU, gate, up, approximate)
     try:
-        key = _gated_key("activation.geglu", gate, up, approximate)
+        key = _geglu_key(gate, up, approximate)
     except AttributeError:
         _check_tensors(gate=gate, up=up)
         raise
@@ -124,9 +124,11 @@ def fused_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
     x: (..., d_model); w_gate, w_up: (d_ff, d_model); w_down: (d_model, d_ff), nn.Linear layout.
     activation: "swiglu" or "geglu" (approximate applies to geglu). Returns (..., d_model).
     """
-    # torch.compile / torch.export: one custom op node (integrations/torch_library.py)
+    # torch.compile / torch.export: one custom op node (ops/library.py)
     if dynamo_compiling() or compile_flags._is_compiling_flag:
-        return traced_ops().fused_mlp(x, w_gate, w_up, w_down, activation, approximate)
+        from .library import trace  # an import dynamo runs for real: registers the ops
+
+        return trace(FUSED_MLP, x, w_gate, w_up, w_down, activation, approximate)
     try:
         key = _mlp_key(x, w_gate, w_up, w_down, activation, approximate)
     except AttributeError:
@@ -167,6 +169,14 @@ def _mlp_key(x: Any, w_gate: Any, w_up: Any, w_down: Any, activation: str = "swi
 def _gated_key(op: str, gate: Any, up: Any, approximate: str = "none") -> tuple[Any, ...]:
     return (op, approximate, gate.shape, gate.dtype, gate.device, up.shape, up.dtype, up.device,
             _grad_enabled() and (gate.requires_grad or up.requires_grad), gate.is_cuda and (GRAPH_CALL.depth > 0 or stream_capturing()))
+
+
+def _swiglu_key(gate: Any, up: Any) -> tuple[Any, ...]:
+    return _gated_key("activation.swiglu", gate, up)
+
+
+def _geglu_key(gate: Any, up: Any, approximate: str = "none") -> tuple[Any, ...]:
+    return _gated_key("activation.geglu", gate, up, approximate)
 
 
 def _check_tensors(**tensors: Any) -> None:
@@ -252,14 +262,15 @@ def _mlp_context(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
     return ctx.replace(hidden_size=d_ff, num_rows=x.numel() // max(d_model, 1))
 
 
+def _mlp_fake(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+              activation: str = "swiglu", approximate: str = "none") -> torch.Tensor:
+    """The fake kernel of torch.ops.layerzero.fused_mlp (ops/library.py): (..., d_model) like x's rows."""
+    _mlp_context(x, w_gate, w_up, w_down, activation, approximate)
+    return x.new_empty((*x.shape[:-1], w_down.shape[0]))
 
 
-
-
-SILU = register_family(OpFamily("silu", _silu_key, _silu_context, bind_contiguous, contiguous_transforms))
-GELU = register_family(OpFamily("gelu", _gelu_key, _gelu_context, bind_contiguous, contiguous_transforms))
-SWIGLU = register_family(OpFamily(
-    "swiglu", lambda gate, up: _gated_key("activation.swiglu", gate, up), _swiglu_context, bind_contiguous, contiguous_transforms))
-GEGLU = register_family(OpFamily("geglu", lambda gate, up, approximate="none": _gated_key(
-    "activation.geglu", gate, up, approximate), _geglu_context, bind_contiguous, contiguous_transforms))
-FUSED_MLP = register_family(OpFamily("fused_mlp", _mlp_key, _mlp_context, bind_contiguous, contiguous_transforms))
+SILU = register_family(OpFamily("silu", _silu_key, _silu_context, function=silu, library=True))
+GELU = register_family(OpFamily("gelu", _gelu_key, _gelu_context, function=gelu, library=True))
+SWIGLU = register_family(OpFamily("swiglu", _swiglu_key, _swiglu_context, function=swiglu, library=True))
+GEGLU = register_family(OpFamily("geglu", _geglu_key, _geglu_context, function=geglu, library=True))
+FUSED_MLP = register_family(OpFamily("fused_mlp", _mlp_key, _mlp_context, function=fused_mlp, library=True, fake=_mlp_fake))

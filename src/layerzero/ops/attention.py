@@ -24,7 +24,7 @@ window is None or (left, right); softcap is a float (0 = off).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -34,15 +34,7 @@ from ..context import SelectionContext
 from ..errors import InvalidInputError, UnknownNameError
 from ..kernel import LAYOUTS, KernelSpec
 from ..state import runtime
-from . import (
-    OpFamily,
-    bind_contiguous,
-    compile_flags,
-    contiguous_transforms,
-    dynamo_compiling,
-    register_family,
-    traced_ops,
-)
+from .family import OpFamily, compile_flags, dynamo_compiling, register_family
 
 _grad_enabled = torch.is_grad_enabled
 KV_LAYOUTS = ("NHD", "HND")
@@ -70,12 +62,14 @@ def attention(
     those of BHSD tensors (heads outer to the sequence, as after `.transpose(1, 2)`) cost a warning
     on the call's selection; pass layout= to say which they are.
     """
-    # torch.compile / torch.export: one custom op node (integrations/torch_library.py)
-    if dynamo_compiling() or compile_flags._is_compiling_flag:
-        return traced_ops().attention(q, k, v, attn_mask, is_causal, dropout_p, scale, layout, window_size, softcap,
-                                     alibi_slopes)
     if window_size is not None:  # lists are not hashable and (-1, -1) is no window: normalize before the key
         window_size = _check_options(window_size, softcap, scale)
+    # torch.compile / torch.export: one custom op node (ops/library.py)
+    if dynamo_compiling() or compile_flags._is_compiling_flag:
+        from .library import trace  # an import dynamo runs for real: registers the ops
+
+        return trace(ATTENTION, q, k, v, attn_mask, is_causal, dropout_p, scale, layout, window_size, softcap,
+                               alibi_slopes)
     try:
         key = _key(q, k, v, attn_mask, is_causal, dropout_p, scale, layout, window_size, softcap, alibi_slopes)
     except AttributeError:
@@ -351,7 +345,34 @@ def _bind(spec: KernelSpec, ctx: SelectionContext) -> tuple[Callable[..., torch.
     return run, transforms
 
 
-ATTENTION = register_family(OpFamily("attention", _key, _context, _bind, _transforms))
+def _real(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+          is_causal: bool = False, dropout_p: float = 0.0, scale: float | None = None, layout: str | None = None,
+          window_size: Sequence[int] | None = None, softcap: float = 0.0,
+          alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+    """The real kernel of torch.ops.layerzero.attention (ops/library.py; its schema comes from these
+    hints): lz.attention, its output in fixed strides (contiguous BSHD memory, in the layout of q)."""
+    window = None if window_size is None else (int(window_size[0]), int(window_size[1]))
+    out = attention(q, k, v, attn_mask, is_causal, dropout_p, scale, layout, window, softcap, alibi_slopes)
+    if layout == "BHSD":
+        return out.transpose(1, 2).contiguous().transpose(1, 2)
+    return out.contiguous()
+
+
+def _fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+          is_causal: bool = False, dropout_p: float = 0.0, scale: float | None = None, layout: str | None = None,
+          window_size: Sequence[int] | None = None, softcap: float = 0.0,
+          alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+    """Its fake kernel: the checks of _context, and an empty output with the real kernel's strides."""
+    window = None if window_size is None else (int(window_size[0]), int(window_size[1]))
+    _context(q, k, v, attn_mask, is_causal, dropout_p, scale, layout, window, softcap, alibi_slopes)
+    if layout == "BHSD":
+        B, H, S, _ = q.shape
+        return q.new_empty((B, S, H, v.shape[-1])).transpose(1, 2)
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+ATTENTION = register_family(OpFamily("attention", _key, _context, _bind, _transforms, function=attention, library=True,
+                                     real=_real, fake=_fake))
 
 
 # ----------------------------------------------------------------------------- varlen (packed)
@@ -451,9 +472,7 @@ def _varlen_context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
 
 
 
-ATTENTION_VARLEN = register_family(
-    OpFamily("attention_varlen", _varlen_key, _varlen_context, bind_contiguous, contiguous_transforms)
-)
+ATTENTION_VARLEN = register_family(OpFamily("attention_varlen", _varlen_key, _varlen_context, function=attention_varlen))
 
 
 # ----------------------------------------------------------------------------- paged KV cache
@@ -551,6 +570,4 @@ def _paged_context(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     )
 
 
-PAGED_ATTENTION = register_family(
-    OpFamily("paged_attention", _paged_key, _paged_context, bind_contiguous, contiguous_transforms)
-)
+PAGED_ATTENTION = register_family(OpFamily("paged_attention", _paged_key, _paged_context, function=paged_attention))

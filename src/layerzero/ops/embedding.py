@@ -12,7 +12,7 @@ import torch
 from ..context import SelectionContext
 from ..errors import InvalidInputError
 from ..state import runtime
-from . import OpFamily, bind_contiguous, contiguous_transforms, register_family
+from .family import OpFamily, register_family
 
 _grad_enabled = torch.is_grad_enabled
 
@@ -79,4 +79,4 @@ def _context(ids: torch.Tensor, table: torch.Tensor, padding_idx: int | None = N
 
 
 
-EMBEDDING = register_family(OpFamily("embedding", _key, _context, bind_contiguous, contiguous_transforms))
+EMBEDDING = register_family(OpFamily("embedding", _key, _context, function=embedding))

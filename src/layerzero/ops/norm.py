@@ -14,15 +14,7 @@ from ..capture import GRAPH_CALL, stream_capturing
 from ..context import SelectionContext
 from ..errors import InvalidInputError
 from ..state import runtime
-from . import (
-    OpFamily,
-    bind_contiguous,
-    compile_flags,
-    contiguous_transforms,
-    dynamo_compiling,
-    register_family,
-    traced_ops,
-)
+from .family import OpFamily, compile_flags, dynamo_compiling, register_family
 
 _grad_enabled = torch.is_grad_enabled
 
@@ -43,9 +35,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
 
     x: (..., hidden); weight: (hidden,) or None. Returns x's shape and dtype.
     """
-    # torch.compile / torch.export: one custom op node (integrations/torch_library.py)
+    # torch.compile / torch.export: one custom op node (ops/library.py)
     if dynamo_compiling() or compile_flags._is_compiling_flag:
-        return traced_ops().rms_norm(x, weight, eps)
+        from .library import trace  # an import dynamo runs for real: registers the ops
+
+        return trace(RMS_NORM, x, weight, eps)
     try:
         key = _rms_key(x, weight)
     except AttributeError:
@@ -63,9 +57,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dimension. x: (..., hidden); weight, bias: (hidden,) or None."""
-    # torch.compile / torch.export: one custom op node (integrations/torch_library.py)
+    # torch.compile / torch.export: one custom op node (ops/library.py)
     if dynamo_compiling() or compile_flags._is_compiling_flag:
-        return traced_ops().layer_norm(x, weight, bias, eps)
+        from .library import trace  # an import dynamo runs for real: registers the ops
+
+        return trace(LAYER_NORM, x, weight, bias, eps)
     try:
         key = _layer_key(x, weight, bias)
     except AttributeError:
@@ -83,9 +79,11 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
     """GroupNorm. x: (N, C, *); C divisible by num_groups; weight, bias: (C,) or None."""
-    # torch.compile / torch.export: one custom op node (integrations/torch_library.py)
+    # torch.compile / torch.export: one custom op node (ops/library.py)
     if dynamo_compiling() or compile_flags._is_compiling_flag:
-        return traced_ops().group_norm(x, num_groups, weight, bias, eps)
+        from .library import trace  # an import dynamo runs for real: registers the ops
+
+        return trace(GROUP_NORM, x, num_groups, weight, bias, eps)
     try:
         key = _group_key(x, num_groups, weight, bias)
     except AttributeError:
@@ -170,6 +168,6 @@ def _group_context(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None
 
 
 
-RMS_NORM = register_family(OpFamily("rms_norm", _rms_key, _rms_context, bind_contiguous, contiguous_transforms))
-LAYER_NORM = register_family(OpFamily("layer_norm", _layer_key, _layer_context, bind_contiguous, contiguous_transforms))
-GROUP_NORM = register_family(OpFamily("group_norm", _group_key, _group_context, bind_contiguous, contiguous_transforms))
+RMS_NORM = register_family(OpFamily("rms_norm", _rms_key, _rms_context, function=rms_norm, library=True))
+LAYER_NORM = register_family(OpFamily("layer_norm", _layer_key, _layer_context, function=layer_norm, library=True))
+GROUP_NORM = register_family(OpFamily("group_norm", _group_key, _group_context, function=group_norm, library=True))

@@ -33,7 +33,7 @@ from ..context import SelectionContext
 from ..errors import InvalidInputError, UnknownNameError
 from ..kernel import LAYOUTS, KernelSpec
 from ..state import runtime
-from . import OpFamily, compile_flags, dynamo_compiling, register_family, traced_ops
+from .family import OpFamily, compile_flags, dynamo_compiling, register_family
 
 _grad_enabled = torch.is_grad_enabled
 
@@ -55,11 +55,13 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: boo
 
     cos/sin: (S, R), (B, S, R), or a (max_positions, R) cache with position_ids; see the module doc.
     """
-    # torch.compile / torch.export: one custom op node (integrations/torch_library.py)
+    # torch.compile / torch.export: one custom op node (ops/library.py)
     if dynamo_compiling() or compile_flags._is_compiling_flag:
-        return traced_ops().rope(x, cos, sin, interleaved, position_ids, layout)
+        from .library import trace  # an import dynamo runs for real: registers the ops
+
+        return trace(ROPE, x, cos, sin, interleaved, position_ids, layout)
     try:
-        key = _key(x, None, cos, sin, interleaved, position_ids, layout)
+        key = _rope_key(x, cos, sin, interleaved, position_ids, layout)
     except AttributeError:
         _check_tensors(x=x, cos=cos, sin=sin, position_ids=position_ids)
         raise
@@ -79,9 +81,11 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 
     q: (B, S, Hq, D), k: (B, S, Hk, D) (GQA: Hk may differ), same layout; returns (q_out, k_out).
     """
-    # torch.compile / torch.export: one custom op node (integrations/torch_library.py)
+    # torch.compile / torch.export: one custom op node (ops/library.py)
     if dynamo_compiling() or compile_flags._is_compiling_flag:
-        return traced_ops().rope_qk(q, k, cos, sin, interleaved, position_ids, layout)
+        from .library import trace  # an import dynamo runs for real: registers the ops
+
+        return trace(ROPE_QK, q, k, cos, sin, interleaved, position_ids, layout)
     try:
         key = _key(q, k, cos, sin, interleaved, position_ids, layout)
     except AttributeError:
@@ -212,7 +216,9 @@ def _bind(spec: KernelSpec, ctx: SelectionContext) -> tuple[Callable[..., Any], 
 
 def _rope_key(x: Any, cos: Any, sin: Any, interleaved: bool = False, position_ids: Any = None,
               layout: str = "BSHD") -> tuple[Any, ...]:
-    return _key(x, None, cos, sin, interleaved, position_ids, layout)
+    """rope's key: rope_qk's (_key) with k None, computed in one frame."""
+    return ("posenc.rope", bool(interleaved), layout, _tkey(x), None, _tkey(cos), _tkey(sin), _tkey(position_ids),
+            _grad_enabled() and x.requires_grad, x.is_cuda and (GRAPH_CALL.depth > 0 or stream_capturing()))
 
 
 def _rope_context(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False,
@@ -220,8 +226,33 @@ def _rope_context(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interle
     return _context(x, None, cos, sin, interleaved, position_ids, layout)
 
 
-ROPE = register_family(OpFamily("rope", _rope_key, _rope_context, _bind, _transforms))
-ROPE_QK = register_family(OpFamily("rope_qk", _key, _context, _bind, _transforms))
+def _rope_fake(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False,
+               position_ids: torch.Tensor | None = None, layout: str = "BSHD") -> torch.Tensor:
+    """The fake kernel of torch.ops.layerzero.rope (ops/library.py)."""
+    if position_ids is None:  # with position_ids the checks read the positions: the real kernel does them
+        _context(x, None, cos, sin, interleaved, None, layout)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _rope_qk_real(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False,
+                  position_ids: torch.Tensor | None = None, layout: str = "BSHD") -> tuple[torch.Tensor, torch.Tensor]:
+    """The real kernel of torch.ops.layerzero.rope_qk: rope_qk with contiguous outputs."""
+    qo, ko = rope_qk(q, k, cos, sin, interleaved, position_ids, layout)
+    return qo.contiguous(), ko.contiguous()
+
+
+def _rope_qk_fake(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False,
+                  position_ids: torch.Tensor | None = None, layout: str = "BSHD") -> tuple[torch.Tensor, torch.Tensor]:
+    if position_ids is None:
+        _context(q, k, cos, sin, interleaved, None, layout)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format))
+
+
+ROPE = register_family(OpFamily("rope", _rope_key, _rope_context, _bind, _transforms, function=rope, library=True,
+                                fake=_rope_fake))
+ROPE_QK = register_family(OpFamily("rope_qk", _key, _context, _bind, _transforms, function=rope_qk, library=True,
+                                   real=_rope_qk_real, fake=_rope_qk_fake))
 
 
 # ----------------------------------------------------------------------------- cos/sin cache

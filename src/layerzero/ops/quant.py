@@ -28,7 +28,7 @@ import torch
 from ..context import SelectionContext
 from ..errors import InvalidInputError, UnknownNameError
 from ..state import runtime
-from . import OpFamily, bind_contiguous, contiguous_transforms, register_family
+from .family import OpFamily, register_family
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_token", "block")
 
@@ -380,6 +380,6 @@ def _linear_key(x: Any, weight: Any, bias: Any = None, out_dtype: Any = None) ->
             None if bias is None else (bias.shape, bias.dtype, bias.device), out_dtype)
 
 
-QUANTIZE = register_family(OpFamily("quantize", _quantize_key, _quantize_context, bind_contiguous, contiguous_transforms))
-DEQUANTIZE = register_family(OpFamily("dequantize", _dequantize_key, _dequantize_context, bind_contiguous, contiguous_transforms))
-QUANT_LINEAR = register_family(OpFamily("quant_linear", _linear_key, _linear_context, bind_contiguous, contiguous_transforms))
+QUANTIZE = register_family(OpFamily("quantize", _quantize_key, _quantize_context, function=quantize))
+DEQUANTIZE = register_family(OpFamily("dequantize", _dequantize_key, _dequantize_context, function=dequantize))
+QUANT_LINEAR = register_family(OpFamily("quant_linear", _linear_key, _linear_context, function=quant_linear))

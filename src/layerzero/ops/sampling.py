@@ -29,7 +29,7 @@ import torch
 from ..context import SelectionContext
 from ..errors import InvalidInputError
 from ..state import runtime
-from . import OpFamily, bind_contiguous, contiguous_transforms, register_family
+from .family import OpFamily, register_family
 
 Param = torch.Tensor | float | int | None
 _Tensor = torch.Tensor
@@ -171,7 +171,7 @@ def _greedy_args(logits: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     return (logits,), {"temperature": 0.0}
 
 
-def _family(name: str, adapt: Callable[..., tuple[tuple[Any, ...], dict[str, Any]]]) -> OpFamily:
+def _family(function: Callable[..., Any], adapt: Callable[..., tuple[tuple[Any, ...], dict[str, Any]]]) -> OpFamily:
     """A family for one public function: its arguments mapped onto `sample`'s."""
 
     def key(*args: Any, **kwargs: Any) -> Any:
@@ -182,7 +182,7 @@ def _family(name: str, adapt: Callable[..., tuple[tuple[Any, ...], dict[str, Any
         a, kw = adapt(*args, **kwargs)
         return _context(*a, **kw)
 
-    return register_family(OpFamily(name, key, context, bind_contiguous, contiguous_transforms))
+    return register_family(OpFamily(function.__name__, key, context, function=function))
 
 
 def _key(logits: Any, top_k: Param = None, top_p: Param = None, min_p: Param = None, temperature: Param = 1.0,
@@ -190,9 +190,9 @@ def _key(logits: Any, top_k: Param = None, top_p: Param = None, min_p: Param = N
     return _key_args(logits, top_k, top_p, min_p, temperature, generator)[0]
 
 
-SAMPLE = register_family(OpFamily("sample", _key, _context, bind_contiguous, contiguous_transforms))
-_family("sample_greedy", _greedy_args)
-_family("sample_topk", lambda logits, k, temperature=1.0, generator=None:
+SAMPLE = register_family(OpFamily("sample", _key, _context, function=sample))
+_family(sample_greedy, _greedy_args)
+_family(sample_topk, lambda logits, k, temperature=1.0, generator=None:
         ((logits,), {"top_k": k, "temperature": temperature, "generator": generator}))
-_family("sample_topp", lambda logits, p, temperature=1.0, generator=None:
+_family(sample_topp, lambda logits, p, temperature=1.0, generator=None:
         ((logits,), {"top_p": p, "temperature": temperature, "generator": generator}))

@@ -26,8 +26,10 @@ from typing import Any
 import torch
 
 from ..context import SelectionContext
+from ..graphs import warmup_for_capture
 from ..kernel import KernelSpec
 from ..selection.engine import bind_kernel
+from ..state import runtime
 from . import workloads
 from .perfdb import Bucket, PerfRecord, current_signature
 
@@ -162,7 +164,6 @@ def time_graph(fn: Callable[..., Any], inputs: Sequence[tuple[Any, ...]], device
     captured call's output is compared with an eager call on the same inputs after the replays (a
     kernel that keeps host state would replay stale work). Raises GraphCaptureFailed with the reason.
     """
-    from ..graphs import warmup_for_capture
 
     n = len(inputs)
     warmup_for_capture(lambda: [fn(*inputs[j % n]) for j in range(min(n, calls))], iterations=1)
@@ -249,7 +250,6 @@ def measure(op_family: str, shape: tuple[int, ...], dtype: torch.dtype, device: 
                     for _ in range(rotation_count(_nbytes(run), device) - 1)]
     sig = current_signature(ctx.device_type, ctx.device_index)
     bucket = Bucket.of(ctx)
-    from ..state import runtime
 
     records = []
     for spec in kernels:

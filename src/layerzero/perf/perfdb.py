@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..context import SelectionContext
+from ..device import device_info
 from ..errors import CacheCorruptionError
 
 if TYPE_CHECKING:
@@ -143,7 +144,6 @@ def current_signature(device_type: str = "cpu", index: int = 0) -> Signature:
     """The Signature of this process on a device (queried once per device)."""
     import torch
 
-    from ..device import device_info
 
     info = device_info(torch.device(device_type, index) if device_type == "cuda" else torch.device(device_type))
     cuda = device_type == "cuda"

@@ -25,6 +25,8 @@ from typing import Any
 from ..context import SelectionContext
 from ..errors import ConfigurationError, InvalidInputError
 from ..kernel import LAYOUTS, KernelSpec, priority_for
+from ..ops import FAMILIES
+from ..policy.config import lock
 from ..state import Runtime, runtime
 
 Estimator = Callable[[KernelSpec, SelectionContext], float]
@@ -45,7 +47,6 @@ class BlockStep:
     @staticmethod
     def of(family: str, *args: Any, **kwargs: Any) -> BlockStep:
         """The step of a call `family(*args, **kwargs)` (e.g. BlockStep.of("attention", q, k, v, is_causal=True))."""
-        from ..ops import FAMILIES
 
         if family not in FAMILIES:
             raise InvalidInputError("family", f"one of {sorted(FAMILIES)}", family)
@@ -87,7 +88,6 @@ class BlockPlan:
 
     def apply(self) -> dict[str, str]:
         """Lock every op of the block to its planned kernel (the solver then emits these)."""
-        from ..policy.config import lock
 
         locks = self.locks()
         for op, kernel in locks.items():
@@ -144,7 +144,6 @@ class BlockPlanner:
 
     def options(self, step: BlockStep) -> list[_Option]:
         """The kernels that can run the step (after policy, health, constraints), with their time."""
-        from ..ops import FAMILIES
 
         rt = self.runtime
         rt.ensure_loaded()

@@ -31,7 +31,7 @@ from ..selection.engine import REFERENCE_BACKEND
 from ..state import runtime
 from . import workloads
 from .bench import measure
-from .perfdb import REGIMES, PerfDB, PerfRecord
+from .perfdb import REGIMES, Measurements, PerfDB, PerfRecord
 
 TraceEntry = tuple[str, SelectionContext]
 
@@ -258,7 +258,6 @@ def tune(operation: str | None = None, shapes: Sequence[Any] = (), dtypes: Seque
     started = time.perf_counter()
     dev = torch.device(device) if device is not None else _default_device()
     if perfdb is not None:
-        from .perfdb import Measurements
 
         runtime.set_measurements(Measurements(perfdb, runtime.measurements.version_of))
     runtime.ensure_loaded()
@@ -313,7 +312,6 @@ def perfdb(path: str | Path | None = None) -> PerfDB | None:
     """The PerfDB that selection reads (None when LAYERZERO_PERFDB=off); with `path`, switch the
     runtime to that file first (cached plans are dropped)."""
     if path is not None:
-        from .perfdb import Measurements
 
         runtime.set_measurements(Measurements(path, runtime.measurements.version_of))
     return runtime.measurements.db

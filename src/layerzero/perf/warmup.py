@@ -38,7 +38,9 @@ import torch
 
 from ..errors import InvalidInputError
 from ..kernel import KernelSpec
+from ..monitor.probe import TOLERANCE
 from ..reasons import Reason
+from ..selection.engine import REFERENCE_BACKEND, TRANSFORM_PENALTY
 from ..state import runtime
 from . import workloads
 
@@ -227,7 +229,6 @@ def jit_task(operation: str, problem: Problem, device: torch.device) -> JitTask 
     score selection gives (PerfDB or priority, prefer rules, boosts, transform penalties) or by a
     policy lock that names it.
     """
-    from ..selection.engine import REFERENCE_BACKEND, TRANSFORM_PENALTY
 
     shape, dtype, options = problem
     fam = workloads.family(operation)
@@ -418,7 +419,6 @@ def _worker(payload: str) -> dict[str, Any]:
     library keeps on disk) and compare the output with the reference. Errors of the kernel itself are
     reported as "kernel: ...", others as "setup: ..."; the report shows them (a variant that fails
     here stays unbuilt: selection keeps to the other kernels, as the JIT gate says)."""
-    from ..monitor.probe import TOLERANCE
 
     task = json.loads(payload)
     started = time.perf_counter()

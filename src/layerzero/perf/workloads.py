@@ -18,7 +18,6 @@ names the family it calls in `op_family`.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +30,7 @@ from ..kernel import KernelSpec, check_constraints
 from ..ops import FAMILIES, OpFamily
 from ..selection.engine import REFERENCE_BACKEND, ExecutionPlan
 from ..state import runtime
+from .perfdb import Bucket
 
 Shape = tuple[int, ...]
 Args = tuple[Any, ...]
@@ -145,8 +145,6 @@ def op_shape(operation: str, shape: Any) -> tuple[str, Shape]:
 
 def family(name: str) -> OpFamily:
     """The OpFamily of a family name, or of the family a workload calls."""
-    import layerzero  # noqa: F401 - registers every op family
-
     found = FAMILIES.get(_op_family(name))
     if found is None:
         raise UnknownNameError("operation", name, FAMILIES)
@@ -155,7 +153,7 @@ def family(name: str) -> OpFamily:
 
 def public_op(name: str) -> Callable[..., Any]:
     """The public function of a family (`lz.attention` for "attention") or of the family a workload calls."""
-    return getattr(importlib.import_module("layerzero"), _op_family(name))
+    return family(name).function
 
 
 def run_args(name: str, args: Args, options: dict[str, Any] | None = None) -> Args:
@@ -206,7 +204,6 @@ def shape_of(name: str, ctx: SelectionContext) -> Shape | None:
                            if ctx.device_type == "cuda" else torch.device(ctx.device_type))
     except Exception:  # noqa: BLE001 - a context the workload cannot build is simply not reproducible
         return None
-    from .perfdb import Bucket
 
     return shape if made.op == ctx.op and Bucket.of(made) == Bucket.of(ctx) else None
 

@@ -28,6 +28,7 @@ from .loader import (
     environment_policy,
     load_policy_file,
     parse_policy_mapping,
+    parse_policy_text,
     resolve_target,
 )
 from .model import LAYERS, Policy, Rule
@@ -480,7 +481,6 @@ class PolicyWatcher:
 
 
 def _parse_file_bytes(content: bytes, path: str) -> Policy:
-    from .loader import parse_policy_text
 
     return parse_policy_text(content, runtime.registry, source=path)
 

@@ -7,7 +7,6 @@ Each takes the op as an op id (`attention.causal`, globs where a set makes sense
 from __future__ import annotations
 
 import fnmatch
-import importlib
 import inspect
 import os
 from collections.abc import Callable
@@ -90,7 +89,7 @@ def resolve_call(op: Op | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     problem: Exception | None = None
     other: SelectionContext | None = None
     for name in names:
-        public = getattr(importlib.import_module("layerzero"), name)
+        public = FAMILIES[name].function
         try:
             bound = inspect.signature(public).bind(*args, **kwargs)
         except TypeError as exc:

@@ -10,7 +10,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import layerzero as lz
-from layerzero.integrations import torch_library  # noqa: F401  (registers torch.ops.layerzero.*)
+from layerzero.ops import library  # noqa: F401  (registers torch.ops.layerzero.*)
 from tests.conftest import assert_close_to_reference
 
 LZ_OPS = {"attention", "rms_norm", "layer_norm", "group_norm", "rope", "rope_qk", "silu", "gelu", "swiglu", "geglu",
@@ -196,7 +196,7 @@ def test_inputs_that_need_grad_run_eagerly_with_correct_gradients():
 
 def test_import_layerzero_stays_light():
     code = ("import sys, layerzero as lz, torch; lz.rms_norm(torch.randn(2, 8)); "
-            "print(sorted(m for m in ('layerzero.integrations.torch_library', 'transformers', 'diffusers', "
+            "print(sorted(m for m in ('layerzero.ops.library', 'transformers', 'diffusers', "
             "'torch._dynamo') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
