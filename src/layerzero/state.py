@@ -7,6 +7,7 @@ import os
 import threading
 import time
 from collections.abc import Hashable, Mapping
+from contextvars import Token
 from dataclasses import replace
 from typing import Any
 
@@ -20,7 +21,7 @@ from .monitor.probe import Probes
 from .monitor.telemetry import Telemetry
 from .perf.perfdb import Figure, Measurements, default_path
 from .policy.loader import environment_policy, load_policy_file
-from .policy.model import Policy, PolicyLayers
+from .policy.model import SCOPE, Change, Policy, PolicyLayers, Scope
 from .reasons import Reason, Rejection
 from .selection.cache import PlanCache
 from .selection.engine import ExecutionPlan, SelectionEngine, SelectionReport
@@ -40,10 +41,10 @@ class Runtime:
         self._lock = threading.RLock()
         self.registry = Registry(on_change=self.bump)
         self.descriptors = self.registry.descriptors = Descriptors()  # capabilities descriptors (lazy)
-        self.policy = Policy()
+        self._policy = Policy()  # the process-wide policy; `policy` adds the thread's scoped overrides
         self.plans = PlanCache()
         self.engine = SelectionEngine(self)
-        self.disabled_backends: frozenset[str] = frozenset()  # "*": every backend but the reference
+        self._disabled: frozenset[str] = frozenset()  # "*": every backend but the reference
         self.policy_layers = PolicyLayers()  # code > env > file; `policy` is their merge
         self.policy_watcher: Any = None  # policy.config.PolicyWatcher of lz.watch_policy
         self.health = Health(self)
@@ -102,9 +103,64 @@ class Runtime:
         self.plans.invalidate()
 
     def set_policy(self, policy: Policy) -> None:
+        """Install the process-wide policy (every thread); drops cached plans."""
         with self._lock:
-            self.policy = policy
+            self._policy = policy
             self.bump()
+
+    # ---- the policy in force: process-wide, and the scoped overrides of this thread or task
+
+    @property
+    def policy(self) -> Policy:
+        """The policy in force for the calling thread or task (process-wide, with its blocks' changes)."""
+        scope = SCOPE.get()
+        return self._policy if scope is None else self._scoped(scope)[0]
+
+    @property
+    def disabled_backends(self) -> frozenset[str]:
+        """Backend names and kernel ids lz.disabled switched off for the calling thread or task."""
+        scope = SCOPE.get()
+        return self._disabled if scope is None else self._scoped(scope)[1]
+
+    @property
+    def process_disabled(self) -> frozenset[str]:
+        """What lz.disabled switched off for every thread (blocks' changes aside)."""
+        return self._disabled
+
+    @disabled_backends.setter
+    def disabled_backends(self, names: frozenset[str]) -> None:
+        """Switch off for every thread (the statement forms of lz.disabled / lz.enabled); drops plans."""
+        with self._lock:
+            self._disabled = frozenset(names)
+            self.bump()
+
+    def _scoped(self, scope: Scope) -> tuple[Policy, frozenset[str]]:
+        """(policy, disabled set) of a scope: its blocks' changes on the process-wide ones, kept until
+        those change (the generation moves)."""
+        generation = self.plans.generation  # read first: a change after it makes the next call recompute
+        effect = scope.effect
+        if effect is None or effect[0] != generation:
+            code, disabled = scope.apply(self.policy_layers.code, self._disabled)
+            effect = scope.effect = (generation, replace(self.policy_layers, code=code).merged(), disabled)
+        return effect[1], effect[2]
+
+    def enter_scope(self, change: Change) -> tuple[Token[Scope | None], PlanCache]:
+        """Begin a block whose `change` applies to this thread or task only (policy/config.py)."""
+        plans = self.plans
+        plans.enter_scope()  # before the scope exists: no call of it may read the shared plans
+        token = SCOPE.set(Scope(SCOPE.get(), change))
+        self.bump()  # like every policy change (the plans of the scope are new anyway)
+        return token, plans
+
+    def leave_scope(self, token: Token[Scope | None], plans: PlanCache) -> None:
+        SCOPE.reset(token)
+        plans.leave_scope()  # the cache the block began in (lz.reset may have replaced it since)
+        self.bump()
+
+    def scoped_key(self, key: Hashable) -> Hashable:
+        """A call's plan-cache key as filed for the calling thread or task: (scope, key) inside a block."""
+        scope = SCOPE.get()
+        return key if scope is None else (scope, key)
 
     def set_layers(self, layers: PolicyLayers) -> None:
         """Install new policy layers (code > env > file); the policy in force becomes their merge."""
@@ -201,8 +257,20 @@ class Runtime:
         log.warning(message)
 
     def plan(self, family: Any, key: Hashable, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ExecutionPlan:
-        """The miss path: build the context, select, bind, cache (once per key and generation)."""
+        """The miss path: build the context, select, bind, cache (once per key and generation).
+
+        While a scoped-override block is active anywhere, every call comes here (the hit path's view
+        is empty, see selection/cache.py): its plan is looked up first, filed under (scope, key) for
+        a call inside a block.
+        """
         self.ensure_loaded()
+        scope = SCOPE.get()
+        if scope is not None:
+            key = (scope, key)
+        if self.plans.scopes:
+            plan = self.plans.get(key)
+            if plan is not None:
+                return plan
 
         def compute() -> ExecutionPlan:
             start = time.perf_counter()
@@ -228,7 +296,7 @@ class Runtime:
         if self.invariant is not None:
             ctx = self.invariant.context(ctx)
         report = self.engine.evaluate(ctx, family.transforms)
-        cached = self.plans.data.get(key)
+        cached = self.plans.get(self.scoped_key(key))
         report.cached = cached is not None and cached.kernel_id == report.selected_kernel
         return report
 
