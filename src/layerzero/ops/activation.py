@@ -26,7 +26,7 @@ from ..capture import GRAPH_CALL, stream_capturing
 from ..context import SelectionContext
 from ..errors import InvalidInputError
 from ..state import runtime
-from .family import OpFamily, compile_flags, dynamo_compiling, register_family
+from .family import Args, OpFamily, Shape, Workload, compile_flags, dynamo_compiling, randn, register_family
 
 _grad_enabled = torch.is_grad_enabled
 APPROXIMATIONS = ("none", "tanh")
@@ -269,8 +269,14 @@ def _mlp_fake(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
     return x.new_empty((*x.shape[:-1], w_down.shape[0]))
 
 
+def _pair_workload(shape: Shape, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> Args:
+    """swiglu's workload (rows, hidden): gate and up of that shape."""
+    return (randn(shape, dtype, device, gen), randn(shape, dtype, device, gen))
+
+
 SILU = register_family(OpFamily("silu", _silu_key, _silu_context, function=silu, library=True))
 GELU = register_family(OpFamily("gelu", _gelu_key, _gelu_context, function=gelu, library=True))
-SWIGLU = register_family(OpFamily("swiglu", _swiglu_key, _swiglu_context, function=swiglu, library=True))
+SWIGLU = register_family(OpFamily("swiglu", _swiglu_key, _swiglu_context, function=swiglu, library=True,
+                                  workloads=(Workload("swiglu", ("rows", "hidden"), ("rows",), _pair_workload),)))
 GEGLU = register_family(OpFamily("geglu", _geglu_key, _geglu_context, function=geglu, library=True))
 FUSED_MLP = register_family(OpFamily("fused_mlp", _mlp_key, _mlp_context, function=fused_mlp, library=True, fake=_mlp_fake))

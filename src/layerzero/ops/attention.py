@@ -34,7 +34,17 @@ from ..context import SelectionContext
 from ..errors import InvalidInputError, UnknownNameError
 from ..kernel import LAYOUTS, KernelSpec
 from ..state import runtime
-from .family import OpFamily, compile_flags, dynamo_compiling, register_family
+from .family import (
+    Args,
+    OpFamily,
+    Shape,
+    SolveCode,
+    Workload,
+    compile_flags,
+    dynamo_compiling,
+    randn,
+    register_family,
+)
 
 _grad_enabled = torch.is_grad_enabled
 KV_LAYOUTS = ("NHD", "HND")
@@ -86,6 +96,9 @@ def attention(
                             alibi_slopes)
 
 
+# ----------------------------------------------------------------------------- the plan-cache key
+# (the call above and lz.select / explain / which use this one function: OpFamily.key)
+
 def _key(q: Any, k: Any, v: Any, attn_mask: Any = None, is_causal: bool = False, dropout_p: float = 0.0,
          scale: float | None = None, layout: str | None = None, window_size: Any = None, softcap: float = 0.0,
          alibi_slopes: Any = None) -> tuple[Any, ...]:
@@ -111,6 +124,8 @@ def _hashable(window_size: Any) -> Any:
     """A window as a key part: lists become tuples (explain/select build keys from raw arguments)."""
     return window_size if window_size is None or isinstance(window_size, tuple) else tuple(window_size)
 
+
+# ----------------------------------------------------------------------------- the context (miss path only)
 
 def _check_tensors(**tensors: Any) -> None:
     for name, t in tensors.items():
@@ -313,6 +328,8 @@ def _context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch
     )
 
 
+# ----------------------------------------------------------------------------- binding a kernel to the call
+
 def _transforms(spec: KernelSpec, ctx: SelectionContext) -> tuple[str, ...]:
     out = []
     if ctx.layout in LAYOUTS and spec.layout != ctx.layout:
@@ -345,6 +362,8 @@ def _bind(spec: KernelSpec, ctx: SelectionContext) -> tuple[Callable[..., torch.
     return run, transforms
 
 
+# ----------------------------------------------------------------------------- torch.compile / torch.export
+
 def _real(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
           is_causal: bool = False, dropout_p: float = 0.0, scale: float | None = None, layout: str | None = None,
           window_size: Sequence[int] | None = None, softcap: float = 0.0,
@@ -371,8 +390,57 @@ def _fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Te
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
+# ----------------------------------------------------------------------------- measuring and solving
+# How lz.tune / lz.warmup / benchmarks build attention calls (perf/workloads.py), and how lz.solve
+# calls its kernels without the engine (perf/solve.py).
+
+def _workload(shape: Shape, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> Args:
+    b, sq, sk, hq, hkv, d, causal = shape
+    q = randn((b, sq, hq, d), dtype, device, gen)
+    k = randn((b, sk, hkv, d), dtype, device, gen)
+    v = randn((b, sk, hkv, d), dtype, device, gen)
+    return (q, k, v, None, bool(causal))
+
+
+def _workload_view(args: Args) -> tuple[Args, Callable[[Any], Any]]:
+    """Batch 0 and the query heads of the first KV head: memory Sq*Sk*group, whatever the batch."""
+    q, k, v, *rest = args
+    group = q.shape[2] // k.shape[2]
+    return (q[:1, :, :group], k[:1, :, :1], v[:1, :, :1], *rest), lambda out: out[:1, :, :group]
+
+
+def _workload_ext(shape: Shape, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> Args:
+    """attention_ext: the options of Mistral / Gemma-2 layers. window > 0 is window_size=(window, 0)
+    when causal, (window, window) otherwise; softcap > 0 caps the scores."""
+    *dense, window, softcap = shape
+    q, k, v, mask, causal = _workload(tuple(dense), dtype, device, gen)
+    window_size = (window, 0 if causal else window) if window > 0 else None
+    return (q, k, v, mask, causal, 0.0, None, "BSHD", window_size, float(softcap))
+
+
+_DIMS = ("batch", "seq_q", "seq_k", "heads", "kv_heads", "head_dim", "causal")
+WORKLOADS = (
+    Workload("attention", _DIMS, ("batch", "seq_q", "seq_k"), _workload, _workload_view,
+             op_ids={"attention.causal": {"causal": 1}, "attention.full": {"causal": 0},
+                     "attention.decode": {"seq_q": 1, "causal": 0}}),
+    Workload("attention_ext", (*_DIMS, "window", "softcap"), ("batch", "seq_q", "seq_k"), _workload_ext,
+             _workload_view),
+)
+SOLVE = SolveCode(
+    handled=("q", "k", "v", "is_causal", "scale"), required=(), first="q", tensors=("q", "k", "v"),
+    prologue=("qs = q.shape", "ks = k.shape", "dt = q.dtype",
+              "if len(qs) == 4 and len(ks) == 4 and v.shape == ks and k.dtype is dt and v.dtype is dt:",
+              "    B, Sq, Hq, D = qs", "    Bk, Sk, Hkv, Dk = ks",
+              "    if Bk == B and Dk == D:"),
+    names={"batch": "B", "seq_q": "Sq", "seq_k": "Sk", "heads": "Hq", "kv_heads": "Hkv", "head_dim": "D",
+           "causal": "is_causal"},
+    call="{K}({q}, {k}, {v}, attn_mask, is_causal, dropout_p, scale, window_size, softcap, alibi_slopes){post}",
+    transposed=("q", "k", "v"), contiguous=("q", "k", "v"), square=("seq_q", "seq_k"),
+)
+
+
 ATTENTION = register_family(OpFamily("attention", _key, _context, _bind, _transforms, function=attention, library=True,
-                                     real=_real, fake=_fake))
+                                     real=_real, fake=_fake, workloads=WORKLOADS, solve=SOLVE))
 
 
 # ----------------------------------------------------------------------------- varlen (packed)
@@ -570,4 +638,29 @@ def _paged_context(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     )
 
 
-PAGED_ATTENTION = register_family(OpFamily("paged_attention", _paged_key, _paged_context, function=paged_attention))
+def _paged_workload(shape: Shape, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> Args:
+    """(batch, seq_q, seq_k, heads, kv_heads, head_dim, page_size): an NHD cache whose pages are shuffled
+    (as a serving allocator leaves them), every sequence seq_k tokens long (make seq_k a multiple of
+    page_size: the context's seq_len_k is the page table's capacity)."""
+    b, sq, sk, hq, hkv, d, page = shape
+    sk = max(sk, sq, 1)
+    per_seq = -(-sk // page)
+    q = randn((b, sq, hq, d), dtype, device, gen)
+    k_cache = randn((b * per_seq, page, hkv, d), dtype, device, gen)
+    v_cache = randn((b * per_seq, page, hkv, d), dtype, device, gen)
+    order = torch.randperm(b * per_seq, generator=gen, device=device)
+    page_table = order.view(b, per_seq).to(torch.int32)
+    seq_lens = torch.full((b,), sk, dtype=torch.int32, device=device)
+    return (q, k_cache, v_cache, page_table, seq_lens)
+
+
+def _paged_view(args: Args) -> tuple[Args, Callable[[Any], Any]]:
+    """Sequence 0 only (its pages stay where they are in the shared cache)."""
+    q, k_cache, v_cache, page_table, seq_lens, *rest = args
+    return (q[:1], k_cache, v_cache, page_table[:1], seq_lens[:1], *rest), lambda out: out[:1]
+
+
+PAGED_WORKLOAD = Workload("paged_attention", ("batch", "seq_q", "seq_k", "heads", "kv_heads", "head_dim", "page_size"),
+                          ("batch", "seq_k"), _paged_workload, _paged_view, op_ids={"attention.paged": {}})
+PAGED_ATTENTION = register_family(OpFamily("paged_attention", _paged_key, _paged_context, function=paged_attention,
+                                           workloads=(PAGED_WORKLOAD,)))

@@ -9,12 +9,13 @@ from __future__ import annotations
 import fnmatch
 import types
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..context import SelectionContext
+from ..errors import InvalidInputError
 from ..kernel import KernelSpec
 
 # Every `lz.*` call first asks whether torch.compile / torch.export is tracing it (then it becomes one
@@ -48,6 +49,89 @@ def bind_contiguous(spec: KernelSpec, ctx: SelectionContext) -> tuple[Callable[.
     return run, ("contiguous",)
 
 
+Shape = tuple[int, ...]
+Args = tuple[Any, ...]
+
+# Workload dim -> the SelectionContext field that holds it.
+CONTEXT_FIELDS = {"batch": "batch", "seq_q": "seq_len_q", "seq_k": "seq_len_k", "heads": "num_heads",
+                  "kv_heads": "num_kv_heads", "head_dim": "head_dim", "causal": "is_causal", "rows": "num_rows",
+                  "hidden": "hidden_size", "seq": "seq_len_q", "page_size": "page_size"}
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """How to build and check one kind of call of a family, for measuring it (perf/): a shape is a
+    tuple of ints named by `dims`.
+
+    make(shape, dtype, device, generator) -> the public function's positional arguments.
+    ranged: dims bucketed by powers of two (the rest are exact).
+    reference_view(args) -> (smaller args, function slicing the full output the same way): the
+    slice of the problem checked against the reference, so the check stays cheap on huge shapes.
+    op_ids: op id -> the dims it fixes (`attention.causal`: causal 1), for the shapes given for an op id.
+    """
+
+    name: str
+    dims: tuple[str, ...]
+    ranged: tuple[str, ...]
+    make: Callable[[Shape, torch.dtype, torch.device, torch.Generator], Args]
+    reference_view: Callable[[Args], tuple[Args, Callable[[Any], Any]]] | None = None
+    op_ids: dict[str, dict[str, int]] = field(default_factory=dict, hash=False)
+
+    def check_shape(self, shape: Any) -> Shape:
+        """The shape as a tuple of ints, or InvalidInputError naming the dims expected."""
+        if isinstance(shape, str):
+            shape = tuple(int(x) for x in shape.replace(",", "x").split("x") if x)
+        if not isinstance(shape, tuple | list) or len(shape) != len(self.dims) or not all(
+                isinstance(x, int | bool) and x >= 0 for x in shape):
+            raise InvalidInputError("shape", f"{len(self.dims)} non-negative ints ({', '.join(self.dims)}) for "
+                                    f"{self.name}", shape)
+        return tuple(int(x) for x in shape)
+
+    def label(self, shape: Shape) -> str:
+        return "x".join(str(x) for x in shape)
+
+
+def randn(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> torch.Tensor:
+    """Workload inputs: standard normal, drawn in float32 (every dtype gets the same numbers)."""
+    return torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
+
+
+@dataclass(frozen=True, slots=True)
+class SolveCode:
+    """What `lz.solve` (perf/solve.py) writes to call a family's kernels without the engine.
+
+    handled: public parameters the solved code reads; every other parameter must be at its default
+    (else dynamic selection runs). required: parameters that must not be None. first: the argument
+    whose device is checked. tensors: arguments checked for grad before a kernel without backward.
+    prologue: code that checks the tensors and binds the workload dims (after the guard), reading
+    each shape and dtype once. names: workload dim -> variable in the generated code. call: the
+    kernel call, with {K} for the kernel, {post} for what follows it, and {name} for each argument
+    in `transposed` (transposed (1, 2) for a kernel of another layout than BSHD, and back after)
+    or `contiguous` (made contiguous for a kernel that requires it). square: a pair of ranged dims
+    whose equality changes what kernels may run (causal masks on Sq == Sk).
+    """
+
+    handled: tuple[str, ...]
+    required: tuple[str, ...]
+    first: str
+    tensors: tuple[str, ...]
+    prologue: tuple[str, ...]
+    names: dict[str, str] = field(hash=False)
+    call: str
+    transposed: tuple[str, ...] = ()
+    contiguous: tuple[str, ...] = ()
+    square: tuple[str, str] | None = None
+
+    def kernel_call(self, spec: KernelSpec, var: str) -> str:
+        """The call of kernel `spec` (bound to `var` in the module) in the generated code."""
+        t = ".transpose(1, 2)" if self.transposed and spec.layout != "BSHD" else ""
+        c = ".contiguous()" if spec.requires_contiguous else ""
+        args = {name: name + t for name in self.transposed}
+        for name in self.contiguous:
+            args[name] = args.get(name, name) + c
+        return self.call.format(K=var, post=t, **args)
+
+
 Binder = Callable[[KernelSpec, SelectionContext], tuple[Callable[..., Any], tuple[str, ...]]]
 
 
@@ -66,6 +150,8 @@ class OpFamily:
         the type hints of `real` (or `function`); `real` is the op's real kernel when it is not
         `function` with a contiguous output; `fake` its fake (meta) kernel when not "validate with
         `context`, return an empty tensor like the first argument".
+    workloads: the kinds of calls perf/ measures (lz.tune, lz.warmup, lz.solve, benchmarks).
+    solve: how lz.solve calls the kernels directly (None: the family is not solved).
     """
 
     name: str
@@ -77,6 +163,8 @@ class OpFamily:
     library: bool = False
     real: Callable[..., Any] | None = None
     fake: Callable[..., Any] | None = None
+    workloads: tuple[Workload, ...] = ()
+    solve: SolveCode | None = None
 
 
 FAMILIES: dict[str, OpFamily] = {}

@@ -6,6 +6,7 @@ eps)`, group_norm `impl(x, num_groups, weight, bias, eps)`; weight and bias may 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,7 +15,17 @@ from ..capture import GRAPH_CALL, stream_capturing
 from ..context import SelectionContext
 from ..errors import InvalidInputError
 from ..state import runtime
-from .family import OpFamily, compile_flags, dynamo_compiling, register_family
+from .family import (
+    Args,
+    OpFamily,
+    Shape,
+    SolveCode,
+    Workload,
+    compile_flags,
+    dynamo_compiling,
+    randn,
+    register_family,
+)
 
 _grad_enabled = torch.is_grad_enabled
 
@@ -168,6 +179,37 @@ def _group_context(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None
 
 
 
-RMS_NORM = register_family(OpFamily("rms_norm", _rms_key, _rms_context, function=rms_norm, library=True))
-LAYER_NORM = register_family(OpFamily("layer_norm", _layer_key, _layer_context, function=layer_norm, library=True))
+# How lz.tune / lz.warmup / benchmarks build norm calls (perf/workloads.py), and how lz.solve calls the
+# kernels without the engine (perf/solve.py).
+
+def _rows_workload(bias: bool) -> Callable[[Shape, torch.dtype, torch.device, torch.Generator], Args]:
+    """(rows, hidden): x of that shape, a weight (and bias) of size hidden."""
+    def make(shape: Shape, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> Args:
+        rows, hidden = shape
+        x = randn((rows, hidden), dtype, device, gen)
+        weight = (1.0 + 0.1 * randn((hidden,), torch.float32, device, gen)).to(dtype)
+        if not bias:
+            return (x, weight)
+        return (x, weight, (0.1 * randn((hidden,), torch.float32, device, gen)).to(dtype))
+
+    return make
+
+
+# rows: the product of all but the last dim; a 0-d x or an empty last dim goes to dynamic selection
+_ROWS = ("s = x.shape", "if s and (H := s[-1]):", "    R = s.numel() // H", "    dt = x.dtype")
+
+
+RMS_NORM = register_family(OpFamily(
+    "rms_norm", _rms_key, _rms_context, function=rms_norm, library=True,
+    workloads=(Workload("rms_norm", ("rows", "hidden"), ("rows",), _rows_workload(bias=False), op_ids={"norm.rms": {}}),),
+    solve=SolveCode(("x", "weight", "eps"), ("weight",), "x", ("x", "weight"), _ROWS, {"rows": "R", "hidden": "H"},
+                    "{K}({x}, weight, eps)", contiguous=("x",)),
+))
+LAYER_NORM = register_family(OpFamily(
+    "layer_norm", _layer_key, _layer_context, function=layer_norm, library=True,
+    workloads=(Workload("layer_norm", ("rows", "hidden"), ("rows",), _rows_workload(bias=True),
+                        op_ids={"norm.layer": {}}),),
+    solve=SolveCode(("x", "weight", "bias", "eps"), ("weight", "bias"), "x", ("x", "weight", "bias"), _ROWS,
+                    {"rows": "R", "hidden": "H"}, "{K}({x}, weight, bias, eps)", contiguous=("x",)),
+))
 GROUP_NORM = register_family(OpFamily("group_norm", _group_key, _group_context, function=group_norm, library=True))

@@ -33,7 +33,7 @@ from ..context import SelectionContext
 from ..errors import InvalidInputError, UnknownNameError
 from ..kernel import LAYOUTS, KernelSpec
 from ..state import runtime
-from .family import OpFamily, compile_flags, dynamo_compiling, register_family
+from .family import Args, OpFamily, Shape, Workload, compile_flags, dynamo_compiling, randn, register_family
 
 _grad_enabled = torch.is_grad_enabled
 
@@ -249,10 +249,23 @@ def _rope_qk_fake(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
             torch.empty_like(k, memory_format=torch.contiguous_format))
 
 
+def _rope_workload(shape: Shape, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> Args:
+    """rope_qk's workload (batch, seq, heads, kv_heads, head_dim): q and k in BSHD, a full-width
+    (seq, head_dim) cos/sin."""
+    b, s, hq, hkv, d = shape
+    q = randn((b, s, hq, d), dtype, device, gen)
+    k = randn((b, s, hkv, d), dtype, device, gen)
+    angles = torch.rand((s, d // 2), generator=gen, device=device, dtype=torch.float32) * 6.3
+    angles = torch.cat((angles, angles), dim=-1)
+    return (q, k, angles.cos().to(dtype), angles.sin().to(dtype))
+
+
 ROPE = register_family(OpFamily("rope", _rope_key, _rope_context, _bind, _transforms, function=rope, library=True,
                                 fake=_rope_fake))
 ROPE_QK = register_family(OpFamily("rope_qk", _key, _context, _bind, _transforms, function=rope_qk, library=True,
-                                   real=_rope_qk_real, fake=_rope_qk_fake))
+                                   real=_rope_qk_real, fake=_rope_qk_fake,
+                                   workloads=(Workload("rope_qk", ("batch", "seq", "heads", "kv_heads", "head_dim"), (),
+                                                       _rope_workload, op_ids={"posenc.rope": {}}),)))
 
 
 # ----------------------------------------------------------------------------- cos/sin cache

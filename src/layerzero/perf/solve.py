@@ -37,6 +37,8 @@ from ..backends import builtin_backend_modules
 from ..context import SelectionContext
 from ..errors import ConfigurationError, InvalidInputError, NoKernelFoundError
 from ..kernel import KernelSpec
+from ..ops import FAMILIES
+from ..ops.family import SolveCode
 from ..selection.engine import REFERENCE_BACKEND
 from ..state import runtime
 from . import workloads
@@ -45,47 +47,9 @@ from .perfdb import Bucket, bucket_low, current_signature, pow2_bucket
 Interval = tuple[int, int]
 
 
-@dataclass(frozen=True, slots=True)
-class FamilyCode:
-    """What the generator knows about calling one family's kernels without the engine.
-
-    handled: public parameters the solved code reads; every other parameter must be at its default
-    (else dynamic selection runs). required: parameters that must not be None. prologue: code that
-    checks the tensors and binds the workload dims (after the guard), reading each shape and dtype
-    once. call: the kernel call, with {K} for the kernel and {q}/{x}/{post} for layout transforms.
-    tensors: arguments checked for grad before a kernel without backward.
-    """
-
-    handled: tuple[str, ...]
-    required: tuple[str, ...]
-    first: str
-    tensors: tuple[str, ...]
-    prologue: tuple[str, ...]
-    names: Mapping[str, str]  # workload dim -> variable in the generated code
-    call: str
-
-
-_ATTENTION = FamilyCode(
-    handled=("q", "k", "v", "is_causal", "scale"), required=(), first="q", tensors=("q", "k", "v"),
-    prologue=("qs = q.shape", "ks = k.shape", "dt = q.dtype",
-              "if len(qs) == 4 and len(ks) == 4 and v.shape == ks and k.dtype is dt and v.dtype is dt:",
-              "    B, Sq, Hq, D = qs", "    Bk, Sk, Hkv, Dk = ks",
-              "    if Bk == B and Dk == D:"),
-    names={"batch": "B", "seq_q": "Sq", "seq_k": "Sk", "heads": "Hq", "kv_heads": "Hkv", "head_dim": "D",
-           "causal": "is_causal"},
-    call="{K}({q}, {k}, {v}, attn_mask, is_causal, dropout_p, scale, window_size, softcap, alibi_slopes){post}",
-)
-# rows: the product of all but the last dim; a 0-d x or an empty last dim goes to dynamic selection
-_ROWS = ("s = x.shape", "if s and (H := s[-1]):", "    R = s.numel() // H", "    dt = x.dtype")
-FAMILY_CODE: dict[str, FamilyCode] = {
-    "attention": _ATTENTION,
-    "rms_norm": FamilyCode(("x", "weight", "eps"), ("weight",), "x", ("x", "weight"), _ROWS,
-                           {"rows": "R", "hidden": "H"}, "{K}({x}, weight, eps)"),
-    "layer_norm": FamilyCode(("x", "weight", "bias", "eps"), ("weight", "bias"), "x", ("x", "weight", "bias"), _ROWS,
-                             {"rows": "R", "hidden": "H"}, "{K}({x}, weight, bias, eps)"),
-}
-# Pairs of ranged dims whose equality changes what kernels may run (causal masks on Sq == Sk).
-SQUARE = {"attention": ("seq_q", "seq_k")}
+# What the generator knows about calling each solvable family's kernels without the engine: the
+# family's own SolveCode (ops/family.py; attention's in ops/attention.py, the norms' in ops/norm.py).
+FAMILY_CODE: dict[str, SolveCode] = {name: f.solve for name, f in FAMILIES.items() if f.solve is not None}
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +141,7 @@ def _tree(name: str, template: SelectionContext, ranged: list[str], intervals: d
     ("square", same, other) where Sq == Sk matters, or ("split", dim, [(lo, hi, leaf)]) where a cell
     was bisected."""
     fields = workloads.CONTEXT_FIELDS
-    pair = SQUARE.get(name)
+    pair = FAMILY_CODE[name].square
     memo: dict[SelectionContext, list[str] | None] = {}
 
     def at(point: dict[str, int]) -> SelectionContext:
@@ -265,15 +229,7 @@ class _Writer:
         return self.kernels[kernel_id]
 
 
-def _call(code: FamilyCode, spec: KernelSpec, var: str) -> str:
-    if code is _ATTENTION:
-        t = ".transpose(1, 2)" if spec.layout != "BSHD" else ""
-        c = ".contiguous()" if spec.requires_contiguous else ""
-        return code.call.format(K=var, q=f"q{t}{c}", k=f"k{t}{c}", v=f"v{t}{c}", post=t)
-    return code.call.format(K=var, x="x.contiguous()" if spec.requires_contiguous else "x")
-
-
-def _emit_leaf(w: _Writer, code: FamilyCode, node: Any, depth: int) -> None:
+def _emit_leaf(w: _Writer, code: SolveCode, node: Any, depth: int) -> None:
     if node is None:
         w.emit(depth, "pass  # no kernel valid in the whole bucket: dynamic selection")
         return
@@ -304,12 +260,12 @@ def _emit_leaf(w: _Writer, code: FamilyCode, node: Any, depth: int) -> None:
         unsafe.append("_capturing()")
     if unsafe:
         w.emit(depth, f"if not {unsafe[0] if len(unsafe) == 1 else '(' + ' or '.join(unsafe) + ')'}:")
-        w.emit(depth + 1, f"return {_call(code, spec, var)}")
+        w.emit(depth + 1, f"return {code.kernel_call(spec, var)}")
     else:
-        w.emit(depth, f"return {_call(code, spec, var)}")
+        w.emit(depth, f"return {code.kernel_call(spec, var)}")
 
 
-def _emit_tree(w: _Writer, code: FamilyCode, ranged: list[str], node: Any, depth: int, i: int = 0) -> None:
+def _emit_tree(w: _Writer, code: SolveCode, ranged: list[str], node: Any, depth: int, i: int = 0) -> None:
     if i == len(ranged):
         _emit_leaf(w, code, node, depth)
         return

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -155,6 +156,21 @@ class PlanCache:
             self.scopes -= 1
             if not self.scopes:
                 self.data = self._store
+
+    @contextmanager
+    def pinned(self, key: Hashable, plan: Any) -> Iterator[None]:
+        """Serve `plan` for `key` inside the block, then what was there (perf/workloads.run_args records
+        a call's run arguments with it)."""
+        store = self._store
+        saved = store.get(key)
+        store[key] = plan
+        try:
+            yield
+        finally:
+            if saved is None:
+                store.pop(key, None)
+            else:
+                store[key] = saved
 
     def get(self, key: Hashable) -> Any:
         """The plan for `key` in the newest segment, or None (what a hit would find, scopes aside)."""
