@@ -18,11 +18,6 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def causal_mask(seq_len_q: int, seq_len_k: int, device: torch.device) -> torch.Tensor:
-    """Bool (Sq, Sk) mask, True = attend, aligned bottom-right."""
-    return torch.ones(seq_len_q, seq_len_k, dtype=torch.bool, device=device).tril(seq_len_k - seq_len_q)
-
-
 def band_mask(seq_len_q: int, seq_len_k: int, is_causal: bool, window: tuple[int, int] | None,
               device: torch.device) -> torch.Tensor | None:
     """Bool (Sq, Sk) mask for causal and/or a (left, right) window, bottom-right aligned; None if no limit."""

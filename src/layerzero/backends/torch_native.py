@@ -290,21 +290,6 @@ def rope_interleaved(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor,
     return rotate(q, cos, sin, True), None if k is None else rotate(k, cos, sin, True)
 
 
-def _rotate_cat(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """The same math as `rotate`, written as one expression for the compiler to fuse."""
-    half = cos.shape[-1] // 2
-    c = cos[..., :half].float()[:, :, None, :]
-    s = sin[..., :half].float()[:, :, None, :]
-    rot, rest = x[..., : 2 * half].float(), x[..., 2 * half:]
-    if interleaved:
-        x1, x2 = rot[..., 0::2], rot[..., 1::2]
-        out = torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
-    else:
-        x1, x2 = rot[..., :half], rot[..., half:]
-        out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
-    return torch.cat((out.to(x.dtype), rest), dim=-1)
-
-
 @functools.cache
 def _compiled(name: str) -> Callable[..., torch.Tensor]:
     fns: dict[str, Callable[..., torch.Tensor]] = {

@@ -38,8 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("layerzero")
 
-_UNHEALTHY = (Reason.KERNEL_UNHEALTHY, Reason.BACKEND_UNHEALTHY)
-
 # torch exceptions that steer a computation instead of reporting a kernel's failure. Non-reentrant
 # checkpointing ends its recomputation by raising _StopRecomputationError from a saved-tensor hook,
 # inside whichever op saves the last tensor it needs; CheckpointError reports a forward/recompute

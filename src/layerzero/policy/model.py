@@ -24,7 +24,6 @@ from ..kernel import KernelSpec
 Condition = Callable[[SelectionContext], bool]
 
 LAYERS = ("code", "env", "file")  # precedence order, highest first
-RULE_KINDS = ("lock", "allow", "deny", "boost", "prefer")
 
 
 @dataclass(frozen=True, slots=True)
