@@ -48,11 +48,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..backends import reference
 from ..context import SelectionContext
 from ..kernel import Backend, KernelSpec, check_constraints, fits_device
 from ..perf.perfdb import current_signature
@@ -70,6 +70,13 @@ OK = "ok"
 # Largest error allowed, relative to 1 + max |reference| (as the canary: capabilities.canary).
 TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 3e-2, torch.float32: 1e-4, torch.float64: 1e-8}
 _DETAIL_CHARS = 600
+
+def _reference() -> ModuleType:
+    """backends/reference.py, imported when a probe runs: `import layerzero` stays light."""
+    from ..backends import reference
+
+    return reference
+
 
 
 def default_cache_path() -> Path | None:
@@ -413,7 +420,7 @@ def _dense(seq_q: int, seq_k: int) -> Callable[[KernelSpec, SelectionContext], _
             else:
                 out = spec.impl(q, k, v, *args)
             qd, kd, vd = (t.double().transpose(1, 2) for t in (q, k, v))
-            ref = reference.attention(qd, kd, vd, None, causal, 0.0, None)
+            ref = _reference().attention(qd, kd, vd, None, causal, 0.0, None)
             return (out,), (ref.transpose(1, 2),)
 
         return _Case(f"{'causal' if causal else 'full'} {dtype} Sq={seq_q} Sk={seq_k} D={d}", ctx, run)
@@ -443,7 +450,7 @@ def _paged(spec: KernelSpec, device_ctx: SelectionContext) -> _Case | str:
         table = torch.tensor([[2, 0], [3, 1]], dtype=torch.int32, device=dev)
         lens = torch.tensor([page + 3, 5], dtype=torch.int32, device=dev)
         out = spec.impl(q, kc, vc, table, lens, True, None, None, 0.0, layout)
-        ref = reference.paged_attention(q.double(), kc.double(), vc.double(), table, lens, True, None, None, 0.0,
+        ref = _reference().paged_attention(q.double(), kc.double(), vc.double(), table, lens, True, None, None, 0.0,
                                         layout)
         return (out,), (ref,)
 
@@ -465,7 +472,7 @@ def _varlen(spec: KernelSpec, device_ctx: SelectionContext) -> _Case | str:
         cu = torch.tensor([0, 5, 12], dtype=torch.int32, device=dev)
         q, k, v = _randn((12, hq, d), dtype, dev, 0), _randn((12, 2, d), dtype, dev, 1), _randn((12, 2, d), dtype, dev, 2)
         out = spec.impl(q, k, v, cu, cu, 7, 7, True, None, None, 0.0)
-        ref = reference.attention_varlen(q.double(), k.double(), v.double(), cu, cu, 7, 7, True, None, None, 0.0)
+        ref = _reference().attention_varlen(q.double(), k.double(), v.double(), cu, cu, 7, 7, True, None, None, 0.0)
         return (out,), (ref,)
 
     return _Case(f"varlen causal {dtype} D={d}", ctx, run)
@@ -486,11 +493,11 @@ def _rows(op: str) -> Callable[[KernelSpec, SelectionContext], _Case | str]:
             x, y = _randn((4, 256), dtype, dev, 0), _randn((4, 256), dtype, dev, 1)
             w, b = _randn((256,), dtype, dev, 2), _randn((256,), dtype, dev, 3)
             if op == "norm.rms":
-                return (spec.impl(x, w, 1e-6),), (reference.rms_norm(x.double(), w.double(), 1e-6),)
+                return (spec.impl(x, w, 1e-6),), (_reference().rms_norm(x.double(), w.double(), 1e-6),)
             if op == "norm.layer":
                 return ((spec.impl(x, w, b, 1e-5),),
-                        (reference.layer_norm(x.double(), w.double(), b.double(), 1e-5),))
-            return (spec.impl(x, y),), (reference.swiglu(x.double(), y.double()),)
+                        (_reference().layer_norm(x.double(), w.double(), b.double(), 1e-5),))
+            return (spec.impl(x, y),), (_reference().swiglu(x.double(), y.double()),)
 
         return _Case(f"{op} {dtype} 4x256", ctx, run)
 
@@ -515,7 +522,7 @@ def _rope(spec: KernelSpec, device_ctx: SelectionContext) -> _Case | str:
         angles = torch.cat((angles, angles), -1)[None].to(dev)
         cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
         qo, ko = spec.impl(q, k, cos, sin)
-        qr, kr = reference.rope(q.double(), k.double(), cos.double(), sin.double())
+        qr, kr = _reference().rope(q.double(), k.double(), cos.double(), sin.double())
         assert kr is not None
         return (qo, ko), (qr, kr)
 
