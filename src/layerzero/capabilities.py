@@ -31,7 +31,6 @@ def _reference() -> ModuleType:
     return reference
 
 
-
 def load_descriptors(path: str | os.PathLike[str] | dict[str, Any]) -> list[str]:
     """Load user descriptor(s): a `<backend>.json` file, a directory of them, or a document dict.
 
@@ -88,6 +87,7 @@ def clear_descriptors() -> None:
 
 # ---- the canary ---------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True, slots=True)
 class Claim:
     """One declared capability, run once: what was claimed and whether it held."""
@@ -121,10 +121,22 @@ class CanaryReport:
         return not self.lies
 
     def to_dict(self) -> dict[str, Any]:
-        return {"backend": self.backend, "device": self.device, "claims": len(self.claims),
-                "lies": [{"kernel": c.kernel_id, "op": c.op, "params": dict(c.params), "error": c.error,
-                          "max_error": c.max_error} for c in self.lies],
-                "not_covered": self.not_covered}
+        return {
+            "backend": self.backend,
+            "device": self.device,
+            "claims": len(self.claims),
+            "lies": [
+                {
+                    "kernel": c.kernel_id,
+                    "op": c.op,
+                    "params": dict(c.params),
+                    "error": c.error,
+                    "max_error": c.max_error,
+                }
+                for c in self.lies
+            ],
+            "not_covered": self.not_covered,
+        }
 
     def __str__(self) -> str:
         lines = [f"canary {self.backend} on {self.device}: {len(self.claims)} claims, {len(self.lies)} do not hold"]
@@ -141,8 +153,13 @@ _HEAD_DIMS = (8, 16, 32, 64, 80, 96, 128, 160, 192, 256)
 def _head_dims(spec: KernelSpec) -> list[int]:
     dims = set(_HEAD_DIMS) | ({spec.min_head_dim, spec.max_head_dim} if spec.max_head_dim <= 512 else set())
     dims |= spec.head_dims or set()
-    return sorted(d for d in dims if spec.min_head_dim <= d <= min(spec.max_head_dim, 512)
-                  and d % spec.head_dim_multiple == 0 and (spec.head_dims is None or d in spec.head_dims))
+    return sorted(
+        d
+        for d in dims
+        if spec.min_head_dim <= d <= min(spec.max_head_dim, 512)
+        and d % spec.head_dim_multiple == 0
+        and (spec.head_dims is None or d in spec.head_dims)
+    )
 
 
 def _attention_claims(spec: KernelSpec, device: torch.device) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -161,8 +178,15 @@ def _attention_claims(spec: KernelSpec, device: torch.device) -> Iterator[tuple[
             if spec.supports_softcap and "attention.full" in spec.ops:
                 cases.append({"is_causal": False, "mask": "none", "softcap": 30.0})
             for case in cases:
-                op = ("attention.sliding_window" if "window" in case else "attention.causal" if case["is_causal"]
-                      else "attention.masked" if case["mask"] != "none" else "attention.full")
+                op = (
+                    "attention.sliding_window"
+                    if "window" in case
+                    else "attention.causal"
+                    if case["is_causal"]
+                    else "attention.masked"
+                    if case["mask"] != "none"
+                    else "attention.full"
+                )
                 yield op, {"dtype": dtype, "head_dim": d, **case}
 
 
@@ -184,7 +208,9 @@ def _run_attention(spec: KernelSpec, device: torch.device, p: dict[str, Any]) ->
     else:
         out = spec.impl(q, k, v, *args)
     ref_mask = mask.double() if mask is not None and mask.dtype != torch.bool else mask
-    ref = _reference().attention(q.double(), k.double(), v.double(), ref_mask, p["is_causal"], 0.0, None, window, softcap)
+    ref = _reference().attention(
+        q.double(), k.double(), v.double(), ref_mask, p["is_causal"], 0.0, None, window, softcap
+    )
     return out, ref
 
 
@@ -208,20 +234,31 @@ def _run_norm(spec: KernelSpec, device: torch.device, op: str, p: dict[str, Any]
         return spec.impl(x, w, 1e-6), _reference().rms_norm(x.double(), w.double(), 1e-6)
     if op == "norm.layer":
         return spec.impl(x, w, bias, 1e-5), _reference().layer_norm(x.double(), w.double(), bias.double(), 1e-5)
-    return (spec.impl(x, 4, w, bias, 1e-5),
-            _reference().group_norm(x.double(), 4, w.double(), bias.double(), 1e-5))
+    return (spec.impl(x, 4, w, bias, 1e-5), _reference().group_norm(x.double(), 4, w.double(), bias.double(), 1e-5))
 
 
 def _claim_context(spec: KernelSpec, op: str, p: dict[str, Any], device: torch.device) -> Any:
 
     fields: dict[str, Any] = dict(op=op, dtype=p["dtype"], **SelectionContext.device_fields(device))
     if op.startswith("attention"):
-        fields.update(batch=1, seq_len_q=8, seq_len_k=8, num_heads=2, num_kv_heads=2, head_dim=p["head_dim"],
-                      head_dim_v=p["head_dim"], layout=spec.layout, is_causal=p["is_causal"], mask_kind=p["mask"],
-                      window=p.get("window"), softcap=p.get("softcap", 0.0))
+        fields.update(
+            batch=1,
+            seq_len_q=8,
+            seq_len_k=8,
+            num_heads=2,
+            num_kv_heads=2,
+            head_dim=p["head_dim"],
+            head_dim_v=p["head_dim"],
+            layout=spec.layout,
+            is_causal=p["is_causal"],
+            mask_kind=p["mask"],
+            window=p.get("window"),
+            softcap=p.get("softcap", 0.0),
+        )
     else:
-        fields.update(hidden_size=p["hidden"], num_rows=4, has_bias=op != "norm.rms",
-                      num_groups=4 if op == "norm.group" else 0)
+        fields.update(
+            hidden_size=p["hidden"], num_rows=4, has_bias=op != "norm.rms", num_groups=4 if op == "norm.group" else 0
+        )
     return SelectionContext(**fields)
 
 
@@ -239,8 +276,10 @@ def canary(backend: str, device: str | torch.device | None = None) -> CanaryRepo
     installed, _, why = runtime.registry.backend(name).availability
     if not installed:
         package = runtime.registry.backend(name).distribution or runtime.registry.backend(name).module
-        raise BackendNotAvailableError(f"backend {name} is not installed here ({why.detail if why else 'unavailable'}); "
-                                       f"nothing to check: install {package} first")
+        raise BackendNotAvailableError(
+            f"backend {name} is not installed here ({why.detail if why else 'unavailable'}); "
+            f"nothing to check: install {package} first"
+        )
     runtime.descriptors.resolve_backend(runtime.registry, name)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     specs = [s for s in runtime.registry.kernels.values() if s.backend == name and runs_on(s, dev.type)]
@@ -261,8 +300,11 @@ def canary(backend: str, device: str | torch.device | None = None) -> CanaryRepo
                 else:
                     out, ref = _run_norm(spec, dev, op, p)
                 if out.shape != ref.shape:
-                    claims.append(Claim(spec.id, op, params, False, f"output shape {tuple(out.shape)}, "
-                                        f"expected {tuple(ref.shape)}"))
+                    claims.append(
+                        Claim(
+                            spec.id, op, params, False, f"output shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
+                        )
+                    )
                     continue
                 err = float((out.double() - ref).abs().max()) if out.numel() else 0.0
                 tol = _TOL[p["dtype"]] * (1.0 + float(ref.abs().max()))

@@ -65,8 +65,11 @@ class SelectionContext:
         """The fields a context builder takes from the tensors' device: the device's facts, and whether
         the call may be captured (capture.graph_mode) or must be deterministic."""
         fixed = context_fields(device)
-        return {**fixed, "graph_capture": fixed["device_type"] == "cuda" and graph_mode(),
-                "deterministic": torch.are_deterministic_algorithms_enabled()}
+        return {
+            **fixed,
+            "graph_capture": fixed["device_type"] == "cuda" and graph_mode(),
+            "deterministic": torch.are_deterministic_algorithms_enabled(),
+        }
 
     # Names that policy conditions may use, besides the field names themselves.
     @property

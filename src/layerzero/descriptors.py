@@ -51,8 +51,21 @@ class DescriptorError(ConfigurationError):
 
 # ---- the schema: JSON field -> KernelSpec field, with its parser ----------------------------------
 
-_DTYPES = {name: getattr(torch, name) for name in (
-    "float16", "bfloat16", "float32", "float64", "float8_e4m3fn", "float8_e5m2", "int8", "int32", "int64", "uint8")}
+_DTYPES = {
+    name: getattr(torch, name)
+    for name in (
+        "float16",
+        "bfloat16",
+        "float32",
+        "float64",
+        "float8_e4m3fn",
+        "float8_e5m2",
+        "int8",
+        "int32",
+        "int64",
+        "uint8",
+    )
+}
 
 
 def _int(lo: int) -> Callable[[object], object]:
@@ -60,6 +73,7 @@ def _int(lo: int) -> Callable[[object], object]:
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"an integer >= {lo}")
         return v
+
     return parse
 
 
@@ -69,8 +83,9 @@ def _bool(v: object) -> object:
     return v
 
 
-def _str_set(allowed: tuple[str, ...] | None = None, optional: bool = False,
-             as_tuple: bool = False) -> Callable[[object], object]:
+def _str_set(
+    allowed: tuple[str, ...] | None = None, optional: bool = False, as_tuple: bool = False
+) -> Callable[[object], object]:
     def parse(v: object) -> object:
         if v is None and optional:
             return None
@@ -80,6 +95,7 @@ def _str_set(allowed: tuple[str, ...] | None = None, optional: bool = False,
         if bad:
             raise ValueError(f"names from {list(allowed or ())} (unknown: {bad})")
         return tuple(v) if as_tuple else frozenset(v)
+
     return parse
 
 
@@ -90,6 +106,7 @@ def _int_set(optional: bool) -> Callable[[object], object]:
         if not isinstance(v, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in v):
             raise ValueError("a list of positive integers" + (" (or null)" if optional else ""))
         return frozenset(v)
+
     return parse
 
 
@@ -108,6 +125,7 @@ def _choice(options: tuple[str, ...]) -> Callable[[object], object]:
         if v not in options:
             raise ValueError(f"one of {list(options)}")
         return v
+
     return parse
 
 
@@ -121,23 +139,45 @@ FIELDS: dict[str, Callable[[object], object]] = {
     "ops": _str_set(as_tuple=True),
     "priority": _int(0),
     "platforms": _str_set(("cpu", "cuda", "mps", "xpu", "meta")),
-    "min_sm": _int(0), "max_sm": _int(0),
+    "min_sm": _int(0),
+    "max_sm": _int(0),
     "generations": _str_set(optional=True),
     "dtypes": _dtypes,
-    "min_head_dim": _int(1), "max_head_dim": _int(1), "head_dim_multiple": _int(1),
+    "min_head_dim": _int(1),
+    "max_head_dim": _int(1),
+    "head_dim_multiple": _int(1),
     "head_dims": _int_set(optional=True),
     "mask_kinds": _str_set(("none", "bool", "float")),
     "kv_layouts": _str_set(("NHD", "HND")),
-    "page_sizes": _int_set(optional=True), "min_page_size": _int(1),
+    "page_sizes": _int_set(optional=True),
+    "min_page_size": _int(1),
     "layout": _choice(LAYOUTS),
-    "max_hidden_size": _int(1), "min_seq_len": _int(0), "max_seq_len": _int(1), "max_batch": _int(1),
+    "max_hidden_size": _int(1),
+    "min_seq_len": _int(0),
+    "max_seq_len": _int(1),
+    "max_batch": _int(1),
     "tp_sizes": _int_set(optional=True),
     "cpu_isa": _str_set(),
     "description": _text,
-    **{name: _bool for name in (
-        "same_head_dim_v", "supports_gqa", "supports_causal", "supports_non_causal", "causal_non_square",
-        "supports_dropout", "supports_window", "supports_softcap", "supports_alibi", "supports_backward",
-        "requires_contiguous", "graph_safe", "deterministic", "needs_jit")},
+    **{
+        name: _bool
+        for name in (
+            "same_head_dim_v",
+            "supports_gqa",
+            "supports_causal",
+            "supports_non_causal",
+            "causal_non_square",
+            "supports_dropout",
+            "supports_window",
+            "supports_softcap",
+            "supports_alibi",
+            "supports_backward",
+            "requires_contiguous",
+            "graph_safe",
+            "deterministic",
+            "needs_jit",
+        )
+    },
 }
 
 
@@ -185,13 +225,17 @@ def parse_descriptor(data: bytes | str | dict[str, Any], source: str = "<memory>
         raise DescriptorError(source, "document", "a JSON object", type(doc).__name__)
     version = doc.get("schema_version")
     if version != SCHEMA_VERSION or isinstance(version, bool):
-        raise DescriptorError(source, "schema_version",
-                              f"{SCHEMA_VERSION} (the only version this LayerZero reads; upgrade LayerZero or "
-                              "rewrite the descriptor)", version)
+        raise DescriptorError(
+            source,
+            "schema_version",
+            f"{SCHEMA_VERSION} (the only version this LayerZero reads; upgrade LayerZero or rewrite the descriptor)",
+            version,
+        )
     unknown = set(doc) - {"schema_version", "backend", "versions", "kernels", "comment"}
     if unknown:
-        raise DescriptorError(source, "document", "keys schema_version, backend, versions, kernels, comment",
-                              sorted(unknown))
+        raise DescriptorError(
+            source, "document", "keys schema_version, backend, versions, kernels, comment", sorted(unknown)
+        )
     backend = doc.get("backend")
     if not isinstance(backend, str) or not backend:
         raise DescriptorError(source, "backend", "a backend name", backend)
@@ -209,8 +253,9 @@ def parse_descriptor(data: bytes | str | dict[str, Any], source: str = "<memory>
     parsed = {}
     for kernel_id, entry in kernels.items():
         if not kernel_id.startswith(backend + "."):
-            raise DescriptorError(source, f"kernels[{kernel_id!r}]", f"a kernel id of backend {backend!r} "
-                                  f"('{backend}.name')", kernel_id)
+            raise DescriptorError(
+                source, f"kernels[{kernel_id!r}]", f"a kernel id of backend {backend!r} ('{backend}.name')", kernel_id
+            )
         parsed[kernel_id] = parse_kernel_fields(entry, source, f"kernels[{kernel_id!r}]")
     return Descriptor(backend, parsed, versions, source)
 
@@ -236,6 +281,7 @@ def export_descriptor(specs: list[KernelSpec] | tuple[KernelSpec, ...], backend:
 
 
 # ---- the runtime's descriptor state ---------------------------------------------------------------
+
 
 @dataclass(slots=True)
 class _Source:
@@ -309,14 +355,23 @@ class Descriptors:
         if desc.versions is not None:
             version = registry.backends[desc.backend].availability[1] if desc.backend in registry.backends else None
             if not _version_matches(version, desc.versions):
-                log.warning("descriptor %s describes %s %s, installed %s: not applied", desc.source, desc.backend,
-                            desc.versions, version)
+                log.warning(
+                    "descriptor %s describes %s %s, installed %s: not applied",
+                    desc.source,
+                    desc.backend,
+                    desc.versions,
+                    version,
+                )
                 return
         known = [k for k, s in registry.kernels.items() if s.backend == desc.backend]
         for kernel_id in desc.kernels:
             if kernel_id not in registry.kernels:
-                raise DescriptorError(desc.source, f"kernels[{kernel_id!r}]", f"a registered kernel of "
-                                      f"{desc.backend!r} ({', '.join(sorted(known)) or 'none registered'})", kernel_id)
+                raise DescriptorError(
+                    desc.source,
+                    f"kernels[{kernel_id!r}]",
+                    f"a registered kernel of {desc.backend!r} ({', '.join(sorted(known)) or 'none registered'})",
+                    kernel_id,
+                )
         for kernel_id, fields in desc.kernels.items():
             base = registry.kernels[kernel_id]
             self.base[kernel_id] = base

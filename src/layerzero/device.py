@@ -45,8 +45,20 @@ def _cpu_isa() -> frozenset[str]:
                     break
     except OSError:
         pass
-    wanted = {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16", "amx_int8", "fma",
-              "neon", "asimd", "sve"}
+    wanted = {
+        "avx2",
+        "avx512f",
+        "avx512_bf16",
+        "avx512_fp16",
+        "amx_tile",
+        "amx_bf16",
+        "amx_fp16",
+        "amx_int8",
+        "fma",
+        "neon",
+        "asimd",
+        "sve",
+    }
     isa = flags & wanted
     capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
     if capability:
@@ -83,8 +95,11 @@ def local_device_types() -> tuple[str, ...]:
     """The device types this machine and this torch build can run on: "cpu", then "cuda", "mps", "xpu"
     where present (a CPU-only torch build has no "cuda" even on a GPU machine)."""
     found = ["cpu"]
-    for name, probe in (("cuda", lambda: torch.cuda.is_available()), ("mps", lambda: torch.backends.mps.is_available()),
-                        ("xpu", lambda: torch.xpu.is_available())):
+    for name, probe in (
+        ("cuda", lambda: torch.cuda.is_available()),
+        ("mps", lambda: torch.backends.mps.is_available()),
+        ("xpu", lambda: torch.xpu.is_available()),
+    ):
         try:
             if probe():
                 found.append(name)
@@ -103,6 +118,11 @@ def context_fields(device: torch.device) -> dict[str, object]:
     fixed = _CONTEXT_FIELDS.get(device)
     if fixed is None:
         info = device_info(device)
-        fixed = _CONTEXT_FIELDS[device] = {"device_type": info.type, "device_index": info.index, "sm": info.sm,
-                                           "generation": info.generation, "isa": info.isa}
+        fixed = _CONTEXT_FIELDS[device] = {
+            "device_type": info.type,
+            "device_index": info.index,
+            "sm": info.sm,
+            "generation": info.generation,
+            "isa": info.isa,
+        }
     return fixed

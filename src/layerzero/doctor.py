@@ -74,29 +74,45 @@ class DoctorReport:
             f"cuDNN {self.cudnn or '-'}; driver {self.driver or '-'}",
             "devices:",
         ]
-        lines += table(["device", "name", "sm", "generation", "total", "free"], [
-            [f"{d.type}:{d.index}", d.name, d.sm or "-", d.generation, gib(d.total_bytes), gib(d.free_bytes)]
-            for d in self.devices])
+        lines += table(
+            ["device", "name", "sm", "generation", "total", "free"],
+            [
+                [f"{d.type}:{d.index}", d.name, d.sm or "-", d.generation, gib(d.total_bytes), gib(d.free_bytes)]
+                for d in self.devices
+            ],
+        )
         lines.append("backends:")
-        lines += table(["backend", "available", "version", "kernels", "reason / probe"], [
-            [b.name, "yes" if b.available else "no", b.version or "-", b.kernels, b.reason or b.probe or ""]
-            for b in self.backends])
+        lines += table(
+            ["backend", "available", "version", "kernels", "reason / probe"],
+            [
+                [b.name, "yes" if b.available else "no", b.version or "-", b.kernels, b.reason or b.probe or ""]
+                for b in self.backends
+            ],
+        )
         h = self.health
-        lines.append(f"health: {'ok' if h['healthy'] else 'degraded'}, {h['failures']} failures, "
-                     f"{h['fallbacks']} fallbacks")
+        lines.append(
+            f"health: {'ok' if h['healthy'] else 'degraded'}, {h['failures']} failures, {h['fallbacks']} fallbacks"
+        )
         if h["breakers"]:
-            lines += table(["breaker", "kind", "state", "failures", "opened", "last error"], [
-                [b["name"], b["kind"], b["state"], b["total_failures"], b["times_opened"], b["last_error"][:60]]
-                for b in h["breakers"]])
+            lines += table(
+                ["breaker", "kind", "state", "failures", "opened", "last error"],
+                [
+                    [b["name"], b["kind"], b["state"], b["total_failures"], b["times_opened"], b["last_error"][:60]]
+                    for b in h["breakers"]
+                ],
+            )
         pc = self.plan_cache
         lines.append(f"plan cache: {pc['size']} plans, generation {pc['generation']}, {pc['selections']} selections")
         db = self.perfdb
         rows = f", {db['rows']} rows" if db.get("rows") is not None else ""
-        lines.append(f"perfdb: {db.get('path') or 'off'}{rows}"
-                     + (f", error: {db['error']}" if db.get("error") else ""))
-        lines.append(f"telemetry: {'on' if self.telemetry['enabled'] else 'off'}"
-                     f" (prometheus_client {self.telemetry['prometheus_client'] or 'not installed'}, "
-                     f"opentelemetry-sdk {self.telemetry['opentelemetry_sdk'] or 'not installed'})")
+        lines.append(
+            f"perfdb: {db.get('path') or 'off'}{rows}" + (f", error: {db['error']}" if db.get("error") else "")
+        )
+        lines.append(
+            f"telemetry: {'on' if self.telemetry['enabled'] else 'off'}"
+            f" (prometheus_client {self.telemetry['prometheus_client'] or 'not installed'}, "
+            f"opentelemetry-sdk {self.telemetry['opentelemetry_sdk'] or 'not installed'})"
+        )
         lines.append(f"memory headroom: {self.memory['headroom_fraction']:.0%} or {self.memory['headroom_bytes']} B")
         lines += [f"issue: {i}" for i in self.issues]
         return "\n".join(lines)
@@ -132,8 +148,9 @@ def _devices() -> list[DeviceRow]:
         for i in range(torch.cuda.device_count()):
             info = device_info(torch.device("cuda", i))
             mem = free_memory("cuda", i)
-            rows.append(DeviceRow("cuda", i, info.name, info.sm, info.generation, info.total_memory,
-                                  mem[0] if mem else None))
+            rows.append(
+                DeviceRow("cuda", i, info.name, info.sm, info.generation, info.total_memory, mem[0] if mem else None)
+            )
     return rows
 
 
@@ -147,8 +164,11 @@ def _driver() -> str:
 def _perfdb(runtime: Any) -> dict[str, Any]:
     m = getattr(runtime, "measurements", None)
     path = getattr(m, "path", None)
-    out: dict[str, Any] = {"path": None if path is None else str(path), "rows": None,
-                           "error": getattr(m, "error", None)}
+    out: dict[str, Any] = {
+        "path": None if path is None else str(path),
+        "rows": None,
+        "error": getattr(m, "error", None),
+    }
     if m is not None and path is not None and path.exists():
         try:
             out["rows"] = len(m.db.records())
@@ -221,20 +241,30 @@ def doctor(smoke: bool = True) -> DoctorReport:
     plan cache, PerfDB, telemetry and memory settings, and the readiness verdict."""
     ready, issues = readiness_check(smoke=smoke)
     cudnn = torch.backends.cudnn.version() if torch.cuda.is_available() else None
-    backends = tuple(BackendRow(b.name, b.available, b.version, b.reason, len(b.kernels), b.probe)
-                     for b in list_backends())
+    backends = tuple(
+        BackendRow(b.name, b.available, b.version, b.reason, len(b.kernels), b.probe) for b in list_backends()
+    )
     mem = runtime.memory.config
     return DoctorReport(
-        python=sys.version.split()[0], platform=platform.platform(), torch=torch.__version__,
-        cuda=torch.version.cuda, cudnn=cudnn, driver=_driver(), devices=tuple(_devices()), backends=backends,
+        python=sys.version.split()[0],
+        platform=platform.platform(),
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        cudnn=cudnn,
+        driver=_driver(),
+        devices=tuple(_devices()),
+        backends=backends,
         health=runtime.health.report().to_dict(),
-        plan_cache={"size": len(runtime.plans), "generation": runtime.generation,
-                    "selections": runtime.plans.computes},
+        plan_cache={"size": len(runtime.plans), "generation": runtime.generation, "selections": runtime.plans.computes},
         perfdb=_perfdb(runtime),
-        telemetry={"enabled": runtime.telemetry.enabled, "prometheus_client": _version("prometheus-client"),
-                   "opentelemetry_sdk": _version("opentelemetry-sdk")},
+        telemetry={
+            "enabled": runtime.telemetry.enabled,
+            "prometheus_client": _version("prometheus-client"),
+            "opentelemetry_sdk": _version("opentelemetry-sdk"),
+        },
         memory={"headroom_fraction": mem.headroom_fraction, "headroom_bytes": mem.headroom_bytes},
-        ready=ready, issues=tuple(issues),
+        ready=ready,
+        issues=tuple(issues),
     )
 
 
@@ -252,8 +282,11 @@ def configure_health(**changes: Any) -> HealthConfig:
     return runtime.health.configure(**changes)
 
 
-def configure_memory(headroom_fraction: float = 0.05, headroom_bytes: int = 0,
-                     free_memory: Callable[[str, int], tuple[int, int] | None] | None = None) -> MemoryConfig:
+def configure_memory(
+    headroom_fraction: float = 0.05,
+    headroom_bytes: int = 0,
+    free_memory: Callable[[str, int], tuple[int, int] | None] | None = None,
+) -> MemoryConfig:
     """Keep max(headroom_bytes, headroom_fraction * device total) free: kernels whose declared
     workspace would not fit are rejected with WORKSPACE_TOO_LARGE. Drops cached plans."""
     config = MemoryConfig(headroom_fraction, headroom_bytes, free_memory)
@@ -267,8 +300,13 @@ def telemetry() -> TelemetrySnapshot:
     return runtime.telemetry.snapshot()
 
 
-def enable_telemetry(prometheus: bool | Any = True, opentelemetry: bool = True, meter_provider: Any = None,
-                     tracer_provider: Any = None, spans: bool = True) -> None:
+def enable_telemetry(
+    prometheus: bool | Any = True,
+    opentelemetry: bool = True,
+    meter_provider: Any = None,
+    tracer_provider: Any = None,
+    spans: bool = True,
+) -> None:
     """Count kernel calls and export all counters (see Telemetry.enable). Drops cached plans."""
     runtime.telemetry.enable(prometheus, opentelemetry, meter_provider, tracer_provider, spans)
 

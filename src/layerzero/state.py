@@ -29,7 +29,6 @@ from .selection.engine import ExecutionPlan, SelectionEngine, SelectionReport
 log = logging.getLogger("layerzero")
 
 
-
 class Runtime:
     """All mutable state of LayerZero in one place."""
 
@@ -183,8 +182,9 @@ class Runtime:
         a compiled graph, see capture.graph_mode), else "eager". Read on the miss path only."""
         return self.policy.regime or ("graph" if ctx.graph_capture else "eager")
 
-    def score(self, spec: KernelSpec, ctx: SelectionContext, measured: bool = True,
-              regime: str = "eager") -> tuple[float, str]:
+    def score(
+        self, spec: KernelSpec, ctx: SelectionContext, measured: bool = True, regime: str = "eager"
+    ) -> tuple[float, str]:
         """(score, what decided it): measured speed relative to the bucket's fastest in `regime`
         (PerfDB, when confident; decided by "eager" or "graph", the figure used), else the priority
         ("priority"), or a prefer rule's priority ("prefer").

@@ -78,6 +78,7 @@ ALLOW_JIT_ENV = "LAYERZERO_ALLOW_JIT"
 
 # ----------------------------------------------------------------------------- compiled variants
 
+
 @dataclass(frozen=True, slots=True)
 class Variant:
     """One FlashInfer module that nvcc builds on first use (causal and scale are run-time arguments)."""
@@ -93,9 +94,11 @@ class Variant:
     def uri(self) -> str:
         """The module's name in FlashInfer's JIT cache (jit/attention/modules.py of 0.7.2)."""
         dt = {torch.float16: "f16", torch.bfloat16: "bf16"}[self.dtype]
-        common = (f"dtype_q_{dt}_dtype_kv_{dt}_dtype_o_{dt}_dtype_idx_i32_head_dim_qk_{self.head_dim}_"
-                  f"head_dim_vo_{self.head_dim}_posenc_0_use_swa_{self.sliding_window}_"
-                  f"use_logits_cap_{self.softcap}")
+        common = (
+            f"dtype_q_{dt}_dtype_kv_{dt}_dtype_o_{dt}_dtype_idx_i32_head_dim_qk_{self.head_dim}_"
+            f"head_dim_vo_{self.head_dim}_posenc_0_use_swa_{self.sliding_window}_"
+            f"use_logits_cap_{self.softcap}"
+        )
         if self.kind == "decode":
             return f"batch_decode_with_kv_cache_{common}"
         suffix = "_sm90" if self.backend == "fa3" else "_kv_stride_equal"
@@ -114,8 +117,9 @@ def variant_for(kind: str, ctx: SelectionContext) -> Variant:
     return Variant(kind, backend, ctx.dtype, ctx.head_dim, window, ctx.softcap > 0)
 
 
-def _variant_of(kind: str, device: torch.device, dtype: torch.dtype, head_dim: int, window_left: int,
-                softcap: float) -> Variant:
+def _variant_of(
+    kind: str, device: torch.device, dtype: torch.dtype, head_dim: int, window_left: int, softcap: float
+) -> Variant:
     sm = _sm(device)
     backend = prefill_backend(sm) if kind == "prefill" else "fa2"
     return Variant(kind, backend, dtype, head_dim, window_left >= 0, softcap > 0)
@@ -206,6 +210,7 @@ def is_compiled(variant: Variant, sm: int) -> bool:
 
 # ----------------------------------------------------------------------------- planned wrappers
 
+
 class _Planned:
     """The FlashInfer wrapper of one plan and what its current plan was made for (see the module doc)."""
 
@@ -253,8 +258,9 @@ def _workspace(device: torch.device) -> torch.Tensor:
     return ws
 
 
-def _wrapper(st: _Planned, make: Callable[[Any, torch.Tensor], Any], kind: str, q: torch.Tensor, window_left: int,
-             softcap: float) -> Any:
+def _wrapper(
+    st: _Planned, make: Callable[[Any, torch.Tensor], Any], kind: str, q: torch.Tensor, window_left: int, softcap: float
+) -> Any:
     """The state's wrapper (under st.lock), made on first use or after it was given up."""
     if st.wrapper is not None:
         return st.wrapper
@@ -294,6 +300,7 @@ def _ran(st: _Planned) -> None:
 
 # ----------------------------------------------------------------------------- argument mapping
 
+
 def mask_args(is_causal: bool, window: tuple[int, int] | None, seq_len_q: int) -> tuple[bool, int]:
     """(causal, window_left) for FlashInfer from our is_causal and (left, right) window."""
     if window is None:
@@ -303,8 +310,9 @@ def mask_args(is_causal: bool, window: tuple[int, int] | None, seq_len_q: int) -
         return bool(is_causal) or right == 0, left
     if right == -1:
         return False, left
-    raise InvalidInputError("window_size", "a right bound of 0 or -1 unless is_causal (FlashInfer has only "
-                            "window_left)", window)
+    raise InvalidInputError(
+        "window_size", "a right bound of 0 or -1 unless is_causal (FlashInfer has only window_left)", window
+    )
 
 
 def _scale(scale: float | None, head_dim: int) -> float:
@@ -324,16 +332,19 @@ def dense_pages(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.T
     the page size P and the batch stride in tokens.
     """
     B, Sk, H, D = k.shape
-    if (k.stride() != v.stride() or k.stride(1) <= 0 or k.stride(-1) != 1
-            or (B > 1 and k.stride(0) % k.stride(1))):
+    if k.stride() != v.stride() or k.stride(1) <= 0 or k.stride(-1) != 1 or (B > 1 and k.stride(0) % k.stride(1)):
         k, v = k.contiguous(), v.contiguous()
     page = dense_page_size(Sk)
     ss, sh = k.stride(1), k.stride(2)
     per_batch = k.stride(0) // ss if B > 1 else Sk
     num_pages = (B - 1) * per_batch + Sk - page + 1  # the last page ends at the last token of the last sequence
     shape, strides = (num_pages, page, H, D), (ss, ss, sh, 1)
-    return (k.as_strided(shape, strides, k.storage_offset()), v.as_strided(shape, strides, v.storage_offset()),
-            page, per_batch)
+    return (
+        k.as_strided(shape, strides, k.storage_offset()),
+        v.as_strided(shape, strides, v.storage_offset()),
+        page,
+        per_batch,
+    )
 
 
 def paged_metadata(seq_lens: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -358,29 +369,58 @@ def paged_indices(page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: i
 
 def _check_same_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     if k_cache.stride() != v_cache.stride():
-        raise InvalidInputError("v_cache", f"the strides of k_cache {k_cache.stride()} (FlashInfer reads both with "
-                                "one set of strides)", v_cache.stride())
+        raise InvalidInputError(
+            "v_cache",
+            f"the strides of k_cache {k_cache.stride()} (FlashInfer reads both with one set of strides)",
+            v_cache.stride(),
+        )
 
 
 # ----------------------------------------------------------------------------- kernels
 # Each kernel is a function of a state (_Planned) and the op's calling convention. The kernel functions
 # of the specs (impl) plan and run once with a new state; KernelSpec.prepare gives a plan a state of its own.
 
-def _prefill(st: _Planned, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale: float | None,
-             window: tuple[int, int] | None, softcap: float) -> torch.Tensor:
+
+def _prefill(
+    st: _Planned,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    is_causal: bool,
+    scale: float | None,
+    window: tuple[int, int] | None,
+    softcap: float,
+) -> torch.Tensor:
     B, Sq, Hq, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     causal, window_left = mask_args(is_causal, window, Sq)
     sm_scale = _scale(scale, D)
     data_key = (B, Sq, Sk, Hq, Hkv, D, q.dtype, causal, window_left, softcap, sm_scale)
     with st.lock:
-        wrapper = _wrapper(st, lambda fi, ws: fi.BatchPrefillWithRaggedKVCacheWrapper(
-            ws, "NHD", backend=prefill_backend(_sm(q.device))), "prefill", q, window_left, softcap)
+        wrapper = _wrapper(
+            st,
+            lambda fi, ws: fi.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD", backend=prefill_backend(_sm(q.device))),
+            "prefill",
+            q,
+            window_left,
+            softcap,
+        )
         if st.data_key != data_key:  # equal lengths: a plan's shapes are its key, so this plans once
             qo_indptr = torch.arange(0, (B + 1) * Sq, Sq, dtype=torch.int32)[: B + 1]
             kv_indptr = torch.arange(0, (B + 1) * Sk, Sk, dtype=torch.int32)[: B + 1]
-            wrapper.plan(qo_indptr, kv_indptr, Hq, Hkv, D, causal=causal, window_left=window_left,
-                         logits_soft_cap=float(softcap), sm_scale=sm_scale, q_data_type=q.dtype, kv_data_type=k.dtype)
+            wrapper.plan(
+                qo_indptr,
+                kv_indptr,
+                Hq,
+                Hkv,
+                D,
+                causal=causal,
+                window_left=window_left,
+                logits_soft_cap=float(softcap),
+                sm_scale=sm_scale,
+                q_data_type=q.dtype,
+                kv_data_type=k.dtype,
+            )
             st.data_key = data_key
             _planned(st)
         out = wrapper.run(q.reshape(B * Sq, Hq, D), k.reshape(B * Sk, Hkv, D), v.reshape(B * Sk, Hkv, D))
@@ -388,15 +428,32 @@ def _prefill(st: _Planned, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is
     return out.view(B, Sq, Hq, out.shape[-1])
 
 
-def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
-            dropout_p: float, scale: float | None, window: tuple[int, int] | None = None, softcap: float = 0.0,
-            alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+def prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    dropout_p: float,
+    scale: float | None,
+    window: tuple[int, int] | None = None,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Dense BSHD attention: q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) as a ragged batch of equal lengths."""
     return _prefill(_Planned(), q, k, v, is_causal, scale, window, softcap)
 
 
-def _decode(st: _Planned, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale: float | None,
-            window: tuple[int, int] | None, softcap: float) -> torch.Tensor:
+def _decode(
+    st: _Planned,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    is_causal: bool,
+    scale: float | None,
+    window: tuple[int, int] | None,
+    softcap: float,
+) -> torch.Tensor:
     B, _, Hq, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     _, window_left = mask_args(is_causal, window, 1)
@@ -404,16 +461,36 @@ def _decode(st: _Planned, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_
     sm_scale = _scale(scale, D)
     data_key = (B, Sk, page, per_batch, Hq, Hkv, D, q.dtype, window_left, softcap, sm_scale)
     with st.lock:
-        wrapper = _wrapper(st, lambda fi, ws: fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", backend="fa2"),
-                           "decode", q, window_left, softcap)
+        wrapper = _wrapper(
+            st,
+            lambda fi, ws: fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", backend="fa2"),
+            "decode",
+            q,
+            window_left,
+            softcap,
+        )
         if st.data_key != data_key:
             n = Sk // page
-            indices = (torch.arange(B, device=q.device, dtype=torch.int32)[:, None] * per_batch
-                       + torch.arange(0, Sk, page, device=q.device, dtype=torch.int32)[None, :]).reshape(-1)
+            indices = (
+                torch.arange(B, device=q.device, dtype=torch.int32)[:, None] * per_batch
+                + torch.arange(0, Sk, page, device=q.device, dtype=torch.int32)[None, :]
+            ).reshape(-1)
             indptr = torch.arange(0, (B + 1) * n, n, dtype=torch.int32)[: B + 1]
             last = torch.full((B,), page, dtype=torch.int32)
-            wrapper.plan(indptr, indices, last, Hq, Hkv, D, page, window_left=window_left,
-                         logits_soft_cap=float(softcap), q_data_type=q.dtype, kv_data_type=k.dtype, sm_scale=sm_scale)
+            wrapper.plan(
+                indptr,
+                indices,
+                last,
+                Hq,
+                Hkv,
+                D,
+                page,
+                window_left=window_left,
+                logits_soft_cap=float(softcap),
+                q_data_type=q.dtype,
+                kv_data_type=k.dtype,
+                sm_scale=sm_scale,
+            )
             st.indices, st.data_key = indices, data_key
             _planned(st)
         out = wrapper.run(q[:, 0], (k_pages, v_pages))
@@ -421,9 +498,18 @@ def _decode(st: _Planned, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_
     return out.unsqueeze(1)
 
 
-def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
-           dropout_p: float, scale: float | None, window: tuple[int, int] | None = None, softcap: float = 0.0,
-           alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+def decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    dropout_p: float,
+    scale: float | None,
+    window: tuple[int, int] | None = None,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Dense decode: q (B, 1, Hq, D), k/v (B, Sk, Hkv, D) viewed as a paged cache (no copy)."""
     return _decode(_Planned(), q, k, v, is_causal, scale, window, softcap)
 
@@ -434,15 +520,36 @@ def _prepare_dense(kernel: Callable[..., torch.Tensor]) -> Callable[[SelectionCo
     def prepare(ctx: SelectionContext) -> Callable[..., torch.Tensor]:
         st = _Planned()
         if ctx.layout == "BHSD":
-            def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
-                    dropout_p: float, scale: float | None, window: tuple[int, int] | None = None,
-                    softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
-                return kernel(st, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal, scale, window,
-                              softcap).transpose(1, 2)
+
+            def run(
+                q: torch.Tensor,
+                k: torch.Tensor,
+                v: torch.Tensor,
+                attn_mask: torch.Tensor | None,
+                is_causal: bool,
+                dropout_p: float,
+                scale: float | None,
+                window: tuple[int, int] | None = None,
+                softcap: float = 0.0,
+                alibi_slopes: torch.Tensor | None = None,
+            ) -> torch.Tensor:
+                return kernel(
+                    st, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal, scale, window, softcap
+                ).transpose(1, 2)
         else:
-            def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
-                    dropout_p: float, scale: float | None, window: tuple[int, int] | None = None,
-                    softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+
+            def run(
+                q: torch.Tensor,
+                k: torch.Tensor,
+                v: torch.Tensor,
+                attn_mask: torch.Tensor | None,
+                is_causal: bool,
+                dropout_p: float,
+                scale: float | None,
+                window: tuple[int, int] | None = None,
+                softcap: float = 0.0,
+                alibi_slopes: torch.Tensor | None = None,
+            ) -> torch.Tensor:
                 return kernel(st, q, k, v, is_causal, scale, window, softcap)
 
         return run
@@ -450,9 +557,20 @@ def _prepare_dense(kernel: Callable[..., torch.Tensor]) -> Callable[[SelectionCo
     return prepare
 
 
-def _ragged_prefill(st: _Planned, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                    cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, is_causal: bool,
-                    scale: float | None, window: tuple[int, int] | None, softcap: float) -> torch.Tensor:
+def _ragged_prefill(
+    st: _Planned,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    is_causal: bool,
+    scale: float | None,
+    window: tuple[int, int] | None,
+    softcap: float,
+) -> torch.Tensor:
     _, Hq, D = q.shape
     Hkv = k.shape[1]
     causal, window_left = mask_args(is_causal, window, max_seqlen_q)
@@ -460,12 +578,29 @@ def _ragged_prefill(st: _Planned, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     host = torch.cat([cu_seqlens_q, cu_seqlens_k]).to("cpu", torch.int32)  # the planner needs them on the host
     data_key = (tuple(host.tolist()), Hq, Hkv, D, q.dtype, causal, window_left, softcap, sm_scale)
     with st.lock:
-        wrapper = _wrapper(st, lambda fi, ws: fi.BatchPrefillWithRaggedKVCacheWrapper(
-            ws, "NHD", backend=prefill_backend(_sm(q.device))), "prefill", q, window_left, softcap)
+        wrapper = _wrapper(
+            st,
+            lambda fi, ws: fi.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD", backend=prefill_backend(_sm(q.device))),
+            "prefill",
+            q,
+            window_left,
+            softcap,
+        )
         if st.data_key != data_key:
             n = cu_seqlens_q.numel()
-            wrapper.plan(host[:n].clone(), host[n:].clone(), Hq, Hkv, D, causal=causal, window_left=window_left,
-                         logits_soft_cap=float(softcap), sm_scale=sm_scale, q_data_type=q.dtype, kv_data_type=k.dtype)
+            wrapper.plan(
+                host[:n].clone(),
+                host[n:].clone(),
+                Hq,
+                Hkv,
+                D,
+                causal=causal,
+                window_left=window_left,
+                logits_soft_cap=float(softcap),
+                sm_scale=sm_scale,
+                q_data_type=q.dtype,
+                kv_data_type=k.dtype,
+            )
             st.data_key = data_key
             _planned(st)
         out = wrapper.run(q, k, v)
@@ -473,43 +608,104 @@ def _ragged_prefill(st: _Planned, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return out
 
 
-def ragged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                   cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, is_causal: bool,
-                   scale: float | None, window: tuple[int, int] | None, softcap: float) -> torch.Tensor:
+def ragged_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    is_causal: bool,
+    scale: float | None,
+    window: tuple[int, int] | None,
+    softcap: float,
+) -> torch.Tensor:
     """Packed varlen attention: q (total_q, Hq, D), k/v (total_k, Hkv, D), cu_seqlens (B + 1,) int32."""
-    return _ragged_prefill(_Planned(), q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal,
-                           scale, window, softcap)
+    return _ragged_prefill(
+        _Planned(), q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale, window, softcap
+    )
 
 
-def _paged(kind: str, st: _Planned, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-           page_table: torch.Tensor, seq_lens: torch.Tensor, is_causal: bool, scale: float | None,
-           window: tuple[int, int] | None, softcap: float, kv_layout: str) -> torch.Tensor:
+def _paged(
+    kind: str,
+    st: _Planned,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    is_causal: bool,
+    scale: float | None,
+    window: tuple[int, int] | None,
+    softcap: float,
+    kv_layout: str,
+) -> torch.Tensor:
     _check_same_strides(k_cache, v_cache)
     B, Sq, Hq, D = q.shape
-    page_size, Hkv = (k_cache.shape[1], k_cache.shape[2]) if kv_layout == "NHD" else (k_cache.shape[2], k_cache.shape[1])
+    page_size, Hkv = (
+        (k_cache.shape[1], k_cache.shape[2]) if kv_layout == "NHD" else (k_cache.shape[2], k_cache.shape[1])
+    )
     causal, window_left = mask_args(is_causal, window, Sq)
     sm_scale = _scale(scale, D)
     if kind == "decode":
         make = lambda fi, ws: fi.BatchDecodeWithPagedKVCacheWrapper(ws, kv_layout, backend="fa2")  # noqa: E731
     else:
         make = lambda fi, ws: fi.BatchPrefillWithPagedKVCacheWrapper(  # noqa: E731
-            ws, kv_layout, backend=prefill_backend(_sm(q.device)))
+            ws, kv_layout, backend=prefill_backend(_sm(q.device))
+        )
     lens, indptr, last, total = paged_metadata(seq_lens, page_size)
     indices = paged_indices(page_table, seq_lens, page_size, total)
-    data_key = (tuple(lens.tolist()), Sq, Hq, Hkv, D, q.dtype, kv_layout, page_size, causal, window_left, softcap,
-                sm_scale)
+    data_key = (
+        tuple(lens.tolist()),
+        Sq,
+        Hq,
+        Hkv,
+        D,
+        q.dtype,
+        kv_layout,
+        page_size,
+        causal,
+        window_left,
+        softcap,
+        sm_scale,
+    )
     with st.lock:
         wrapper = _wrapper(st, make, kind, q, window_left, softcap)
         if st.data_key != data_key:
             if kind == "decode":
-                wrapper.plan(indptr, indices, last, Hq, Hkv, D, page_size, window_left=window_left,
-                             logits_soft_cap=float(softcap), q_data_type=q.dtype, kv_data_type=k_cache.dtype,
-                             sm_scale=sm_scale)
+                wrapper.plan(
+                    indptr,
+                    indices,
+                    last,
+                    Hq,
+                    Hkv,
+                    D,
+                    page_size,
+                    window_left=window_left,
+                    logits_soft_cap=float(softcap),
+                    q_data_type=q.dtype,
+                    kv_data_type=k_cache.dtype,
+                    sm_scale=sm_scale,
+                )
             else:
                 qo_indptr = torch.arange(0, (B + 1) * Sq, Sq, dtype=torch.int32)[: B + 1]
-                wrapper.plan(qo_indptr, indptr, indices, last, Hq, Hkv, D, page_size, causal=causal,
-                             window_left=window_left, logits_soft_cap=float(softcap), sm_scale=sm_scale,
-                             q_data_type=q.dtype, kv_data_type=k_cache.dtype)
+                wrapper.plan(
+                    qo_indptr,
+                    indptr,
+                    indices,
+                    last,
+                    Hq,
+                    Hkv,
+                    D,
+                    page_size,
+                    causal=causal,
+                    window_left=window_left,
+                    logits_soft_cap=float(softcap),
+                    sm_scale=sm_scale,
+                    q_data_type=q.dtype,
+                    kv_data_type=k_cache.dtype,
+                )
             st.indices, st.data_key = indices, data_key
             _planned(st)
         else:  # same lengths, maybe other pages: the plan reads st.indices (a device tensor, kept by reference)
@@ -523,23 +719,45 @@ def _paged(kind: str, st: _Planned, q: torch.Tensor, k_cache: torch.Tensor, v_ca
     return out
 
 
-def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
-                  seq_lens: torch.Tensor, is_causal: bool, scale: float | None, window: tuple[int, int] | None,
-                  softcap: float, kv_layout: str) -> torch.Tensor:
+def paged_prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    is_causal: bool,
+    scale: float | None,
+    window: tuple[int, int] | None,
+    softcap: float,
+    kv_layout: str,
+) -> torch.Tensor:
     """Chunked prefill over a paged cache: q (B, Sq, Hq, D); page_table (B, max_pages) -> CSR indices."""
-    return _paged("prefill", _Planned(), q, k_cache, v_cache, page_table, seq_lens, is_causal, scale, window,
-                  softcap, kv_layout)
+    return _paged(
+        "prefill", _Planned(), q, k_cache, v_cache, page_table, seq_lens, is_causal, scale, window, softcap, kv_layout
+    )
 
 
-def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
-                 seq_lens: torch.Tensor, is_causal: bool, scale: float | None, window: tuple[int, int] | None,
-                 softcap: float, kv_layout: str) -> torch.Tensor:
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    is_causal: bool,
+    scale: float | None,
+    window: tuple[int, int] | None,
+    softcap: float,
+    kv_layout: str,
+) -> torch.Tensor:
     """Decode over a paged cache: q (B, 1, Hq, D); page_table (B, max_pages) -> CSR indices."""
-    return _paged("decode", _Planned(), q, k_cache, v_cache, page_table, seq_lens, is_causal, scale, window,
-                  softcap, kv_layout)
+    return _paged(
+        "decode", _Planned(), q, k_cache, v_cache, page_table, seq_lens, is_causal, scale, window, softcap, kv_layout
+    )
 
 
-def _prepare_with_state(kernel: Callable[..., torch.Tensor]) -> Callable[[SelectionContext], Callable[..., torch.Tensor]]:
+def _prepare_with_state(
+    kernel: Callable[..., torch.Tensor],
+) -> Callable[[SelectionContext], Callable[..., torch.Tensor]]:
     """KernelSpec.prepare of a varlen or paged kernel (layouts THD / paged: no transposes)."""
 
     def prepare(ctx: SelectionContext) -> Callable[..., torch.Tensor]:
@@ -559,9 +777,16 @@ def _prepare_paged(kind: str) -> Callable[[SelectionContext], Callable[..., torc
 
 # ----------------------------------------------------------------------------- warmup
 
-def warmup_variant(kind: str, dtype: torch.dtype = torch.bfloat16, head_dim: int = 128, *,
-                   sliding_window: bool = False, softcap: bool = False,
-                   device: torch.device | str | None = None) -> Variant:
+
+def warmup_variant(
+    kind: str,
+    dtype: torch.dtype = torch.bfloat16,
+    head_dim: int = 128,
+    *,
+    sliding_window: bool = False,
+    softcap: bool = False,
+    device: torch.device | str | None = None,
+) -> Variant:
     """Compile (or load from FlashInfer's JIT cache) one module by running it on tiny inputs.
 
     kind: "prefill" (serves flashinfer.prefill, ragged_prefill, paged_prefill) or "decode"
@@ -593,19 +818,28 @@ def warmup(ctx: SelectionContext) -> list[Variant]:
     Decode contexts (Sq == 1 or op attention.decode) warm the decode module, others the prefill
     module. Contexts FlashInfer cannot run, or a missing FlashInfer, warm nothing.
     """
-    if (ctx.device_type != "cuda" or ctx.dtype not in HALF_DTYPES or ctx.head_dim not in HEAD_DIMS
-            or not BACKEND.availability[0] or not ctx.op.startswith("attention.")):
+    if (
+        ctx.device_type != "cuda"
+        or ctx.dtype not in HALF_DTYPES
+        or ctx.head_dim not in HEAD_DIMS
+        or not BACKEND.availability[0]
+        or not ctx.op.startswith("attention.")
+    ):
         return []
     kind = "decode" if ctx.op == "attention.decode" or ctx.seq_len_q == 1 else "prefill"
     variant = variant_for(kind, ctx)
     if variant in COMPILED:
         return [variant]
     device = torch.device("cuda", ctx.device_index)
-    return [warmup_variant(kind, ctx.dtype, ctx.head_dim, sliding_window=variant.sliding_window,
-                           softcap=variant.softcap, device=device)]
+    return [
+        warmup_variant(
+            kind, ctx.dtype, ctx.head_dim, sliding_window=variant.sliding_window, softcap=variant.softcap, device=device
+        )
+    ]
 
 
 # ----------------------------------------------------------------------------- constraints
+
 
 def _checker(kind: str, dense_decode: bool = False) -> Callable[[SelectionContext], list[Rejection]]:
     """FlashInfer rules the generic constraints cannot say, and the JIT gate."""
@@ -617,20 +851,32 @@ def _checker(kind: str, dense_decode: bool = False) -> Callable[[SelectionContex
         if dense_decode and ctx.seq_len_q != 1:
             out.append(Rejection(Reason.SEQ_LEN_TOO_LONG, f"the decode kernel takes seq_len_q 1, got {ctx.seq_len_q}"))
         if kind == "decode" and ctx.gqa_ratio not in DECODE_GROUP_SIZES:
-            out.append(Rejection(Reason.GQA_UNSUPPORTED, f"decode group size {ctx.gqa_ratio} not in "
-                                 f"{sorted(DECODE_GROUP_SIZES)}"))
+            out.append(
+                Rejection(
+                    Reason.GQA_UNSUPPORTED, f"decode group size {ctx.gqa_ratio} not in {sorted(DECODE_GROUP_SIZES)}"
+                )
+            )
         if ctx.window is not None and not ctx.is_causal and ctx.seq_len_q > 1 and ctx.window[1] not in (0, -1):
-            out.append(Rejection(Reason.WINDOW_UNSUPPORTED, f"window {ctx.window}: FlashInfer has only a left "
-                                 "bound (right must be 0 or -1 unless causal)"))
+            out.append(
+                Rejection(
+                    Reason.WINDOW_UNSUPPORTED,
+                    f"window {ctx.window}: FlashInfer has only a left bound (right must be 0 or -1 unless causal)",
+                )
+            )
         if out:
             return out
         if os.environ.get(ALLOW_JIT_ENV, "") not in ("", "0"):
             return out
         variant = variant_for(kind, ctx)
         if not is_compiled(variant, ctx.sm):
-            out.append(Rejection(Reason.NEEDS_JIT_COMPILE, f"{variant.uri} is not compiled (about "
-                                 f"{'13' if kind == 'decode' else '100'} s of nvcc): build it with lz.warmup / "
-                                 f"`layerzero warmup`, or set {ALLOW_JIT_ENV}=1"))
+            out.append(
+                Rejection(
+                    Reason.NEEDS_JIT_COMPILE,
+                    f"{variant.uri} is not compiled (about "
+                    f"{'13' if kind == 'decode' else '100'} s of nvcc): build it with lz.warmup / "
+                    f"`layerzero warmup`, or set {ALLOW_JIT_ENV}=1",
+                )
+            )
         return out
 
     return check
@@ -658,14 +904,34 @@ def _workspace_bytes(ctx: SelectionContext) -> int:
     return INT_WORKSPACE_BYTES + (0 if device in _WORKSPACES else WORKSPACE_BYTES)
 
 
-def _spec(name: str, ops: tuple[str, ...], impl: Callable[..., Any], priority: int, kind: str,
-          description: str, dense_decode: bool = False, **kw: Any) -> KernelSpec:
+def _spec(
+    name: str,
+    ops: tuple[str, ...],
+    impl: Callable[..., Any],
+    priority: int,
+    kind: str,
+    description: str,
+    dense_decode: bool = False,
+    **kw: Any,
+) -> KernelSpec:
     return KernelSpec(
-        id=f"flashinfer.{name}", ops=ops, impl=impl, priority=priority, platforms=frozenset({"cuda"}), min_sm=75,
-        dtypes=HALF_DTYPES, head_dims=HEAD_DIMS, supports_window=True, supports_softcap=True, graph_safe=False,
-        needs_jit=True, check=_checker(kind, dense_decode), workspace_bytes=_workspace_bytes,
+        id=f"flashinfer.{name}",
+        ops=ops,
+        impl=impl,
+        priority=priority,
+        platforms=frozenset({"cuda"}),
+        min_sm=75,
+        dtypes=HALF_DTYPES,
+        head_dims=HEAD_DIMS,
+        supports_window=True,
+        supports_softcap=True,
+        graph_safe=False,
+        needs_jit=True,
+        check=_checker(kind, dense_decode),
+        workspace_bytes=_workspace_bytes,
         jit_variant=_jit_variant(kind),
-        description=description, **kw,
+        description=description,
+        **kw,
     )
 
 
@@ -685,19 +951,55 @@ BACKEND = Backend(
         # decode 77: torch.sdpa_flash (80, 78 after its BSHD->BHSD transform penalty) was 1.05-1.38x faster
         # on every dense decode shape (1k-32k keys, D128 and D256), so this serves what sdpa_flash cannot
         # (window, softcap). Both are selected only once their variant is compiled.
-        _spec("prefill", DENSE_OPS, prefill, 86, "prefill", layout="BSHD", decode_priority=70,
-              prepare=_prepare_dense(_prefill),
-              description="dense prefill as an equal-length ragged batch (BatchPrefillWithRaggedKVCacheWrapper)"),
-        _spec("decode", DENSE_OPS, decode, 77, "decode", dense_decode=True, layout="BSHD",
-              prepare=_prepare_dense(_decode),
-              description="dense decode (Sq == 1) over keys viewed as pages (BatchDecodeWithPagedKVCacheWrapper)"),
-        _spec("ragged_prefill", ("attention.varlen",), ragged_prefill, 84, "prefill",
-              prepare=_prepare_with_state(_ragged_prefill),
-              description="packed varlen attention (BatchPrefillWithRaggedKVCacheWrapper)"),
-        _spec("paged_prefill", ("attention.paged",), paged_prefill, 91, "prefill", prepare=_prepare_paged("prefill"),
-              description="chunked prefill over a paged KV cache (BatchPrefillWithPagedKVCacheWrapper)"),
-        _spec("paged_decode", ("attention.decode",), paged_decode, 92, "decode", prepare=_prepare_paged("decode"),
-              description="decode over a paged KV cache (BatchDecodeWithPagedKVCacheWrapper)"),
+        _spec(
+            "prefill",
+            DENSE_OPS,
+            prefill,
+            86,
+            "prefill",
+            layout="BSHD",
+            decode_priority=70,
+            prepare=_prepare_dense(_prefill),
+            description="dense prefill as an equal-length ragged batch (BatchPrefillWithRaggedKVCacheWrapper)",
+        ),
+        _spec(
+            "decode",
+            DENSE_OPS,
+            decode,
+            77,
+            "decode",
+            dense_decode=True,
+            layout="BSHD",
+            prepare=_prepare_dense(_decode),
+            description="dense decode (Sq == 1) over keys viewed as pages (BatchDecodeWithPagedKVCacheWrapper)",
+        ),
+        _spec(
+            "ragged_prefill",
+            ("attention.varlen",),
+            ragged_prefill,
+            84,
+            "prefill",
+            prepare=_prepare_with_state(_ragged_prefill),
+            description="packed varlen attention (BatchPrefillWithRaggedKVCacheWrapper)",
+        ),
+        _spec(
+            "paged_prefill",
+            ("attention.paged",),
+            paged_prefill,
+            91,
+            "prefill",
+            prepare=_prepare_paged("prefill"),
+            description="chunked prefill over a paged KV cache (BatchPrefillWithPagedKVCacheWrapper)",
+        ),
+        _spec(
+            "paged_decode",
+            ("attention.decode",),
+            paged_decode,
+            92,
+            "decode",
+            prepare=_prepare_paged("decode"),
+            description="decode over a paged KV cache (BatchDecodeWithPagedKVCacheWrapper)",
+        ),
         *SAMPLING_KERNELS,  # backends/flashinfer_sampling.py
     ),
 )

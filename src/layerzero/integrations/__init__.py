@@ -39,8 +39,12 @@ def _register_transformers() -> None:
     try:
         importlib.import_module("layerzero.integrations.transformers")  # registers at import
     except Exception as e:  # an unexpected transformers must not break the user's import of it
-        log.warning("layerzero: attn_implementation='layerzero' is not registered with transformers: %s: %s; "
-                    "import layerzero.integrations.transformers to see why", type(e).__name__, e)
+        log.warning(
+            "layerzero: attn_implementation='layerzero' is not registered with transformers: %s: %s; "
+            "import layerzero.integrations.transformers to see why",
+            type(e).__name__,
+            e,
+        )
 
 
 class _AfterImport:

@@ -117,8 +117,14 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> to
         return plan.recover(error, gate, up, approximate)
 
 
-def fused_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-              activation: str = "swiglu", approximate: str = "none") -> torch.Tensor:
+def fused_mlp(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    activation: str = "swiglu",
+    approximate: str = "none",
+) -> torch.Tensor:
     """Gated MLP act(x @ w_gate.T, x @ w_up.T) @ w_down.T (Llama's SwiGLU MLP, Gemma's GeGLU MLP).
 
     x: (..., d_model); w_gate, w_up: (d_ff, d_model); w_down: (d_model, d_ff), nn.Linear layout.
@@ -144,31 +150,75 @@ def fused_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
         return plan.recover(error, x, w_gate, w_up, w_down, act)
 
 
-_MLP_OP_SUFFIX = {("swiglu", "none"): "swiglu", ("swiglu", "tanh"): "swiglu", ("geglu", "none"): "geglu",
-                  ("geglu", "tanh"): "geglu_tanh"}
+_MLP_OP_SUFFIX = {
+    ("swiglu", "none"): "swiglu",
+    ("swiglu", "tanh"): "swiglu",
+    ("geglu", "none"): "geglu",
+    ("geglu", "tanh"): "geglu_tanh",
+}
 
 
 def _silu_key(x: Any) -> tuple[Any, ...]:
-    return ("activation.silu", x.shape, x.dtype, x.device, _grad_enabled() and x.requires_grad,
-            x.is_cuda and (GRAPH_CALL.depth > 0 or stream_capturing()))
+    return (
+        "activation.silu",
+        x.shape,
+        x.dtype,
+        x.device,
+        _grad_enabled() and x.requires_grad,
+        x.is_cuda and (GRAPH_CALL.depth > 0 or stream_capturing()),
+    )
 
 
 def _gelu_key(x: Any, approximate: str = "none") -> tuple[Any, ...]:
-    return ("activation.gelu", approximate, x.shape, x.dtype, x.device, _grad_enabled() and x.requires_grad,
-            x.is_cuda and (GRAPH_CALL.depth > 0 or stream_capturing()))
+    return (
+        "activation.gelu",
+        approximate,
+        x.shape,
+        x.dtype,
+        x.device,
+        _grad_enabled() and x.requires_grad,
+        x.is_cuda and (GRAPH_CALL.depth > 0 or stream_capturing()),
+    )
 
 
-def _mlp_key(x: Any, w_gate: Any, w_up: Any, w_down: Any, activation: str = "swiglu",
-             approximate: str = "none") -> tuple[Any, ...]:
+def _mlp_key(
+    x: Any, w_gate: Any, w_up: Any, w_down: Any, activation: str = "swiglu", approximate: str = "none"
+) -> tuple[Any, ...]:
     grad = _grad_enabled() and (x.requires_grad or w_gate.requires_grad or w_up.requires_grad or w_down.requires_grad)
-    return ("mlp", activation, approximate, x.shape, x.dtype, x.device, w_gate.shape, w_gate.dtype, w_gate.device,
-            w_up.shape, w_up.dtype, w_up.device, w_down.shape, w_down.dtype, w_down.device, grad,
-            x.is_cuda and (GRAPH_CALL.depth > 0 or stream_capturing()))
+    return (
+        "mlp",
+        activation,
+        approximate,
+        x.shape,
+        x.dtype,
+        x.device,
+        w_gate.shape,
+        w_gate.dtype,
+        w_gate.device,
+        w_up.shape,
+        w_up.dtype,
+        w_up.device,
+        w_down.shape,
+        w_down.dtype,
+        w_down.device,
+        grad,
+        x.is_cuda and (GRAPH_CALL.depth > 0 or stream_capturing()),
+    )
 
 
 def _gated_key(op: str, gate: Any, up: Any, approximate: str = "none") -> tuple[Any, ...]:
-    return (op, approximate, gate.shape, gate.dtype, gate.device, up.shape, up.dtype, up.device,
-            _grad_enabled() and (gate.requires_grad or up.requires_grad), gate.is_cuda and (GRAPH_CALL.depth > 0 or stream_capturing()))
+    return (
+        op,
+        approximate,
+        gate.shape,
+        gate.dtype,
+        gate.device,
+        up.shape,
+        up.dtype,
+        up.device,
+        _grad_enabled() and (gate.requires_grad or up.requires_grad),
+        gate.is_cuda and (GRAPH_CALL.depth > 0 or stream_capturing()),
+    )
 
 
 def _swiglu_key(gate: Any, up: Any) -> tuple[Any, ...]:
@@ -198,7 +248,9 @@ def _row_context(op: str, x: torch.Tensor, name: str, requires_grad: bool) -> Se
     return SelectionContext(
         op=op,
         **SelectionContext.device_fields(x.device),  # type: ignore[arg-type]
-        dtype=x.dtype, hidden_size=hidden, num_rows=x.numel() // max(hidden, 1),
+        dtype=x.dtype,
+        hidden_size=hidden,
+        num_rows=x.numel() // max(hidden, 1),
         requires_grad=torch.is_grad_enabled() and requires_grad,
     )
 
@@ -234,8 +286,14 @@ def _geglu_context(gate: torch.Tensor, up: torch.Tensor, approximate: str = "non
     return _row_context(op, gate, "gate", gate.requires_grad or up.requires_grad)
 
 
-def _mlp_context(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                 activation: str = "swiglu", approximate: str = "none") -> SelectionContext:
+def _mlp_context(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    activation: str = "swiglu",
+    approximate: str = "none",
+) -> SelectionContext:
     _check_tensors(x=x, w_gate=w_gate, w_up=w_up, w_down=w_down)
     if activation not in MLP_ACTIVATIONS:
         raise InvalidInputError("activation", f"one of {MLP_ACTIVATIONS}", repr(activation))
@@ -249,8 +307,9 @@ def _mlp_context(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
     if tuple(w_up.shape) != (d_ff, d_model):
         raise InvalidInputError("w_up", f"shape ({d_ff}, {d_model}) (as w_gate)", tuple(w_up.shape))
     if tuple(w_down.shape) != (d_model, d_ff):
-        raise InvalidInputError("w_down", f"shape ({d_model}, {d_ff}) = (d_model, d_ff) (nn.Linear layout)",
-                                tuple(w_down.shape))
+        raise InvalidInputError(
+            "w_down", f"shape ({d_model}, {d_ff}) = (d_model, d_ff) (nn.Linear layout)", tuple(w_down.shape)
+        )
     for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
         if w.dtype != x.dtype:
             raise InvalidInputError(name, f"dtype {x.dtype} (as x)", w.dtype)
@@ -262,8 +321,14 @@ def _mlp_context(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
     return ctx.replace(hidden_size=d_ff, num_rows=x.numel() // max(d_model, 1))
 
 
-def _mlp_fake(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-              activation: str = "swiglu", approximate: str = "none") -> torch.Tensor:
+def _mlp_fake(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    activation: str = "swiglu",
+    approximate: str = "none",
+) -> torch.Tensor:
     """The fake kernel of torch.ops.layerzero.fused_mlp (ops/library.py): (..., d_model) like x's rows."""
     _mlp_context(x, w_gate, w_up, w_down, activation, approximate)
     return x.new_empty((*x.shape[:-1], w_down.shape[0]))
@@ -276,7 +341,17 @@ def _pair_workload(shape: Shape, dtype: torch.dtype, device: torch.device, gen: 
 
 SILU = register_family(OpFamily("silu", _silu_key, _silu_context, function=silu, library=True))
 GELU = register_family(OpFamily("gelu", _gelu_key, _gelu_context, function=gelu, library=True))
-SWIGLU = register_family(OpFamily("swiglu", _swiglu_key, _swiglu_context, function=swiglu, library=True,
-                                  workloads=(Workload("swiglu", ("rows", "hidden"), ("rows",), _pair_workload),)))
+SWIGLU = register_family(
+    OpFamily(
+        "swiglu",
+        _swiglu_key,
+        _swiglu_context,
+        function=swiglu,
+        library=True,
+        workloads=(Workload("swiglu", ("rows", "hidden"), ("rows",), _pair_workload),),
+    )
+)
 GEGLU = register_family(OpFamily("geglu", _geglu_key, _geglu_context, function=geglu, library=True))
-FUSED_MLP = register_family(OpFamily("fused_mlp", _mlp_key, _mlp_context, function=fused_mlp, library=True, fake=_mlp_fake))
+FUSED_MLP = register_family(
+    OpFamily("fused_mlp", _mlp_key, _mlp_context, function=fused_mlp, library=True, fake=_mlp_fake)
+)

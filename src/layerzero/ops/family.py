@@ -27,8 +27,9 @@ from ..kernel import KernelSpec
 # two Python frames: 70 ns instead of 200 on the CPU VM, more on the GPU host. On a torch without the
 # flag (< 2.5) only dynamo is seen.
 dynamo_compiling = torch.compiler.is_dynamo_compiling
-compile_flags = (torch.compiler if hasattr(torch.compiler, "_is_compiling_flag")
-                 else types.SimpleNamespace(_is_compiling_flag=False))
+compile_flags = (
+    torch.compiler if hasattr(torch.compiler, "_is_compiling_flag") else types.SimpleNamespace(_is_compiling_flag=False)
+)
 
 
 def contiguous_transforms(spec: KernelSpec, ctx: SelectionContext) -> tuple[str, ...]:
@@ -53,9 +54,19 @@ Shape = tuple[int, ...]
 Args = tuple[Any, ...]
 
 # Workload dim -> the SelectionContext field that holds it.
-CONTEXT_FIELDS = {"batch": "batch", "seq_q": "seq_len_q", "seq_k": "seq_len_k", "heads": "num_heads",
-                  "kv_heads": "num_kv_heads", "head_dim": "head_dim", "causal": "is_causal", "rows": "num_rows",
-                  "hidden": "hidden_size", "seq": "seq_len_q", "page_size": "page_size"}
+CONTEXT_FIELDS = {
+    "batch": "batch",
+    "seq_q": "seq_len_q",
+    "seq_k": "seq_len_k",
+    "heads": "num_heads",
+    "kv_heads": "num_kv_heads",
+    "head_dim": "head_dim",
+    "causal": "is_causal",
+    "rows": "num_rows",
+    "hidden": "hidden_size",
+    "seq": "seq_len_q",
+    "page_size": "page_size",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,10 +92,14 @@ class Workload:
         """The shape as a tuple of ints, or InvalidInputError naming the dims expected."""
         if isinstance(shape, str):
             shape = tuple(int(x) for x in shape.replace(",", "x").split("x") if x)
-        if not isinstance(shape, tuple | list) or len(shape) != len(self.dims) or not all(
-                isinstance(x, int | bool) and x >= 0 for x in shape):
-            raise InvalidInputError("shape", f"{len(self.dims)} non-negative ints ({', '.join(self.dims)}) for "
-                                    f"{self.name}", shape)
+        if (
+            not isinstance(shape, tuple | list)
+            or len(shape) != len(self.dims)
+            or not all(isinstance(x, int | bool) and x >= 0 for x in shape)
+        ):
+            raise InvalidInputError(
+                "shape", f"{len(self.dims)} non-negative ints ({', '.join(self.dims)}) for {self.name}", shape
+            )
         return tuple(int(x) for x in shape)
 
     def label(self, shape: Shape) -> str:
@@ -174,18 +189,37 @@ FAMILIES: dict[str, OpFamily] = {}
 # take an op id (or a glob of them) where they take a family name through this table; the call's own
 # context then says which id it is. tests/test_api_spec.py checks it covers every registered op id.
 OP_FAMILIES: dict[str, tuple[str, ...]] = {
-    "attention.causal": ("attention",), "attention.full": ("attention",), "attention.masked": ("attention",),
-    "attention.sliding_window": ("attention",), "attention.varlen": ("attention_varlen",),
-    "attention.paged": ("paged_attention",), "attention.decode": ("paged_attention", "attention"),
-    "norm.rms": ("rms_norm",), "norm.layer": ("layer_norm",), "norm.group": ("group_norm",),
-    "posenc.rope": ("rope", "rope_qk"), "posenc.rope_interleaved": ("rope", "rope_qk"),
-    "activation.silu": ("silu",), "activation.gelu": ("gelu",), "activation.gelu_tanh": ("gelu",),
-    "activation.swiglu": ("swiglu",), "activation.geglu": ("geglu",), "activation.geglu_tanh": ("geglu",),
-    "mlp.swiglu": ("fused_mlp",), "mlp.geglu": ("fused_mlp",), "mlp.geglu_tanh": ("fused_mlp",),
-    "sampling.greedy": ("sample_greedy", "sample"), "sampling.topk": ("sample_topk", "sample"),
-    "sampling.topp": ("sample_topp", "sample"), "sampling.plain": ("sample",), "sampling.minp": ("sample",),
-    "sampling.topk_topp": ("sample",), "sampling.combined": ("sample",),
-    "quant.quantize": ("quantize",), "quant.dequantize": ("dequantize",), "quant.linear": ("quant_linear",),
+    "attention.causal": ("attention",),
+    "attention.full": ("attention",),
+    "attention.masked": ("attention",),
+    "attention.sliding_window": ("attention",),
+    "attention.varlen": ("attention_varlen",),
+    "attention.paged": ("paged_attention",),
+    "attention.decode": ("paged_attention", "attention"),
+    "norm.rms": ("rms_norm",),
+    "norm.layer": ("layer_norm",),
+    "norm.group": ("group_norm",),
+    "posenc.rope": ("rope", "rope_qk"),
+    "posenc.rope_interleaved": ("rope", "rope_qk"),
+    "activation.silu": ("silu",),
+    "activation.gelu": ("gelu",),
+    "activation.gelu_tanh": ("gelu",),
+    "activation.swiglu": ("swiglu",),
+    "activation.geglu": ("geglu",),
+    "activation.geglu_tanh": ("geglu",),
+    "mlp.swiglu": ("fused_mlp",),
+    "mlp.geglu": ("fused_mlp",),
+    "mlp.geglu_tanh": ("fused_mlp",),
+    "sampling.greedy": ("sample_greedy", "sample"),
+    "sampling.topk": ("sample_topk", "sample"),
+    "sampling.topp": ("sample_topp", "sample"),
+    "sampling.plain": ("sample",),
+    "sampling.minp": ("sample",),
+    "sampling.topk_topp": ("sample",),
+    "sampling.combined": ("sample",),
+    "quant.quantize": ("quantize",),
+    "quant.dequantize": ("dequantize",),
+    "quant.linear": ("quant_linear",),
     "embedding.lookup": ("embedding",),
 }
 # Arguments an op id implies for a family's call when the call does not give them:

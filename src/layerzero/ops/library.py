@@ -59,6 +59,7 @@ def trace(family: OpFamily, *args: Any) -> Any:
 
 def _in_graph_mode(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The real kernel of a compiled graph's node: selects graph-safe kernels only (capture.graph_mode)."""
+
     def run(*args: Any) -> Any:
         with graph_call():
             return fn(*args)
@@ -68,6 +69,7 @@ def _in_graph_mode(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _contiguous(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """fn with a contiguous output (the fixed strides inductor requires of a custom op)."""
+
     def run(*args: Any) -> torch.Tensor:
         return fn(*args).contiguous()
 
@@ -76,6 +78,7 @@ def _contiguous(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
 
 def _like_first(context: Callable[..., Any]) -> Callable[..., torch.Tensor]:
     """The fake kernel of an op whose output is like its first input: validate, then an empty contiguous tensor."""
+
     def fake(x: torch.Tensor, *rest: Any) -> torch.Tensor:
         context(x, *rest)
         return torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -90,6 +93,9 @@ for _family in FAMILIES.values():
     if _family.library:
         _real = _family.real or _family.function
         _LIB.define(_family.name + infer_schema(_real, mutates_args=()))
-        _LIB.impl(_family.name, _in_graph_mode(_family.real or _contiguous(_family.function)), "CompositeExplicitAutograd")
-        torch.library.register_fake(f"{NAMESPACE}::{_family.name}", _family.fake or _like_first(_family.context),
-                                    lib=_LIB)
+        _LIB.impl(
+            _family.name, _in_graph_mode(_family.real or _contiguous(_family.function)), "CompositeExplicitAutograd"
+        )
+        torch.library.register_fake(
+            f"{NAMESPACE}::{_family.name}", _family.fake or _like_first(_family.context), lib=_LIB
+        )

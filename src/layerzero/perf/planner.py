@@ -82,8 +82,10 @@ class BlockPlan:
         out: dict[str, str] = {}
         for s in self.steps:
             if out.setdefault(s.op, s.kernel) != s.kernel:
-                raise ConfigurationError(f"block plan runs {s.op} with {out[s.op]} and {s.kernel}: a lock per op "
-                                         "cannot express it; use the plan's kernels directly")
+                raise ConfigurationError(
+                    f"block plan runs {s.op} with {out[s.op]} and {s.kernel}: a lock per op "
+                    "cannot express it; use the plan's kernels directly"
+                )
         return out
 
     def apply(self) -> dict[str, str]:
@@ -134,8 +136,13 @@ class _Option:
 class BlockPlanner:
     """Joint kernel choice for blocks of ops; plans cached by block signature and runtime generation."""
 
-    def __init__(self, estimate: Estimator | None = None, transform_cost: TransformCost | None = None,
-                 exact_limit: int = EXACT_LIMIT, rt: Runtime | None = None) -> None:
+    def __init__(
+        self,
+        estimate: Estimator | None = None,
+        transform_cost: TransformCost | None = None,
+        exact_limit: int = EXACT_LIMIT,
+        rt: Runtime | None = None,
+    ) -> None:
         self.runtime = rt or runtime
         self.estimate = estimate or default_estimate(self.runtime)
         self.transform_cost = transform_cost or default_transform_cost
@@ -207,12 +214,19 @@ class BlockPlanner:
                     if out not in nxt or (c, _ids(chosen + [opt])) < (nxt[out][0], _ids(nxt[out][1])):
                         nxt[out] = (c, chosen + [opt])
             best = nxt
-        final = min(best.items(), key=lambda kv: (kv[1][0] + self.transform_cost(kv[0], layout, steps[-1].ctx),
-                                                  _ids(kv[1][1])))
+        final = min(
+            best.items(), key=lambda kv: (kv[1][0] + self.transform_cost(kv[0], layout, steps[-1].ctx), _ids(kv[1][1]))
+        )
         return final[1][1]
 
-    def _build(self, steps: Sequence[BlockStep], choice: Sequence[_Option], layout: str, method: str,
-               signature: tuple[Any, ...]) -> BlockPlan:
+    def _build(
+        self,
+        steps: Sequence[BlockStep],
+        choice: Sequence[_Option],
+        layout: str,
+        method: str,
+        signature: tuple[Any, ...],
+    ) -> BlockPlan:
         planned, current = [], layout
         for step, opt in zip(steps, choice, strict=True):
             move = 0.0
@@ -229,7 +243,8 @@ def _ids(choice: Iterable[_Option]) -> tuple[str, ...]:
     return tuple(o.spec.id for o in choice)
 
 
-def plan_block(steps: Sequence[BlockStep], layout: str = "BSHD", method: str = "auto",
-               planner: BlockPlanner | None = None) -> BlockPlan:
+def plan_block(
+    steps: Sequence[BlockStep], layout: str = "BSHD", method: str = "auto", planner: BlockPlanner | None = None
+) -> BlockPlan:
     """Plan one block with a fresh (or the given) BlockPlanner."""
     return (planner or BlockPlanner()).plan(steps, layout, method)

@@ -70,6 +70,7 @@ class SolveResult:
 
 # --- deciding ---------------------------------------------------------------------------------------
 
+
 def _intervals(lo: int, hi: int) -> list[Interval]:
     """Power-of-two buckets covering [lo, hi], the first starting at lo."""
     out, upper = [], pow2_bucket(lo)
@@ -87,8 +88,12 @@ def _rank(report: Any) -> list[str]:
     return [c.kernel_id for c in eligible]
 
 
-def _rankings(name: str, corners: list[SelectionContext], memo: dict[SelectionContext, list[str] | None],
-              order: Sequence[str] | None = None) -> list[list[str] | None]:
+def _rankings(
+    name: str,
+    corners: list[SelectionContext],
+    memo: dict[SelectionContext, list[str] | None],
+    order: Sequence[str] | None = None,
+) -> list[list[str] | None]:
     """The engine's ranking at each corner (None: no kernel there); neighbouring boxes share corners.
     order: only these kernels, in this order of preference (a static dispatcher's table)."""
     fam = workloads.family(name)
@@ -113,8 +118,10 @@ def _settle(name: str, rankings: list[list[str] | None], notes: list[str]) -> st
     common = set(ranked[0]).intersection(*ranked[1:])
     pick = next((k for k in ranked[-1] if k in common), None)
     firsts = sorted({r[0] for r in ranked if r})
-    notes.append(f"{name}: choice varies inside a bucket ({', '.join(firsts)}); "
-                 f"solved with {pick or 'dynamic selection'}, valid at every corner")
+    notes.append(
+        f"{name}: choice varies inside a bucket ({', '.join(firsts)}); "
+        f"solved with {pick or 'dynamic selection'}, valid at every corner"
+    )
     return pick
 
 
@@ -135,8 +142,15 @@ def _join(chain: list[list[Any]], dim: str, iv: Interval, child: Any) -> None:
 MAX_BOXES_PER_CELL = 96
 
 
-def _tree(name: str, template: SelectionContext, ranged: list[str], intervals: dict[str, list[Interval]],
-          notes: list[str], counter: list[int], order: Sequence[str] | None = None) -> Any:
+def _tree(
+    name: str,
+    template: SelectionContext,
+    ranged: list[str],
+    intervals: dict[str, list[Interval]],
+    notes: list[str],
+    counter: list[int],
+    order: Sequence[str] | None = None,
+) -> Any:
     """Nested [(lo, hi, child)] over `ranged` dims; leaves are kernel ids, None (dynamic),
     ("square", same, other) where Sq == Sk matters, or ("split", dim, [(lo, hi, leaf)]) where a cell
     was bisected."""
@@ -213,6 +227,7 @@ def _tree(name: str, template: SelectionContext, ranged: list[str], intervals: d
 
 # --- writing ------------------------------------------------------------------------------------------
 
+
 class _Writer:
     def __init__(self, cuda: bool) -> None:
         self.cuda = cuda  # graph capture exists (and is checked) on CUDA only, as in SelectionContext
@@ -280,8 +295,10 @@ def _kernel_source(spec: KernelSpec, modules: dict[str, str]) -> str:
         return f"_kernel({modules[spec.id]!r}, {spec.id!r})"
     module, qualname = getattr(spec.impl, "__module__", None), getattr(spec.impl, "__qualname__", "")
     if not module or "<" in qualname:
-        raise ConfigurationError(f"kernel {spec.id}: its impl {spec.impl!r} cannot be imported by a solved module; "
-                                 "define it at module level (or register it in a backend module)")
+        raise ConfigurationError(
+            f"kernel {spec.id}: its impl {spec.impl!r} cannot be imported by a solved module; "
+            "define it at module level (or register it in a backend module)"
+        )
     return f"_attr({module!r}, {qualname!r})"
 
 
@@ -335,8 +352,11 @@ def _by_family(ops: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]
             want: Any = (value, value) if dim in ranged else [value]
             if dim in dims:
                 have = dims[dim]
-                have = tuple(int(x) for x in have) if dim in ranged else [
-                    int(x) for x in (have if isinstance(have, list | tuple | set) else [have])]
+                have = (
+                    tuple(int(x) for x in have)
+                    if dim in ranged
+                    else [int(x) for x in (have if isinstance(have, list | tuple | set) else [have])]
+                )
                 if list(have) != list(want):
                     raise InvalidInputError(f"{op}.{dim}", f"{want!r} (as {op} says) or nothing", dims[dim])
             dims[dim] = want
@@ -344,8 +364,14 @@ def _by_family(ops: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]
     return out
 
 
-def solve(ops: str | Mapping[str, Mapping[str, Any]], path: str | Path, *, dtypes: Sequence[torch.dtype] = (),
-          device: str | torch.device | None = None, **dims: Any) -> SolveResult:
+def solve(
+    ops: str | Mapping[str, Mapping[str, Any]],
+    path: str | Path,
+    *,
+    dtypes: Sequence[torch.dtype] = (),
+    device: str | torch.device | None = None,
+    **dims: Any,
+) -> SolveResult:
     """Write a module at `path` that dispatches `ops` by flat bucket bounds, with no selection engine.
 
     ops: an op family name or op id (`attention.causal`: causal fixed) with its dims as keyword
@@ -358,10 +384,14 @@ def solve(ops: str | Mapping[str, Mapping[str, Any]], path: str | Path, *, dtype
     return SolveResult(path, *result)
 
 
-def _generate(ops: str | Mapping[str, Mapping[str, Any]], dtypes: Sequence[torch.dtype],
-              device: str | torch.device | None, dims: Mapping[str, Any],
-              combos: Mapping[str, set[tuple[int, ...]]] | None = None,
-              order: Mapping[str, Sequence[str]] | None = None) -> tuple[str, tuple[Any, ...]]:
+def _generate(
+    ops: str | Mapping[str, Mapping[str, Any]],
+    dtypes: Sequence[torch.dtype],
+    device: str | torch.device | None,
+    dims: Mapping[str, Any],
+    combos: Mapping[str, set[tuple[int, ...]]] | None = None,
+    order: Mapping[str, Sequence[str]] | None = None,
+) -> tuple[str, tuple[Any, ...]]:
     """(module text, SolveResult fields after the path) for lz.solve and lz.compile.
 
     combos: per family, the combinations of exact dims to solve (lz.compile: those of its shapes);
@@ -438,9 +468,18 @@ def _generate(ops: str | Mapping[str, Mapping[str, Any]], dtypes: Sequence[torch
     return text, ({v: k for k, v in w.kernels.items()}, cells, w.branches, tuple(dict.fromkeys(notes)))
 
 
-def _module_text(names: list[str], ops: Mapping[str, Mapping[str, Any]], dtypes: list[torch.dtype], dev: torch.device,
-                 signature: dict[str, Any], versions: dict[str, str | None], modules: dict[str, str],
-                 specs: dict[str, KernelSpec], w: _Writer, bodies: list[list[str]]) -> str:
+def _module_text(
+    names: list[str],
+    ops: Mapping[str, Mapping[str, Any]],
+    dtypes: list[torch.dtype],
+    dev: torch.device,
+    signature: dict[str, Any],
+    versions: dict[str, str | None],
+    modules: dict[str, str],
+    specs: dict[str, KernelSpec],
+    w: _Writer,
+    bodies: list[list[str]],
+) -> str:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     solved = "\n".join(f"    {n}: {dict(ops[n])}" for n in names)
     out = [
@@ -490,7 +529,7 @@ def _module_text(names: list[str], ops: Mapping[str, Mapping[str, Any]], dtypes:
         "    return out",
         "",
         "",
-        f"_BACKEND_MODULES = {({b: modules[b] for b in versions})!r}",
+        f"_BACKEND_MODULES = { ({b: modules[b] for b in versions})!r}",
         "# torch's C functions behind its grad, determinism and stream-capture queries: the same answers",
         "# without a Python frame per call",
         "_grad_enabled = torch._C.is_grad_enabled",
@@ -500,7 +539,9 @@ def _module_text(names: list[str], ops: Mapping[str, Mapping[str, Any]], dtypes:
         "_deterministic = getattr(torch._C, '_get_deterministic_algorithms', torch.are_deterministic_algorithms_enabled)",
     ]
     if dev.type == "cuda":
-        out.append("_capturing = getattr(torch._C, '_cuda_isCurrentStreamCapturing', torch.cuda.is_current_stream_capturing)")
+        out.append(
+            "_capturing = getattr(torch._C, '_cuda_isCurrentStreamCapturing', torch.cuda.is_current_stream_capturing)"
+        )
     for d in dtypes:
         name = str(d).removeprefix("torch.")
         out.append(f"_{name} = torch.{name}")
@@ -564,15 +605,23 @@ class CompiledPlans:
         return module
 
     def __str__(self) -> str:
-        lines = [f"compiled {self.operation} ({self.family}): {len(self.plans)} shape(s), {self.buckets} buckets -> "
-                 f"{self.branches} branches; kernels: {', '.join(sorted(set(self.kernels.values()))) or 'none'}"]
+        lines = [
+            f"compiled {self.operation} ({self.family}): {len(self.plans)} shape(s), {self.buckets} buckets -> "
+            f"{self.branches} branches; kernels: {', '.join(sorted(set(self.kernels.values()))) or 'none'}"
+        ]
         for p in self.plans:
             lines.append(f"  {'x'.join(map(str, p.shape)):<24} {p.dtype:<9} {p.kernel:<28} {p.bucket}")
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
 
-def compile(operation: str, shapes: Sequence[Any], *, dtypes: Sequence[torch.dtype] = (),  # noqa: A001
-            device: str | torch.device | None = None, kernels: Sequence[str] | None = None) -> CompiledPlans:
+def compile(
+    operation: str,
+    shapes: Sequence[Any],
+    *,
+    dtypes: Sequence[torch.dtype] = (),  # noqa: A001
+    device: str | torch.device | None = None,
+    kernels: Sequence[str] | None = None,
+) -> CompiledPlans:
     """Offline plans for `shapes` of `operation` (an op id or family name): each shape's bucket and
     kernel, and a solved module over the shapes' ranges (lz.solve), ready to save.
 

@@ -105,19 +105,27 @@ class WarmupReport:
         return [e for e in self.entries if e.compiled]
 
     def __str__(self) -> str:
-        lines = [f"warmed {len(self.entries)} shape(s) in {self.seconds:.2f} s; compiled: "
-                 f"{', '.join(sorted({e.kernel for e in self.compiled})) or 'nothing'}"]
+        lines = [
+            f"warmed {len(self.entries)} shape(s) in {self.seconds:.2f} s; compiled: "
+            f"{', '.join(sorted({e.kernel for e in self.compiled})) or 'nothing'}"
+        ]
         if self.variants:
-            lines.append(f"JIT variants built in parallel: {len(self.variants)} in {self.compile_seconds:.1f} s "
-                         f"({self.processes} process(es) at once)")
-            lines += [f"  {v.label:<44} {v.seconds:>8.1f} s  {'ok' if v.ok else 'FAILED: ' + v.error}"
-                      for v in self.variants]
-        lines.append(f"{'op':<16} {'shape':<26} {'dtype':<9} {'kernel':<28} {'select ms':>9} {'1st ms':>9} "
-                     f"{'2nd ms':>9}  jit")
+            lines.append(
+                f"JIT variants built in parallel: {len(self.variants)} in {self.compile_seconds:.1f} s "
+                f"({self.processes} process(es) at once)"
+            )
+            lines += [
+                f"  {v.label:<44} {v.seconds:>8.1f} s  {'ok' if v.ok else 'FAILED: ' + v.error}" for v in self.variants
+            ]
+        lines.append(
+            f"{'op':<16} {'shape':<26} {'dtype':<9} {'kernel':<28} {'select ms':>9} {'1st ms':>9} {'2nd ms':>9}  jit"
+        )
         for e in self.entries:
-            lines.append(f"{e.family:<16} {'x'.join(map(str, e.shape)):<26} {e.dtype:<9} {e.kernel:<28} "
-                         f"{e.select_ms:>9.3f} {e.first_ms:>9.3f} {e.second_ms:>9.3f}  "
-                         f"{'compiled' if e.compiled else '-'}")
+            lines.append(
+                f"{e.family:<16} {'x'.join(map(str, e.shape)):<26} {e.dtype:<9} {e.kernel:<28} "
+                f"{e.select_ms:>9.3f} {e.first_ms:>9.3f} {e.second_ms:>9.3f}  "
+                f"{'compiled' if e.compiled else '-'}"
+            )
         return "\n".join(lines)
 
 
@@ -136,9 +144,18 @@ class JitTask:
     options: dict[str, Any] = field(default_factory=dict)
 
     def payload(self) -> str:
-        return json.dumps({"label": self.label, "kernel": self.kernel, "module": self.module,
-                           "operation": self.operation, "shape": list(self.shape), "dtype": self.dtype,
-                           "device": self.device, "options": self.options})
+        return json.dumps(
+            {
+                "label": self.label,
+                "kernel": self.kernel,
+                "module": self.module,
+                "operation": self.operation,
+                "shape": list(self.shape),
+                "dtype": self.dtype,
+                "device": self.device,
+                "options": self.options,
+            }
+        )
 
 
 def _timed(fn: Any, device: torch.device) -> float:
@@ -151,10 +168,18 @@ def _timed(fn: Any, device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def warmup(operation: str, shapes: Sequence[Any] = (), dtypes: Sequence[torch.dtype] = (),
-           device: str | torch.device | None = None, *, options: dict[str, Any] | None = None,
-           parallel: bool = True, jobs: int | None = None, progress: bool = True,
-           timeout_s: float = 3600.0) -> WarmupReport:
+def warmup(
+    operation: str,
+    shapes: Sequence[Any] = (),
+    dtypes: Sequence[torch.dtype] = (),
+    device: str | torch.device | None = None,
+    *,
+    options: dict[str, Any] | None = None,
+    parallel: bool = True,
+    jobs: int | None = None,
+    progress: bool = True,
+    timeout_s: float = 3600.0,
+) -> WarmupReport:
     """Build the JIT variants these calls need in parallel worker processes, then pre-select (the plans
     stay cached for these exact shapes) and call each kernel once here.
 
@@ -204,12 +229,23 @@ def warmup(operation: str, shapes: Sequence[Any] = (), dtypes: Sequence[torch.dt
         first = _timed(lambda args=args, kwargs=kwargs: op(*args, **kwargs), dev)
         second = _timed(lambda args=args, kwargs=kwargs: op(*args, **kwargs), dev)
         spec = runtime.registry.kernel(plan.kernel_id)
-        entries.append(WarmupEntry(operation, shape, str(dtype).removeprefix("torch."), plan.kernel_id,
-                                   spec.needs_jit, select_ms, first, second))
+        entries.append(
+            WarmupEntry(
+                operation,
+                shape,
+                str(dtype).removeprefix("torch."),
+                plan.kernel_id,
+                spec.needs_jit,
+                select_ms,
+                first,
+                second,
+            )
+        )
     return WarmupReport(tuple(entries), time.perf_counter() - started, tuple(variants), processes, compile_s)
 
 
 # ----------------------------------------------------------------------------- phase 1: what to build
+
 
 def jit_tasks(operation: str, problems: Sequence[Problem], device: torch.device) -> list[JitTask]:
     """The variants to build for these (shape, dtype, keyword arguments) calls, one task per variant."""
@@ -246,7 +282,9 @@ def jit_task(operation: str, problem: Problem, device: torch.device) -> JitTask 
         spec = runtime.registry.kernel(cand.kernel_id)
         if spec.backend == REFERENCE_BACKEND or spec.jit_variant is None:
             continue
-        score = runtime.score(spec, ctx, measured, runtime.regime(ctx))[0] - TRANSFORM_PENALTY * len(fam.transforms(spec, ctx))
+        score = runtime.score(spec, ctx, measured, runtime.regime(ctx))[0] - TRANSFORM_PENALTY * len(
+            fam.transforms(spec, ctx)
+        )
         if policy.boosts:
             score *= policy.boost(spec, ctx)[0]
         if lock is not None and lock.targets(spec):
@@ -259,9 +297,17 @@ def jit_task(operation: str, problem: Problem, device: torch.device) -> JitTask 
     variant = spec.jit_variant(ctx)  # type: ignore[misc]
     if variant is None:
         return None
-    return JitTask(variant.key, variant.label, spec.id, spec.impl.__module__, operation, tuple(shape),
-                   str(dtype).removeprefix("torch."), str(device),
-                   {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()})
+    return JitTask(
+        variant.key,
+        variant.label,
+        spec.id,
+        spec.impl.__module__,
+        operation,
+        tuple(shape),
+        str(dtype).removeprefix("torch."),
+        str(device),
+        {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
+    )
 
 
 def compile_slots() -> tuple[int, int, int]:
@@ -290,6 +336,7 @@ def _free_ram() -> int:
 
 # ----------------------------------------------------------------------------- phase 1: worker processes
 
+
 @dataclass(eq=False)
 class _Running:
     task: JitTask
@@ -299,8 +346,9 @@ class _Running:
     err: IO[bytes]
 
 
-def compile_parallel(tasks: Sequence[JitTask], jobs: int | None = None, progress: bool = True,
-                     timeout_s: float = 3600.0) -> tuple[list[VariantResult], int]:
+def compile_parallel(
+    tasks: Sequence[JitTask], jobs: int | None = None, progress: bool = True, timeout_s: float = 3600.0
+) -> tuple[list[VariantResult], int]:
     """Run each task in its own worker process, at most `jobs` at once (default: sized to the machine).
     Returns the results in task order and the number of processes run at once."""
     slots, cores, free = compile_slots()
@@ -309,8 +357,10 @@ def compile_parallel(tasks: Sequence[JitTask], jobs: int | None = None, progress
     env.setdefault("MAX_JOBS", str(max(1, slots // processes)))  # ninja -j of each worker's FlashInfer build
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # the worker imports what this process can
     bar = _Progress(len(tasks), sys.stderr, progress)
-    bar.line(f"layerzero warmup: building {len(tasks)} JIT variant(s) in {processes} worker process(es) at once "
-             f"(MAX_JOBS={env['MAX_JOBS']} each; {cores} cores, {free / 2**30:.0f} GiB free RAM)")
+    bar.line(
+        f"layerzero warmup: building {len(tasks)} JIT variant(s) in {processes} worker process(es) at once "
+        f"(MAX_JOBS={env['MAX_JOBS']} each; {cores} cores, {free / 2**30:.0f} GiB free RAM)"
+    )
     pending = list(tasks)
     running: list[_Running] = []
     results: dict[int, VariantResult] = {}
@@ -321,8 +371,9 @@ def compile_parallel(tasks: Sequence[JitTask], jobs: int | None = None, progress
                 task = pending.pop(0)
                 out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
                 cmd = [sys.executable, "-m", "layerzero.perf.warmup", "--worker", task.payload()]
-                running.append(_Running(task, subprocess.Popen(cmd, stdout=out, stderr=err, env=env), time.time(),
-                                        out, err))
+                running.append(
+                    _Running(task, subprocess.Popen(cmd, stdout=out, stderr=err, env=env), time.time(), out, err)
+                )
             for r in list(running):
                 code = r.process.poll()
                 if code is None and time.time() - r.started > timeout_s:
@@ -354,11 +405,22 @@ def _collect(r: _Running, code: int, timeout_s: float) -> VariantResult:
     r.err.close()
     for line in reversed(stdout.splitlines()):
         if line.startswith(RESULT_TAG):
-            data = json.loads(line[len(RESULT_TAG):])
-            return VariantResult(r.task.label, r.task.kernel, data["seconds"], data["ok"], data.get("error", ""),
-                                 data.get("pid", 0), data.get("started", 0.0), data.get("finished", 0.0))
-    why = (f"killed after {timeout_s:.0f} s" if code in (-9, 137) and time.time() - r.started > timeout_s
-           else f"worker exited with code {code}")
+            data = json.loads(line[len(RESULT_TAG) :])
+            return VariantResult(
+                r.task.label,
+                r.task.kernel,
+                data["seconds"],
+                data["ok"],
+                data.get("error", ""),
+                data.get("pid", 0),
+                data.get("started", 0.0),
+                data.get("finished", 0.0),
+            )
+    why = (
+        f"killed after {timeout_s:.0f} s"
+        if code in (-9, 137) and time.time() - r.started > timeout_s
+        else f"worker exited with code {code}"
+    )
     tail = " ".join(stderr.strip().splitlines()[-3:])[-400:]
     return VariantResult(r.task.label, r.task.kernel, time.time() - r.started, False, f"{why}: {tail}".rstrip(": "))
 
@@ -392,15 +454,19 @@ class _Progress:
     def finished(self, result: VariantResult, wall_s: float) -> None:
         self.done += 1
         status = "ok" if result.ok else f"FAILED ({result.error})"
-        self.line(f"{self._bar()} {_clock(time.time() - self.started):>7}  {result.label}: "
-                  f"{result.seconds:.1f} s compile+run, {wall_s:.1f} s in its worker  {status}")
+        self.line(
+            f"{self._bar()} {_clock(time.time() - self.started):>7}  {result.label}: "
+            f"{result.seconds:.1f} s compile+run, {wall_s:.1f} s in its worker  {status}"
+        )
 
     def tick(self, running: list[str]) -> None:
         now = time.time()
         if not self.tty or not running or now - self._last_tick < 1.0:
             return
         self._last_tick = now
-        self.stream.write(f"\r\033[K{self._bar()} {_clock(now - self.started):>7}  building: {', '.join(running)}"[:200])
+        self.stream.write(
+            f"\r\033[K{self._bar()} {_clock(now - self.started):>7}  building: {', '.join(running)}"[:200]
+        )
         self.stream.flush()
         self._status = True
 
@@ -413,6 +479,7 @@ def _clock(seconds: float) -> str:
 
 
 # ----------------------------------------------------------------------------- the worker
+
 
 def _worker(payload: str) -> dict[str, Any]:
     """In a worker process: call the task's kernel once with its shape (building its variant, which the
@@ -435,16 +502,24 @@ def _worker(payload: str) -> dict[str, Any]:
         run, _ = fam.bind(spec, fam.context(*args, **options))
         kernel_args = workloads.run_args(op, args, options)
     except Exception as e:  # noqa: BLE001 - reported to the parent
-        return {"ok": False, "seconds": time.perf_counter() - started, "error": f"setup: {type(e).__name__}: {e}",
-                "pid": os.getpid()}
+        return {
+            "ok": False,
+            "seconds": time.perf_counter() - started,
+            "error": f"setup: {type(e).__name__}: {e}",
+            "pid": os.getpid(),
+        }
     t0, started = time.perf_counter(), time.time()
     try:
         out = run(*kernel_args)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
     except Exception as e:  # noqa: BLE001 - the library's error is the verdict
-        return {"ok": False, "seconds": time.perf_counter() - t0, "error": f"kernel: {type(e).__name__}: {e}",
-                "pid": os.getpid()}
+        return {
+            "ok": False,
+            "seconds": time.perf_counter() - t0,
+            "error": f"kernel: {type(e).__name__}: {e}",
+            "pid": os.getpid(),
+        }
     seconds = time.perf_counter() - t0
     when = {"started": started, "finished": time.time()}
     ref, cut = workloads.reference_output(op, args, options)
@@ -455,8 +530,13 @@ def _worker(payload: str) -> dict[str, Any]:
         err = float((o.double() - r.double()).abs().max()) if o.numel() else 0.0
         tol = TOLERANCE[o.dtype] * (1.0 + float(r.double().abs().max()))
         if not err <= tol:
-            return {"ok": False, "seconds": seconds, "pid": os.getpid(), **when,
-                    "error": f"kernel: output differs from the reference: max error {err:.3g} > {tol:.3g}"}
+            return {
+                "ok": False,
+                "seconds": seconds,
+                "pid": os.getpid(),
+                **when,
+                "error": f"kernel: output differs from the reference: max error {err:.3g} > {tol:.3g}",
+            }
     return {"ok": True, "seconds": seconds, "pid": os.getpid(), **when}
 
 

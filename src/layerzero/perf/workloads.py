@@ -32,7 +32,8 @@ _FAMILY_OF: dict[str, OpFamily] = {w.name: f for f in FAMILIES.values() for w in
 # spec's short form (batch, seq, heads, head_dim): seq keys (seq queries but for decode), as many kv
 # heads as heads, causal as the id says.
 OP_WORKLOADS: dict[str, tuple[str, dict[str, int]]] = {
-    op: (w.name, fixed) for w in WORKLOADS.values() for op, fixed in w.op_ids.items()}
+    op: (w.name, fixed) for w in WORKLOADS.values() for op, fixed in w.op_ids.items()
+}
 
 
 def workload(name: str) -> Workload:
@@ -69,8 +70,11 @@ def op_shape(operation: str, shape: Any) -> tuple[str, Shape]:
     except InvalidInputError:
         if name != "attention" or not fixed:
             raise
-        raise InvalidInputError("shape", f"(batch, seq, heads, head_dim) or {len(wl.dims)} non-negative ints "
-                                f"({', '.join(wl.dims)}) for {operation}", shape) from None
+        raise InvalidInputError(
+            "shape",
+            f"(batch, seq, heads, head_dim) or {len(wl.dims)} non-negative ints ({', '.join(wl.dims)}) for {operation}",
+            shape,
+        ) from None
     for dim, value in fixed.items():
         if full[wl.dims.index(dim)] != value:
             raise InvalidInputError("shape", f"{dim} {value} for {operation} ({', '.join(wl.dims)})", shape)
@@ -110,8 +114,9 @@ def run_args(name: str, args: Args, options: dict[str, Any] | None = None) -> Ar
     return captured[0]
 
 
-def context_for(name: str, shape: Shape, dtype: torch.dtype, device: torch.device,
-                options: dict[str, Any] | None = None) -> SelectionContext:
+def context_for(
+    name: str, shape: Shape, dtype: torch.dtype, device: torch.device, options: dict[str, Any] | None = None
+) -> SelectionContext:
     """The SelectionContext of `shape` without allocating it (tiny tensors, then the real sizes);
     `options`: the op's keyword arguments (attention: window_size, softcap, ...)."""
     wl = workload(name)
@@ -128,8 +133,14 @@ def shape_of(name: str, ctx: SelectionContext) -> Shape | None:
     wl = workload(name)
     shape = tuple(int(getattr(ctx, CONTEXT_FIELDS[d])) for d in wl.dims)
     try:
-        made = context_for(name, shape, ctx.dtype, torch.device(ctx.device_type, ctx.device_index)
-                           if ctx.device_type == "cuda" else torch.device(ctx.device_type))
+        made = context_for(
+            name,
+            shape,
+            ctx.dtype,
+            torch.device(ctx.device_type, ctx.device_index)
+            if ctx.device_type == "cuda"
+            else torch.device(ctx.device_type),
+        )
     except Exception:  # noqa: BLE001 - a context the workload cannot build is simply not reproducible
         return None
 

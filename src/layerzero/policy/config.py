@@ -125,8 +125,10 @@ def load_config(path: PathLike | None = None) -> dict[str, Any]:
     runtime.ensure_loaded()
     with runtime._lock:
         env_policy = environment_policy(os.environ, runtime.registry)
-        file_path = os.fspath(path) if path is not None else (
-            os.environ.get("LAYERZERO_POLICY") or runtime.policy_layers.file_path
+        file_path = (
+            os.fspath(path)
+            if path is not None
+            else (os.environ.get("LAYERZERO_POLICY") or runtime.policy_layers.file_path)
         )
         file_policy = load_policy_file(file_path, runtime.registry) if file_path else None
         runtime.set_layers(replace(runtime.policy_layers, env=env_policy))
@@ -219,8 +221,9 @@ class _Override:
             self._block = runtime.enter_scope(self._change)
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self._block is not None:
             runtime.leave_scope(*self._block)
             self._block = None
@@ -273,8 +276,10 @@ class lock(_Override):  # noqa: N801 - used like a function: lz.lock(op, kernel)
         if self._scoped:
             return  # a block's lock ends with its block
         replaced, self.replaced = self.replaced, ()
-        _update_layer("code", lambda p: replace(
-            p, locks=tuple(x for r in p.locks for x in ((r,) if r is not self.rule else replaced))))
+        _update_layer(
+            "code",
+            lambda p: replace(p, locks=tuple(x for r in p.locks for x in ((r,) if r is not self.rule else replaced))),
+        )
 
     def __repr__(self) -> str:
         return f"<lock {self.rule.describe()}>"
@@ -322,8 +327,15 @@ class prefer(_Override):  # noqa: N801 - used like a function: lz.prefer("torch"
     default priority (1000) is above every built-in one.
     """
 
-    def __init__(self, target: str, priority: float = DEFAULT_PREFER_PRIORITY, *, op: str = "*",
-                 condition: str | None = None, operation: str | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        priority: float = DEFAULT_PREFER_PRIORITY,
+        *,
+        op: str = "*",
+        condition: str | None = None,
+        operation: str | None = None,
+    ) -> None:
         runtime.ensure_loaded()
         if operation is not None:  # the spec's name for op
             if op != "*" and op != operation:
@@ -336,8 +348,12 @@ class prefer(_Override):  # noqa: N801 - used like a function: lz.prefer("torch"
         self._begin()
 
     def _same(self, rule: Rule) -> bool:
-        return ((rule.operation, rule.backends, rule.kernels, rule.condition_text)
-                == (self.rule.operation, self.rule.backends, self.rule.kernels, self.rule.condition_text))
+        return (rule.operation, rule.backends, rule.kernels, rule.condition_text) == (
+            self.rule.operation,
+            self.rule.backends,
+            self.rule.kernels,
+            self.rule.condition_text,
+        )
 
     def _change(self, code: Policy, disabled: frozenset[str]) -> tuple[Policy, frozenset[str]]:
         return replace(code, prefers=(self.rule, *(r for r in code.prefers if not self._same(r)))), disabled
@@ -355,8 +371,12 @@ class prefer(_Override):  # noqa: N801 - used like a function: lz.prefer("torch"
         if self._scoped:
             return  # a block's preference ends with its block
         restored = (self.replaced,) if self.replaced is not None else ()
-        _update_layer("code", lambda p: replace(
-            p, prefers=tuple(x for r in p.prefers for x in ((r,) if r is not self.rule else restored))))
+        _update_layer(
+            "code",
+            lambda p: replace(
+                p, prefers=tuple(x for r in p.prefers for x in ((r,) if r is not self.rule else restored))
+            ),
+        )
 
     def __repr__(self) -> str:
         return f"<prefer {self.rule.describe()}>"
@@ -377,8 +397,9 @@ def _switch_targets(call: str, targets: tuple[str, ...]) -> frozenset[str]:
             backends, kernels = resolve_target(runtime.registry, name)
         else:
             backends, kernels = (runtime.registry.backend_name(name),), ()
-        if REFERENCE_BACKEND in backends or any(runtime.registry.kernel(k).backend == REFERENCE_BACKEND
-                                                for k in kernels):
+        if REFERENCE_BACKEND in backends or any(
+            runtime.registry.kernel(k).backend == REFERENCE_BACKEND for k in kernels
+        ):
             raise ConfigurationError(f"{call}: the reference backend cannot be disabled (a call always runs)")
         names.update(backends + kernels)
     return frozenset(names)
@@ -436,19 +457,26 @@ class enabled(_Override):  # noqa: N801 - used like a function: lz.enabled("torc
         if not targets:
             removed = set(current)
         elif "*" in current:
-            raise ConfigurationError(f"enabled: {targets[0]!r} is disabled through lz.disabled() (every "
-                                     "backend); call lz.enabled() (or undo that call) instead")
+            raise ConfigurationError(
+                f"enabled: {targets[0]!r} is disabled through lz.disabled() (every "
+                "backend); call lz.enabled() (or undo that call) instead"
+            )
         else:
             removed = {n for n in names if n in current}
             for name in names - removed:
                 kernel = runtime.registry.kernels.get(name)
                 if kernel is None:  # a backend: its kernels disabled one by one too
-                    removed.update(k for k in current if k in runtime.registry.kernels
-                                   and runtime.registry.kernels[k].backend == name)
+                    removed.update(
+                        k
+                        for k in current
+                        if k in runtime.registry.kernels and runtime.registry.kernels[k].backend == name
+                    )
                 elif kernel.backend in current:
-                    raise ConfigurationError(f"enabled: {name!r} is disabled through lz.disabled("
-                                             f"{kernel.backend!r}); call lz.enabled({kernel.backend!r}) "
-                                             "(or undo that call) instead")
+                    raise ConfigurationError(
+                        f"enabled: {name!r} is disabled through lz.disabled("
+                        f"{kernel.backend!r}); call lz.enabled({kernel.backend!r}) "
+                        "(or undo that call) instead"
+                    )
         self.removed = frozenset(removed)
         self._begin(scoped)
 
@@ -559,8 +587,9 @@ class PolicyWatcher:
     def __enter__(self) -> PolicyWatcher:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
 
@@ -569,8 +598,9 @@ def _parse_file_bytes(content: bytes, path: str) -> Policy:
     return parse_policy_text(content, runtime.registry, source=path)
 
 
-def watch_policy(path: PathLike, interval_s: float = 1.0, *,
-                 parse: Callable[[bytes, str], Policy] | None = None) -> PolicyWatcher:
+def watch_policy(
+    path: PathLike, interval_s: float = 1.0, *, parse: Callable[[bytes, str], Policy] | None = None
+) -> PolicyWatcher:
     """Load `path` now (raising if invalid), then poll it every `interval_s` and swap the policy
     atomically when it changes. Replaces an earlier watcher; `.stop()` or `with` ends it.
     parse: (content, path) -> Policy for another file format (layerzero.dispatch's config)."""
@@ -587,6 +617,15 @@ def watch_policy(path: PathLike, interval_s: float = 1.0, *,
 
 
 __all__ = [
-    "PolicyWatcher", "configure", "disabled", "enabled", "get_config", "get_locks", "load_config",
-    "lock", "prefer", "unlock", "watch_policy",
+    "PolicyWatcher",
+    "configure",
+    "disabled",
+    "enabled",
+    "get_config",
+    "get_locks",
+    "load_config",
+    "lock",
+    "prefer",
+    "unlock",
+    "watch_policy",
 ]

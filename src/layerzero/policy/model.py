@@ -198,4 +198,3 @@ class Scope:
 
 
 SCOPE: ContextVar[Scope | None] = ContextVar("layerzero_scope", default=None)
-

@@ -114,8 +114,9 @@ class PlanCache:
         self._stop_sweeper()
         if self.ttl_s is not None:
             self._sweeper_stop = threading.Event()
-            self._sweeper = threading.Thread(target=self._sweep, args=(self._sweeper_stop,),
-                                             name="layerzero-plan-ttl", daemon=True)
+            self._sweeper = threading.Thread(
+                target=self._sweep, args=(self._sweeper_stop,), name="layerzero-plan-ttl", daemon=True
+            )
             self._sweeper.start()
 
     def invalidate(self) -> int:
@@ -183,8 +184,17 @@ class PlanCache:
         return key in self._store or key in self._older
 
     def stats(self) -> CacheStats:
-        return CacheStats(len(self), self.maxsize, self.ttl_s, self.generation, self.computes, self.promotions,
-                          self.evictions, self.expirations, self.waits)
+        return CacheStats(
+            len(self),
+            self.maxsize,
+            self.ttl_s,
+            self.generation,
+            self.computes,
+            self.promotions,
+            self.evictions,
+            self.expirations,
+            self.waits,
+        )
 
     # ---- the miss path
 

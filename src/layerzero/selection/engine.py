@@ -56,9 +56,12 @@ class ExecutionPlan:
             return self.recover(error, *args)
 
 
-def bind_kernel(spec: KernelSpec, ctx: SelectionContext, bind: Binder,
-                transforms_of: Callable[[KernelSpec, SelectionContext], tuple[str, ...]]
-                ) -> tuple[Callable[..., Any], tuple[str, ...]]:
+def bind_kernel(
+    spec: KernelSpec,
+    ctx: SelectionContext,
+    bind: Binder,
+    transforms_of: Callable[[KernelSpec, SelectionContext], tuple[str, ...]],
+) -> tuple[Callable[..., Any], tuple[str, ...]]:
     """The callable that runs `spec` for `ctx` in the op's calling convention: the kernel's own
     prepared one (KernelSpec.prepare) when it has one for this context, else the family's binding."""
     if spec.prepare is not None:
@@ -138,8 +141,12 @@ class SelectionReport:
             else:
                 extra = f" transforms={'+'.join(c.transforms)}" if c.transforms else ""
                 rules = f" rules: {'; '.join(c.rules)}" if c.rules else ""
-                measured = "" if c.measured_us is None else f", measured {c.measured_us:.4g} us ({c.measured_regime}" + (
-                    f"; no {self.regime} figure)" if c.measured_regime != self.regime else ")")
+                measured = (
+                    ""
+                    if c.measured_us is None
+                    else f", measured {c.measured_us:.4g} us ({c.measured_regime}"
+                    + (f"; no {self.regime} figure)" if c.measured_regime != self.regime else ")")
+                )
                 score = "not scored" if c.score is None else f"score {c.score:g}"  # strict mode stops before scoring
                 lines.append(f" {mark} {c.kernel_id:<28} {score} (priority {c.priority}{measured}){extra}{rules}")
         lines.extend(f"  note: {n}" for n in self.notes)
@@ -154,14 +161,24 @@ TRANSFORM_PENALTY = 2.0
 
 _DISABLED = Rejection(Reason.BACKEND_DISABLED, "disabled by lz.disabled()")
 # Why a backend as a whole cannot run here (kernel_rejections gives it alone, nothing else applies)
-BACKEND_REASONS = frozenset({Reason.BACKEND_NOT_INSTALLED, Reason.BACKEND_IMPORT_FAILED,
-                             Reason.BACKEND_VERSION_UNSUPPORTED, Reason.BACKEND_BROKEN, Reason.BACKEND_UNPROBED})
+BACKEND_REASONS = frozenset(
+    {
+        Reason.BACKEND_NOT_INSTALLED,
+        Reason.BACKEND_IMPORT_FAILED,
+        Reason.BACKEND_VERSION_UNSUPPORTED,
+        Reason.BACKEND_BROKEN,
+        Reason.BACKEND_UNPROBED,
+    }
+)
 
 
 def _disabled(spec: KernelSpec, disabled: frozenset[str]) -> bool:
     """The kernel or its backend is switched off by lz.disabled() (the reference never is)."""
-    return bool(disabled) and spec.backend != REFERENCE_BACKEND and (
-        spec.backend in disabled or spec.id in disabled or "*" in disabled)
+    return (
+        bool(disabled)
+        and spec.backend != REFERENCE_BACKEND
+        and (spec.backend in disabled or spec.id in disabled or "*" in disabled)
+    )
 
 
 class SelectionEngine:
@@ -205,8 +222,12 @@ class SelectionEngine:
                 table[key] = specs
         return specs
 
-    def evaluate(self, ctx: SelectionContext, transforms_of: Callable[[KernelSpec, SelectionContext], tuple[str, ...]],
-                 complete: bool = True) -> SelectionReport:
+    def evaluate(
+        self,
+        ctx: SelectionContext,
+        transforms_of: Callable[[KernelSpec, SelectionContext], tuple[str, ...]],
+        complete: bool = True,
+    ) -> SelectionReport:
         """Reject or score the kernels of `ctx.op` and choose one: the one routine of selection.
 
         complete=True (explain, solve, the fallback after a failure): every kernel registered for the
@@ -280,10 +301,14 @@ class SelectionEngine:
                     for spec in specs:  # the others could run, but strict mode runs the locked one or none
                         cand = candidates[spec.id]
                         if cand.eligible and not lock.targets(spec):
-                            cand.rejections.append(Rejection(Reason.POLICY_LOCKED_OTHER,
-                                                             f"{lock.describe()}; strict mode runs only the lock"))
-                    report = SelectionReport(ctx.op, ctx, "", 0.0, list(candidates.values()), notes=[msg],
-                                             regime=regime)
+                            cand.rejections.append(
+                                Rejection(
+                                    Reason.POLICY_LOCKED_OTHER, f"{lock.describe()}; strict mode runs only the lock"
+                                )
+                            )
+                    report = SelectionReport(
+                        ctx.op, ctx, "", 0.0, list(candidates.values()), notes=[msg], regime=regime
+                    )
                     raise NoKernelFoundError(f"locked kernel for {ctx.op} cannot run these inputs", report)
                 notes.append(msg)
                 rt.warn_once(("lock", lock, ctx.op), msg)
@@ -308,8 +333,12 @@ class SelectionEngine:
         best: Candidate | None = None
         for spec in specs:
             reference = spec.backend == REFERENCE_BACKEND
-            if (early and best is not None and best.backend != REFERENCE_BACKEND
-                    and (reference or priority_for(spec, ctx) < (best.score or 0.0))):
+            if (
+                early
+                and best is not None
+                and best.backend != REFERENCE_BACKEND
+                and (reference or priority_for(spec, ctx) < (best.score or 0.0))
+            ):
                 continue  # a score is at most the priority: it cannot win (specs come by declared priority)
             cand = judge(spec)
             if cand.rejections:
@@ -330,7 +359,10 @@ class SelectionEngine:
             score, cand.decided_by = rt.score(spec, ctx, measured, regime)
             cand.score = score * factor - TRANSFORM_PENALTY * len(cand.transforms)
             if best is None or (not reference, cand.score, cand.kernel_id) > (
-                    best.backend != REFERENCE_BACKEND, best.score, best.kernel_id):
+                best.backend != REFERENCE_BACKEND,
+                best.score,
+                best.kernel_id,
+            ):
                 best = cand
 
         if best is None:
@@ -341,8 +373,16 @@ class SelectionEngine:
         fallback = best.backend == REFERENCE_BACKEND
         if fallback:
             notes.append("no accelerated kernel can run this call; the torch reference runs")
-        return SelectionReport(ctx.op, ctx, best.kernel_id, best.score or 0.0, list(candidates.values()),
-                               fallback=fallback, notes=notes, regime=regime)
+        return SelectionReport(
+            ctx.op,
+            ctx,
+            best.kernel_id,
+            best.score or 0.0,
+            list(candidates.values()),
+            fallback=fallback,
+            notes=notes,
+            regime=regime,
+        )
 
     def kernel_rejections(self, spec: KernelSpec, ctx: SelectionContext) -> list[Rejection]:
         """Every reason, policy aside, why `spec` cannot run `ctx`: its backend is unavailable (that
@@ -364,10 +404,14 @@ class SelectionEngine:
         rejection = call_rejection(spec, ctx)
         return [] if rejection is None else [rejection]
 
-    def select(self, ctx: SelectionContext, bind: Binder, transforms_of: Callable[[KernelSpec, SelectionContext], tuple[str, ...]],
-               wrap: Callable[[KernelSpec, Callable[..., Any], SelectionReport],
-                              tuple[Callable[..., Any], Callable[..., Any]]] | None = None,
-               ) -> tuple[ExecutionPlan, SelectionReport]:
+    def select(
+        self,
+        ctx: SelectionContext,
+        bind: Binder,
+        transforms_of: Callable[[KernelSpec, SelectionContext], tuple[str, ...]],
+        wrap: Callable[[KernelSpec, Callable[..., Any], SelectionReport], tuple[Callable[..., Any], Callable[..., Any]]]
+        | None = None,
+    ) -> tuple[ExecutionPlan, SelectionReport]:
         """Evaluate and bind the winner into an ExecutionPlan; `wrap` (the health guard) gives its
         run and recover."""
         generation = self.runtime.generation
@@ -377,7 +421,9 @@ class SelectionEngine:
             report.notes.append("strict mode: the reference does not run")
             raise NoKernelFoundError(f"strict mode: only the reference can run {ctx.op}", report)
         if report.fallback:
-            self.runtime.warn_once(("fallback", ctx.op, ctx.device_type), f"{ctx.op}: {report.notes[-1]}; see lz.explain for reasons")
+            self.runtime.warn_once(
+                ("fallback", ctx.op, ctx.device_type), f"{ctx.op}: {report.notes[-1]}; see lz.explain for reasons"
+            )
         spec = self.runtime.registry.kernel(report.selected_kernel)
         run, transforms = bind_kernel(spec, ctx, bind, transforms_of)
         recover: Callable[..., Any] = reraise
