@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's two commands:  bash dev.sh demo   |   bash dev.sh test [pytest args]
 # Sets up .venv (reusing an importable torch, else installing torch==2.13.0, the CPU wheel here),
-# installs LayerZero editable with its test extras, then runs the demo or the test suite.
+# installs LayerZero editable with its test extras, then runs the demo or the test suite (after
+# ruff check and ruff format --check of src: CI runs this).
 set -euo pipefail
 cd "$(dirname "$0")"
 py=${PYTHON:-python3}
@@ -22,6 +23,6 @@ fi
 cmd=${1:-test}; shift || true
 case "$cmd" in
   demo) exec .venv/bin/python -m layerzero.demo "$@" ;;
-  test) .venv/bin/ruff check src && exec .venv/bin/python -m pytest -q "$@" ;;
+  test) .venv/bin/ruff check src && .venv/bin/ruff format --check src && exec .venv/bin/python -m pytest -q "$@" ;;
   *) echo "usage: bash dev.sh demo|test [args]" >&2; exit 2 ;;
 esac

@@ -1,4 +1,4 @@
-"""IPC round-trip latency of an isolated backend (runtime/isolation.py) vs the same kernel in-process.
+"""IPC round-trip latency of an isolated backend (isolation.py) vs the same kernel in-process.
 
 Measures `IsolatedBackend.call` of torch.rms_norm (one request and one reply on the pipe, inputs
 and output through the shared-memory arena) for a few tensor sizes, and writes
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from layerzero.backends.torch_native import rms_norm
-from layerzero.runtime.isolation import IsolatedBackend
+from layerzero.isolation import IsolatedBackend
 
 
 def _median_us(fn, reps: int, sync=lambda: None) -> float:  # type: ignore[no-untyped-def]

@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 
 import layerzero as lz
+from layerzero.graphs import warmup_for_capture
 from layerzero.perf import workloads
-from layerzero.perf.solve import FAMILY_CODE, _call
-from layerzero.runtime.graphs import warmup_for_capture
+from layerzero.perf.solve import FAMILY_CODE
 from layerzero.state import runtime
 
 
@@ -55,7 +55,7 @@ def _kernel_calls(op: str, kernel_id: str, impl, call_args: tuple):
     sig = inspect.signature(workloads.public_op(op))
     bound = sig.bind(*call_args)
     bound.apply_defaults()
-    call = _call(FAMILY_CODE[op], runtime.registry.kernel(kernel_id), "K")
+    call = FAMILY_CODE[op].kernel_call(runtime.registry.kernel(kernel_id), "K")
     scope: dict = {}
     exec(f"def loop(n, K, {', '.join(sig.parameters)}):\n    for _ in range(n):\n        {call}\n", scope)  # noqa: S102
     loop, values = scope["loop"], tuple(bound.arguments.values())
@@ -164,7 +164,7 @@ def _model(device: torch.device, dtype: torch.dtype, randn, batch: int, cfg: dic
 def _step_paths(solved, norm_id: str, attn_id: str) -> dict:
     registry = runtime.registry
     kn, ka = registry.kernel(norm_id), registry.kernel(attn_id)
-    direct = dict(norm=_call(FAMILY_CODE["rms_norm"], kn, "KN"), attn=_call(FAMILY_CODE["attention"], ka, "KA"),
+    direct = dict(norm=FAMILY_CODE["rms_norm"].kernel_call(kn, "KN"), attn=FAMILY_CODE["attention"].kernel_call(ka, "KA"),
                   scope={"KN": kn.impl, "KA": ka.impl})
     # "frames": each call through a Python function that only passes its arguments on (no guard): the
     # least any function-call API adds

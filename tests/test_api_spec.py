@@ -248,3 +248,20 @@ def test_cli_explain_takes_an_op_id_and_the_short_shape(capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["op"] == "attention.causal" and "seq_len_q=64 seq_len_k=64" in data["context"]
     assert data["selected"] == lz.which("attention.causal", *(torch.randn(1, 64, 4, 32),) * 3)
+
+
+
+def test_all_is_the_documented_api():
+    """`__all__` lists what README.md and docs/ document as `lz.<name>`, the classes the README's API
+    table names, and the errors; every documented `lz.<name>` exists."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = "".join(p.read_text(encoding="utf-8") for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))])
+    documented = set(re.findall(r"lz\.([A-Za-z_]\w*)", text))
+    named = {"Backend", "ExecutionPlan", "KernelSpec", "Reason", "Rejection", "SelectionContext", "SelectionReport"}
+    errors = {n for n in lz.__all__ if isinstance(getattr(lz, n), type) and issubclass(getattr(lz, n), Exception)}
+    assert set(lz.__all__) == (documented - {"compile"}) | named | errors
+    assert all(hasattr(lz, name) for name in documented)
+

@@ -13,15 +13,9 @@ import pytest
 import torch
 
 import layerzero as lz
-from layerzero.capabilities import (
-    DescriptorError,
-    canary,
-    clear_descriptors,
-    export_descriptor,
-    load_descriptors,
-    parse_descriptor,
-)
+from layerzero.capabilities import canary, clear_descriptors, load_descriptors
 from layerzero.cli import main
+from layerzero.descriptors import DescriptorError, export_descriptor, parse_descriptor
 from layerzero.kernel import Backend, KernelSpec
 from layerzero.reasons import Reason
 from layerzero.state import runtime

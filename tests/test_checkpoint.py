@@ -16,7 +16,7 @@ from torch.utils.checkpoint import CheckpointError, _StopRecomputationError, che
 
 import layerzero as lz
 from layerzero.kernel import ALL_FLOAT_DTYPES
-from layerzero.runtime.health import is_control_flow
+from layerzero.monitor.health import is_control_flow
 from layerzero.state import runtime
 
 

@@ -9,6 +9,7 @@ GQA mapping fails here. The real kernels run in tests/gpu/test_flashinfer_gpu.py
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from layerzero.backends import reference as R
 from layerzero.context import SelectionContext
 from layerzero.errors import BackendNotAvailableError, InvalidInputError, LayerZeroError
 from layerzero.kernel import check_constraints
-from layerzero.ops.attention import ATTENTION, PAGED_ATTENTION
+from layerzero.ops.attention import ATTENTION, ATTENTION_VARLEN, PAGED_ATTENTION
 from layerzero.reasons import Reason
 from layerzero.state import runtime
 from tests.standins import flashinfer_standin as standin
@@ -42,6 +43,12 @@ def lib(monkeypatch):
 
 def _calls(calls, name):
     return [kw for n, kw in calls if n == name]
+
+
+def _prepared(kernel_id, ctx):
+    """What a plan of `kernel_id` for `ctx` runs: the kernel's prepared call, which keeps its FlashInfer plan."""
+    runtime.ensure_loaded()
+    return runtime.registry.kernel(kernel_id).prepare(ctx)
 
 
 def _qkv(B, Sq, Sk, Hq, Hkv, D, seed=0):
@@ -143,19 +150,23 @@ def test_dense_decode_copies_keys_whose_strides_differ_from_values(lib):
 
 def test_dense_plans_are_made_once_per_shape(lib):
     q, k, v = _qkv(2, 6, 9, 4, 2, 16)
+    prefill = _prepared("flashinfer.prefill", ATTENTION.context(q, k, v, None, True))
+    decode = _prepared("flashinfer.decode", ATTENTION.context(q[:, :1], k, v))
     for _ in range(3):
-        fi.prefill(q, k, v, None, True, 0.0, None, None, 0.0)
-        fi.decode(q[:, :1], k, v, None, False, 0.0, None, None, 0.0)
+        prefill(q, k, v, None, True, 0.0, None, None, 0.0)
+        decode(q[:, :1], k, v, None, False, 0.0, None, None, 0.0)
     assert len(_calls(lib, "ragged.plan")) == 1 and len(_calls(lib, "decode.plan")) == 1
     assert len(_calls(lib, "ragged.run")) == 3
-    fi.prefill(q[:1], k[:1], v[:1], None, True, 0.0, None, None, 0.0)  # another shape, another plan
+    other = _prepared("flashinfer.prefill", ATTENTION.context(q[:1], k[:1], v[:1], None, True))
+    other(q[:1], k[:1], v[:1], None, True, 0.0, None, None, 0.0)  # another shape, another plan
     assert len(_calls(lib, "ragged.plan")) == 2
 
 
 def test_plan_keeps_scale_and_softcap(lib):
     q, k, v = _qkv(1, 4, 4, 2, 2, 16)
-    a = fi.prefill(q, k, v, None, True, 0.0, 0.5, None, 0.0)
-    b = fi.prefill(q, k, v, None, True, 0.0, 0.25, None, 0.0)  # a new scale must not reuse the old plan
+    prefill = _prepared("flashinfer.prefill", ATTENTION.context(q, k, v, None, True))
+    a = prefill(q, k, v, None, True, 0.0, 0.5, None, 0.0)
+    b = prefill(q, k, v, None, True, 0.0, 0.25, None, 0.0)  # a new scale must not reuse the old plan
     torch.testing.assert_close(b.double(), _ref(q, k, v, True, scale=0.25), **TOL)
     assert not torch.allclose(a, b)
 
@@ -171,15 +182,17 @@ def test_ragged_prefill_mapping(lib, causal, window, softcap):
     cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32)
     q = torch.randn(sum(lens_q), 8, 16, generator=g)
     k, v = torch.randn(2, sum(lens_k), 2, 16, generator=g)
-    out = fi.ragged_prefill(q, k, v, cu_q, cu_k, 7, 7, causal, None, window, softcap)
+    ragged_prefill = _prepared("flashinfer.ragged_prefill",
+                               ATTENTION_VARLEN.context(q, k, v, cu_q, cu_k, 7, 7, causal, None, window, softcap))
+    out = ragged_prefill(q, k, v, cu_q, cu_k, 7, 7, causal, None, window, softcap)
     ref = R.attention_varlen(q.double(), k.double(), v.double(), cu_q, cu_k, 7, 7, causal, None, window, softcap)
     torch.testing.assert_close(out.double(), ref, **TOL)
     (plan,) = _calls(lib, "ragged.plan")
     assert plan["qo_indptr"].tolist() == cu_q.tolist() and plan["kv_indptr"].tolist() == cu_k.tolist()
-    fi.ragged_prefill(q, k, v, cu_q, cu_k, 7, 7, causal, None, window, softcap)  # same lengths: same plan
+    ragged_prefill(q, k, v, cu_q, cu_k, 7, 7, causal, None, window, softcap)  # same lengths: same plan
     assert len(_calls(lib, "ragged.plan")) == 1
     cu_q2 = torch.tensor([0, 4, 5, 12, 15], dtype=torch.int32)
-    out2 = fi.ragged_prefill(q, k, v, cu_q2, cu_k, 7, 7, causal, None, window, softcap)
+    out2 = ragged_prefill(q, k, v, cu_q2, cu_k, 7, 7, causal, None, window, softcap)
     assert len(_calls(lib, "ragged.plan")) == 2, "new lengths need a new plan"
     ref2 = R.attention_varlen(q.double(), k.double(), v.double(), cu_q2, cu_k, 7, 7, causal, None, window, softcap)
     torch.testing.assert_close(out2.double(), ref2, **TOL)
@@ -242,14 +255,15 @@ def test_paged_metadata_helpers():
 
 def test_paged_plan_reused_while_lengths_hold_and_pages_refreshed(lib):
     q, kc, vc, table, lens = _paged_case(2, 1, 4, 2, 16, 8, [20, 9], "NHD")
-    fi.paged_decode(q, kc, vc, table, lens, True, None, None, 0.0, "NHD")
+    paged_decode = _prepared("flashinfer.paged_decode", PAGED_ATTENTION.context(q, kc, vc, table, lens))
+    paged_decode(q, kc, vc, table, lens, True, None, None, 0.0, "NHD")
     other = table.flip(0).contiguous()  # same lengths, other pages
-    out = fi.paged_decode(q, kc, vc, other, lens, True, None, None, 0.0, "NHD")
+    out = paged_decode(q, kc, vc, other, lens, True, None, None, 0.0, "NHD")
     assert len(_calls(lib, "decode.plan")) == 1, "same lengths: the plan is reused"
     ref = R.paged_attention(q.double(), kc.double(), vc.double(), other, lens, True, None, None, 0.0, "NHD")
     torch.testing.assert_close(out.double(), ref, **TOL)
     lens2 = torch.tensor([21, 9], dtype=torch.int32)
-    out = fi.paged_decode(q, kc, vc, table, lens2, True, None, None, 0.0, "NHD")
+    out = paged_decode(q, kc, vc, table, lens2, True, None, None, 0.0, "NHD")
     assert len(_calls(lib, "decode.plan")) == 2
     ref = R.paged_attention(q.double(), kc.double(), vc.double(), table, lens2, True, None, None, 0.0, "NHD")
     torch.testing.assert_close(out.double(), ref, **TOL)
@@ -299,19 +313,33 @@ def test_backend_declared_and_not_installed_here():
 
 
 def test_reset_drops_wrappers_but_remembers_compiled(lib):
+    """The wrapper belongs to the plan: lz.reset() drops the plans, and their wrappers with them."""
+    runtime.ensure_loaded()
+    spec = runtime.registry.kernel("flashinfer.prefill")  # declared for CUDA; here on the CPU stand-in
+    lz.register_kernel(dataclasses.replace(spec, id="fi_cpu.prefill", platforms=frozenset({"cpu"}),
+                                           dtypes=frozenset({torch.float32}), head_dims=None, check=None, priority=99))
     q, k, v = _qkv(1, 4, 4, 2, 2, 16)
-    fi.prefill(q, k, v, None, True, 0.0, None, None, 0.0)
-    assert len(fi._cache().wrappers) == 1 and len(fi._cache().compiled) == 1
+    lz.attention(q, k, v, is_causal=True)  # compiles the variant: plans chosen before are dropped, this one too
+    lz.attention(q, k, v, is_causal=True)
+    assert lz.which("attention", q, k, v, is_causal=True) == "fi_cpu.prefill"
+    assert fi.live_wrappers() == 1 and len(fi.COMPILED) == 1
     lz.reset()
-    assert len(fi._cache().wrappers) == 0 and len(fi._cache().compiled) == 1
+    gc.collect()
+    assert fi.live_wrappers() == 0 and len(fi.COMPILED) == 1
 
 
 def test_wrapper_cache_is_bounded(lib, monkeypatch):
     monkeypatch.setattr(fi, "MAX_WRAPPERS", 3)
+    plans = []  # six plans alive at once
     for s in range(1, 7):
         q, k, v = _qkv(1, s, s, 2, 2, 16)
-        fi.prefill(q, k, v, None, True, 0.0, None, None, 0.0)
-    assert len(fi._cache().wrappers) == 3
+        plans.append(_prepared("flashinfer.prefill", ATTENTION.context(q, k, v, None, True)))
+        plans[-1](q, k, v, None, True, 0.0, None, None, 0.0)
+    assert fi.live_wrappers() == 3
+    q, k, v = _qkv(1, 1, 1, 2, 2, 16)
+    out = plans[0](q, k, v, None, True, 0.0, None, None, 0.0)  # gave its wrapper up: makes a new one and plans
+    torch.testing.assert_close(out.double(), _ref(q, k, v, True), **TOL)
+    assert fi.live_wrappers() == 3
 
 
 # ----------------------------------------------------------------------------- constraints and the JIT gate
@@ -385,7 +413,7 @@ def test_needs_jit_until_compiled(monkeypatch, tmp_path):
     assert check_constraints(_spec("decode"), ctx) == []
     monkeypatch.setenv(fi.ALLOW_JIT_ENV, "0")
     assert check_constraints(_spec("decode"), ctx)[0].reason is Reason.NEEDS_JIT_COMPILE
-    fi._cache().compiled.add(fi.variant_for("decode", ctx))  # what a run or warmup in this process records
+    fi.COMPILED.add(fi.variant_for("decode", ctx))  # what a run or warmup in this process records
     assert check_constraints(_spec("decode"), ctx) == []
     # the prefill module of the same shape is another variant, still uncompiled
     assert check_constraints(_spec("prefill"), ctx)[0].reason is Reason.NEEDS_JIT_COMPILE
@@ -493,7 +521,7 @@ def test_warmup_variant_runs_the_kernel_and_records_it(lib):
     before = runtime.generation
     variant = fi.warmup_variant("decode", torch.bfloat16, 64, sliding_window=True,
                                 device="cpu")
-    assert variant.kind == "decode" and variant.sliding_window and variant in fi._cache().compiled
+    assert variant.kind == "decode" and variant.sliding_window and variant in fi.COMPILED
     assert _calls(lib, "decode.plan")[0]["window_left"] == 8
     assert runtime.generation > before, "plans chosen before the compile are dropped"
 

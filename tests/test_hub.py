@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import layerzero as lz
-from layerzero.backends.hub import HubLockError, register_hub_kernels, system_tags, write_lock
-from layerzero.capabilities import DescriptorError
+from layerzero.backends.hub import HubLockError, system_tags, write_lock
+from layerzero.descriptors import DescriptorError
 from layerzero.reasons import Reason
+from layerzero.selection.inspect import register_hub_kernels
 
 _KERNEL = '''
 import torch

@@ -22,7 +22,8 @@ from layerzero.backends import ipex
 from layerzero.backends import reference as R
 from layerzero.context import SelectionContext
 from layerzero.kernel import check_constraints
-from layerzero.ops import contiguous_transforms, posenc
+from layerzero.ops import posenc
+from layerzero.ops.family import contiguous_transforms
 from layerzero.reasons import Reason
 from layerzero.state import runtime
 from tests.standins import ipex_standin as standin

@@ -17,7 +17,7 @@ import torch
 
 import layerzero as lz
 from layerzero.errors import KernelExecutionError
-from layerzero.runtime.isolation import isolate
+from layerzero.isolation import isolate
 
 _BACKEND_SRC = textwrap.dedent('''
     """A test backend: rms_norm that can be told to sleep (to be killed mid-call) or to raise."""

@@ -23,7 +23,8 @@ from layerzero.backends import liger
 from layerzero.backends import reference as R
 from layerzero.context import SelectionContext
 from layerzero.kernel import check_constraints
-from layerzero.ops import activation, contiguous_transforms, posenc
+from layerzero.ops import activation, posenc
+from layerzero.ops.family import contiguous_transforms
 from layerzero.state import runtime
 
 from .conftest import tolerance

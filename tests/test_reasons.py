@@ -190,7 +190,7 @@ def test_kernel_and_backend_unhealthy():
 
 
 def test_workspace_too_large():
-    from layerzero.runtime.memory import MemoryConfig
+    from layerzero.monitor.memory import MemoryConfig
 
     lz.register_kernel(spec(id="greedy.rms", ops=("norm.rms",), platforms=frozenset({"cpu"}), priority=99,
                             workspace_bytes=lambda c: 1 << 40))

@@ -90,7 +90,7 @@ def test_backend_not_available_for_a_missing_exporter(monkeypatch):
 
 
 def test_cuda_graph_unsafe_error_for_a_graph_that_disagrees_with_eager():
-    from layerzero.runtime.graphs import compare_outputs
+    from layerzero.graphs import compare_outputs
 
     with pytest.raises(lz.CudaGraphUnsafeError, match="differs from eager"):
         compare_outputs(torch.zeros(3), torch.ones(3))

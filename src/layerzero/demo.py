@@ -1,6 +1,6 @@
 """The README's demo: what this machine has, what LayerZero picks, and why.
 
-    python -m layerzero.demo
+python -m layerzero.demo
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ def main() -> None:
         v = torch.randn(b, sk, hkv, d, device=device, dtype=dtype, generator=gen)
         out = lz.attention(q, k, v, is_causal=causal)
         kernel = lz.which("attention", q, k, v, is_causal=causal)
-        print(f"  B={b} Sq={sq} Sk={sk} Hq={hq} Hkv={hkv} D={d} causal={causal!s:<5} -> {kernel:<22} out {tuple(out.shape)}")
+        print(
+            f"  B={b} Sq={sq} Sk={sk} Hq={hq} Hkv={hkv} D={d} causal={causal!s:<5} -> {kernel:<22} out {tuple(out.shape)}"
+        )
 
     print(f"\nrms_norm ({dtype}):")
     for rows, hidden in [(1, 4096), (64, 4096), (8192, 2048)]:
@@ -76,9 +78,11 @@ def main() -> None:
     _generation(device, dtype)
 
 
-CORPUS = ["layer zero picks the fastest kernel for every op and says why",
-          "a paged cache holds the keys and values of every sequence",
-          "the model generates text one token at a time"] * 8
+CORPUS = [
+    "layer zero picks the fastest kernel for every op and says why",
+    "a paged cache holds the keys and values of every sequence",
+    "the model generates text one token at a time",
+] * 8
 
 
 def _generation(device: torch.device, dtype: torch.dtype) -> None:
@@ -96,19 +100,24 @@ def _generation(device: torch.device, dtype: torch.dtype) -> None:
         vocab = tok.get_vocab_size()
     except ImportError:
         encode, decode, vocab = (lambda t: list(t.encode())), (lambda i: bytes(i).decode("utf-8", "replace")), 256
-    config = ModelConfig(vocab_size=vocab, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=32,
-                         intermediate_size=512)
+    config = ModelConfig(
+        vocab_size=vocab, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=32, intermediate_size=512
+    )
     model = Model.random(config, dtype=dtype, device=device, seed=0)
     prompts = ["layer zero picks", "a paged cache holds the keys"]
     out = generate(model, [encode(p) for p in prompts], max_new_tokens=24)
-    print(f"\ngeneration: random-init Llama-style model ({model.num_params() / 1e6:.1f}M params, {dtype}), "
-          "paged KV cache, continuous batching")
+    print(
+        f"\ngeneration: random-init Llama-style model ({model.num_params() / 1e6:.1f}M params, {dtype}), "
+        "paged KV cache, continuous batching"
+    )
     for p, toks in zip(prompts, out.tokens, strict=True):
         print(f"  {p!r} -> {decode(toks)!r}")
     for op, ids in out.kernels.items():
         print(f"  {op:<18} {', '.join(ids)}")
-    print(f"  {out.new_tokens} new tokens: {out.tokens_per_s:.0f} tokens/s overall, "
-          f"{out.decode_tokens_per_s:.0f} tokens/s decode (prefill {out.prefill_s * 1e3:.1f} ms)")
+    print(
+        f"  {out.new_tokens} new tokens: {out.tokens_per_s:.0f} tokens/s overall, "
+        f"{out.decode_tokens_per_s:.0f} tokens/s decode (prefill {out.prefill_s * 1e3:.1f} ms)"
+    )
 
 
 if __name__ == "__main__":

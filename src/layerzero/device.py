@@ -45,8 +45,20 @@ def _cpu_isa() -> frozenset[str]:
                     break
     except OSError:
         pass
-    wanted = {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16", "amx_int8", "fma",
-              "neon", "asimd", "sve"}
+    wanted = {
+        "avx2",
+        "avx512f",
+        "avx512_bf16",
+        "avx512_fp16",
+        "amx_tile",
+        "amx_bf16",
+        "amx_fp16",
+        "amx_int8",
+        "fma",
+        "neon",
+        "asimd",
+        "sve",
+    }
     isa = flags & wanted
     capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
     if capability:
@@ -83,11 +95,34 @@ def local_device_types() -> tuple[str, ...]:
     """The device types this machine and this torch build can run on: "cpu", then "cuda", "mps", "xpu"
     where present (a CPU-only torch build has no "cuda" even on a GPU machine)."""
     found = ["cpu"]
-    for name, probe in (("cuda", lambda: torch.cuda.is_available()), ("mps", lambda: torch.backends.mps.is_available()),
-                        ("xpu", lambda: torch.xpu.is_available())):
+    for name, probe in (
+        ("cuda", lambda: torch.cuda.is_available()),
+        ("mps", lambda: torch.backends.mps.is_available()),
+        ("xpu", lambda: torch.xpu.is_available()),
+    ):
         try:
             if probe():
                 found.append(name)
         except (AttributeError, RuntimeError):  # a build without that backend
             pass
     return tuple(found)
+
+
+# The fixed facts of each device seen, as SelectionContext fields (device_info reads them once; this
+# saves building the dict again on every selection miss).
+_CONTEXT_FIELDS: dict[torch.device, dict[str, object]] = {}
+
+
+def context_fields(device: torch.device) -> dict[str, object]:
+    """The SelectionContext fields that describe `device`: device_type, device_index, sm, generation, isa."""
+    fixed = _CONTEXT_FIELDS.get(device)
+    if fixed is None:
+        info = device_info(device)
+        fixed = _CONTEXT_FIELDS[device] = {
+            "device_type": info.type,
+            "device_index": info.index,
+            "sm": info.sm,
+            "generation": info.generation,
+            "isa": info.isa,
+        }
+    return fixed

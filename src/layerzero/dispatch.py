@@ -25,6 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from .backends import Registry
 from .context import SelectionContext
 from .errors import (
     BackendNotAvailableError,
@@ -38,13 +39,21 @@ from .ops import is_op_id, op_matches
 from .policy.config import PolicyWatcher, watch_policy
 from .policy.loader import parse_dispatch_text
 from .policy.model import Policy
-from .selection.inspect import resolve_call
-from .state import Registry, runtime
+from .selection.inspect import resolve_call, which
+from .state import runtime
 
 log = logging.getLogger("layerzero")
 
-__all__ = ["DynamicDispatcher", "HotReloadDispatcher", "StaticDispatcher", "StaticDispatcherBuilder",
-           "create_dynamic_dispatcher", "create_hot_reload_dispatcher", "kernel_registry", "load_dispatch_config"]
+__all__ = [
+    "DynamicDispatcher",
+    "HotReloadDispatcher",
+    "StaticDispatcher",
+    "StaticDispatcherBuilder",
+    "create_dynamic_dispatcher",
+    "create_hot_reload_dispatcher",
+    "kernel_registry",
+    "load_dispatch_config",
+]
 
 
 def kernel_registry() -> Registry:
@@ -75,8 +84,9 @@ class _Resolver:
         self.families: dict[tuple[Any, ...], tuple[Any, dict[str, Any]]] = {}
         self.checked: dict[Any, bool] = {}
 
-    def __call__(self, operation: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-                 context: SelectionContext | None = None) -> tuple[Any, dict[str, Any], Any]:
+    def __call__(
+        self, operation: str, args: tuple[Any, ...], kwargs: dict[str, Any], context: SelectionContext | None = None
+    ) -> tuple[Any, dict[str, Any], Any]:
         sig = (operation, len(args), tuple(kwargs))
         found = self.families.get(sig)
         if found is None:
@@ -109,8 +119,9 @@ def _check_context(given: SelectionContext, actual: SelectionContext) -> None:
     for f in fields(given):
         value = getattr(given, f.name)
         if f.name not in ("op", "isa") and value != f.default and value != getattr(actual, f.name):
-            raise InvalidInputError("context", f"{f.name}={getattr(actual, f.name)} (as the inputs have)",
-                                    f"{f.name}={value}")
+            raise InvalidInputError(
+                "context", f"{f.name}={getattr(actual, f.name)} (as the inputs have)", f"{f.name}={value}"
+            )
 
 
 # ---- dynamic
@@ -128,24 +139,19 @@ class DynamicDispatcher:
         it sets is checked against the inputs (once per call signature)."""
         args, kwargs = _inputs(inputs, kwargs)
         family, kw, _ = self._resolve(operation, args, kwargs, context)
-        return _public(family.name)(*args, **kw)
+        return family.function(*args, **kw)
 
     def which(self, operation: str, inputs: Any, **kwargs: Any) -> str:
         """The kernel id `dispatch` runs for these inputs."""
         args, kwargs = _inputs(inputs, kwargs)
-        from .selection.inspect import which
 
         return which(operation, *args, **kwargs)
 
 
-def _public(name: str) -> Any:
-    import layerzero
-
-    return getattr(layerzero, name)
-
-
-def create_dynamic_dispatcher(kernel_registry: Registry | Iterable[KernelSpec] | None = None,
-                              backend_registry: Registry | Iterable[Backend] | None = None) -> DynamicDispatcher:
+def create_dynamic_dispatcher(
+    kernel_registry: Registry | Iterable[KernelSpec] | None = None,
+    backend_registry: Registry | Iterable[Backend] | None = None,
+) -> DynamicDispatcher:
     """A dispatcher that selects at run time from the runtime's registry.
 
     kernel_registry / backend_registry: the runtime's registry (`layerzero.dispatch.kernel_registry()`),
@@ -156,14 +162,19 @@ def create_dynamic_dispatcher(kernel_registry: Registry | Iterable[KernelSpec] |
             continue
         if isinstance(given, Registry):
             if given is not runtime.registry:
-                raise ConfigurationError("registry: expected the runtime's registry (layerzero.dispatch."
-                                         "kernel_registry()) or items to register, got another Registry")
+                raise ConfigurationError(
+                    "registry: expected the runtime's registry (layerzero.dispatch."
+                    "kernel_registry()) or items to register, got another Registry"
+                )
             continue
         items = list(given.values()) if isinstance(given, Mapping) else list(given)
         for item in items:
             if not isinstance(item, kind):
-                raise InvalidInputError("kernel_registry" if kind is KernelSpec else "backend_registry",
-                                        f"{kind.__name__} objects or the runtime's registry", type(item).__name__)
+                raise InvalidInputError(
+                    "kernel_registry" if kind is KernelSpec else "backend_registry",
+                    f"{kind.__name__} objects or the runtime's registry",
+                    type(item).__name__,
+                )
             runtime.register(item)
     runtime.ensure_loaded()
     return DynamicDispatcher()
@@ -201,13 +212,15 @@ class HotReloadDispatcher(DynamicDispatcher):
     def __enter__(self) -> HotReloadDispatcher:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
 
-def create_hot_reload_dispatcher(config_path: str | os.PathLike[str] = "dispatch_config.yaml",
-                                 watch_interval_seconds: float = 1.0) -> HotReloadDispatcher:
+def create_hot_reload_dispatcher(
+    config_path: str | os.PathLike[str] = "dispatch_config.yaml", watch_interval_seconds: float = 1.0
+) -> HotReloadDispatcher:
     """Load `config_path` now (PolicyValidationError if invalid), then poll it every
     `watch_interval_seconds`; a changed valid file takes effect for the next call, without restart."""
     watcher = watch_policy(config_path, watch_interval_seconds, parse=_parse_config)
@@ -238,17 +251,21 @@ class StaticDispatcherBuilder:
         runtime.ensure_loaded()
         spec = runtime.registry.kernel(kernel_id)  # UnknownNameError: register it with lz.register_kernel first
         if isinstance(kernel, KernelSpec) and kernel is not spec and kernel != spec:
-            raise ConfigurationError(f"kernel {kernel_id}: the spec differs from the registered one; register it "
-                                     "with lz.register_kernel first")
+            raise ConfigurationError(
+                f"kernel {kernel_id}: the spec differs from the registered one; register it "
+                "with lz.register_kernel first"
+            )
         from .perf import solve, workloads
 
         name, _ = workloads.resolve(operation)
         if name not in solve.FAMILY_CODE:
-            raise InvalidInputError("operation", f"an op static dispatch can solve ({', '.join(solve.FAMILY_CODE)})",
-                                    operation)
+            raise InvalidInputError(
+                "operation", f"an op static dispatch can solve ({', '.join(solve.FAMILY_CODE)})", operation
+            )
         if not any(_implements(op, operation) for op in spec.ops):
-            raise InvalidInputError("kernel", f"a kernel implementing {operation}",
-                                    f"{kernel_id} (it implements {', '.join(spec.ops)})")
+            raise InvalidInputError(
+                "kernel", f"a kernel implementing {operation}", f"{kernel_id} (it implements {', '.join(spec.ops)})"
+            )
         table = self._kernels.setdefault(operation, [])
         if default and any(d for _, d in table):
             raise ConfigurationError(f"{operation}: a default kernel is already set ({table[0][0]})")
@@ -285,8 +302,10 @@ class StaticDispatcherBuilder:
                     notes.append(f"{operation}: {kernel_id} dropped ({why})")
                     log.warning("static dispatcher: %s", notes[-1])
             if not kept:
-                raise BackendNotAvailableError(f"static dispatcher: no kernel given for {operation} can run here: "
-                                               + "; ".join(n for n in notes if n.startswith(f"{operation}:")))
+                raise BackendNotAvailableError(
+                    f"static dispatcher: no kernel given for {operation} can run here: "
+                    + "; ".join(n for n in notes if n.startswith(f"{operation}:"))
+                )
             tables[operation] = kept
         dispatcher = StaticDispatcher(tables, tuple(notes))
         for operation, (shapes, options) in self._shapes.items():
@@ -327,9 +346,11 @@ class StaticDispatcher:
         ctx = family.context(*args, **kw)
         shape = workloads.shape_of(family.name, ctx)
         if shape is None:
-            raise NoKernelFoundError(f"static dispatcher: {operation} with these inputs ({ctx.summary()}) is not a "
-                                     "call lz.solve can solve (masks, dropout, windows, ... go to "
-                                     "create_dynamic_dispatcher)")
+            raise NoKernelFoundError(
+                f"static dispatcher: {operation} with these inputs ({ctx.summary()}) is not a "
+                "call lz.solve can solve (masks, dropout, windows, ... go to "
+                "create_dynamic_dispatcher)"
+            )
         run = self._solve(operation, [shape], {"dtypes": [ctx.dtype], "device": _device(ctx)}, ctx)
         self._by_key[(operation, key)] = run
         return run
@@ -341,14 +362,17 @@ class StaticDispatcher:
         self.compiled[operation].append(compiled)
         module = compiled.load(f"layerzero_static_{compiled.family}")
         if module.PROBLEMS:  # solved on this machine a moment ago: only a changed environment gets here
-            raise ConfigurationError(f"static dispatcher: the solved module does not match this machine: "
-                                     f"{'; '.join(module.PROBLEMS)}")
+            raise ConfigurationError(
+                f"static dispatcher: the solved module does not match this machine: {'; '.join(module.PROBLEMS)}"
+            )
         tables = self.tables[operation]
 
         def refuse(*args: Any, **kwargs: Any) -> Any:
-            raise NoKernelFoundError(f"static dispatcher: none of {', '.join(tables)} was solved for this {operation} "
-                                     "call (outside the shapes it was built for, or a kernel of the table cannot "
-                                     "run it)")
+            raise NoKernelFoundError(
+                f"static dispatcher: none of {', '.join(tables)} was solved for this {operation} "
+                "call (outside the shapes it was built for, or a kernel of the table cannot "
+                "run it)"
+            )
 
         setattr(module, f"_dynamic_{compiled.family}", refuse)  # the solved module's way out: refused here
         run = getattr(module, compiled.family)

@@ -38,6 +38,7 @@ from .errors import ConfigurationError, LayerZeroError
 from .kernel import KernelSpec
 from .perf.perfdb import Bucket, Measurements, PerfRecord, current_signature
 from .reasons import Reason, Rejection
+from .selection.inspect import which
 from .state import Runtime, runtime
 
 MODES = ("inference", "training")
@@ -66,8 +67,10 @@ def _dist() -> Any:
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_initialized():
-        raise ConfigurationError("layerzero.distributed: torch.distributed is not initialized; "
-                                 "call torch.distributed.init_process_group first")
+        raise ConfigurationError(
+            "layerzero.distributed: torch.distributed is not initialized; "
+            "call torch.distributed.init_process_group first"
+        )
     return dist
 
 
@@ -113,7 +116,8 @@ def _collective(start: Any, device: torch.device, timeout: float, step: str, ran
         raise DistributedTimeoutError(
             f"layerzero.distributed: {step} on rank {rank} did not complete within {timeout:g} s "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); a rank is dead, stuck or not "
-            "calling it. The process group may be unusable now: destroy it instead of retrying") from e
+            "calling it. The process group may be unusable now: destroy it instead of retrying"
+        ) from e
 
 
 def all_gather_objects(obj: Any, group: Any = None, timeout: float = 30.0, step: str = "exchange") -> list[Any]:
@@ -126,14 +130,16 @@ def all_gather_objects(obj: Any, group: Any = None, timeout: float = 30.0, step:
     payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
     sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
     count = torch.tensor([payload.numel()], device=device)
-    _collective(lambda: dist.all_gather(sizes, count, group=group, async_op=True), device, timeout,
-                f"{step} (sizes)", rank)
+    _collective(
+        lambda: dist.all_gather(sizes, count, group=group, async_op=True), device, timeout, f"{step} (sizes)", rank
+    )
     longest = int(max(int(s.item()) for s in sizes))
     padded = torch.zeros(longest, dtype=torch.uint8, device=device)
     padded[: payload.numel()] = payload
     buffers = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)]
-    _collective(lambda: dist.all_gather(buffers, padded, group=group, async_op=True), device, timeout,
-                f"{step} (data)", rank)
+    _collective(
+        lambda: dist.all_gather(buffers, padded, group=group, async_op=True), device, timeout, f"{step} (data)", rank
+    )
     return [pickle.loads(b[: int(s.item())].cpu().numpy().tobytes()) for b, s in zip(buffers, sizes, strict=True)]
 
 
@@ -145,12 +151,17 @@ def broadcast_object(obj: Any, group: Any = None, timeout: float = 30.0, step: s
     device = _device(dist, group)
     data = pickle.dumps(obj) if rank == 0 else b""
     size = torch.tensor([len(data)], dtype=torch.int64, device=device)
-    _collective(lambda: dist.broadcast(size, src=src, group=group, async_op=True), device, timeout,
-                f"{step} (size)", rank)
-    buffer = (torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device) if rank == 0
-              else torch.empty(int(size.item()), dtype=torch.uint8, device=device))
-    _collective(lambda: dist.broadcast(buffer, src=src, group=group, async_op=True), device, timeout,
-                f"{step} (data)", rank)
+    _collective(
+        lambda: dist.broadcast(size, src=src, group=group, async_op=True), device, timeout, f"{step} (size)", rank
+    )
+    buffer = (
+        torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+        if rank == 0
+        else torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    )
+    _collective(
+        lambda: dist.broadcast(buffer, src=src, group=group, async_op=True), device, timeout, f"{step} (data)", rank
+    )
     return obj if rank == 0 else pickle.loads(buffer.cpu().numpy().tobytes())
 
 
@@ -180,8 +191,9 @@ def local_environment(rt: Runtime | None = None, rank: int = 0) -> Environment:
     rt.ensure_loaded()
     cuda = torch.cuda.is_available()
     sig = current_signature("cuda", torch.cuda.current_device()) if cuda else current_signature("cpu")
-    backends = tuple(sorted((name, b.availability[1] if b.availability[0] else None)
-                            for name, b in rt.registry.backends.items()))
+    backends = tuple(
+        sorted((name, b.availability[1] if b.availability[0] else None) for name, b in rt.registry.backends.items())
+    )
     return Environment(rank, torch.__version__, torch.version.cuda or "", sig.driver, sig.device, backends)
 
 
@@ -230,8 +242,10 @@ def check_versions(group: Any = None, mode: str = "inference", timeout: float = 
     rank = _dist().get_rank(group)
     report = compare_environments(all_gather_objects(local_environment(rank=rank), group, timeout, "version check"))
     if mode == "training" and not report.consistent:
-        raise VersionMismatchError(f"{report}\ntraining needs identical versions on every rank; install the same "
-                                   "versions, or use mode='inference' to fall back to the common subset")
+        raise VersionMismatchError(
+            f"{report}\ntraining needs identical versions on every rank; install the same "
+            "versions, or use mode='inference' to fall back to the common subset"
+        )
     if not report.consistent:
         runtime.warn_once(("versions", str(report)), str(report))
     return report
@@ -263,8 +277,20 @@ class SharedMeasurements(Measurements):
         return op in self._ops
 
     def digest(self) -> str:
-        rows = sorted((r.kernel, r.op, r.dtype, repr(r.bucket), r.median_us, r.samples, r.correct,
-                       -1.0 if r.graph_us is None else r.graph_us, r.graph_samples) for r in self.records)
+        rows = sorted(
+            (
+                r.kernel,
+                r.op,
+                r.dtype,
+                repr(r.bucket),
+                r.median_us,
+                r.samples,
+                r.correct,
+                -1.0 if r.graph_us is None else r.graph_us,
+                r.graph_samples,
+            )
+            for r in self.records
+        )
         return hashlib.sha256(repr(rows).encode()).hexdigest()
 
 
@@ -281,8 +307,12 @@ def local_snapshot(rt: Runtime | None = None, device: torch.device | None = None
     db = rt.measurements.db
     if db is None or rt.measurements.path is None or not rt.measurements.path.exists():
         return SharedMeasurements()
-    return SharedMeasurements(r for d in devices for r in db.records(current_signature(d.type, d.index or 0))
-                              if r.backend_version == (rt._backend_version(r.kernel) or ""))
+    return SharedMeasurements(
+        r
+        for d in devices
+        for r in db.records(current_signature(d.type, d.index or 0))
+        if r.backend_version == (rt._backend_version(r.kernel) or "")
+    )
 
 
 @dataclass(slots=True)
@@ -318,15 +348,17 @@ class tp_invariant:  # noqa: N801 - used like a function: lz.distributed.tp_inva
     tp_size and tp_rank (kernels' tp_sizes constraints apply; tp_rank never changes a choice).
     """
 
-    def __init__(self, tp_size: int = 1, tp_rank: int = 0, measurements: Measurements | None = None,
-                 excluded: Iterable[str] = ()) -> None:
+    def __init__(
+        self, tp_size: int = 1, tp_rank: int = 0, measurements: Measurements | None = None, excluded: Iterable[str] = ()
+    ) -> None:
         if not isinstance(tp_size, int) or tp_size < 1:
             raise ConfigurationError(f"tp_size: expected an int >= 1, got {tp_size!r}")
         if not isinstance(tp_rank, int) or not 0 <= tp_rank < tp_size:
             raise ConfigurationError(f"tp_rank: expected an int in [0, {tp_size}), got {tp_rank!r}")
         self.previous = runtime.invariant
-        self.mode = InvariantMode(measurements if measurements is not None else SharedMeasurements(),
-                                  frozenset(excluded), tp_size, tp_rank)
+        self.mode = InvariantMode(
+            measurements if measurements is not None else SharedMeasurements(), frozenset(excluded), tp_size, tp_rank
+        )
         _install(self.mode)
 
     def __enter__(self) -> InvariantMode:
@@ -348,12 +380,20 @@ def _inputs_digest(mode: InvariantMode) -> str:
     """Hash of everything a TP-invariant selection reads besides the call itself."""
     runtime.ensure_loaded()
     policy = runtime.policy
-    kernels = sorted((s.id, s.priority, s.ops, runtime.registry.backend(s.backend).availability[0])
-                     for s in runtime.registry.kernels.values())
+    kernels = sorted(
+        (s.id, s.priority, s.ops, runtime.registry.backend(s.backend).availability[0])
+        for s in runtime.registry.kernels.values()
+    )
     measured = mode.measurements.digest() if isinstance(mode.measurements, SharedMeasurements) else "local"
-    parts = [json.dumps([r.to_dict() for r in policy.rules()], sort_keys=True, default=str), str(policy.strict),
-             repr(kernels), measured, repr(sorted(mode.excluded)), str(mode.tp_size),
-             repr(sorted(runtime.disabled_backends))]
+    parts = [
+        json.dumps([r.to_dict() for r in policy.rules()], sort_keys=True, default=str),
+        str(policy.strict),
+        repr(kernels),
+        measured,
+        repr(sorted(mode.excluded)),
+        str(mode.tp_size),
+        repr(sorted(runtime.disabled_backends)),
+    ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -368,8 +408,9 @@ class SyncReport:
     digest: str
 
 
-def sync_selection(group: Any = None, timeout: float = 30.0, mode: str = "inference",
-                   device: torch.device | None = None) -> SyncReport:
+def sync_selection(
+    group: Any = None, timeout: float = 30.0, mode: str = "inference", device: torch.device | None = None
+) -> SyncReport:
     """Make every rank of `group` select the same kernels (a collective: call it on every rank).
 
     1. version check (training: any mismatch raises; inference: backends not shared are ruled out),
@@ -382,8 +423,9 @@ def sync_selection(group: Any = None, timeout: float = 30.0, mode: str = "infere
     dist = _dist()
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     versions = check_versions(group, mode, timeout)
-    snapshot = broadcast_object(local_snapshot(device=device).records if rank == 0 else None, group, timeout,
-                                "PerfDB broadcast")
+    snapshot = broadcast_object(
+        local_snapshot(device=device).records if rank == 0 else None, group, timeout, "PerfDB broadcast"
+    )
     invariant = InvariantMode(SharedMeasurements(snapshot), versions.excluded, world, rank)
     _install(invariant)
     digest = _inputs_digest(invariant)
@@ -392,7 +434,8 @@ def sync_selection(group: Any = None, timeout: float = 30.0, mode: str = "infere
     if differing:
         raise SelectionMismatchError(
             f"ranks {differing} select from other inputs than rank 0 (policy, registered kernels or disabled "
-            "backends differ): load the same policy and register the same kernels on every rank")
+            "backends differ): load the same policy and register the same kernels on every rank"
+        )
     return SyncReport(rank, world, versions, len(snapshot), digest)
 
 
@@ -404,7 +447,6 @@ def verify_selection(calls: Sequence[Call], group: Any = None, timeout: float = 
 
     Raises SelectionMismatchError listing, for the first differing call, every rank's kernel.
     """
-    from .selection.inspect import which
 
     picks = [which(op, *args, **kwargs) for op, args, kwargs in calls]
     digest = hashlib.sha256(repr(picks).encode()).hexdigest()
@@ -416,6 +458,7 @@ def verify_selection(calls: Sequence[Call], group: Any = None, timeout: float = 
                 raise SelectionMismatchError(
                     f"ranks select different kernels for call {i} ({calls[i][0]}): "
                     + ", ".join(f"rank {r}: {k}" for r, k in column.items())
-                    + "; use sync_selection (or tp_invariant) before running the model")
+                    + "; use sync_selection (or tp_invariant) before running the model"
+                )
         raise SelectionMismatchError("ranks checked a different number of calls")
     return picks

@@ -26,6 +26,26 @@ ANY_PLATFORM = "*"  # in KernelSpec.platforms: every device type
 COMMON_PLATFORMS = (ANY_PLATFORM, "cpu", "cuda", "mps", "xpu", "hpu", "mtia", "meta")
 MASK_KINDS = ("none", "bool", "float")
 KV_LAYOUTS = ("NHD", "HND")
+# Short dtype names that policy conditions, descriptors and the CLI accept besides torch's own.
+_DTYPE_ALIASES = {
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+    "fp32": "float32",
+    "float": "float32",
+    "fp64": "float64",
+    "double": "float64",
+    "fp8": "float8_e4m3fn",
+    "fp8_e4m3": "float8_e4m3fn",
+    "fp8_e5m2": "float8_e5m2",
+}
+
+
+def dtype_name(value: str) -> str | None:
+    """Canonical torch dtype name for "bfloat16", "torch.bfloat16" or "bf16"; None if unknown."""
+    name = value.strip().removeprefix("torch.")
+    name = _DTYPE_ALIASES.get(name, name)
+    return name if isinstance(getattr(torch, name, None), torch.dtype) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +115,9 @@ class KernelSpec:
     # Miss-path hook: a callable for exactly this context, taking the op's calling convention in the
     # caller's layout (ctx.layout), with everything that depends only on the context decided once
     # (layout transforms, flags, the library entry point); None: the family binds `impl` as usual.
-    prepare: Callable[[SelectionContext], Callable[..., Any] | None] | None = field(default=None, compare=False,
-                                                                                   repr=False)
+    prepare: Callable[[SelectionContext], Callable[..., Any] | None] | None = field(
+        default=None, compare=False, repr=False
+    )
     # (min_rows, priority) pairs: the priority for calls with at least that many rows (norms,
     # activations: ctx.num_rows); the largest threshold reached wins, else `priority`.
     row_priorities: tuple[tuple[int, int], ...] = ()
@@ -123,11 +144,34 @@ class KernelSpec:
         object.__setattr__(self, "backend", self.id.split(".", 1)[0])
 
 
-_INT_FIELDS = ("min_sm", "max_sm", "min_head_dim", "max_head_dim", "head_dim_multiple", "min_page_size",
-               "max_hidden_size", "min_seq_len", "max_seq_len", "max_batch")
-_BOOL_FIELDS = ("same_head_dim_v", "supports_gqa", "supports_causal", "supports_non_causal", "causal_non_square",
-                "supports_dropout", "supports_window", "supports_softcap", "supports_alibi", "supports_backward",
-                "requires_contiguous", "graph_safe", "deterministic", "needs_jit")
+_INT_FIELDS = (
+    "min_sm",
+    "max_sm",
+    "min_head_dim",
+    "max_head_dim",
+    "head_dim_multiple",
+    "min_page_size",
+    "max_hidden_size",
+    "min_seq_len",
+    "max_seq_len",
+    "max_batch",
+)
+_BOOL_FIELDS = (
+    "same_head_dim_v",
+    "supports_gqa",
+    "supports_causal",
+    "supports_non_causal",
+    "causal_non_square",
+    "supports_dropout",
+    "supports_window",
+    "supports_softcap",
+    "supports_alibi",
+    "supports_backward",
+    "requires_contiguous",
+    "graph_safe",
+    "deterministic",
+    "needs_jit",
+)
 # set-valued fields: (the type of one value, its description, the names it may take or None, None allowed);
 # all but cpu_isa (no flag required) must name at least one value
 _SET_FIELDS: dict[str, tuple[type, str, tuple[str, ...] | None, bool]] = {
@@ -149,6 +193,7 @@ def _is_int(value: object) -> bool:
 
 def _check_fields(spec: KernelSpec) -> None:
     """Type and name checks of a KernelSpec's fields; normalizes one value of a set field to a set."""
+
     def put(name: str, value: object) -> None:
         object.__setattr__(spec, name, value)
 
@@ -156,7 +201,9 @@ def _check_fields(spec: KernelSpec) -> None:
         raise InvalidInputError("id", "a kernel id of the form 'backend.name'", repr(spec.id))
     ops = (spec.ops,) if isinstance(spec.ops, str) else spec.ops
     if not isinstance(ops, tuple | list | frozenset | set) or not ops or not all(isinstance(o, str) for o in ops):
-        raise InvalidInputError("ops", "an op id such as 'norm.rms' or a non-empty collection of op ids", repr(spec.ops))
+        raise InvalidInputError(
+            "ops", "an op id such as 'norm.rms' or a non-empty collection of op ids", repr(spec.ops)
+        )
     put("ops", tuple(ops))
     if not callable(spec.impl):
         raise InvalidInputError("impl", "a callable taking the op's calling convention", type(spec.impl).__name__)
@@ -166,14 +213,20 @@ def _check_fields(spec: KernelSpec) -> None:
             raise InvalidInputError(name, "None or a callable of a SelectionContext", type(value).__name__)
     if isinstance(spec.priority, bool) or not isinstance(spec.priority, int | float):
         raise InvalidInputError("priority", "a number (built-in kernels use 0-100)", repr(spec.priority))
-    if spec.decode_priority is not None and (isinstance(spec.decode_priority, bool)
-                                             or not isinstance(spec.decode_priority, int | float)):
+    if spec.decode_priority is not None and (
+        isinstance(spec.decode_priority, bool) or not isinstance(spec.decode_priority, int | float)
+    ):
         raise InvalidInputError("decode_priority", "None or a number", repr(spec.decode_priority))
     for name in ("row_priorities", "seq_priorities"):
         pairs = getattr(spec, name)
         if not isinstance(pairs, tuple) or not all(
-                isinstance(p, tuple) and len(p) == 2 and _is_int(p[0]) and isinstance(p[1], int | float)
-                and not isinstance(p[1], bool) for p in pairs):
+            isinstance(p, tuple)
+            and len(p) == 2
+            and _is_int(p[0])
+            and isinstance(p[1], int | float)
+            and not isinstance(p[1], bool)
+            for p in pairs
+        ):
             raise InvalidInputError(name, "a tuple of (threshold, priority) pairs of numbers", repr(pairs))
     for name in _INT_FIELDS:
         if not _is_int(getattr(spec, name)):
@@ -188,9 +241,12 @@ def _check_fields(spec: KernelSpec) -> None:
         if value is None and optional:
             continue
         items = (value,) if isinstance(value, kind) else value
-        if isinstance(items, str | bytes) or not isinstance(items, tuple | list | frozenset | set) or not all(
-                isinstance(v, kind) and (kind is not int or _is_int(v)) for v in items) or (
-                not items and name != "cpu_isa"):
+        if (
+            isinstance(items, str | bytes)
+            or not isinstance(items, tuple | list | frozenset | set)
+            or not all(isinstance(v, kind) and (kind is not int or _is_int(v)) for v in items)
+            or (not items and name != "cpu_isa")
+        ):
             expected = f"{what} or a non-empty collection of them" + (", or None" if optional else "")
             raise InvalidInputError(name, expected, repr(value))
         for v in items:
@@ -280,8 +336,9 @@ def _reasons(spec: KernelSpec, ctx: SelectionContext) -> Iterator[Rejection]:
 
 def _device_reasons(spec: KernelSpec, ctx: SelectionContext) -> Iterator[Rejection]:
     if not runs_on(spec, ctx.device_type):
-        yield Rejection(Reason.PLATFORM_MISMATCH,
-                        f"device {ctx.device_type}, kernel runs on {'/'.join(sorted(spec.platforms))}")
+        yield Rejection(
+            Reason.PLATFORM_MISMATCH, f"device {ctx.device_type}, kernel runs on {'/'.join(sorted(spec.platforms))}"
+        )
     if ctx.device_type == "cuda":
         if ctx.sm < spec.min_sm:
             yield Rejection(Reason.SM_TOO_OLD, f"sm {ctx.sm} < min {spec.min_sm}")
@@ -361,7 +418,7 @@ def _call_reasons(spec: KernelSpec, ctx: SelectionContext) -> Iterator[Rejection
 class Backend:
     """A kernel library: how to find it without importing it, and the kernels it provides.
 
-    `probes`: (kernel id, case) pairs, one per kernel family, that runtime/probe.py runs once on a
+    `probes`: (kernel id, case) pairs, one per kernel family, that monitor/probe.py runs once on a
     device before the backend's kernels compete there (cases: prefill, decode, paged, varlen,
     rms_norm, layer_norm, rope, swiglu). Empty: nothing to prove (pure torch, user kernels).
     """
@@ -378,27 +435,43 @@ class Backend:
     description: str = ""
     requires: tuple[str, ...] = ()  # further import names that must exist (a library's compiled extension)
     probes: tuple[tuple[str, str], ...] = ()
+    # Set by the registry that holds the backend: called by `changed()`.
+    on_change: Callable[[], None] | None = field(default=None, init=False, repr=False)
+
+    def changed(self) -> None:
+        """What this backend can run has changed (a JIT module got built): the runtime that registered it
+        drops the plans chosen before."""
+        if self.on_change is not None:
+            self.on_change()
 
     @cached_property
     def availability(self) -> tuple[bool, str | None, Rejection | None]:
         """(available, version, why not). Found once, without importing the library; a failed
-        probe (runtime/probe.py) or import replaces it for the process."""
+        probe (monitor/probe.py) or import replaces it for the process."""
         if self.module is None:
             return True, torch.__version__, None
         if not module_exists(self.module):
             return False, None, Rejection(Reason.BACKEND_NOT_INSTALLED, f"python module {self.module!r} not found")
         for name in self.requires:
             if not module_exists(name):
-                return False, None, Rejection(Reason.BACKEND_NOT_INSTALLED,
-                                              f"python module {name!r} not found ({self.module!r} is there without it)")
+                return (
+                    False,
+                    None,
+                    Rejection(
+                        Reason.BACKEND_NOT_INSTALLED,
+                        f"python module {name!r} not found ({self.module!r} is there without it)",
+                    ),
+                )
         version = None
         try:
             version = importlib.metadata.version(self.distribution or self.module)
         except importlib.metadata.PackageNotFoundError:
             pass
         if self.min_version and version and _version_tuple(version) < _version_tuple(self.min_version):
-            return False, version, Rejection(
-                Reason.BACKEND_VERSION_UNSUPPORTED, f"{self.name} {version} < required {self.min_version}"
+            return (
+                False,
+                version,
+                Rejection(Reason.BACKEND_VERSION_UNSUPPORTED, f"{self.name} {version} < required {self.min_version}"),
             )
         return True, version, None
 
@@ -414,8 +487,12 @@ def module_exists(name: str) -> bool:
         return spec is not None
     locations = list(spec.submodule_search_locations or [])
     for part in rest.split("."):
-        found = [p for loc in locations for p in (os.path.join(loc, part), os.path.join(loc, part + ".py"))
-                 if os.path.exists(p)]
+        found = [
+            p
+            for loc in locations
+            for p in (os.path.join(loc, part), os.path.join(loc, part + ".py"))
+            if os.path.exists(p)
+        ]
         if not found:
             return False
         locations = [p for p in found if os.path.isdir(p)]

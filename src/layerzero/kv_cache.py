@@ -36,8 +36,10 @@ class OutOfPagesError(LayerZeroError):
 
     def __init__(self, seq_id: object, needed: int, free: int) -> None:
         self.needed, self.free = needed, free
-        super().__init__(f"seq_id {seq_id!r}: expected {needed} free pages, got {free}; free finished sequences "
-                         "or build the cache with more pages")
+        super().__init__(
+            f"seq_id {seq_id!r}: expected {needed} free pages, got {free}; free finished sequences "
+            "or build the cache with more pages"
+        )
 
 
 def _pages_for(length: int, page_size: int) -> int:
@@ -97,8 +99,9 @@ class BlockAllocator:
 
     def _live(self, seq_id: Hashable) -> Hashable:
         if seq_id not in self._pages:
-            raise InvalidInputError("seq_id", "a live sequence (allocated and not yet freed)", repr(seq_id),
-                                    f"live: {self.seq_ids[:8]}")
+            raise InvalidInputError(
+                "seq_id", "a live sequence (allocated and not yet freed)", repr(seq_id), f"live: {self.seq_ids[:8]}"
+            )
         return seq_id
 
     # -- changes
@@ -168,8 +171,9 @@ class BlockAllocator:
         return src, dst
 
     # -- page tables
-    def page_table(self, seq_ids: Sequence[Hashable], max_pages: int | None = None,
-                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    def page_table(
+        self, seq_ids: Sequence[Hashable], max_pages: int | None = None, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """vLLM block table (B, max_pages) int32 (padding: page 0) and seq_lens (B,) int32."""
         rows = [self._pages[self._live(s)] for s in seq_ids]
         width = max((len(r) for r in rows), default=0)
@@ -182,8 +186,9 @@ class BlockAllocator:
         lens = torch.tensor([self._lens[s] for s in seq_ids], dtype=torch.int32)
         return table.to(device), lens.to(device)
 
-    def flashinfer_page_table(self, seq_ids: Sequence[Hashable], device: torch.device | str = "cpu"
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def flashinfer_page_table(
+        self, seq_ids: Sequence[Hashable], device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """FlashInfer CSR form: (kv_indptr (B + 1,), kv_indices (total pages,), kv_last_page_len (B,)), int32."""
         rows = [self._pages[self._live(s)] for s in seq_ids]
         indptr = torch.zeros(len(rows) + 1, dtype=torch.int32)
@@ -198,15 +203,19 @@ def _last_page_len(seq_lens: torch.Tensor, page_size: int) -> torch.Tensor:
     return torch.where(seq_lens > 0, (seq_lens - 1) % page_size + 1, 0).to(torch.int32)
 
 
-def block_table_to_csr(page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def block_table_to_csr(
+    page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """vLLM block table (B, max_pages) + seq_lens (B,) -> FlashInfer (kv_indptr, kv_indices, kv_last_page_len).
 
     Vectorised; kv_indices stays on page_table's device (one host sync for its length).
     """
     if page_table.dim() != 2 or seq_lens.shape != (page_table.shape[0],):
-        raise InvalidInputError("seq_lens", f"shape ({page_table.shape[0]},) for a 2-D page_table",
-                                (tuple(page_table.shape), tuple(seq_lens.shape)))
+        raise InvalidInputError(
+            "seq_lens",
+            f"shape ({page_table.shape[0]},) for a 2-D page_table",
+            (tuple(page_table.shape), tuple(seq_lens.shape)),
+        )
     pages = (seq_lens.to(torch.int64) + page_size - 1) // page_size
     if bool((pages > page_table.shape[1]).any()) or bool((seq_lens < 0).any()):
         raise InvalidInputError("seq_lens", f"values in [0, {page_table.shape[1] * page_size}]", seq_lens.tolist())
@@ -225,8 +234,9 @@ def convert_layout(cache: torch.Tensor, src: str, dst: str) -> torch.Tensor:
         if layout not in KV_LAYOUTS:
             raise UnknownNameError("kv_layout", str(layout), KV_LAYOUTS)
     if cache.dim() < 4:
-        raise InvalidInputError("cache", "a tensor of >= 4 dims (..., num_pages, page_size or Hkv, Hkv or page_size, "
-                                "D)", tuple(cache.shape))
+        raise InvalidInputError(
+            "cache", "a tensor of >= 4 dims (..., num_pages, page_size or Hkv, Hkv or page_size, D)", tuple(cache.shape)
+        )
     return cache if src == dst else cache.transpose(-3, -2).contiguous()
 
 
@@ -237,9 +247,18 @@ class PagedKVCache:
     in HND. Sequence bookkeeping (allocate / extend / free, lengths) goes through `allocator`.
     """
 
-    def __init__(self, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", kv_layout: str = "NHD",
-                 max_pages_per_seq: int | None = None) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        num_pages: int,
+        page_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        kv_layout: str = "NHD",
+        max_pages_per_seq: int | None = None,
+    ) -> None:
         if kv_layout not in KV_LAYOUTS:
             raise UnknownNameError("kv_layout", str(kv_layout), KV_LAYOUTS)
         for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
@@ -271,8 +290,9 @@ class PagedKVCache:
     def length(self, seq_id: Hashable) -> int:
         return self.allocator.length(seq_id)
 
-    def page_table(self, seq_ids: Sequence[Hashable], max_pages: int | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    def page_table(
+        self, seq_ids: Sequence[Hashable], max_pages: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(page_table (B, max_pages), seq_lens (B,)) int32 on the cache's device, for lz.paged_attention."""
         return self.allocator.page_table(seq_ids, max_pages, self.device)
 
@@ -302,8 +322,9 @@ class PagedKVCache:
         table, lens = self.allocator.page_table(seq_ids)
         return self._slots(table, lens, torch.tensor(counts, dtype=torch.int64))
 
-    def _slots(self, table: torch.Tensor, lens: torch.Tensor, counts: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _slots(
+        self, table: torch.Tensor, lens: torch.Tensor, counts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         total = int(counts.sum())
         # A prefill of many tokens computes on the cache's device (16k tokens: about 1 ms of host time
         # on the H100 machine's CPU otherwise); a decode step's few rows stay on the host.

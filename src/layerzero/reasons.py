@@ -24,9 +24,15 @@ class Reason(str, Enum):
     BACKEND_NOT_INSTALLED = ("BACKEND_NOT_INSTALLED", "the backend library is not installed")
     BACKEND_IMPORT_FAILED = ("BACKEND_IMPORT_FAILED", "the backend library failed to import")
     BACKEND_VERSION_UNSUPPORTED = ("BACKEND_VERSION_UNSUPPORTED", "the installed version is not supported")
-    BACKEND_BROKEN = ("BACKEND_BROKEN", "a tiny call of the backend raised or differed from the reference on this device")
-    BACKEND_UNPROBED = ("BACKEND_UNPROBED", "the backend is not verified on this device yet, and probes cannot run "
-                        "during CUDA graph capture or torch.compile tracing")
+    BACKEND_BROKEN = (
+        "BACKEND_BROKEN",
+        "a tiny call of the backend raised or differed from the reference on this device",
+    )
+    BACKEND_UNPROBED = (
+        "BACKEND_UNPROBED",
+        "the backend is not verified on this device yet, and probes cannot run "
+        "during CUDA graph capture or torch.compile tracing",
+    )
     BACKEND_UNHEALTHY = ("BACKEND_UNHEALTHY", "the backend's circuit breaker is open after failures")
     KERNEL_UNHEALTHY = ("KERNEL_UNHEALTHY", "the kernel's circuit breaker is open after failures")
     # platform and device

@@ -26,11 +26,27 @@ class RingBufferOverrun(LayerZeroError):
 class RingBuffer:
     """Fixed-capacity FIFO of frames of `frame_shape` and `dtype` on `device`."""
 
-    __slots__ = ("capacity", "frame_shape", "dtype", "device", "storage", "_start", "_size", "overruns",
-                 "underruns", "dropped")
+    __slots__ = (
+        "capacity",
+        "frame_shape",
+        "dtype",
+        "device",
+        "storage",
+        "_start",
+        "_size",
+        "overruns",
+        "underruns",
+        "dropped",
+    )
 
-    def __init__(self, capacity: int, frame_shape: tuple[int, ...] = (), dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu", alignment: int = 64) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        frame_shape: tuple[int, ...] = (),
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        alignment: int = 64,
+    ) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise InvalidInputError("capacity", "an int >= 1 (frames)", capacity)
         if alignment < 1 or alignment & (alignment - 1):
@@ -46,7 +62,7 @@ class RingBuffer:
         raw = torch.empty(numel * item + alignment, dtype=torch.uint8, device=self.device)
         offset = (-raw.data_ptr()) % alignment
         # a uint8 view at an aligned offset, reinterpreted: `storage` keeps `raw` alive
-        self.storage = raw[offset:offset + numel * item].view(dtype).view(capacity, *self.frame_shape)
+        self.storage = raw[offset : offset + numel * item].view(dtype).view(capacity, *self.frame_shape)
         self._start = 0  # index of the oldest frame
         self._size = 0
         self.overruns = 0  # writes that did not fit
@@ -63,16 +79,19 @@ class RingBuffer:
     def write(self, frames: torch.Tensor, overwrite: bool = False) -> int:
         """Append `frames` (n, *frame_shape); returns n. Raises RingBufferOverrun when n > free and not overwrite."""
         if tuple(frames.shape[1:]) != self.frame_shape or frames.dim() != len(self.frame_shape) + 1:
-            raise InvalidInputError("frames", f"shape (n, {', '.join(map(str, self.frame_shape))})",
-                                    tuple(frames.shape))
+            raise InvalidInputError(
+                "frames", f"shape (n, {', '.join(map(str, self.frame_shape))})", tuple(frames.shape)
+            )
         n = frames.shape[0]
         if n > self.free:
             self.overruns += 1
             if not overwrite:
-                raise RingBufferOverrun(f"frames: expected at most {self.free} frames (free space of "
-                                        f"{self.capacity}), got {n}; read first or write with overwrite=True")
+                raise RingBufferOverrun(
+                    f"frames: expected at most {self.free} frames (free space of "
+                    f"{self.capacity}), got {n}; read first or write with overwrite=True"
+                )
             if n >= self.capacity:  # only the newest `capacity` frames survive
-                frames = frames[n - self.capacity:]
+                frames = frames[n - self.capacity :]
                 self.dropped += self._size + n - self.capacity
                 self._start, self._size, n = 0, 0, self.capacity
             else:
@@ -82,9 +101,9 @@ class RingBuffer:
                 self._size -= drop
         end = (self._start + self._size) % self.capacity
         first = min(n, self.capacity - end)
-        self.storage[end:end + first].copy_(frames[:first])
+        self.storage[end : end + first].copy_(frames[:first])
         if first < n:
-            self.storage[:n - first].copy_(frames[first:n])
+            self.storage[: n - first].copy_(frames[first:n])
         self._size += n
         return n
 
@@ -95,9 +114,9 @@ class RingBuffer:
         n = max(0, min(out.shape[0], self._size - offset))
         start = (self._start + offset) % self.capacity
         first = min(n, self.capacity - start)
-        out[:first].copy_(self.storage[start:start + first])
+        out[:first].copy_(self.storage[start : start + first])
         if first < n:
-            out[first:n].copy_(self.storage[:n - first])
+            out[first:n].copy_(self.storage[: n - first])
         return n
 
     def read_into(self, out: torch.Tensor) -> int:
@@ -112,12 +131,12 @@ class RingBuffer:
     def read(self, n: int) -> torch.Tensor:
         """The `n` oldest frames, consumed (fewer if fewer are buffered: an underrun). Allocates the result."""
         out = torch.empty((n, *self.frame_shape), dtype=self.dtype, device=self.device)
-        return out[:self.read_into(out)]
+        return out[: self.read_into(out)]
 
     def peek(self, n: int, offset: int = 0) -> torch.Tensor:
         """Like read, without consuming."""
         out = torch.empty((n, *self.frame_shape), dtype=self.dtype, device=self.device)
-        return out[:self.peek_into(out, offset)]
+        return out[: self.peek_into(out, offset)]
 
     def skip(self, n: int) -> int:
         """Drop up to n oldest frames; returns how many."""

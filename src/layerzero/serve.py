@@ -33,8 +33,9 @@ from typing import Any
 import torch
 
 from .backends.reference import filter_probs, tempered
-from .context import graph_call
+from .capture import graph_call
 from .errors import InvalidInputError
+from .graphs import warmup_for_capture
 from .kv_cache import PagedKVCache
 from .ops.activation import fused_mlp
 from .ops.attention import attention, attention_varlen, paged_attention
@@ -42,7 +43,6 @@ from .ops.embedding import embedding
 from .ops.norm import rms_norm
 from .ops.posenc import rope_cache, rope_qk
 from .ops.sampling import _normalize, sample, sample_greedy
-from .runtime.graphs import warmup_for_capture
 from .selection.inspect import which
 from .speculative import SpeculativeStats, UnsupportedBatchError, accept_greedy, accept_sampled
 
@@ -70,8 +70,18 @@ class ModelConfig:
     @classmethod
     def llama_1b(cls) -> ModelConfig:
         """~1.1B parameters: Llama-3.2-1B's shape with a 32k vocabulary (untied lm_head)."""
-        return cls(vocab_size=32000, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
-                   intermediate_size=8192, rope_theta=500000.0, rms_eps=1e-5, max_positions=4096)
+        return cls(
+            vocab_size=32000,
+            hidden_size=2048,
+            num_layers=16,
+            num_heads=32,
+            num_kv_heads=8,
+            head_dim=64,
+            intermediate_size=8192,
+            rope_theta=500000.0,
+            rms_eps=1e-5,
+            max_positions=4096,
+        )
 
 
 @dataclass(slots=True)
@@ -79,21 +89,21 @@ class Layer:
     """One decoder layer's weights, nn.Linear layout (out_features, in_features)."""
 
     attn_norm: torch.Tensor  # (hidden,)
-    wqkv: torch.Tensor       # ((Hq + 2 Hkv) * D, hidden): q, k, v projections stacked
-    wo: torch.Tensor         # (hidden, Hq * D)
-    mlp_norm: torch.Tensor   # (hidden,)
-    w_gate: torch.Tensor     # (ffn, hidden)
-    w_up: torch.Tensor       # (ffn, hidden)
-    w_down: torch.Tensor     # (hidden, ffn)
+    wqkv: torch.Tensor  # ((Hq + 2 Hkv) * D, hidden): q, k, v projections stacked
+    wo: torch.Tensor  # (hidden, Hq * D)
+    mlp_norm: torch.Tensor  # (hidden,)
+    w_gate: torch.Tensor  # (ffn, hidden)
+    w_up: torch.Tensor  # (ffn, hidden)
+    w_down: torch.Tensor  # (hidden, ffn)
 
 
 @dataclass(slots=True)
 class Model:
     config: ModelConfig
-    embed: torch.Tensor     # (vocab, hidden)
+    embed: torch.Tensor  # (vocab, hidden)
     layers: list[Layer]
-    norm: torch.Tensor      # (hidden,)
-    lm_head: torch.Tensor   # (vocab, hidden)
+    norm: torch.Tensor  # (hidden,)
+    lm_head: torch.Tensor  # (vocab, hidden)
     cos: torch.Tensor = field(repr=False)  # (max_positions, head_dim) RoPE cache
     sin: torch.Tensor = field(repr=False)
 
@@ -106,13 +116,17 @@ class Model:
         return self.embed.device
 
     def num_params(self) -> int:
-        tensors = [self.embed, self.norm, self.lm_head] + [t for layer in self.layers for t in (
-            layer.attn_norm, layer.wqkv, layer.wo, layer.mlp_norm, layer.w_gate, layer.w_up, layer.w_down)]
+        tensors = [self.embed, self.norm, self.lm_head] + [
+            t
+            for layer in self.layers
+            for t in (layer.attn_norm, layer.wqkv, layer.wo, layer.mlp_norm, layer.w_gate, layer.w_up, layer.w_down)
+        ]
         return sum(t.numel() for t in tensors)
 
     @classmethod
-    def random(cls, config: ModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-               seed: int = 0) -> Model:
+    def random(
+        cls, config: ModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", seed: int = 0
+    ) -> Model:
         """Random weights: linears ~ N(0, 1/fan_in), embeddings ~ N(0, 1), norms 1 + N(0, 0.1^2)."""
         device = torch.device(device)
         gen = torch.Generator(device=device).manual_seed(seed)
@@ -123,15 +137,29 @@ class Model:
             return (t * std + mean).to(dtype)
 
         def linear(out: int, inp: int) -> torch.Tensor:
-            return randn(out, inp, std=inp ** -0.5)
+            return randn(out, inp, std=inp**-0.5)
 
         qkv = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
-        layers = [Layer(randn(c.hidden_size, std=0.1, mean=1.0), linear(qkv, c.hidden_size),
-                        linear(c.hidden_size, c.num_heads * c.head_dim), randn(c.hidden_size, std=0.1, mean=1.0),
-                        linear(c.intermediate_size, c.hidden_size), linear(c.intermediate_size, c.hidden_size),
-                        linear(c.hidden_size, c.intermediate_size)) for _ in range(c.num_layers)]
-        return cls(c, randn(c.vocab_size, c.hidden_size), layers, randn(c.hidden_size, std=0.1, mean=1.0),
-                   linear(c.vocab_size, c.hidden_size), *_rope(c, dtype, device))
+        layers = [
+            Layer(
+                randn(c.hidden_size, std=0.1, mean=1.0),
+                linear(qkv, c.hidden_size),
+                linear(c.hidden_size, c.num_heads * c.head_dim),
+                randn(c.hidden_size, std=0.1, mean=1.0),
+                linear(c.intermediate_size, c.hidden_size),
+                linear(c.intermediate_size, c.hidden_size),
+                linear(c.hidden_size, c.intermediate_size),
+            )
+            for _ in range(c.num_layers)
+        ]
+        return cls(
+            c,
+            randn(c.vocab_size, c.hidden_size),
+            layers,
+            randn(c.hidden_size, std=0.1, mean=1.0),
+            linear(c.vocab_size, c.hidden_size),
+            *_rope(c, dtype, device),
+        )
 
     @classmethod
     def from_transformers(cls, hf_model: Any) -> Model:
@@ -140,33 +168,64 @@ class Model:
         hc = hf_model.config
         rope = dict(getattr(hc, "rope_parameters", None) or getattr(hc, "rope_scaling", None) or {})
         theta = rope.get("rope_theta", getattr(hc, "rope_theta", 10000.0))
-        if rope.get("rope_type", "default") != "default" or getattr(hc, "attention_bias", False) \
-                or getattr(hc, "mlp_bias", False) or hc.hidden_act != "silu":
-            raise InvalidInputError("hf_model", "a Llama-style model with default RoPE, SiLU MLP and no biases",
-                                    f"rope {rope.get('rope_type')}, act {hc.hidden_act}")
+        if (
+            rope.get("rope_type", "default") != "default"
+            or getattr(hc, "attention_bias", False)
+            or getattr(hc, "mlp_bias", False)
+            or hc.hidden_act != "silu"
+        ):
+            raise InvalidInputError(
+                "hf_model",
+                "a Llama-style model with default RoPE, SiLU MLP and no biases",
+                f"rope {rope.get('rope_type')}, act {hc.hidden_act}",
+            )
         config = ModelConfig(
-            vocab_size=hc.vocab_size, hidden_size=hc.hidden_size, num_layers=hc.num_hidden_layers,
-            num_heads=hc.num_attention_heads, num_kv_heads=hc.num_key_value_heads,
+            vocab_size=hc.vocab_size,
+            hidden_size=hc.hidden_size,
+            num_layers=hc.num_hidden_layers,
+            num_heads=hc.num_attention_heads,
+            num_kv_heads=hc.num_key_value_heads,
             head_dim=getattr(hc, "head_dim", None) or hc.hidden_size // hc.num_attention_heads,
-            intermediate_size=hc.intermediate_size, rope_theta=float(theta), rms_eps=hc.rms_norm_eps,
-            max_positions=hc.max_position_embeddings)
+            intermediate_size=hc.intermediate_size,
+            rope_theta=float(theta),
+            rms_eps=hc.rms_norm_eps,
+            max_positions=hc.max_position_embeddings,
+        )
         inner = hf_model.model
         layers = []
         for block in inner.layers:
             a, m = block.self_attn, block.mlp
-            layers.append(Layer(block.input_layernorm.weight.data,
-                                torch.cat([a.q_proj.weight.data, a.k_proj.weight.data, a.v_proj.weight.data]),
-                                a.o_proj.weight.data, block.post_attention_layernorm.weight.data,
-                                m.gate_proj.weight.data, m.up_proj.weight.data, m.down_proj.weight.data))
+            layers.append(
+                Layer(
+                    block.input_layernorm.weight.data,
+                    torch.cat([a.q_proj.weight.data, a.k_proj.weight.data, a.v_proj.weight.data]),
+                    a.o_proj.weight.data,
+                    block.post_attention_layernorm.weight.data,
+                    m.gate_proj.weight.data,
+                    m.up_proj.weight.data,
+                    m.down_proj.weight.data,
+                )
+            )
         embed = inner.embed_tokens.weight.data
-        return cls(config, embed, layers, inner.norm.weight.data, hf_model.lm_head.weight.data,
-                   *_rope(config, embed.dtype, embed.device))
+        return cls(
+            config,
+            embed,
+            layers,
+            inner.norm.weight.data,
+            hf_model.lm_head.weight.data,
+            *_rope(config, embed.dtype, embed.device),
+        )
 
 
 def _rope(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     # kernels compute RoPE in float32; a float64 model keeps float64 angles
-    return rope_cache(config.max_positions, config.head_dim, config.rope_theta,
-                      dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=device)
+    return rope_cache(
+        config.max_positions,
+        config.head_dim,
+        config.rope_theta,
+        dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+        device=device,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,8 +318,15 @@ class _Kernels:
         return {op: tuple(sorted(ids)) for op, ids in sorted(self.seen.items())}
 
 
-def _forward(model: Model, cache: PagedKVCache, tokens: torch.Tensor, positions: torch.Tensor,
-             slots: torch.Tensor, attend: Any, rec: _Kernels) -> torch.Tensor:
+def _forward(
+    model: Model,
+    cache: PagedKVCache,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    attend: Any,
+    rec: _Kernels,
+) -> torch.Tensor:
     """Hidden states (T, hidden) after the final norm for T packed tokens; writes their K/V at `slots`.
 
     attend(layer, q (T, Hq, D), k (T, Hkv, D), v (T, Hkv, D)) -> (T, Hq, D) is the attention of the phase.
@@ -293,8 +359,15 @@ def _pack(prompts: list[list[int]], device: torch.device) -> torch.Tensor:
     return torch.tensor([t for p in prompts for t in p], dtype=torch.int64, device=device)
 
 
-def _prefill(model: Model, cache: PagedKVCache, ids: list[int], lens: list[int], tokens: torch.Tensor,
-             rec: _Kernels, all_logits: bool = False) -> torch.Tensor:
+def _prefill(
+    model: Model,
+    cache: PagedKVCache,
+    ids: list[int],
+    lens: list[int],
+    tokens: torch.Tensor,
+    rec: _Kernels,
+    all_logits: bool = False,
+) -> torch.Tensor:
     """Run new sequences' prompts and fill their cache; logits (len(ids), V) of each last token (or
     (total tokens, V) with all_logits). tokens: the prompts packed back to back (sum(lens),), lens[i]
     tokens of sequence ids[i]."""
@@ -331,8 +404,14 @@ def _logits(model: Model, hidden: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype == torch.float64 else logits.float()
 
 
-def _decode(model: Model, cache: PagedKVCache, ids: list[Any], last_tokens: list[int], rec: _Kernels,
-            max_pages: int | None = None) -> torch.Tensor:
+def _decode(
+    model: Model,
+    cache: PagedKVCache,
+    ids: list[Any],
+    last_tokens: list[int],
+    rec: _Kernels,
+    max_pages: int | None = None,
+) -> torch.Tensor:
     """One token for each live sequence: logits (B, V) after feeding each its last token.
 
     max_pages: a fixed page-table width, so that the table's shape (part of the plan-cache key) does
@@ -340,16 +419,23 @@ def _decode(model: Model, cache: PagedKVCache, ids: list[Any], last_tokens: list
     return _extend(model, cache, ids, [[t] for t in last_tokens], rec, max_pages)
 
 
-def _extend(model: Model, cache: PagedKVCache, ids: list[Any], chunks: list[list[int]], rec: _Kernels,
-            max_pages: int | None = None) -> torch.Tensor:
+def _extend(
+    model: Model,
+    cache: PagedKVCache,
+    ids: list[Any],
+    chunks: list[list[int]],
+    rec: _Kernels,
+    max_pages: int | None = None,
+) -> torch.Tensor:
     """Feed each live sequence a chunk of T new tokens (T the same for all: 1 = decode, k + 1 = speculative
     verification); logits (B * T, V), sequence by sequence. Token t of a chunk attends causally to its
     sequence's cached tokens and to chunk tokens 0..t, through lz.paged_attention with q (B, T, Hq, D)."""
     return _step(model, cache, *_step_inputs(model, cache, ids, chunks, max_pages), len(chunks[0]), rec)
 
 
-def _step_inputs(model: Model, cache: PagedKVCache, ids: list[Any], chunks: list[list[int]],
-                 max_pages: int | None) -> tuple[torch.Tensor, ...]:
+def _step_inputs(
+    model: Model, cache: PagedKVCache, ids: list[Any], chunks: list[list[int]], max_pages: int | None
+) -> tuple[torch.Tensor, ...]:
     """Extend each sequence's pages by its chunk; (tokens, positions, slots, page_table, seq_lens) for `_step`."""
     slots, positions = cache.append_slots(ids, [len(chunk) for chunk in chunks])
     page_table, seq_lens = cache.page_table(ids, max_pages)
@@ -357,8 +443,17 @@ def _step_inputs(model: Model, cache: PagedKVCache, ids: list[Any], chunks: list
     return tokens, positions, slots, page_table, seq_lens
 
 
-def _step(model: Model, cache: PagedKVCache, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-          page_table: torch.Tensor, seq_lens: torch.Tensor, T: int, rec: _Kernels) -> torch.Tensor:
+def _step(
+    model: Model,
+    cache: PagedKVCache,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    T: int,
+    rec: _Kernels,
+) -> torch.Tensor:
     """The device work of `_extend` once its inputs are tensors (what a decode graph captures)."""
     B = page_table.shape[0]
 
@@ -377,7 +472,7 @@ class _DecodeGraphs:
     (eager, a 1B model's step is ~200 launches and host-bound at every batch size on the H100).
 
     Each step copies its inputs (token ids, positions, KV slots, the page table at a fixed width, lengths)
-    into the graph's static buffers and replays it. Capture follows runtime/graphs.py: one eager warm-up
+    into the graph's static buffers and replays it. Capture follows graphs.py: one eager warm-up
     in graph mode (so LayerZero picks graph-safe kernels and compiles them), then the capture. A batch
     size whose capture fails runs eagerly from then on (the failure is logged, never raised).
     """
@@ -401,8 +496,9 @@ class _DecodeGraphs:
         graph.replay()
         return logits
 
-    def _capture(self, B: int, inputs: tuple[torch.Tensor, ...], rec: _Kernels
-                 ) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor] | None:
+    def _capture(
+        self, B: int, inputs: tuple[torch.Tensor, ...], rec: _Kernels
+    ) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor] | None:
         static = tuple(t.clone() for t in inputs)
 
         def run(recorder: _Kernels) -> torch.Tensor:
@@ -415,8 +511,13 @@ class _DecodeGraphs:
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 logits = run(_Kernels())
         except Exception as error:  # any capture failure means: this batch size runs eagerly
-            _log.warning("serve: CUDA graph capture of the decode step at batch %d failed (%s: %s); "
-                         "that batch size runs eagerly", B, type(error).__name__, error)
+            _log.warning(
+                "serve: CUDA graph capture of the decode step at batch %d failed (%s: %s); "
+                "that batch size runs eagerly",
+                B,
+                type(error).__name__,
+                error,
+            )
             self.failed.add(B)
             return None
         self.graphs[B] = (graph, static, logits)
@@ -430,10 +531,18 @@ def _sync(device: torch.device) -> None:
 
 def _id_rows(prompt_ids: torch.Tensor) -> torch.Tensor:
     """A (S,) or (B, S) tensor of token ids as (B, S), after checking it is one."""
-    if prompt_ids.is_floating_point() or prompt_ids.is_complex() or prompt_ids.dtype == torch.bool \
-            or prompt_ids.dim() not in (1, 2) or prompt_ids.numel() == 0:
-        raise InvalidInputError("prompt_ids", "a non-empty (S,) or (B, S) integer tensor of token ids",
-                                f"{prompt_ids.dtype} tensor of shape {tuple(prompt_ids.shape)}")
+    if (
+        prompt_ids.is_floating_point()
+        or prompt_ids.is_complex()
+        or prompt_ids.dtype == torch.bool
+        or prompt_ids.dim() not in (1, 2)
+        or prompt_ids.numel() == 0
+    ):
+        raise InvalidInputError(
+            "prompt_ids",
+            "a non-empty (S,) or (B, S) integer tensor of token ids",
+            f"{prompt_ids.dtype} tensor of shape {tuple(prompt_ids.shape)}",
+        )
     return prompt_ids if prompt_ids.dim() == 2 else prompt_ids[None]
 
 
@@ -449,10 +558,18 @@ def _prompts(prompt_ids: Any) -> list[list[int]]:
     return prompts
 
 
-def generate(model: Model, prompt_ids: Any, max_new_tokens: int | Sequence[int] = 16,
-             sampling: Sampling | None = None, eos_token_id: int | None = None, max_batch: int = 8,
-             page_size: int = 16, num_pages: int | None = None, kv_layout: str = "NHD",
-             cuda_graphs: bool = True) -> Generation:
+def generate(
+    model: Model,
+    prompt_ids: Any,
+    max_new_tokens: int | Sequence[int] = 16,
+    sampling: Sampling | None = None,
+    eos_token_id: int | None = None,
+    max_batch: int = 8,
+    page_size: int = 16,
+    num_pages: int | None = None,
+    kv_layout: str = "NHD",
+    cuda_graphs: bool = True,
+) -> Generation:
     """Generate from one prompt (list of ids) or several (list of lists, or a (B, S) tensor of ids) with
     continuous batching.
 
@@ -475,15 +592,22 @@ def generate(model: Model, prompt_ids: Any, max_new_tokens: int | Sequence[int] 
     c = model.config
     need = [s + b for s, b in zip(lens, budgets, strict=True)]
     if max(need) > c.max_positions:
-        raise InvalidInputError("max_new_tokens", f"prompt + new tokens <= max_positions {c.max_positions}",
-                                max(need))
+        raise InvalidInputError("max_new_tokens", f"prompt + new tokens <= max_positions {c.max_positions}", max(need))
     pages_of = [-(-t // page_size) for t in need]
     if num_pages is None:
         num_pages = sum(sorted(pages_of, reverse=True)[:max_batch])
     if max(pages_of) > num_pages:
         raise InvalidInputError("num_pages", f">= {max(pages_of)} (the longest request's pages)", num_pages)
-    cache = PagedKVCache(c.num_layers, num_pages, page_size, c.num_kv_heads, c.head_dim, dtype=model.dtype,
-                         device=model.device, kv_layout=kv_layout)
+    cache = PagedKVCache(
+        c.num_layers,
+        num_pages,
+        page_size,
+        c.num_kv_heads,
+        c.head_dim,
+        dtype=model.dtype,
+        device=model.device,
+        kv_layout=kv_layout,
+    )
     gen = None
     if sampling is not None and sampling.seed is not None:
         gen = torch.Generator(device=model.device).manual_seed(sampling.seed)
@@ -514,8 +638,7 @@ def generate(model: Model, prompt_ids: Any, max_new_tokens: int | Sequence[int] 
     with torch.inference_mode():
         while waiting or running:
             admitted: list[int] = []
-            while waiting and len(running) + len(admitted) < max_batch and \
-                    reserved + pages_of[waiting[0]] <= num_pages:
+            while waiting and len(running) + len(admitted) < max_batch and reserved + pages_of[waiting[0]] <= num_pages:
                 r = waiting.popleft()
                 admitted.append(r)
                 reserved += pages_of[r]
@@ -540,8 +663,9 @@ def generate(model: Model, prompt_ids: Any, max_new_tokens: int | Sequence[int] 
                 _sync(model.device)
                 t0 = time.perf_counter()
                 last = [out[r][-1] for r in running]
-                if graphs is not None and (len(running) in graphs.graphs or
-                                           max(budgets[r] - len(out[r]) for r in running) >= GRAPH_MIN_STEPS):
+                if graphs is not None and (
+                    len(running) in graphs.graphs or max(budgets[r] - len(out[r]) for r in running) >= GRAPH_MIN_STEPS
+                ):
                     toks = pick(graphs.step(running, last, rec))
                 else:
                     toks = pick(_decode(model, cache, running, last, rec, max(pages_of)))
@@ -559,22 +683,38 @@ def generate(model: Model, prompt_ids: Any, max_new_tokens: int | Sequence[int] 
     return Generation(out, rec.result(), prefill_s, decode_s, prefill_tokens, decode_tokens, batch_sizes, captured)
 
 
-def forward_logits(model: Model, prompt_ids: Sequence[int], kv_layout: str = "NHD", page_size: int = 16
-                   ) -> torch.Tensor:
+def forward_logits(
+    model: Model, prompt_ids: Sequence[int], kv_layout: str = "NHD", page_size: int = 16
+) -> torch.Tensor:
     """Logits (S, V) float32 at every position of one prompt, through the same prefill path as `generate`."""
     prompt = _prompts(prompt_ids)[0]
     c = model.config
-    cache = PagedKVCache(c.num_layers, -(-len(prompt) // page_size), page_size, c.num_kv_heads, c.head_dim,
-                         dtype=model.dtype, device=model.device, kv_layout=kv_layout)
+    cache = PagedKVCache(
+        c.num_layers,
+        -(-len(prompt) // page_size),
+        page_size,
+        c.num_kv_heads,
+        c.head_dim,
+        dtype=model.dtype,
+        device=model.device,
+        kv_layout=kv_layout,
+    )
     with torch.inference_mode():
-        return _prefill(model, cache, [0], [len(prompt)], _pack([prompt], model.device), _Kernels(),
-                        all_logits=True)
+        return _prefill(model, cache, [0], [len(prompt)], _pack([prompt], model.device), _Kernels(), all_logits=True)
 
 
-def speculative_generate(target: Model, draft: Model, prompt_ids: Any, max_new_tokens: int = 16,
-                         num_speculative: int = 4, sampling: Sampling | None = None,
-                         generator: torch.Generator | None = None, eos_token_id: int | None = None,
-                         page_size: int = 16, kv_layout: str = "NHD") -> SpeculativeGeneration:
+def speculative_generate(
+    target: Model,
+    draft: Model,
+    prompt_ids: Any,
+    max_new_tokens: int = 16,
+    num_speculative: int = 4,
+    sampling: Sampling | None = None,
+    generator: torch.Generator | None = None,
+    eos_token_id: int | None = None,
+    page_size: int = 16,
+    kv_layout: str = "NHD",
+) -> SpeculativeGeneration:
     """Generate from one prompt with `draft` proposing and `target` verifying, each on its own paged cache.
 
     A round: the draft runs k = min(num_speculative, tokens left - 1) decode steps on its cache; the target
@@ -596,25 +736,44 @@ def speculative_generate(target: Model, draft: Model, prompt_ids: Any, max_new_t
             raise InvalidInputError(name, "an int >= 1", value)
     vocab = target.config.vocab_size
     if draft.config.vocab_size != vocab or draft.device != target.device:
-        raise InvalidInputError("draft", f"a model with the target's vocabulary ({vocab}) on {target.device}",
-                                f"vocab_size {draft.config.vocab_size} on {draft.device}")
+        raise InvalidInputError(
+            "draft",
+            f"a model with the target's vocabulary ({vocab}) on {target.device}",
+            f"vocab_size {draft.config.vocab_size} on {draft.device}",
+        )
     total = len(prompt) + max_new_tokens
     for name, m in (("target", target), ("draft", draft)):
         if total > m.config.max_positions:
-            raise InvalidInputError("max_new_tokens", f"prompt + new tokens <= the {name}'s max_positions "
-                                    f"{m.config.max_positions}", total)
+            raise InvalidInputError(
+                "max_new_tokens", f"prompt + new tokens <= the {name}'s max_positions {m.config.max_positions}", total
+            )
     filters: tuple[Any, ...] = ("sampling.greedy", None, None, None, 0.0)
     if sampling is not None:  # validated and normalized as lz.sample does
-        filters = _normalize(torch.empty(0, vocab), sampling.top_k, sampling.top_p, sampling.min_p,
-                             sampling.temperature)
+        filters = _normalize(
+            torch.empty(0, vocab), sampling.top_k, sampling.top_p, sampling.min_p, sampling.temperature
+        )
         if generator is None and sampling.seed is not None:
             generator = torch.Generator(device=target.device).manual_seed(sampling.seed)
     pages = -(-total // page_size)  # a cache never holds more than prompt + new tokens - 1
     sides = []
     for m in (target, draft):
         c = m.config
-        sides.append((m, PagedKVCache(c.num_layers, pages, page_size, c.num_kv_heads, c.head_dim, dtype=m.dtype,
-                                      device=m.device, kv_layout=kv_layout), _Kernels()))
+        sides.append(
+            (
+                m,
+                PagedKVCache(
+                    c.num_layers,
+                    pages,
+                    page_size,
+                    c.num_kv_heads,
+                    c.head_dim,
+                    dtype=m.dtype,
+                    device=m.device,
+                    kv_layout=kv_layout,
+                ),
+                _Kernels(),
+            )
+        )
     (_, target_cache, target_rec), (_, draft_cache, draft_rec) = sides
 
     def run(side: tuple[Model, PagedKVCache, _Kernels], tokens: list[int]) -> torch.Tensor:

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 
 from .errors import InvalidInputError
+from .ops.sampling import sample
+from .selection.inspect import explain, which
 
 LogitsFn = Callable[..., torch.Tensor]
 
@@ -64,8 +66,10 @@ class SpeculativeStats:
         self.emitted += emitted
 
     def __str__(self) -> str:
-        return (f"{self.steps} target passes, {self.accepted}/{self.proposed} draft tokens accepted "
-                f"({self.acceptance_rate:.1%}), {self.tokens_per_step:.2f} tokens per pass")
+        return (
+            f"{self.steps} target passes, {self.accepted}/{self.proposed} draft tokens accepted "
+            f"({self.acceptance_rate:.1%}), {self.tokens_per_step:.2f} tokens per pass"
+        )
 
 
 def _check_prompt(prompt: Any) -> torch.Tensor:
@@ -87,7 +91,6 @@ def _logits(model: LogitsFn, tokens: torch.Tensor, name: str) -> torch.Tensor:
 
 def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     """One token from probabilities (V,), through lz.sample."""
-    from .ops.sampling import sample
 
     return int(sample(probs.clamp_min(0).log().unsqueeze(0), generator=generator)[0])
 
@@ -105,8 +108,9 @@ def accept_greedy(drafted: Sequence[int], target_tokens: Sequence[int]) -> tuple
     return list(drafted), int(target_tokens[len(drafted)])
 
 
-def accept_sampled(drafted: Sequence[int], p: torch.Tensor, q: torch.Tensor,
-                   generator: torch.Generator | None = None) -> tuple[list[int], int]:
+def accept_sampled(
+    drafted: Sequence[int], p: torch.Tensor, q: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[list[int], int]:
     """Rejection sampling: (the draft tokens kept, the token after them), each distributed as the target's.
 
     p (k + 1, V): the target's probabilities after the context and after each draft token; q (k, V):
@@ -127,8 +131,12 @@ class UnsupportedBatchError(InvalidInputError):
     """Speculative decoding on the paged cache (layerzero.serve.speculative_generate) runs one prompt."""
 
     def __init__(self, num_prompts: int) -> None:
-        super().__init__("prompt_ids", "one prompt (speculative decoding runs batch 1)", f"{num_prompts} prompts",
-                         "call it once per prompt, or use serve.generate for batched decoding")
+        super().__init__(
+            "prompt_ids",
+            "one prompt (speculative decoding runs batch 1)",
+            f"{num_prompts} prompts",
+            "call it once per prompt, or use serve.generate for batched decoding",
+        )
 
 
 def target_greedy(target: LogitsFn, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
@@ -140,9 +148,16 @@ def target_greedy(target: LogitsFn, prompt: torch.Tensor, max_new_tokens: int) -
     return tokens
 
 
-def speculative_generate(target: LogitsFn, draft: LogitsFn, prompt: torch.Tensor, max_new_tokens: int,
-                         num_draft: int = 4, temperature: float = 0.0, generator: torch.Generator | None = None,
-                         stats: SpeculativeStats | None = None) -> tuple[torch.Tensor, SpeculativeStats]:
+def speculative_generate(
+    target: LogitsFn,
+    draft: LogitsFn,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    num_draft: int = 4,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+    stats: SpeculativeStats | None = None,
+) -> tuple[torch.Tensor, SpeculativeStats]:
     """Generate `max_new_tokens` after `prompt` (1, S); returns (tokens (1, S + max_new_tokens), stats).
 
     temperature 0: greedy verification (output == target_greedy). temperature > 0: rejection
@@ -172,13 +187,14 @@ def speculative_generate(target: LogitsFn, draft: LogitsFn, prompt: torch.Tensor
                 nxt = _draw(q, generator)
             proposal = torch.cat([proposal, torch.tensor([[nxt]], dtype=torch.int64, device=tokens.device)], 1)
         start = tokens.shape[1]
-        p_logits = _logits(target, proposal, "target")[start - 1:]  # (k + 1, V): one target pass
+        p_logits = _logits(target, proposal, "target")[start - 1 :]  # (k + 1, V): one target pass
         drafted = proposal[0, start:].tolist()
         if greedy:
             kept, extra = accept_greedy(drafted, p_logits.argmax(-1).tolist())
         else:
-            kept, extra = accept_sampled(drafted, torch.softmax(p_logits / temperature, -1), torch.stack(q_rows),
-                                         generator)
+            kept, extra = accept_sampled(
+                drafted, torch.softmax(p_logits / temperature, -1), torch.stack(q_rows), generator
+            )
         new = (kept + [extra])[: goal - start]
         stats.record(k, len(kept), len(new))
         tokens = torch.cat([tokens, torch.tensor([new], dtype=torch.int64, device=tokens.device)], 1)
@@ -188,8 +204,9 @@ def speculative_generate(target: LogitsFn, draft: LogitsFn, prompt: torch.Tensor
 # ----------------------------------------------------------------------------- trees of candidates
 
 
-def tree_attention_mask(parents: Sequence[int], prefix_len: int,
-                        device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def tree_attention_mask(
+    parents: Sequence[int], prefix_len: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask, position_ids) for verifying a token tree after a prefix in one pass.
 
     parents[i] is the index of node i's parent in the tree (-1: a child of the prefix's last
@@ -226,8 +243,9 @@ def tree_mask_mod(mask: torch.Tensor) -> Callable[..., Any]:
     return mask_mod
 
 
-def verify_tree_greedy(target: LogitsFn, prefix: torch.Tensor, tree_tokens: Sequence[int],
-                       parents: Sequence[int]) -> tuple[list[int], int]:
+def verify_tree_greedy(
+    target: LogitsFn, prefix: torch.Tensor, tree_tokens: Sequence[int], parents: Sequence[int]
+) -> tuple[list[int], int]:
     """Greedy verification of a candidate tree in one target pass.
 
     target is called as target(tokens (1, P + T), attn_mask=mask, position_ids=positions).
@@ -268,13 +286,22 @@ class KernelPair:
         return f"{self.op}: draft -> {self.draft}, target -> {self.target}"
 
 
-def kernel_pair(op: str | Callable[..., Any], draft_args: tuple[Any, ...], target_args: tuple[Any, ...],
-                draft_kwargs: dict[str, Any] | None = None, target_kwargs: dict[str, Any] | None = None) -> KernelPair:
+def kernel_pair(
+    op: str | Callable[..., Any],
+    draft_args: tuple[Any, ...],
+    target_args: tuple[Any, ...],
+    draft_kwargs: dict[str, Any] | None = None,
+    target_kwargs: dict[str, Any] | None = None,
+) -> KernelPair:
     """Select `op`'s kernel for the draft's call and for the target's verification call (e.g. Sq = 1
     decode for the draft, Sq = k + 1 for the target) and report both with their explanations."""
-    from .selection.inspect import explain, which
 
     dk, tk = draft_kwargs or {}, target_kwargs or {}
     name = op if isinstance(op, str) else getattr(op, "__name__", repr(op))
-    return KernelPair(name, which(op, *draft_args, **dk), which(op, *target_args, **tk),
-                      explain(op, *draft_args, **dk), explain(op, *target_args, **tk))
+    return KernelPair(
+        name,
+        which(op, *draft_args, **dk),
+        which(op, *target_args, **tk),
+        explain(op, *draft_args, **dk),
+        explain(op, *target_args, **tk),
+    )

@@ -2,120 +2,48 @@
 
 from __future__ import annotations
 
-import dataclasses
-import fnmatch
-import importlib
 import logging
+import os
 import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
+from contextvars import Token
+from dataclasses import replace
 from typing import Any
 
-from .capabilities import Descriptors, discover_environment
+from .backends import Registry, builtin_backends
 from .context import SelectionContext
-from .errors import UnknownNameError
+from .descriptors import Descriptors, discover_environment
 from .kernel import Backend, KernelSpec, priority_for
+from .monitor.health import Health
+from .monitor.memory import MemoryGuard
+from .monitor.probe import Probes
+from .monitor.telemetry import Telemetry
 from .perf.perfdb import Figure, Measurements, default_path
-from .policy.model import Policy, PolicyLayers
+from .policy.loader import environment_policy, load_policy_file
+from .policy.model import SCOPE, Change, Policy, PolicyLayers, Scope
 from .reasons import Reason, Rejection
-from .runtime.health import Health
-from .runtime.memory import MemoryGuard
-from .runtime.probe import Probes
-from .runtime.telemetry import Telemetry
 from .selection.cache import PlanCache
 from .selection.engine import ExecutionPlan, SelectionEngine, SelectionReport
 
 log = logging.getLogger("layerzero")
 
 
-
-def builtin_backend_modules() -> list[str]:
-    """Every module of layerzero.backends; each defines BACKEND or BACKENDS (none imports its library)."""
-    import pkgutil
-
-    package = importlib.import_module("layerzero.backends")
-    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
-
-
-class Registry:
-    """Backends and their kernels, indexed by id and by op."""
-
-    def __init__(self) -> None:
-        self.backends: dict[str, Backend] = {}
-        self.kernels: dict[str, KernelSpec] = {}
-        self.by_op: dict[str, list[KernelSpec]] = {}
-        self.aliases: dict[str, str] = {}
-        self.groups: dict[str, str] = {}  # group name -> kernel-id glob (Backend.groups)
-        self.descriptors: Any = None  # capabilities.Descriptors of the runtime: applied when an op is first seen
-
-    def add_backend(self, backend: Backend) -> None:
-        old = self.backends.get(backend.name)
-        if old is not None and old is not backend:
-            # One library's kernels may be declared in several modules (torch_native, torch_posenc_act):
-            # the first declaration keeps its probe and gains the other's kernels and aliases.
-            ids = {s.id for s in backend.kernels}
-            backend = dataclasses.replace(old, kernels=tuple(s for s in old.kernels if s.id not in ids)
-                                          + backend.kernels, aliases=old.aliases + backend.aliases,
-                                          groups=old.groups + backend.groups)
-        self.backends[backend.name] = backend
-        for alias in backend.aliases:
-            self.aliases[alias] = backend.name
-        self.groups.update(backend.groups)
-        for spec in backend.kernels:
-            self.add_kernel(spec)
-
-    def add_kernel(self, spec: KernelSpec) -> None:
-        if spec.backend not in self.backends:
-            self.backends[spec.backend] = Backend(spec.backend, ())
-        old = self.kernels.get(spec.id)
-        if old is not None:
-            for op in old.ops:
-                self.by_op[op] = [s for s in self.by_op[op] if s.id != spec.id]
-        self.kernels[spec.id] = spec
-        for op in spec.ops:
-            self.by_op.setdefault(op, []).append(spec)
-
-    def backend_name(self, name: str) -> str:
-        """Canonical backend name for a name or alias (`torch_sdpa` -> `torch`)."""
-        if name in self.backends:
-            return name
-        if name in self.aliases:
-            return self.aliases[name]
-        raise UnknownNameError("backend", name, list(self.backends) + list(self.aliases))
-
-    def group(self, name: str) -> tuple[str, ...] | None:
-        """The kernel ids a group name stands for as a policy target (`torch_sdpa`), or None."""
-        pattern = self.groups.get(name)
-        if pattern is None:
-            return None
-        return tuple(sorted(k for k in self.kernels if fnmatch.fnmatchcase(k, pattern)))
-
-    def backend(self, name: str) -> Backend:
-        return self.backends[self.backend_name(name)]
-
-    def kernel(self, kernel_id: str) -> KernelSpec:
-        spec = self.kernels.get(kernel_id)
-        if spec is None:
-            raise UnknownNameError("kernel", kernel_id, self.kernels)
-        return spec
-
-    def candidates(self, op: str) -> list[KernelSpec]:
-        if self.descriptors is not None and self.descriptors.pending:
-            self.descriptors.resolve(self, op)
-        return self.by_op.get(op, [])
-
-
 class Runtime:
     """All mutable state of LayerZero in one place."""
 
     def __init__(self) -> None:
+        self._build()
+
+    def _build(self) -> None:
+        """Fresh components, each given this runtime to read what it needs from the others."""
         self._lock = threading.RLock()
-        self.registry = Registry()
+        self.registry = Registry(on_change=self.bump)
         self.descriptors = self.registry.descriptors = Descriptors()  # capabilities descriptors (lazy)
-        self.policy = Policy()
+        self._policy = Policy()  # the process-wide policy; `policy` adds the thread's scoped overrides
         self.plans = PlanCache()
         self.engine = SelectionEngine(self)
-        self.disabled_backends: frozenset[str] = frozenset()  # "*": every backend but the reference
+        self._disabled: frozenset[str] = frozenset()  # "*": every backend but the reference
         self.policy_layers = PolicyLayers()  # code > env > file; `policy` is their merge
         self.policy_watcher: Any = None  # policy.config.PolicyWatcher of lz.watch_policy
         self.health = Health(self)
@@ -130,6 +58,15 @@ class Runtime:
         # free memory) may change a choice; it supplies shared measurements, exclusions and tp_size/tp_rank.
         self.invariant: Any = None
 
+    def reset(self) -> None:
+        """Fresh state (tests, lz.reset): stop the threads of the old components, then build new ones.
+        Whoever holds this object (the ops) sees the new components on its next call."""
+        self.telemetry.close()
+        if self.policy_watcher is not None:
+            self.policy_watcher.stop()
+        self.plans.close()
+        self._build()
+
     @property
     def generation(self) -> int:
         return self.plans.generation
@@ -140,25 +77,95 @@ class Runtime:
         with self._lock:
             if self._loaded:
                 return
-            for name in builtin_backend_modules():
-                module = importlib.import_module(f"layerzero.backends.{name}")
-                for backend in getattr(module, "BACKENDS", None) or (getattr(module, "BACKEND", None),):
-                    if backend is not None:
-                        self.registry.add_backend(backend)
+            for backend in builtin_backends():
+                self.registry.add_backend(backend)
             discover_environment(self.descriptors)  # LAYERZERO_DESCRIPTORS: read and hashed, parsed on first use
-            from .policy.config import load_environment
-
-            load_environment(self)  # LAYERZERO_* variables; PolicyValidationError if invalid
+            self.load_environment()  # LAYERZERO_* variables; PolicyValidationError if invalid
             self._loaded = True
+
+    def load_environment(self, environ: Mapping[str, str] | None = None) -> None:
+        """Read LAYERZERO_* into the env layer of the policy (and LAYERZERO_POLICY into the file layer).
+
+        Uses the registry directly (never ensure_loaded). Nothing changes unless everything is valid.
+        """
+        environ = os.environ if environ is None else environ
+        env_policy = environment_policy(environ, self.registry)
+        path = environ.get("LAYERZERO_POLICY") or None
+        with self._lock:
+            layers = self.policy_layers
+            if path is not None:
+                layers = replace(layers, file=load_policy_file(path, self.registry), file_path=path)
+            self.set_layers(replace(layers, env=env_policy))
 
     def bump(self) -> None:
         """Invalidate every cached plan (policy, registry, health or perf data changed)."""
         self.plans.invalidate()
 
     def set_policy(self, policy: Policy) -> None:
+        """Install the process-wide policy (every thread); drops cached plans."""
         with self._lock:
-            self.policy = policy
+            self._policy = policy
             self.bump()
+
+    # ---- the policy in force: process-wide, and the scoped overrides of this thread or task
+
+    @property
+    def policy(self) -> Policy:
+        """The policy in force for the calling thread or task (process-wide, with its blocks' changes)."""
+        scope = SCOPE.get()
+        return self._policy if scope is None else self._scoped(scope)[0]
+
+    @property
+    def disabled_backends(self) -> frozenset[str]:
+        """Backend names and kernel ids lz.disabled switched off for the calling thread or task."""
+        scope = SCOPE.get()
+        return self._disabled if scope is None else self._scoped(scope)[1]
+
+    @property
+    def process_disabled(self) -> frozenset[str]:
+        """What lz.disabled switched off for every thread (blocks' changes aside)."""
+        return self._disabled
+
+    @disabled_backends.setter
+    def disabled_backends(self, names: frozenset[str]) -> None:
+        """Switch off for every thread (the statement forms of lz.disabled / lz.enabled); drops plans."""
+        with self._lock:
+            self._disabled = frozenset(names)
+            self.bump()
+
+    def _scoped(self, scope: Scope) -> tuple[Policy, frozenset[str]]:
+        """(policy, disabled set) of a scope: its blocks' changes on the process-wide ones, kept until
+        those change (the generation moves)."""
+        generation = self.plans.generation  # read first: a change after it makes the next call recompute
+        effect = scope.effect
+        if effect is None or effect[0] != generation:
+            code, disabled = scope.apply(self.policy_layers.code, self._disabled)
+            effect = scope.effect = (generation, replace(self.policy_layers, code=code).merged(), disabled)
+        return effect[1], effect[2]
+
+    def enter_scope(self, change: Change) -> tuple[Token[Scope | None], PlanCache]:
+        """Begin a block whose `change` applies to this thread or task only (policy/config.py)."""
+        plans = self.plans
+        plans.enter_scope()  # before the scope exists: no call of it may read the shared plans
+        token = SCOPE.set(Scope(SCOPE.get(), change))
+        self.bump()  # like every policy change (the plans of the scope are new anyway)
+        return token, plans
+
+    def leave_scope(self, token: Token[Scope | None], plans: PlanCache) -> None:
+        SCOPE.reset(token)
+        plans.leave_scope()  # the cache the block began in (lz.reset may have replaced it since)
+        self.bump()
+
+    def scoped_key(self, key: Hashable) -> Hashable:
+        """A call's plan-cache key as filed for the calling thread or task: (scope, key) inside a block."""
+        scope = SCOPE.get()
+        return key if scope is None else (scope, key)
+
+    def set_layers(self, layers: PolicyLayers) -> None:
+        """Install new policy layers (code > env > file); the policy in force becomes their merge."""
+        with self._lock:
+            self.policy_layers = layers
+            self.set_policy(layers.merged())
 
     def register(self, item: Backend | KernelSpec) -> None:
         self.ensure_loaded()
@@ -172,11 +179,12 @@ class Runtime:
     def regime(self, ctx: SelectionContext) -> str:
         """The timing regime whose PerfDB figures score a selection for `ctx`: LAYERZERO_REGIME when
         set, else "graph" for a call that may be captured (ctx.graph_capture: CUDA stream capture or
-        a compiled graph, see context.graph_mode), else "eager". Read on the miss path only."""
+        a compiled graph, see capture.graph_mode), else "eager". Read on the miss path only."""
         return self.policy.regime or ("graph" if ctx.graph_capture else "eager")
 
-    def score(self, spec: KernelSpec, ctx: SelectionContext, measured: bool = True,
-              regime: str = "eager") -> tuple[float, str]:
+    def score(
+        self, spec: KernelSpec, ctx: SelectionContext, measured: bool = True, regime: str = "eager"
+    ) -> tuple[float, str]:
         """(score, what decided it): measured speed relative to the bucket's fastest in `regime`
         (PerfDB, when confident; decided by "eager" or "graph", the figure used), else the priority
         ("priority"), or a prefer rule's priority ("prefer").
@@ -226,7 +234,7 @@ class Runtime:
 
     def backend_rejection(self, name: str, ctx: SelectionContext, probe: bool = True) -> Rejection | None:
         """Why backend `name` cannot run ctx's calls: not installed or broken (its availability), or its
-        probe on ctx's device failed or cannot run now (runtime/probe.py; probe=False: not asked)."""
+        probe on ctx's device failed or cannot run now (monitor/probe.py; probe=False: not asked)."""
         backend = self.registry.backend(name)
         available, _, why = backend.availability
         if not available:
@@ -234,7 +242,7 @@ class Runtime:
         return self.probes.rejection(backend, ctx) if probe else None
 
     def health_rejections(self, spec: KernelSpec, ctx: SelectionContext | None = None) -> list[Rejection]:
-        """Open circuit breakers (runtime.health) and, given a context, the memory headroom."""
+        """Open circuit breakers (monitor/health.py) and, given a context, the memory headroom."""
         if self.invariant is not None:  # rank-local: the same on every rank instead
             return self.invariant.rejections(spec)
         out = self.health.rejections(spec)
@@ -249,8 +257,20 @@ class Runtime:
         log.warning(message)
 
     def plan(self, family: Any, key: Hashable, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ExecutionPlan:
-        """The miss path: build the context, select, bind, cache (once per key and generation)."""
+        """The miss path: build the context, select, bind, cache (once per key and generation).
+
+        While a scoped-override block is active anywhere, every call comes here (the hit path's view
+        is empty, see selection/cache.py): its plan is looked up first, filed under (scope, key) for
+        a call inside a block.
+        """
         self.ensure_loaded()
+        scope = SCOPE.get()
+        if scope is not None:
+            key = (scope, key)
+        if self.plans.scopes:
+            plan = self.plans.get(key)
+            if plan is not None:
+                return plan
 
         def compute() -> ExecutionPlan:
             start = time.perf_counter()
@@ -276,7 +296,7 @@ class Runtime:
         if self.invariant is not None:
             ctx = self.invariant.context(ctx)
         report = self.engine.evaluate(ctx, family.transforms)
-        cached = self.plans.data.get(key)
+        cached = self.plans.get(self.scoped_key(key))
         report.cached = cached is not None and cached.kernel_id == report.selected_kernel
         return report
 
@@ -286,12 +306,4 @@ runtime = Runtime()
 
 def reset() -> None:
     """Fresh runtime state (tests): registry reloaded, policy cleared, caches empty."""
-    global runtime
-    runtime.telemetry.close()
-    if runtime.policy_watcher is not None:
-        runtime.policy_watcher.stop()
-    runtime.plans.close()
-    fresh = Runtime()
-    runtime.__dict__.update(fresh.__dict__)
-    runtime.engine.runtime = runtime
-    runtime.health.runtime = runtime.telemetry.runtime = runtime.probes.runtime = runtime
+    runtime.reset()

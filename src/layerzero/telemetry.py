@@ -1,4 +1,4 @@
-"""Exporters by name, as the spec writes them, over runtime/telemetry.py's prometheus_client collector
+"""Exporters by name, as the spec writes them, over monitor/telemetry.py's prometheus_client collector
 and OpenTelemetry instruments:
 
     from layerzero.telemetry import get_metrics_exporter, OTelExporter
@@ -19,9 +19,9 @@ import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .errors import LayerZeroError, UnknownNameError
-from .runtime.telemetry import TelemetrySnapshot, _require
-from .runtime.telemetry import telemetry as snapshot
+from .doctor import telemetry as snapshot
+from .errors import InvalidInputError, LayerZeroError, UnknownNameError
+from .monitor.telemetry import TelemetrySnapshot, _require
 from .state import runtime
 
 __all__ = ["OTelExporter", "PrometheusExporter", "TelemetryExportError", "get_metrics_exporter", "snapshot"]
@@ -90,10 +90,19 @@ class OTelExporter:
     instead of OTLP ones (e.g. the SDK's in-memory or console exporters).
     """
 
-    def __init__(self, endpoint: str | None = None, *, protocol: str = "grpc", insecure: bool | None = None,
-                 headers: Mapping[str, str] | None = None, timeout_s: float = 10.0, service_name: str = "layerzero",
-                 span_exporter: Any = None, metric_exporter: Any = None,
-                 export_interval_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        protocol: str = "grpc",
+        insecure: bool | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout_s: float = 10.0,
+        service_name: str = "layerzero",
+        span_exporter: Any = None,
+        metric_exporter: Any = None,
+        export_interval_s: float = 60.0,
+    ) -> None:
         _require("opentelemetry.sdk", "opentelemetry-sdk")
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import MetricExportResult, PeriodicExportingMetricReader
@@ -102,16 +111,20 @@ class OTelExporter:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
         if endpoint is None and (span_exporter is None or metric_exporter is None):
-            from .errors import InvalidInputError
-
-            raise InvalidInputError("endpoint", "an OTLP collector URL such as 'http://collector:4317' (or both "
-                                    "span_exporter= and metric_exporter=)", None)
+            raise InvalidInputError(
+                "endpoint",
+                "an OTLP collector URL such as 'http://collector:4317' (or both span_exporter= and metric_exporter=)",
+                None,
+            )
         if protocol not in ("grpc", "http"):
             raise UnknownNameError("OTLP protocol", str(protocol), ("grpc", "http"))
         self.endpoint = endpoint
         self.protocol = protocol
-        options = {"endpoint": endpoint, "timeout": timeout_s,
-                   "headers": dict(headers) if headers is not None else None}
+        options = {
+            "endpoint": endpoint,
+            "timeout": timeout_s,
+            "headers": dict(headers) if headers is not None else None,
+        }
         if protocol == "grpc":
             options["insecure"] = insecure if insecure is not None else (endpoint or "").startswith("http://")
         elif endpoint is not None:
@@ -153,12 +166,17 @@ class OTelExporter:
         resource = Resource.create({"service.name": service_name})
         self.tracer_provider = TracerProvider(resource=resource)
         self.tracer_provider.add_span_processor(BatchSpanProcessor(Spans()))
-        self.metric_reader = PeriodicExportingMetricReader(metrics, export_interval_millis=export_interval_s * 1e3,
-                                                           export_timeout_millis=timeout_s * 1e3)
+        self.metric_reader = PeriodicExportingMetricReader(
+            metrics, export_interval_millis=export_interval_s * 1e3, export_timeout_millis=timeout_s * 1e3
+        )
         self.meter_provider = MeterProvider(resource=resource, metric_readers=[self.metric_reader])
         self.timeout_s = timeout_s
-        runtime.telemetry.enable(prometheus=False, opentelemetry=True, meter_provider=self.meter_provider,
-                                 tracer_provider=self.tracer_provider)
+        runtime.telemetry.enable(
+            prometheus=False,
+            opentelemetry=True,
+            meter_provider=self.meter_provider,
+            tracer_provider=self.tracer_provider,
+        )
 
     def export_traces(self) -> None:
         """Push the selection spans recorded so far; TelemetryExportError if the collector did not take them."""
@@ -174,8 +192,9 @@ class OTelExporter:
         failures = self._recorded.take()
         if failures or not done:
             detail = "; ".join(failures) or f"not flushed within {self.timeout_s:g} s"
-            raise TelemetryExportError(f"OTelExporter: {what} not delivered to {self.endpoint or 'the exporter'}: "
-                                       f"{detail}")
+            raise TelemetryExportError(
+                f"OTelExporter: {what} not delivered to {self.endpoint or 'the exporter'}: {detail}"
+            )
 
     def shutdown(self) -> None:
         """Flush and stop both providers (their background threads end)."""

@@ -22,7 +22,7 @@ import torch
 import layerzero as lz
 from layerzero.backends import flash_attn as fa
 from layerzero.backends import reference as R
-from layerzero.runtime.graphs import validate_graph_capture
+from layerzero.graphs import validate_graph_capture
 from layerzero.state import runtime
 from tests.test_attention import attention_tolerance, reference_attention
 

@@ -20,7 +20,7 @@ import torch
 import layerzero as lz
 from layerzero.backends import flashinfer as fi
 from layerzero.backends import reference as R
-from layerzero.ops.attention import ATTENTION
+from layerzero.ops.attention import ATTENTION, PAGED_ATTENTION
 from layerzero.reasons import Reason
 from layerzero.state import runtime
 
@@ -55,6 +55,12 @@ def check(kernel: str, case: str, out: torch.Tensor, ref: torch.Tensor) -> None:
     ok = bool(torch.allclose(out.double(), ref, **TOL[dtype]))
     ROWS.append((kernel, case, str(dtype).removeprefix("torch."), err, ok))
     torch.testing.assert_close(out.double(), ref, **TOL[dtype])
+
+
+def prepared(kernel_id, ctx):
+    """What a plan of `kernel_id` for `ctx` runs: the prepared call, which keeps its FlashInfer plan."""
+    runtime.ensure_loaded()
+    return runtime.registry.kernel(kernel_id).prepare(ctx)
 
 
 def rand(*shape, dtype=BF16, seed=0):
@@ -218,9 +224,10 @@ def test_paged_decode(layout, dtype):
 def test_paged_decode_plan_reuse_with_new_pages():
     """Same lengths, another page table: the kept plan reads the refreshed indices."""
     q, kc, vc, table, sl = paged_inputs(4, 1, 16, 4, 128, 16, [100, 200, 300, 50], "NHD", seed=5)
-    fi.paged_decode(q, kc, vc, table, sl, True, None, None, 0.0, "NHD")
+    paged_decode = prepared("flashinfer.paged_decode", PAGED_ATTENTION.context(q, kc, vc, table, sl))
+    paged_decode(q, kc, vc, table, sl, True, None, None, 0.0, "NHD")
     other = table.flip(0).contiguous()
-    out = fi.paged_decode(q, kc, vc, other, sl, True, None, None, 0.0, "NHD")
+    out = paged_decode(q, kc, vc, other, sl, True, None, None, 0.0, "NHD")
     check("flashinfer.paged_decode", "plan reused, page table swapped", out,
           paged_ref(q, kc, vc, other, sl, True, None, None, 0.0, "NHD"))
 
@@ -294,16 +301,19 @@ def test_timings_against_sdpa():
 
     q, k, v = rand(32, 1, 32, 128), rand(32, 4096, 8, 128, seed=1), rand(32, 4096, 8, 128, seed=2)
     t = lambda x: x.transpose(1, 2)  # noqa: E731
+    decode = prepared("flashinfer.decode", ATTENTION.context(q, k, v, None, True))  # as a plan runs it
     TIMES.append(("flashinfer.decode", "B32 Sk4096 H32/8 d128 bf16",
-                  median_us(lambda: fi.decode(q, k, v, None, True, 0.0, None, None, 0.0))))
+                  median_us(lambda: decode(q, k, v, None, True, 0.0, None, None, 0.0))))
     TIMES.append(("torch sdpa (default)", "B32 Sk4096 H32/8 d128 bf16",
                   median_us(lambda: F.scaled_dot_product_attention(t(q), t(k), t(v), enable_gqa=True))))
     qp, kc, vc, table, sl = paged_inputs(32, 1, 32, 8, 128, 16, [4096] * 32, "NHD", seed=9)
+    paged_decode = prepared("flashinfer.paged_decode", PAGED_ATTENTION.context(qp, kc, vc, table, sl))
     TIMES.append(("flashinfer.paged_decode", "B32 KV4096 page16 H32/8 d128 bf16",
-                  median_us(lambda: fi.paged_decode(qp, kc, vc, table, sl, True, None, None, 0.0, "NHD"))))
+                  median_us(lambda: paged_decode(qp, kc, vc, table, sl, True, None, None, 0.0, "NHD"))))
     q, k, v = rand(2, 2048, 32, 128), rand(2, 2048, 8, 128, seed=1), rand(2, 2048, 8, 128, seed=2)
+    prefill = prepared("flashinfer.prefill", ATTENTION.context(q, k, v, None, True))
     TIMES.append(("flashinfer.prefill", "B2 S2048 H32/8 d128 causal bf16",
-                  median_us(lambda: fi.prefill(q, k, v, None, True, 0.0, None, None, 0.0))))
+                  median_us(lambda: prefill(q, k, v, None, True, 0.0, None, None, 0.0))))
     TIMES.append(("torch sdpa (default)", "B2 S2048 H32/8 d128 causal bf16",
                   median_us(lambda: F.scaled_dot_product_attention(t(q), t(k), t(v), is_causal=True, enable_gqa=True))))
     assert all(us > 0 for _, _, us in TIMES)

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 import layerzero as lz
 from layerzero.backends import reference
+from layerzero.graphs import compare_outputs
 from layerzero.kernel import HALF_DTYPES
-from layerzero.runtime.graphs import compare_outputs
 
 pytestmark = pytest.mark.gpu
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import layerzero as lz
-from layerzero.runtime.isolation import isolate
+from layerzero.isolation import isolate
 
 pytestmark = pytest.mark.gpu
 

@@ -11,7 +11,7 @@ import torch
 
 import layerzero as lz
 from layerzero.backends import reference as R
-from layerzero.backends import torch_posenc_act as T
+from layerzero.backends import torch_native as T
 from layerzero.backends import triton_act, triton_rope
 
 pytestmark = pytest.mark.gpu

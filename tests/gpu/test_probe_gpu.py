@@ -1,4 +1,4 @@
-"""Backend probes on the GPU (runtime/probe.py): each installed backend is verified by its tiny calls
+"""Backend probes on the GPU (monitor/probe.py): each installed backend is verified by its tiny calls
 on this device or reported BACKEND_BROKEN with the library's own error text; verdicts come back from
 the disk cache in under 50 ms; nothing is probed during CUDA graph capture. With xformers 0.0.35
 under torch 2.11 (imports, cannot run) xformers must be unavailable and every call still answer;
@@ -17,8 +17,8 @@ import torch
 
 import layerzero as lz
 from layerzero.backends import reference as R
+from layerzero.monitor.probe import CACHE_ENV
 from layerzero.reasons import Reason
-from layerzero.runtime.probe import CACHE_ENV
 from layerzero.state import runtime
 
 pytestmark = pytest.mark.gpu

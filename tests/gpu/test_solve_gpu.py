@@ -13,7 +13,7 @@ import torch
 
 import layerzero as lz
 from layerzero.backends import reference as R
-from layerzero.runtime.graphs import warmup_for_capture
+from layerzero.graphs import warmup_for_capture
 from tests.test_attention import attention_tolerance, reference_attention
 from tests.test_perf_solve import _import, _no_dynamic, _record_calls
 

@@ -8,9 +8,27 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotate_heads(x_ptr, o_ptr, c, s, jm, j, b, t, head0, H, sxb, sxs, sxh, sxd,
-                  D: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_REST: tl.constexpr,
-                  INTERLEAVED: tl.constexpr):
+def _rotate_heads(
+    x_ptr,
+    o_ptr,
+    c,
+    s,
+    jm,
+    j,
+    b,
+    t,
+    head0,
+    H,
+    sxb,
+    sxs,
+    sxh,
+    sxd,
+    D: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_REST: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+):
     heads = head0 + tl.arange(0, BLOCK_H)
     hm = heads < H
     m = hm[:, None] & jm[None, :]
@@ -31,11 +49,40 @@ def _rotate_heads(x_ptr, o_ptr, c, s, jm, j, b, t, head0, H, sxb, sxs, sxh, sxd,
         rm = hm[:, None] & (r < D)[None, :]
         tl.store(dst + r[None, :], tl.load(src + r[None, :] * sxd, mask=rm), mask=rm)
 
+
 @triton.jit
-def rope_qk_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, S, Hq, Hk, q_blocks,
-                   sqb, sqs, sqh, sqd, skb, sks, skh, skd, scb, scs, scr, ssb, sss, ssr,
-                   D: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                   BLOCK_REST: tl.constexpr, INTERLEAVED: tl.constexpr):
+def rope_qk_kernel(
+    q_ptr,
+    k_ptr,
+    qo_ptr,
+    ko_ptr,
+    cos_ptr,
+    sin_ptr,
+    S,
+    Hq,
+    Hk,
+    q_blocks,
+    sqb,
+    sqs,
+    sqh,
+    sqd,
+    skb,
+    sks,
+    skh,
+    skd,
+    scb,
+    scs,
+    scr,
+    ssb,
+    sss,
+    ssr,
+    D: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_REST: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+):
     token = tl.program_id(0).to(tl.int64)  # b * S + t
     block = tl.program_id(1)  # head block: q's first, then k's
     b = token // S
@@ -45,8 +92,46 @@ def rope_qk_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, S, Hq, Hk, q_
     c = tl.load(cos_ptr + b * scb + t * scs + j * scr, mask=jm, other=0.0).to(tl.float32)[None, :]
     s = tl.load(sin_ptr + b * ssb + t * sss + j * ssr, mask=jm, other=0.0).to(tl.float32)[None, :]
     if block < q_blocks:
-        _rotate_heads(q_ptr, qo_ptr + token * Hq * D, c, s, jm, j, b, t, block * BLOCK_H, Hq,
-                      sqb, sqs, sqh, sqd, D, HALF, BLOCK_H, BLOCK_REST, INTERLEAVED)
+        _rotate_heads(
+            q_ptr,
+            qo_ptr + token * Hq * D,
+            c,
+            s,
+            jm,
+            j,
+            b,
+            t,
+            block * BLOCK_H,
+            Hq,
+            sqb,
+            sqs,
+            sqh,
+            sqd,
+            D,
+            HALF,
+            BLOCK_H,
+            BLOCK_REST,
+            INTERLEAVED,
+        )
     else:
-        _rotate_heads(k_ptr, ko_ptr + token * Hk * D, c, s, jm, j, b, t, (block - q_blocks) * BLOCK_H, Hk,
-                      skb, sks, skh, skd, D, HALF, BLOCK_H, BLOCK_REST, INTERLEAVED)
+        _rotate_heads(
+            k_ptr,
+            ko_ptr + token * Hk * D,
+            c,
+            s,
+            jm,
+            j,
+            b,
+            t,
+            (block - q_blocks) * BLOCK_H,
+            Hk,
+            skb,
+            sks,
+            skh,
+            skd,
+            D,
+            HALF,
+            BLOCK_H,
+            BLOCK_REST,
+            INTERLEAVED,
+        )

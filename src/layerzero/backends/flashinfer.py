@@ -31,13 +31,18 @@ flashinfer's own data/aot. flashinfer-cubin only ships cubins that FlashInfer wo
 (trtllm-gen kernels); none of the modules used here loads one. LAYERZERO_ALLOW_JIT=1 lets selection
 pick an uncompiled variant anyway (the first call then compiles).
 
-State kept here (documented exception to "all state on runtime"): one float workspace per device
-and an LRU of planned wrappers, dropped when lz.reset() replaces the runtime's plan cache; the set
-of variants compiled in this process, which stays true across resets. FlashInfer plans on the
-host, so varlen and paged calls copy cu_seqlens / seq_lens to the host once per call (one sync);
-a plan is reused while those lengths do not change (e.g. across the layers of one step), and the
-page indices are rebuilt on the GPU every call. The shared workspace assumes the kernels of one
-device run on one stream.
+Plans hold their FlashInfer state (KernelSpec.prepare): each plan of a FlashInfer kernel owns one
+wrapper, made on its first call and planned again only when what the plan depends on changes (the
+lengths of varlen and paged calls, the scale and soft cap): a cache hit calls the prepared function,
+which goes straight to the wrapper. The plan cache is the only cache: lz.reset() and invalidation
+drop plans, and their wrappers with them. At most MAX_WRAPPERS wrappers live at once (each holds
+INT_WORKSPACE_BYTES on the device and as much pinned host memory); past that, the plan that planned
+least recently gives its wrapper up and makes a new one if it runs again. One float workspace per
+device is shared by all wrappers (FlashInfer's advice), and the set of variants compiled in this
+process is kept for the process. A direct call of a kernel function (not through a plan) plans and
+runs once. FlashInfer plans on the host, so varlen and paged calls copy cu_seqlens / seq_lens to
+the host once per call (one sync); the page indices are rebuilt on the GPU every call. The shared
+workspace assumes the kernels of one device run on one stream.
 """
 
 from __future__ import annotations
@@ -48,9 +53,10 @@ import importlib.util
 import math
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -59,7 +65,6 @@ from ..context import SelectionContext
 from ..errors import BackendNotAvailableError, InvalidInputError
 from ..kernel import HALF_DTYPES, Backend, JitVariant, KernelSpec
 from ..reasons import Reason, Rejection
-from ..state import runtime
 from .flashinfer_sampling import SAMPLING_KERNELS
 
 HEAD_DIMS = frozenset({64, 128, 256})  # FA3 prefill instantiates only these; FA2 and decode are tested on them
@@ -72,6 +77,7 @@ ALLOW_JIT_ENV = "LAYERZERO_ALLOW_JIT"
 
 
 # ----------------------------------------------------------------------------- compiled variants
+
 
 @dataclass(frozen=True, slots=True)
 class Variant:
@@ -88,9 +94,11 @@ class Variant:
     def uri(self) -> str:
         """The module's name in FlashInfer's JIT cache (jit/attention/modules.py of 0.7.2)."""
         dt = {torch.float16: "f16", torch.bfloat16: "bf16"}[self.dtype]
-        common = (f"dtype_q_{dt}_dtype_kv_{dt}_dtype_o_{dt}_dtype_idx_i32_head_dim_qk_{self.head_dim}_"
-                  f"head_dim_vo_{self.head_dim}_posenc_0_use_swa_{self.sliding_window}_"
-                  f"use_logits_cap_{self.softcap}")
+        common = (
+            f"dtype_q_{dt}_dtype_kv_{dt}_dtype_o_{dt}_dtype_idx_i32_head_dim_qk_{self.head_dim}_"
+            f"head_dim_vo_{self.head_dim}_posenc_0_use_swa_{self.sliding_window}_"
+            f"use_logits_cap_{self.softcap}"
+        )
         if self.kind == "decode":
             return f"batch_decode_with_kv_cache_{common}"
         suffix = "_sm90" if self.backend == "fa3" else "_kv_stride_equal"
@@ -109,8 +117,9 @@ def variant_for(kind: str, ctx: SelectionContext) -> Variant:
     return Variant(kind, backend, ctx.dtype, ctx.head_dim, window, ctx.softcap > 0)
 
 
-def _variant_of(kind: str, device: torch.device, dtype: torch.dtype, head_dim: int, window_left: int,
-                softcap: float) -> Variant:
+def _variant_of(
+    kind: str, device: torch.device, dtype: torch.dtype, head_dim: int, window_left: int, softcap: float
+) -> Variant:
     sm = _sm(device)
     backend = prefill_backend(sm) if kind == "prefill" else "fa2"
     return Variant(kind, backend, dtype, head_dim, window_left >= 0, softcap > 0)
@@ -185,101 +194,112 @@ def compiled_on_disk(variant: Variant, sm: int) -> bool:
     return False
 
 
+# Variants known compiled in this process (run, warmed, or found on disk): a fact about the process.
+COMPILED: set[Variant] = set()
+
+
 def is_compiled(variant: Variant, sm: int) -> bool:
     """Known compiled: run or warmed in this process, or in the JIT cache on disk."""
-    cache = _cache()
-    if variant in cache.compiled:
+    if variant in COMPILED:
         return True
     if compiled_on_disk(variant, sm):
-        cache.compiled.add(variant)
+        COMPILED.add(variant)
         return True
     return False
 
 
-def _mark_compiled(variant: Variant) -> None:
-    cache = _cache()
-    if variant not in cache.compiled:
-        cache.compiled.add(variant)
-        runtime.bump()  # plans chosen while it was uncompiled may now pick it
+# ----------------------------------------------------------------------------- planned wrappers
 
 
-# ----------------------------------------------------------------------------- workspace and planned wrappers
-
-@dataclass(eq=False)
 class _Planned:
-    """A FlashInfer wrapper and what its current plan was made for."""
+    """The FlashInfer wrapper of one plan and what its current plan was made for (see the module doc)."""
 
-    wrapper: Any
-    variant: Variant
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    data_key: Hashable = None  # lengths the plan was made for; None = not planned yet
-    indices: torch.Tensor | None = None  # the kv_indices tensor the plan reads (paged kernels)
-    ran: bool = False
+    __slots__ = ("lock", "wrapper", "variant", "data_key", "indices", "ran", "__weakref__")
 
-
-class _Cache:
-    """One float workspace per device and an LRU of planned wrappers (bounded: each holds 16 MiB)."""
-
-    def __init__(self, owner: object = None, compiled: set[Variant] | None = None) -> None:
-        self.owner = owner  # runtime.plans when made: lz.reset() replaces it, and we start over
+    def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.workspaces: dict[torch.device, torch.Tensor] = {}
-        self.wrappers: OrderedDict[Hashable, _Planned] = OrderedDict()
-        self.compiled: set[Variant] = compiled if compiled is not None else set()
+        self.wrapper: Any = None
+        self.variant: Variant | None = None
+        self.data_key: Hashable = None  # what the wrapper's plan was made for; None = not planned
+        self.indices: torch.Tensor | None = None  # the kv_indices tensor the plan reads (paged kernels)
+        self.ran = False
 
 
-_CACHE = _Cache()
+# The states that hold a wrapper, least recently planned first (weak: a dropped plan frees its entry).
+_LIVE: OrderedDict[int, weakref.ref[_Planned]] = OrderedDict()
+_LIVE_LOCK = threading.Lock()
+_WORKSPACES: dict[torch.device, torch.Tensor] = {}
 
 
-def _cache() -> _Cache:
-    global _CACHE
-    cache = _CACHE
-    if cache.owner is not runtime.plans:
-        cache = _CACHE = _Cache(runtime.plans, cache.compiled)
-    return cache
+def live_wrappers() -> int:
+    """How many FlashInfer wrappers plans hold now."""
+    with _LIVE_LOCK:
+        return sum(1 for ref in _LIVE.values() if (st := ref()) is not None and st.wrapper is not None)
 
 
 def reset(forget_compiled: bool = False) -> None:
-    """Drop workspaces and plans (and, if asked, what this process knows to be compiled)."""
-    global _CACHE
-    _CACHE = _Cache(runtime.plans, None if forget_compiled else _CACHE.compiled)
+    """Drop the shared workspaces and every plan's wrapper (and, if asked, what this process knows to be
+    compiled); plans make new wrappers when they run again."""
+    with _LIVE_LOCK:
+        states = [ref() for ref in _LIVE.values()]
+        _LIVE.clear()
+        _WORKSPACES.clear()
+    for st in states:
+        if st is not None:
+            st.wrapper = st.data_key = st.indices = None
+    if forget_compiled:
+        COMPILED.clear()
 
 
-def _workspace(cache: _Cache, device: torch.device) -> torch.Tensor:
-    ws = cache.workspaces.get(device)
+def _workspace(device: torch.device) -> torch.Tensor:
+    ws = _WORKSPACES.get(device)
     if ws is None:  # zeroed: the decode wrapper asks for a zero-initialized buffer on first use
-        ws = cache.workspaces[device] = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        ws = _WORKSPACES[device] = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
     return ws
 
 
-def _entry(config: tuple[Any, ...], make: Callable[[Any, torch.Tensor], Any], kind: str, q: torch.Tensor,
-           window_left: int, softcap: float) -> _Planned:
-    """The wrapper for `config` (name, device, ...: everything but the lengths), made on first use."""
-    cache = _cache()
-    with cache.lock:
-        entry = cache.wrappers.get(config)
-        if entry is not None:
-            cache.wrappers.move_to_end(config)
-            return entry
-        try:
-            import flashinfer
-        except Exception as e:  # a broken install must raise a LayerZero error, never crash
-            raise BackendNotAvailableError(f"flashinfer failed to import: {type(e).__name__}: {e}") from e
-        variant = _variant_of(kind, q.device, q.dtype, q.shape[-1], window_left, softcap)
-        entry = _Planned(make(flashinfer, _workspace(cache, q.device)), variant)
-        cache.wrappers[config] = entry
-        while len(cache.wrappers) > MAX_WRAPPERS:
-            cache.wrappers.popitem(last=False)
-        return entry
+def _wrapper(
+    st: _Planned, make: Callable[[Any, torch.Tensor], Any], kind: str, q: torch.Tensor, window_left: int, softcap: float
+) -> Any:
+    """The state's wrapper (under st.lock), made on first use or after it was given up."""
+    if st.wrapper is not None:
+        return st.wrapper
+    try:
+        import flashinfer
+    except Exception as e:  # a broken install must raise a LayerZero error, never crash
+        raise BackendNotAvailableError(f"flashinfer failed to import: {type(e).__name__}: {e}") from e
+    with _LIVE_LOCK:
+        workspace = _workspace(q.device)
+    st.wrapper, st.data_key = make(flashinfer, workspace), None
+    st.variant = _variant_of(kind, q.device, q.dtype, q.shape[-1], window_left, softcap)
+    key = id(st)
+    with _LIVE_LOCK:
+        _LIVE[key] = weakref.ref(st, lambda _, key=key: _LIVE.pop(key, None))
+        while len(_LIVE) > MAX_WRAPPERS:
+            _, ref = _LIVE.popitem(last=False)
+            old = ref()
+            if old is not None:  # it makes a new wrapper (and plan) if it runs again
+                old.wrapper = old.data_key = old.indices = None
+    return st.wrapper
 
 
-def _ran(entry: _Planned) -> None:
-    if not entry.ran:
-        entry.ran = True
-        _mark_compiled(entry.variant)
+def _planned(st: _Planned) -> None:
+    """The state planned again: it is now the most recently planned one."""
+    with _LIVE_LOCK:
+        if id(st) in _LIVE:
+            _LIVE.move_to_end(id(st))
+
+
+def _ran(st: _Planned) -> None:
+    if not st.ran and st.variant is not None:
+        st.ran = True
+        if st.variant not in COMPILED:
+            COMPILED.add(st.variant)
+            BACKEND.changed()  # plans chosen while it was uncompiled may now pick it
 
 
 # ----------------------------------------------------------------------------- argument mapping
+
 
 def mask_args(is_causal: bool, window: tuple[int, int] | None, seq_len_q: int) -> tuple[bool, int]:
     """(causal, window_left) for FlashInfer from our is_causal and (left, right) window."""
@@ -290,8 +310,9 @@ def mask_args(is_causal: bool, window: tuple[int, int] | None, seq_len_q: int) -
         return bool(is_causal) or right == 0, left
     if right == -1:
         return False, left
-    raise InvalidInputError("window_size", "a right bound of 0 or -1 unless is_causal (FlashInfer has only "
-                            "window_left)", window)
+    raise InvalidInputError(
+        "window_size", "a right bound of 0 or -1 unless is_causal (FlashInfer has only window_left)", window
+    )
 
 
 def _scale(scale: float | None, head_dim: int) -> float:
@@ -311,16 +332,19 @@ def dense_pages(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.T
     the page size P and the batch stride in tokens.
     """
     B, Sk, H, D = k.shape
-    if (k.stride() != v.stride() or k.stride(1) <= 0 or k.stride(-1) != 1
-            or (B > 1 and k.stride(0) % k.stride(1))):
+    if k.stride() != v.stride() or k.stride(1) <= 0 or k.stride(-1) != 1 or (B > 1 and k.stride(0) % k.stride(1)):
         k, v = k.contiguous(), v.contiguous()
     page = dense_page_size(Sk)
     ss, sh = k.stride(1), k.stride(2)
     per_batch = k.stride(0) // ss if B > 1 else Sk
     num_pages = (B - 1) * per_batch + Sk - page + 1  # the last page ends at the last token of the last sequence
     shape, strides = (num_pages, page, H, D), (ss, ss, sh, 1)
-    return (k.as_strided(shape, strides, k.storage_offset()), v.as_strided(shape, strides, v.storage_offset()),
-            page, per_batch)
+    return (
+        k.as_strided(shape, strides, k.storage_offset()),
+        v.as_strided(shape, strides, v.storage_offset()),
+        page,
+        per_batch,
+    )
 
 
 def paged_metadata(seq_lens: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -345,151 +369,424 @@ def paged_indices(page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: i
 
 def _check_same_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     if k_cache.stride() != v_cache.stride():
-        raise InvalidInputError("v_cache", f"the strides of k_cache {k_cache.stride()} (FlashInfer reads both with "
-                                "one set of strides)", v_cache.stride())
+        raise InvalidInputError(
+            "v_cache",
+            f"the strides of k_cache {k_cache.stride()} (FlashInfer reads both with one set of strides)",
+            v_cache.stride(),
+        )
 
 
 # ----------------------------------------------------------------------------- kernels
+# Each kernel is a function of a state (_Planned) and the op's calling convention. The kernel functions
+# of the specs (impl) plan and run once with a new state; KernelSpec.prepare gives a plan a state of its own.
 
-def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
-            dropout_p: float, scale: float | None, window: tuple[int, int] | None = None, softcap: float = 0.0,
-            alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
-    """Dense BSHD attention: q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) as a ragged batch of equal lengths."""
+
+def _prefill(
+    st: _Planned,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    is_causal: bool,
+    scale: float | None,
+    window: tuple[int, int] | None,
+    softcap: float,
+) -> torch.Tensor:
     B, Sq, Hq, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     causal, window_left = mask_args(is_causal, window, Sq)
     sm_scale = _scale(scale, D)
-    config = ("dense_prefill", q.device, q.dtype, Hq, Hkv, D, causal, window_left, softcap, sm_scale, B, Sq, Sk)
-    entry = _entry(config, lambda fi, ws: fi.BatchPrefillWithRaggedKVCacheWrapper(
-        ws, "NHD", backend=prefill_backend(_sm(q.device))), "prefill", q, window_left, softcap)
-    with entry.lock:
-        if entry.data_key is None:  # equal lengths: the plan never changes for this shape
+    data_key = (B, Sq, Sk, Hq, Hkv, D, q.dtype, causal, window_left, softcap, sm_scale)
+    with st.lock:
+        wrapper = _wrapper(
+            st,
+            lambda fi, ws: fi.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD", backend=prefill_backend(_sm(q.device))),
+            "prefill",
+            q,
+            window_left,
+            softcap,
+        )
+        if st.data_key != data_key:  # equal lengths: a plan's shapes are its key, so this plans once
             qo_indptr = torch.arange(0, (B + 1) * Sq, Sq, dtype=torch.int32)[: B + 1]
             kv_indptr = torch.arange(0, (B + 1) * Sk, Sk, dtype=torch.int32)[: B + 1]
-            entry.wrapper.plan(qo_indptr, kv_indptr, Hq, Hkv, D, causal=causal, window_left=window_left,
-                               logits_soft_cap=float(softcap), sm_scale=sm_scale, q_data_type=q.dtype,
-                               kv_data_type=k.dtype)
-            entry.data_key = (B, Sq, Sk)
-        out = entry.wrapper.run(q.reshape(B * Sq, Hq, D), k.reshape(B * Sk, Hkv, D), v.reshape(B * Sk, Hkv, D))
-    _ran(entry)
+            wrapper.plan(
+                qo_indptr,
+                kv_indptr,
+                Hq,
+                Hkv,
+                D,
+                causal=causal,
+                window_left=window_left,
+                logits_soft_cap=float(softcap),
+                sm_scale=sm_scale,
+                q_data_type=q.dtype,
+                kv_data_type=k.dtype,
+            )
+            st.data_key = data_key
+            _planned(st)
+        out = wrapper.run(q.reshape(B * Sq, Hq, D), k.reshape(B * Sk, Hkv, D), v.reshape(B * Sk, Hkv, D))
+    _ran(st)
     return out.view(B, Sq, Hq, out.shape[-1])
 
 
-def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
-           dropout_p: float, scale: float | None, window: tuple[int, int] | None = None, softcap: float = 0.0,
-           alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
-    """Dense decode: q (B, 1, Hq, D), k/v (B, Sk, Hkv, D) viewed as a paged cache (no copy)."""
+def prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    dropout_p: float,
+    scale: float | None,
+    window: tuple[int, int] | None = None,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dense BSHD attention: q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) as a ragged batch of equal lengths."""
+    return _prefill(_Planned(), q, k, v, is_causal, scale, window, softcap)
+
+
+def _decode(
+    st: _Planned,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    is_causal: bool,
+    scale: float | None,
+    window: tuple[int, int] | None,
+    softcap: float,
+) -> torch.Tensor:
     B, _, Hq, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     _, window_left = mask_args(is_causal, window, 1)
     k_pages, v_pages, page, per_batch = dense_pages(k, v)
     sm_scale = _scale(scale, D)
-    config = ("dense_decode", q.device, q.dtype, Hq, Hkv, D, window_left, softcap, sm_scale, B, Sk, page, per_batch)
-    entry = _entry(config, lambda fi, ws: fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", backend="fa2"),
-                   "decode", q, window_left, softcap)
-    with entry.lock:
-        if entry.data_key is None:
+    data_key = (B, Sk, page, per_batch, Hq, Hkv, D, q.dtype, window_left, softcap, sm_scale)
+    with st.lock:
+        wrapper = _wrapper(
+            st,
+            lambda fi, ws: fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", backend="fa2"),
+            "decode",
+            q,
+            window_left,
+            softcap,
+        )
+        if st.data_key != data_key:
             n = Sk // page
-            indices = (torch.arange(B, device=q.device, dtype=torch.int32)[:, None] * per_batch
-                       + torch.arange(0, Sk, page, device=q.device, dtype=torch.int32)[None, :]).reshape(-1)
+            indices = (
+                torch.arange(B, device=q.device, dtype=torch.int32)[:, None] * per_batch
+                + torch.arange(0, Sk, page, device=q.device, dtype=torch.int32)[None, :]
+            ).reshape(-1)
             indptr = torch.arange(0, (B + 1) * n, n, dtype=torch.int32)[: B + 1]
             last = torch.full((B,), page, dtype=torch.int32)
-            entry.wrapper.plan(indptr, indices, last, Hq, Hkv, D, page, window_left=window_left,
-                               logits_soft_cap=float(softcap), q_data_type=q.dtype, kv_data_type=k.dtype,
-                               sm_scale=sm_scale)
-            entry.indices, entry.data_key = indices, (B, Sk)
-        out = entry.wrapper.run(q[:, 0], (k_pages, v_pages))
-    _ran(entry)
+            wrapper.plan(
+                indptr,
+                indices,
+                last,
+                Hq,
+                Hkv,
+                D,
+                page,
+                window_left=window_left,
+                logits_soft_cap=float(softcap),
+                q_data_type=q.dtype,
+                kv_data_type=k.dtype,
+                sm_scale=sm_scale,
+            )
+            st.indices, st.data_key = indices, data_key
+            _planned(st)
+        out = wrapper.run(q[:, 0], (k_pages, v_pages))
+    _ran(st)
     return out.unsqueeze(1)
 
 
-def ragged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                   cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, is_causal: bool,
-                   scale: float | None, window: tuple[int, int] | None, softcap: float) -> torch.Tensor:
-    """Packed varlen attention: q (total_q, Hq, D), k/v (total_k, Hkv, D), cu_seqlens (B + 1,) int32."""
+def decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    dropout_p: float,
+    scale: float | None,
+    window: tuple[int, int] | None = None,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dense decode: q (B, 1, Hq, D), k/v (B, Sk, Hkv, D) viewed as a paged cache (no copy)."""
+    return _decode(_Planned(), q, k, v, is_causal, scale, window, softcap)
+
+
+def _prepare_dense(kernel: Callable[..., torch.Tensor]) -> Callable[[SelectionContext], Callable[..., torch.Tensor]]:
+    """KernelSpec.prepare of a dense kernel: a state of the plan's own, in the call's layout (BSHD or BHSD)."""
+
+    def prepare(ctx: SelectionContext) -> Callable[..., torch.Tensor]:
+        st = _Planned()
+        if ctx.layout == "BHSD":
+
+            def run(
+                q: torch.Tensor,
+                k: torch.Tensor,
+                v: torch.Tensor,
+                attn_mask: torch.Tensor | None,
+                is_causal: bool,
+                dropout_p: float,
+                scale: float | None,
+                window: tuple[int, int] | None = None,
+                softcap: float = 0.0,
+                alibi_slopes: torch.Tensor | None = None,
+            ) -> torch.Tensor:
+                return kernel(
+                    st, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal, scale, window, softcap
+                ).transpose(1, 2)
+        else:
+
+            def run(
+                q: torch.Tensor,
+                k: torch.Tensor,
+                v: torch.Tensor,
+                attn_mask: torch.Tensor | None,
+                is_causal: bool,
+                dropout_p: float,
+                scale: float | None,
+                window: tuple[int, int] | None = None,
+                softcap: float = 0.0,
+                alibi_slopes: torch.Tensor | None = None,
+            ) -> torch.Tensor:
+                return kernel(st, q, k, v, is_causal, scale, window, softcap)
+
+        return run
+
+    return prepare
+
+
+def _ragged_prefill(
+    st: _Planned,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    is_causal: bool,
+    scale: float | None,
+    window: tuple[int, int] | None,
+    softcap: float,
+) -> torch.Tensor:
     _, Hq, D = q.shape
     Hkv = k.shape[1]
     causal, window_left = mask_args(is_causal, window, max_seqlen_q)
     sm_scale = _scale(scale, D)
-    config = ("ragged_prefill", q.device, q.dtype, Hq, Hkv, D, causal, window_left, softcap, sm_scale)
-    entry = _entry(config, lambda fi, ws: fi.BatchPrefillWithRaggedKVCacheWrapper(
-        ws, "NHD", backend=prefill_backend(_sm(q.device))), "prefill", q, window_left, softcap)
     host = torch.cat([cu_seqlens_q, cu_seqlens_k]).to("cpu", torch.int32)  # the planner needs them on the host
-    data_key = tuple(host.tolist())
-    with entry.lock:
-        if entry.data_key != data_key:
+    data_key = (tuple(host.tolist()), Hq, Hkv, D, q.dtype, causal, window_left, softcap, sm_scale)
+    with st.lock:
+        wrapper = _wrapper(
+            st,
+            lambda fi, ws: fi.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD", backend=prefill_backend(_sm(q.device))),
+            "prefill",
+            q,
+            window_left,
+            softcap,
+        )
+        if st.data_key != data_key:
             n = cu_seqlens_q.numel()
-            entry.wrapper.plan(host[:n].clone(), host[n:].clone(), Hq, Hkv, D, causal=causal,
-                               window_left=window_left, logits_soft_cap=float(softcap), sm_scale=sm_scale,
-                               q_data_type=q.dtype, kv_data_type=k.dtype)
-            entry.data_key = data_key
-        out = entry.wrapper.run(q, k, v)
-    _ran(entry)
+            wrapper.plan(
+                host[:n].clone(),
+                host[n:].clone(),
+                Hq,
+                Hkv,
+                D,
+                causal=causal,
+                window_left=window_left,
+                logits_soft_cap=float(softcap),
+                sm_scale=sm_scale,
+                q_data_type=q.dtype,
+                kv_data_type=k.dtype,
+            )
+            st.data_key = data_key
+            _planned(st)
+        out = wrapper.run(q, k, v)
+    _ran(st)
     return out
 
 
-def _paged(kind: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
-           seq_lens: torch.Tensor, is_causal: bool, scale: float | None, window: tuple[int, int] | None,
-           softcap: float, kv_layout: str) -> torch.Tensor:
+def ragged_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    is_causal: bool,
+    scale: float | None,
+    window: tuple[int, int] | None,
+    softcap: float,
+) -> torch.Tensor:
+    """Packed varlen attention: q (total_q, Hq, D), k/v (total_k, Hkv, D), cu_seqlens (B + 1,) int32."""
+    return _ragged_prefill(
+        _Planned(), q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale, window, softcap
+    )
+
+
+def _paged(
+    kind: str,
+    st: _Planned,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    is_causal: bool,
+    scale: float | None,
+    window: tuple[int, int] | None,
+    softcap: float,
+    kv_layout: str,
+) -> torch.Tensor:
     _check_same_strides(k_cache, v_cache)
     B, Sq, Hq, D = q.shape
-    page_size, Hkv = (k_cache.shape[1], k_cache.shape[2]) if kv_layout == "NHD" else (k_cache.shape[2], k_cache.shape[1])
+    page_size, Hkv = (
+        (k_cache.shape[1], k_cache.shape[2]) if kv_layout == "NHD" else (k_cache.shape[2], k_cache.shape[1])
+    )
     causal, window_left = mask_args(is_causal, window, Sq)
     sm_scale = _scale(scale, D)
     if kind == "decode":
-        config = ("paged_decode", q.device, q.dtype, Hq, Hkv, D, kv_layout, page_size, window_left, softcap, sm_scale)
-        entry = _entry(config, lambda fi, ws: fi.BatchDecodeWithPagedKVCacheWrapper(
-            ws, kv_layout, backend="fa2"), kind, q, window_left, softcap)
+        make = lambda fi, ws: fi.BatchDecodeWithPagedKVCacheWrapper(ws, kv_layout, backend="fa2")  # noqa: E731
     else:
-        config = ("paged_prefill", q.device, q.dtype, Hq, Hkv, D, kv_layout, page_size, causal, window_left,
-                  softcap, sm_scale, Sq)
-        entry = _entry(config, lambda fi, ws: fi.BatchPrefillWithPagedKVCacheWrapper(
-            ws, kv_layout, backend=prefill_backend(_sm(q.device))), kind, q, window_left, softcap)
+        make = lambda fi, ws: fi.BatchPrefillWithPagedKVCacheWrapper(  # noqa: E731
+            ws, kv_layout, backend=prefill_backend(_sm(q.device))
+        )
     lens, indptr, last, total = paged_metadata(seq_lens, page_size)
     indices = paged_indices(page_table, seq_lens, page_size, total)
-    data_key = tuple(lens.tolist())
-    with entry.lock:
-        if entry.data_key != data_key:
+    data_key = (
+        tuple(lens.tolist()),
+        Sq,
+        Hq,
+        Hkv,
+        D,
+        q.dtype,
+        kv_layout,
+        page_size,
+        causal,
+        window_left,
+        softcap,
+        sm_scale,
+    )
+    with st.lock:
+        wrapper = _wrapper(st, make, kind, q, window_left, softcap)
+        if st.data_key != data_key:
             if kind == "decode":
-                entry.wrapper.plan(indptr, indices, last, Hq, Hkv, D, page_size, window_left=window_left,
-                                   logits_soft_cap=float(softcap), q_data_type=q.dtype, kv_data_type=k_cache.dtype,
-                                   sm_scale=sm_scale)
+                wrapper.plan(
+                    indptr,
+                    indices,
+                    last,
+                    Hq,
+                    Hkv,
+                    D,
+                    page_size,
+                    window_left=window_left,
+                    logits_soft_cap=float(softcap),
+                    q_data_type=q.dtype,
+                    kv_data_type=k_cache.dtype,
+                    sm_scale=sm_scale,
+                )
             else:
                 qo_indptr = torch.arange(0, (B + 1) * Sq, Sq, dtype=torch.int32)[: B + 1]
-                entry.wrapper.plan(qo_indptr, indptr, indices, last, Hq, Hkv, D, page_size, causal=causal,
-                                   window_left=window_left, logits_soft_cap=float(softcap), sm_scale=sm_scale,
-                                   q_data_type=q.dtype, kv_data_type=k_cache.dtype)
-            entry.indices, entry.data_key = indices, data_key
-        else:  # same lengths, maybe other pages: the plan reads entry.indices (a device tensor, kept by reference)
-            assert entry.indices is not None
-            entry.indices.copy_(indices)
+                wrapper.plan(
+                    qo_indptr,
+                    indptr,
+                    indices,
+                    last,
+                    Hq,
+                    Hkv,
+                    D,
+                    page_size,
+                    causal=causal,
+                    window_left=window_left,
+                    logits_soft_cap=float(softcap),
+                    sm_scale=sm_scale,
+                    q_data_type=q.dtype,
+                    kv_data_type=k_cache.dtype,
+                )
+            st.indices, st.data_key = indices, data_key
+            _planned(st)
+        else:  # same lengths, maybe other pages: the plan reads st.indices (a device tensor, kept by reference)
+            assert st.indices is not None
+            st.indices.copy_(indices)
         if kind == "decode":
-            out = entry.wrapper.run(q[:, 0], (k_cache, v_cache)).unsqueeze(1)
+            out = wrapper.run(q[:, 0], (k_cache, v_cache)).unsqueeze(1)
         else:
-            out = entry.wrapper.run(q.reshape(B * Sq, Hq, D), (k_cache, v_cache)).view(B, Sq, Hq, -1)
-    _ran(entry)
+            out = wrapper.run(q.reshape(B * Sq, Hq, D), (k_cache, v_cache)).view(B, Sq, Hq, -1)
+    _ran(st)
     return out
 
 
-def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
-                  seq_lens: torch.Tensor, is_causal: bool, scale: float | None, window: tuple[int, int] | None,
-                  softcap: float, kv_layout: str) -> torch.Tensor:
+def paged_prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    is_causal: bool,
+    scale: float | None,
+    window: tuple[int, int] | None,
+    softcap: float,
+    kv_layout: str,
+) -> torch.Tensor:
     """Chunked prefill over a paged cache: q (B, Sq, Hq, D); page_table (B, max_pages) -> CSR indices."""
-    return _paged("prefill", q, k_cache, v_cache, page_table, seq_lens, is_causal, scale, window, softcap, kv_layout)
+    return _paged(
+        "prefill", _Planned(), q, k_cache, v_cache, page_table, seq_lens, is_causal, scale, window, softcap, kv_layout
+    )
 
 
-def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
-                 seq_lens: torch.Tensor, is_causal: bool, scale: float | None, window: tuple[int, int] | None,
-                 softcap: float, kv_layout: str) -> torch.Tensor:
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    is_causal: bool,
+    scale: float | None,
+    window: tuple[int, int] | None,
+    softcap: float,
+    kv_layout: str,
+) -> torch.Tensor:
     """Decode over a paged cache: q (B, 1, Hq, D); page_table (B, max_pages) -> CSR indices."""
-    return _paged("decode", q, k_cache, v_cache, page_table, seq_lens, is_causal, scale, window, softcap, kv_layout)
+    return _paged(
+        "decode", _Planned(), q, k_cache, v_cache, page_table, seq_lens, is_causal, scale, window, softcap, kv_layout
+    )
+
+
+def _prepare_with_state(
+    kernel: Callable[..., torch.Tensor],
+) -> Callable[[SelectionContext], Callable[..., torch.Tensor]]:
+    """KernelSpec.prepare of a varlen or paged kernel (layouts THD / paged: no transposes)."""
+
+    def prepare(ctx: SelectionContext) -> Callable[..., torch.Tensor]:
+        st = _Planned()
+        return lambda *args: kernel(st, *args)
+
+    return prepare
+
+
+def _prepare_paged(kind: str) -> Callable[[SelectionContext], Callable[..., torch.Tensor]]:
+    def prepare(ctx: SelectionContext) -> Callable[..., torch.Tensor]:
+        st = _Planned()
+        return lambda *args: _paged(kind, st, *args)
+
+    return prepare
 
 
 # ----------------------------------------------------------------------------- warmup
 
-def warmup_variant(kind: str, dtype: torch.dtype = torch.bfloat16, head_dim: int = 128, *,
-                   sliding_window: bool = False, softcap: bool = False,
-                   device: torch.device | str | None = None) -> Variant:
+
+def warmup_variant(
+    kind: str,
+    dtype: torch.dtype = torch.bfloat16,
+    head_dim: int = 128,
+    *,
+    sliding_window: bool = False,
+    softcap: bool = False,
+    device: torch.device | str | None = None,
+) -> Variant:
     """Compile (or load from FlashInfer's JIT cache) one module by running it on tiny inputs.
 
     kind: "prefill" (serves flashinfer.prefill, ragged_prefill, paged_prefill) or "decode"
@@ -521,19 +818,28 @@ def warmup(ctx: SelectionContext) -> list[Variant]:
     Decode contexts (Sq == 1 or op attention.decode) warm the decode module, others the prefill
     module. Contexts FlashInfer cannot run, or a missing FlashInfer, warm nothing.
     """
-    if (ctx.device_type != "cuda" or ctx.dtype not in HALF_DTYPES or ctx.head_dim not in HEAD_DIMS
-            or not BACKEND.availability[0] or not ctx.op.startswith("attention.")):
+    if (
+        ctx.device_type != "cuda"
+        or ctx.dtype not in HALF_DTYPES
+        or ctx.head_dim not in HEAD_DIMS
+        or not BACKEND.availability[0]
+        or not ctx.op.startswith("attention.")
+    ):
         return []
     kind = "decode" if ctx.op == "attention.decode" or ctx.seq_len_q == 1 else "prefill"
     variant = variant_for(kind, ctx)
-    if variant in _cache().compiled:
+    if variant in COMPILED:
         return [variant]
     device = torch.device("cuda", ctx.device_index)
-    return [warmup_variant(kind, ctx.dtype, ctx.head_dim, sliding_window=variant.sliding_window,
-                           softcap=variant.softcap, device=device)]
+    return [
+        warmup_variant(
+            kind, ctx.dtype, ctx.head_dim, sliding_window=variant.sliding_window, softcap=variant.softcap, device=device
+        )
+    ]
 
 
 # ----------------------------------------------------------------------------- constraints
+
 
 def _checker(kind: str, dense_decode: bool = False) -> Callable[[SelectionContext], list[Rejection]]:
     """FlashInfer rules the generic constraints cannot say, and the JIT gate."""
@@ -545,20 +851,32 @@ def _checker(kind: str, dense_decode: bool = False) -> Callable[[SelectionContex
         if dense_decode and ctx.seq_len_q != 1:
             out.append(Rejection(Reason.SEQ_LEN_TOO_LONG, f"the decode kernel takes seq_len_q 1, got {ctx.seq_len_q}"))
         if kind == "decode" and ctx.gqa_ratio not in DECODE_GROUP_SIZES:
-            out.append(Rejection(Reason.GQA_UNSUPPORTED, f"decode group size {ctx.gqa_ratio} not in "
-                                 f"{sorted(DECODE_GROUP_SIZES)}"))
+            out.append(
+                Rejection(
+                    Reason.GQA_UNSUPPORTED, f"decode group size {ctx.gqa_ratio} not in {sorted(DECODE_GROUP_SIZES)}"
+                )
+            )
         if ctx.window is not None and not ctx.is_causal and ctx.seq_len_q > 1 and ctx.window[1] not in (0, -1):
-            out.append(Rejection(Reason.WINDOW_UNSUPPORTED, f"window {ctx.window}: FlashInfer has only a left "
-                                 "bound (right must be 0 or -1 unless causal)"))
+            out.append(
+                Rejection(
+                    Reason.WINDOW_UNSUPPORTED,
+                    f"window {ctx.window}: FlashInfer has only a left bound (right must be 0 or -1 unless causal)",
+                )
+            )
         if out:
             return out
         if os.environ.get(ALLOW_JIT_ENV, "") not in ("", "0"):
             return out
         variant = variant_for(kind, ctx)
         if not is_compiled(variant, ctx.sm):
-            out.append(Rejection(Reason.NEEDS_JIT_COMPILE, f"{variant.uri} is not compiled (about "
-                                 f"{'13' if kind == 'decode' else '100'} s of nvcc): build it with lz.warmup / "
-                                 f"`layerzero warmup`, or set {ALLOW_JIT_ENV}=1"))
+            out.append(
+                Rejection(
+                    Reason.NEEDS_JIT_COMPILE,
+                    f"{variant.uri} is not compiled (about "
+                    f"{'13' if kind == 'decode' else '100'} s of nvcc): build it with lz.warmup / "
+                    f"`layerzero warmup`, or set {ALLOW_JIT_ENV}=1",
+                )
+            )
         return out
 
     return check
@@ -583,17 +901,37 @@ def _jit_variant(kind: str) -> Callable[[SelectionContext], JitVariant | None]:
 def _workspace_bytes(ctx: SelectionContext) -> int:
     """A new wrapper's int workspace, plus the shared float workspace if this device has none yet."""
     device = torch.device(ctx.device_type, ctx.device_index) if ctx.device_type == "cuda" else torch.device("cpu")
-    return INT_WORKSPACE_BYTES + (0 if device in _cache().workspaces else WORKSPACE_BYTES)
+    return INT_WORKSPACE_BYTES + (0 if device in _WORKSPACES else WORKSPACE_BYTES)
 
 
-def _spec(name: str, ops: tuple[str, ...], impl: Callable[..., Any], priority: int, kind: str,
-          description: str, dense_decode: bool = False, **kw: Any) -> KernelSpec:
+def _spec(
+    name: str,
+    ops: tuple[str, ...],
+    impl: Callable[..., Any],
+    priority: int,
+    kind: str,
+    description: str,
+    dense_decode: bool = False,
+    **kw: Any,
+) -> KernelSpec:
     return KernelSpec(
-        id=f"flashinfer.{name}", ops=ops, impl=impl, priority=priority, platforms=frozenset({"cuda"}), min_sm=75,
-        dtypes=HALF_DTYPES, head_dims=HEAD_DIMS, supports_window=True, supports_softcap=True, graph_safe=False,
-        needs_jit=True, check=_checker(kind, dense_decode), workspace_bytes=_workspace_bytes,
+        id=f"flashinfer.{name}",
+        ops=ops,
+        impl=impl,
+        priority=priority,
+        platforms=frozenset({"cuda"}),
+        min_sm=75,
+        dtypes=HALF_DTYPES,
+        head_dims=HEAD_DIMS,
+        supports_window=True,
+        supports_softcap=True,
+        graph_safe=False,
+        needs_jit=True,
+        check=_checker(kind, dense_decode),
+        workspace_bytes=_workspace_bytes,
         jit_variant=_jit_variant(kind),
-        description=description, **kw,
+        description=description,
+        **kw,
     )
 
 
@@ -613,16 +951,55 @@ BACKEND = Backend(
         # decode 77: torch.sdpa_flash (80, 78 after its BSHD->BHSD transform penalty) was 1.05-1.38x faster
         # on every dense decode shape (1k-32k keys, D128 and D256), so this serves what sdpa_flash cannot
         # (window, softcap). Both are selected only once their variant is compiled.
-        _spec("prefill", DENSE_OPS, prefill, 86, "prefill", layout="BSHD", decode_priority=70,
-              description="dense prefill as an equal-length ragged batch (BatchPrefillWithRaggedKVCacheWrapper)"),
-        _spec("decode", DENSE_OPS, decode, 77, "decode", dense_decode=True, layout="BSHD",
-              description="dense decode (Sq == 1) over keys viewed as pages (BatchDecodeWithPagedKVCacheWrapper)"),
-        _spec("ragged_prefill", ("attention.varlen",), ragged_prefill, 84, "prefill",
-              description="packed varlen attention (BatchPrefillWithRaggedKVCacheWrapper)"),
-        _spec("paged_prefill", ("attention.paged",), paged_prefill, 91, "prefill",
-              description="chunked prefill over a paged KV cache (BatchPrefillWithPagedKVCacheWrapper)"),
-        _spec("paged_decode", ("attention.decode",), paged_decode, 92, "decode",
-              description="decode over a paged KV cache (BatchDecodeWithPagedKVCacheWrapper)"),
+        _spec(
+            "prefill",
+            DENSE_OPS,
+            prefill,
+            86,
+            "prefill",
+            layout="BSHD",
+            decode_priority=70,
+            prepare=_prepare_dense(_prefill),
+            description="dense prefill as an equal-length ragged batch (BatchPrefillWithRaggedKVCacheWrapper)",
+        ),
+        _spec(
+            "decode",
+            DENSE_OPS,
+            decode,
+            77,
+            "decode",
+            dense_decode=True,
+            layout="BSHD",
+            prepare=_prepare_dense(_decode),
+            description="dense decode (Sq == 1) over keys viewed as pages (BatchDecodeWithPagedKVCacheWrapper)",
+        ),
+        _spec(
+            "ragged_prefill",
+            ("attention.varlen",),
+            ragged_prefill,
+            84,
+            "prefill",
+            prepare=_prepare_with_state(_ragged_prefill),
+            description="packed varlen attention (BatchPrefillWithRaggedKVCacheWrapper)",
+        ),
+        _spec(
+            "paged_prefill",
+            ("attention.paged",),
+            paged_prefill,
+            91,
+            "prefill",
+            prepare=_prepare_paged("prefill"),
+            description="chunked prefill over a paged KV cache (BatchPrefillWithPagedKVCacheWrapper)",
+        ),
+        _spec(
+            "paged_decode",
+            ("attention.decode",),
+            paged_decode,
+            92,
+            "decode",
+            prepare=_prepare_paged("decode"),
+            description="decode over a paged KV cache (BatchDecodeWithPagedKVCacheWrapper)",
+        ),
         *SAMPLING_KERNELS,  # backends/flashinfer_sampling.py
     ),
 )

@@ -38,8 +38,14 @@ def _float(p: torch.Tensor | float) -> torch.Tensor | float:
 
 
 def _run(kind: str):
-    def run(logits: torch.Tensor, top_k: Param, top_p: Param, min_p: Param, temperature: torch.Tensor | float,
-            generator: torch.Generator | None) -> torch.Tensor:
+    def run(
+        logits: torch.Tensor,
+        top_k: Param,
+        top_p: Param,
+        min_p: Param,
+        temperature: torch.Tensor | float,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
         try:
             import flashinfer.sampling as fs
         except Exception as e:  # a broken install must raise a LayerZero error, never crash
@@ -48,8 +54,13 @@ def _run(kind: str):
         if kind == "plain":
             out = fs.sampling_from_logits(x, generator=generator)
         elif kind == "topk_topp":
-            out = fs.top_k_top_p_sampling_from_logits(x, _top_k(top_k, x.shape[-1]), _float(top_p),  # type: ignore[arg-type]
-                                                      filter_apply_order="top_k_first", generator=generator)
+            out = fs.top_k_top_p_sampling_from_logits(
+                x,
+                _top_k(top_k, x.shape[-1]),
+                _float(top_p),  # type: ignore[arg-type]
+                filter_apply_order="top_k_first",
+                generator=generator,
+            )
         else:
             probs = torch.softmax(x, -1)
             if kind == "topk":
@@ -66,8 +77,14 @@ def _run(kind: str):
 
 def _spec(name: str, kind: str, description: str) -> KernelSpec:
     return KernelSpec(
-        id=f"flashinfer.{name}", ops=(f"sampling.{kind}",), impl=_run(kind), priority=80,
-        platforms=frozenset({"cuda"}), min_sm=75, dtypes=FLOAT_DTYPES, graph_safe=False,
+        id=f"flashinfer.{name}",
+        ops=(f"sampling.{kind}",),
+        impl=_run(kind),
+        priority=80,
+        platforms=frozenset({"cuda"}),
+        min_sm=75,
+        dtypes=FLOAT_DTYPES,
+        graph_safe=False,
         description=description,
     )
 

@@ -38,8 +38,8 @@ from typing import Any
 
 import torch
 
-from ..capabilities import DescriptorError, parse_descriptor, parse_kernel_fields
 from ..context import SelectionContext
+from ..descriptors import DescriptorError, parse_descriptor, parse_kernel_fields
 from ..errors import ConfigurationError
 from ..kernel import Backend, KernelSpec
 from ..reasons import Reason, Rejection
@@ -54,15 +54,24 @@ class HubLockError(ConfigurationError):
 
 # ---- platform tags ------------------------------------------------------------------------------
 
+
 def system_tags() -> dict[str, str]:
     """This process's tags, in variant spelling: torch (torch213), compute (cpu, cu128), arch, os, python."""
     major, minor = torch.__version__.split("+")[0].split(".")[:2]
     cuda = torch.version.cuda
-    compute = "cu" + cuda.replace(".", "") if cuda else ("rocm" + torch.version.hip.replace(".", "")[:2]
-                                                         if getattr(torch.version, "hip", None) else "cpu")
+    compute = (
+        "cu" + cuda.replace(".", "")
+        if cuda
+        else ("rocm" + torch.version.hip.replace(".", "")[:2] if getattr(torch.version, "hip", None) else "cpu")
+    )
     machine = {"AMD64": "x86_64", "arm64": "aarch64"}.get(platform.machine(), platform.machine())
-    return {"torch": f"torch{major}{minor}", "compute": compute, "arch": machine, "os": platform.system().lower(),
-            "python": f"cp{sys.version_info.major}{sys.version_info.minor}"}
+    return {
+        "torch": f"torch{major}{minor}",
+        "compute": compute,
+        "arch": machine,
+        "os": platform.system().lower(),
+        "python": f"cp{sys.version_info.major}{sys.version_info.minor}",
+    }
 
 
 def variant_mismatch(variant: str, tags: dict[str, str]) -> str | None:
@@ -119,6 +128,7 @@ def _metadata(variant_dir: Path) -> dict[str, Any]:
 
 # ---- hashes and the lock file -------------------------------------------------------------------
 
+
 def hash_variant(variant_dir: Path) -> str:
     """sha256 over the sorted relative paths and contents of a variant directory (bytecode excluded)."""
     h = hashlib.sha256()
@@ -134,8 +144,11 @@ def write_lock(entries: list[tuple[str, str, Path]], lockfile: str | os.PathLike
     """Write a lock file pinning (repo_id, revision, local repo path) with every variant's hash."""
     out = []
     for repo_id, revision, repo in entries:
-        variants = {p.name: {"hash": hash_variant(p), "hash_type": "layerzero-tree-sha256"}
-                    for p in sorted((Path(repo) / "build").iterdir()) if p.is_dir()}
+        variants = {
+            p.name: {"hash": hash_variant(p), "hash_type": "layerzero-tree-sha256"}
+            for p in sorted((Path(repo) / "build").iterdir())
+            if p.is_dir()
+        }
         out.append({"repo_id": repo_id, "sha": revision, "variants": variants})
     Path(lockfile).write_text(json.dumps(out, indent=2) + "\n")
 
@@ -144,8 +157,9 @@ def _lock_entry(lockfile: Path, repo_id: str) -> dict[str, Any]:
     try:
         data = json.loads(lockfile.read_text())
     except (OSError, ValueError) as e:
-        raise HubLockError(f"lockfile: expected a readable kernels.lock JSON file, got {lockfile} "
-                           f"({type(e).__name__}: {e})") from None
+        raise HubLockError(
+            f"lockfile: expected a readable kernels.lock JSON file, got {lockfile} ({type(e).__name__}: {e})"
+        ) from None
     entries = [e for e in data if isinstance(e, dict) and e.get("repo_id") == repo_id] if isinstance(data, list) else []
     if not entries:
         raise HubLockError(f"lockfile {lockfile}: expected an entry for {repo_id!r}, got none")
@@ -153,6 +167,7 @@ def _lock_entry(lockfile: Path, repo_id: str) -> dict[str, Any]:
 
 
 # ---- registration -------------------------------------------------------------------------------
+
 
 @dataclass
 class _HubRepo:
@@ -173,8 +188,10 @@ class _HubRepo:
             assert self.variant is not None
             variant_dir = self.path / "build" / self.variant
             if self.expected_hash is not None and hash_variant(variant_dir) != self.expected_hash:
-                raise HubLockError(f"{self.repo_id}@{self.revision}: {self.variant} changed on disk since "
-                                   "registration; refusing to import it")
+                raise HubLockError(
+                    f"{self.repo_id}@{self.revision}: {self.variant} changed on disk since "
+                    "registration; refusing to import it"
+                )
             self._module = _import_variant(self.path, variant_dir)
             return self._module
 
@@ -189,8 +206,9 @@ def _import_variant(repo: Path, variant_dir: Path) -> ModuleType:
     if len(packages) != 1:
         raise ConfigurationError(f"{variant_dir}: expected one package directory, got {[p.name for p in packages]}")
     name = f"_layerzero_hub_{hashlib.sha1(str(variant_dir).encode()).hexdigest()[:12]}"
-    spec = importlib.util.spec_from_file_location(name, packages[0] / "__init__.py",
-                                                  submodule_search_locations=[str(packages[0])])
+    spec = importlib.util.spec_from_file_location(
+        name, packages[0] / "__init__.py", submodule_search_locations=[str(packages[0])]
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
@@ -213,8 +231,12 @@ def _refusal(repo: _HubRepo) -> Callable[[SelectionContext], list[Rejection]]:
     return check
 
 
-def hub_kernel_specs(repo_id: str, path: str | os.PathLike[str], revision: str | None = None,
-                     lockfile: str | os.PathLike[str] | None = None) -> list[KernelSpec]:
+def hub_kernel_specs(
+    repo_id: str,
+    path: str | os.PathLike[str],
+    revision: str | None = None,
+    lockfile: str | os.PathLike[str] | None = None,
+) -> list[KernelSpec]:
     """KernelSpecs of a local hub repository, after the lock and platform checks (nothing imported)."""
     repo_path = Path(path)
     if not (repo_path / DESCRIPTOR).is_file():
@@ -231,47 +253,41 @@ def hub_kernel_specs(repo_id: str, path: str | os.PathLike[str], revision: str |
             locked = (entry.get("variants") or {}).get(variant, {}).get("hash")
             actual = hash_variant(repo_path / "build" / variant)
             if locked != actual:
-                raise HubLockError(f"{repo_id}@{revision} variant {variant}: expected hash {locked} (lock file "
-                                   f"{lockfile}), got {actual}; refusing to load it")
+                raise HubLockError(
+                    f"{repo_id}@{revision} variant {variant}: expected hash {locked} (lock file "
+                    f"{lockfile}), got {actual}; refusing to load it"
+                )
             expected = actual
-    repo = _HubRepo(repo_id, revision or "local", repo_path, variant,
-                    "" if variant else f"no build variant of {repo_id} fits this process: " + "; ".join(why),
-                    expected)
+    repo = _HubRepo(
+        repo_id,
+        revision or "local",
+        repo_path,
+        variant,
+        "" if variant else f"no build variant of {repo_id} fits this process: " + "; ".join(why),
+        expected,
+    )
     source = str(repo_path / DESCRIPTOR)
     desc_doc = json.loads((repo_path / DESCRIPTOR).read_text())
     kernels = desc_doc.get("kernels") if isinstance(desc_doc, dict) else None
     # validate the document shape with the common parser, then the hub-only "function" key
-    stripped = dict(desc_doc, kernels={k: {f: v for f, v in e.items() if f != "function"}
-                                       for k, e in (kernels or {}).items() if isinstance(e, dict)})
+    stripped = dict(
+        desc_doc,
+        kernels={
+            k: {f: v for f, v in e.items() if f != "function"}
+            for k, e in (kernels or {}).items()
+            if isinstance(e, dict)
+        },
+    )
     parse_descriptor(stripped, source)
     specs = []
     for kernel_id, entry in (kernels or {}).items():
         fields = parse_kernel_fields(entry, source, f"kernels[{kernel_id!r}]", extra=("function",))
         function = fields.pop("function", None)
         if not isinstance(function, str):
-            raise DescriptorError(source, f"kernels[{kernel_id!r}].function", "the package function to call",
-                                  function)
+            raise DescriptorError(source, f"kernels[{kernel_id!r}].function", "the package function to call", function)
         if "ops" not in fields:
             raise DescriptorError(source, f"kernels[{kernel_id!r}].ops", "the op ids it implements", None)
         fields.setdefault("platforms", frozenset({"cpu"}) if tags["compute"] == "cpu" else frozenset({"cuda"}))
         fields.setdefault("description", f"{repo_id}@{repo.revision} ({variant or 'no fitting variant'})")
         specs.append(KernelSpec(id=kernel_id, impl=_impl(repo, function), check=_refusal(repo), **fields))
     return specs
-
-
-def register_hub_kernels(repo_id: str, path: str | os.PathLike[str], revision: str | None = None,
-                         lockfile: str | os.PathLike[str] | None = None) -> list[str]:
-    """Register a hub repository's kernels (backend "hub"); they compete in selection. Returns their ids.
-
-    path: the local repository (a checkout or a Hub cache snapshot). lockfile: a kernels.lock that
-    pins the revision and variant hashes; a mismatch raises HubLockError and registers nothing.
-    """
-    from ..state import runtime
-
-    specs = hub_kernel_specs(repo_id, path, revision, lockfile)
-    runtime.ensure_loaded()
-    with runtime._lock:
-        for spec in specs:
-            runtime.registry.add_kernel(spec)
-        runtime.bump()
-    return [s.id for s in specs]

@@ -67,43 +67,72 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     return _functional().fast_layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-def _rope(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-          rotary_half: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _rope(
+    q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, rotary_half: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     B, S, _, D = q.shape
     # One sin/cos row per (batch or 1) x position, addressed through position_ids.
     rows = cos.shape[0] * S
     positions = torch.arange(rows, dtype=torch.long, device=q.device).view(cos.shape[0], S)
     qw = q.clone(memory_format=torch.contiguous_format)  # IPEX writes into query and key
     kw = q.new_zeros(B, S, 1, D) if k is None else k.clone(memory_format=torch.contiguous_format)
-    _functional().rotary_embedding(qw, kw, sin.reshape(rows, D).float(), cos.reshape(rows, D).float(), D,
-                                   rotary_half, positions)
+    _functional().rotary_embedding(
+        qw, kw, sin.reshape(rows, D).float(), cos.reshape(rows, D).float(), D, rotary_half, positions
+    )
     return qw, None if k is None else kw
 
 
-def rope(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor,
-         sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def rope(
+    q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     return _rope(q, k, cos, sin, True)
 
 
-def rope_interleaved(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor,
-                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def rope_interleaved(
+    q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     return _rope(q, k, cos, sin, False)
 
 
-def varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-           cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, is_causal: bool,
-           scale: float | None, window: tuple[int, int] | None = None, softcap: float = 0.0) -> torch.Tensor:
+def varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    is_causal: bool,
+    scale: float | None,
+    window: tuple[int, int] | None = None,
+    softcap: float = 0.0,
+) -> torch.Tensor:
     """q (total_q, Hq, D), k/v (total_k, Hkv, D), cu_seqlens (B + 1,) int32 on the CPU."""
     lens_k = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
     if (is_causal and not torch.equal(cu_seqlens_q, cu_seqlens_k)) or bool((lens_k == 0).any()):
-        return reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                          is_causal, scale, window, softcap)
+        return reference.attention_varlen(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale, window, softcap
+        )
     d = q.shape[-1]
     if scale is not None:
         q = q * (scale * math.sqrt(d))
     out = torch.empty_like(q)
-    _functional().varlen_attention(q.contiguous(), k.contiguous(), v.contiguous(), out, cu_seqlens_q, cu_seqlens_k,
-                                   max_seqlen_q, max_seqlen_k, 0.0, 1.0 / math.sqrt(d), False, is_causal, False, None)
+    _functional().varlen_attention(
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        out,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        0.0,
+        1.0 / math.sqrt(d),
+        False,
+        is_causal,
+        False,
+        None,
+    )
     return out
 
 
@@ -115,8 +144,12 @@ def _needs_weight(ctx: SelectionContext) -> list[Rejection]:
 
 def _full_rotary(ctx: SelectionContext) -> list[Rejection]:
     if ctx.hidden_size != ctx.head_dim:
-        return [Rejection(Reason.CUSTOM_CHECK_FAILED,
-                          f"rotary dim {ctx.hidden_size} != head_dim {ctx.head_dim}: ipex rotary_embedding is full-rotary only")]
+        return [
+            Rejection(
+                Reason.CUSTOM_CHECK_FAILED,
+                f"rotary dim {ctx.hidden_size} != head_dim {ctx.head_dim}: ipex rotary_embedding is full-rotary only",
+            )
+        ]
     return []
 
 
@@ -130,17 +163,30 @@ class _IpexBackend(Backend):
         if not ok or version is None:
             return ok, version, why
         if _version_tuple(version)[:2] != _version_tuple(torch.__version__)[:2]:
-            return False, version, Rejection(Reason.BACKEND_VERSION_UNSUPPORTED,
-                                             f"ipex {version} needs torch {'.'.join(version.split('.')[:2])}.*, "
-                                             f"torch is {torch.__version__}")
+            return (
+                False,
+                version,
+                Rejection(
+                    Reason.BACKEND_VERSION_UNSUPPORTED,
+                    f"ipex {version} needs torch {'.'.join(version.split('.')[:2])}.*, torch is {torch.__version__}",
+                ),
+            )
         return True, version, None
 
 
 def _spec(name: str, ops: tuple[str, ...], impl: Any, priority: int, description: str, **kw: Any) -> KernelSpec:
-    return KernelSpec(id=f"ipex.{name}", ops=ops, impl=impl, priority=priority, platforms=frozenset({"cpu"}),
-                      cpu_isa=_AVX2, dtypes=kw.pop("dtypes", _DTYPES),
-                      requires_contiguous=kw.pop("requires_contiguous", True),
-                      description=description, **kw)
+    return KernelSpec(
+        id=f"ipex.{name}",
+        ops=ops,
+        impl=impl,
+        priority=priority,
+        platforms=frozenset({"cpu"}),
+        cpu_isa=_AVX2,
+        dtypes=kw.pop("dtypes", _DTYPES),
+        requires_contiguous=kw.pop("requires_contiguous", True),
+        description=description,
+        **kw,
+    )
 
 
 BACKEND = _IpexBackend(
@@ -151,16 +197,46 @@ BACKEND = _IpexBackend(
     description="Intel Extension for PyTorch CPU kernels (ipex.llm.functional); stand-in tested only",
     probes=(("ipex.rms_norm", "rms_norm"), ("ipex.rope", "rope"), ("ipex.varlen", "varlen")),
     kernels=(
-        _spec("rms_norm", ("norm.rms",), rms_norm, 45, "ipex.llm.functional.rms_norm (torch_ipex.rmsnorm)",
-              check=_needs_weight),
-        _spec("layer_norm", ("norm.layer",), layer_norm, 40,
-              "ipex.llm.functional.fast_layer_norm (F.layer_norm on CPU)"),
-        _spec("rope", ("posenc.rope",), rope, 45, "ipex.llm.functional.rotary_embedding, rotary_half=True",
-              layout="BSHD", check=_full_rotary, dtypes=_ROPE_DTYPES, requires_contiguous=False),
-        _spec("rope_interleaved", ("posenc.rope_interleaved",), rope_interleaved, 45,
-              "ipex.llm.functional.rotary_embedding, rotary_half=False", layout="BSHD", check=_full_rotary,
-              dtypes=_ROPE_DTYPES, requires_contiguous=False),
-        _spec("varlen", ("attention.varlen",), varlen, 45,
-              "ipex.llm.functional.varlen_attention (padded torch SDPA on CPU)", causal_non_square=False),
+        _spec(
+            "rms_norm",
+            ("norm.rms",),
+            rms_norm,
+            45,
+            "ipex.llm.functional.rms_norm (torch_ipex.rmsnorm)",
+            check=_needs_weight,
+        ),
+        _spec(
+            "layer_norm", ("norm.layer",), layer_norm, 40, "ipex.llm.functional.fast_layer_norm (F.layer_norm on CPU)"
+        ),
+        _spec(
+            "rope",
+            ("posenc.rope",),
+            rope,
+            45,
+            "ipex.llm.functional.rotary_embedding, rotary_half=True",
+            layout="BSHD",
+            check=_full_rotary,
+            dtypes=_ROPE_DTYPES,
+            requires_contiguous=False,
+        ),
+        _spec(
+            "rope_interleaved",
+            ("posenc.rope_interleaved",),
+            rope_interleaved,
+            45,
+            "ipex.llm.functional.rotary_embedding, rotary_half=False",
+            layout="BSHD",
+            check=_full_rotary,
+            dtypes=_ROPE_DTYPES,
+            requires_contiguous=False,
+        ),
+        _spec(
+            "varlen",
+            ("attention.varlen",),
+            varlen,
+            45,
+            "ipex.llm.functional.varlen_attention (padded torch SDPA on CPU)",
+            causal_non_square=False,
+        ),
     ),
 )

@@ -47,14 +47,18 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     return layer_norm_forward(x, weight.contiguous(), bias.contiguous(), eps)[0]
 
 
-def rope(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor,
-         sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def rope(
+    q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     from liger_kernel.ops.rope import rope_forward
 
     # Fresh contiguous BSHD buffers: Liger rotates them in place (never the caller's tensors).
     qw = q.clone(memory_format=torch.contiguous_format)
-    kw = (q.new_empty(q.shape[0], q.shape[1], 1, q.shape[3]) if k is None
-          else k.clone(memory_format=torch.contiguous_format))
+    kw = (
+        q.new_empty(q.shape[0], q.shape[1], 1, q.shape[3])
+        if k is None
+        else k.clone(memory_format=torch.contiguous_format)
+    )
     rope_forward(qw.transpose(1, 2), kw.transpose(1, 2), cos.float().contiguous(), sin.float().contiguous())
     return qw, None if k is None else kw
 
@@ -71,8 +75,9 @@ def geglu_tanh(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") 
     return geglu_forward(gate, up)[2]
 
 
-def fused_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-              activation: str) -> torch.Tensor:
+def fused_mlp(
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, activation: str
+) -> torch.Tensor:
     """cuBLAS gate/up GEMMs, Liger's gate*act kernel, cuBLAS down GEMM."""
     act = swiglu if activation == "swiglu" else geglu_tanh
     return F.linear(act(F.linear(x, w_gate), F.linear(x, w_up)), w_down)
@@ -90,13 +95,20 @@ def _layer_norm_check(ctx: SelectionContext) -> list[Rejection]:
     return _non_empty(ctx)
 
 
-def _spec(name: str, ops: tuple[str, ...], impl: object, priority: int, description: str,
-          **kw: object) -> KernelSpec:
+def _spec(name: str, ops: tuple[str, ...], impl: object, priority: int, description: str, **kw: object) -> KernelSpec:
     return KernelSpec(
-        id=f"liger.{name}", ops=ops, impl=impl, priority=priority, platforms=frozenset({"cuda"}), min_sm=80,  # type: ignore[arg-type]
-        dtypes=FLOAT_DTYPES, max_hidden_size=MAX_HIDDEN, requires_contiguous=kw.pop("requires_contiguous", True),  # type: ignore[arg-type]
+        id=f"liger.{name}",
+        ops=ops,
+        impl=impl,
+        priority=priority,
+        platforms=frozenset({"cuda"}),
+        min_sm=80,  # type: ignore[arg-type]
+        dtypes=FLOAT_DTYPES,
+        max_hidden_size=MAX_HIDDEN,
+        requires_contiguous=kw.pop("requires_contiguous", True),  # type: ignore[arg-type]
         check=kw.pop("check", _non_empty),  # type: ignore[arg-type]
-        description=description, **kw,  # type: ignore[arg-type]
+        description=description,
+        **kw,  # type: ignore[arg-type]
     )
 
 
@@ -114,15 +126,41 @@ BACKEND = Backend(
     description="Liger-Kernel Triton kernels (rms_norm, layer_norm, rope, swiglu, geglu)",
     probes=(("liger.rms_norm", "rms_norm"), ("liger.rope", "rope")),
     kernels=(
-        _spec("rms_norm", ("norm.rms",), rms_norm, 45, "rms_norm_forward, casting_mode='gemma' (float32 math)",
-              row_priorities=((ROWS_LIGER_NORMS_WIN, 55),)),
-        _spec("layer_norm", ("norm.layer",), layer_norm, 45, "layer_norm_forward (weight and bias required)",
-              check=_layer_norm_check, row_priorities=((ROWS_LIGER_NORMS_WIN, 55),)),
-        _spec("rope", ("posenc.rope",), rope, 70, "rope_forward on a copy, q and k in one launch", layout="BSHD",
-              requires_contiguous=False),
+        _spec(
+            "rms_norm",
+            ("norm.rms",),
+            rms_norm,
+            45,
+            "rms_norm_forward, casting_mode='gemma' (float32 math)",
+            row_priorities=((ROWS_LIGER_NORMS_WIN, 55),),
+        ),
+        _spec(
+            "layer_norm",
+            ("norm.layer",),
+            layer_norm,
+            45,
+            "layer_norm_forward (weight and bias required)",
+            check=_layer_norm_check,
+            row_priorities=((ROWS_LIGER_NORMS_WIN, 55),),
+        ),
+        _spec(
+            "rope",
+            ("posenc.rope",),
+            rope,
+            70,
+            "rope_forward on a copy, q and k in one launch",
+            layout="BSHD",
+            requires_contiguous=False,
+        ),
         _spec("swiglu", ("activation.swiglu",), swiglu, 70, "swiglu_forward: silu(gate) * up in one pass"),
         _spec("geglu", ("activation.geglu_tanh",), geglu_tanh, 70, "geglu_forward: tanh-GELU(gate) * up"),
-        _spec("fused_mlp", ("mlp.swiglu", "mlp.geglu_tanh"), fused_mlp, 70, "torch GEMMs around Liger's gate*act",
-              requires_contiguous=False),
+        _spec(
+            "fused_mlp",
+            ("mlp.swiglu", "mlp.geglu_tanh"),
+            fused_mlp,
+            70,
+            "torch GEMMs around Liger's gate*act",
+            requires_contiguous=False,
+        ),
     ),
 )

@@ -18,13 +18,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def causal_mask(seq_len_q: int, seq_len_k: int, device: torch.device) -> torch.Tensor:
-    """Bool (Sq, Sk) mask, True = attend, aligned bottom-right."""
-    return torch.ones(seq_len_q, seq_len_k, dtype=torch.bool, device=device).tril(seq_len_k - seq_len_q)
-
-
-def band_mask(seq_len_q: int, seq_len_k: int, is_causal: bool, window: tuple[int, int] | None,
-              device: torch.device) -> torch.Tensor | None:
+def band_mask(
+    seq_len_q: int, seq_len_k: int, is_causal: bool, window: tuple[int, int] | None, device: torch.device
+) -> torch.Tensor | None:
     """Bool (Sq, Sk) mask for causal and/or a (left, right) window, bottom-right aligned; None if no limit."""
     if not is_causal and window is None:
         return None
@@ -50,9 +46,18 @@ def alibi_bias(alibi_slopes: torch.Tensor, seq_len_q: int, seq_len_k: int) -> to
     return -slopes[:, :, None, None] * dist
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-              is_causal: bool, dropout_p: float, scale: float | None, window: tuple[int, int] | None = None,
-              softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    dropout_p: float,
+    scale: float | None,
+    window: tuple[int, int] | None = None,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+) -> torch.Tensor:
     """BHSD attention in float32/64; GQA by head repetition; a row that sees no key gives zeros."""
     ct = _compute_dtype(q.dtype)
     qf, kf, vf = q.to(ct), k.to(ct), v.to(ct)
@@ -80,9 +85,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     return torch.matmul(probs, vf).to(q.dtype)
 
 
-def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, is_causal: bool,
-                     scale: float | None, window: tuple[int, int] | None, softcap: float) -> torch.Tensor:
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    is_causal: bool,
+    scale: float | None,
+    window: tuple[int, int] | None,
+    softcap: float,
+) -> torch.Tensor:
     """Packed (total, H, D) attention, one sequence at a time."""
     out = torch.empty_like(q)
     bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
@@ -90,8 +105,17 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         qs, qe, ks, ke = bounds_q[i], bounds_q[i + 1], bounds_k[i], bounds_k[i + 1]
         if qe == qs:
             continue
-        seq = attention(q[None, qs:qe].transpose(1, 2), k[None, ks:ke].transpose(1, 2), v[None, ks:ke].transpose(1, 2),
-                        None, is_causal, 0.0, scale, window, softcap)
+        seq = attention(
+            q[None, qs:qe].transpose(1, 2),
+            k[None, ks:ke].transpose(1, 2),
+            v[None, ks:ke].transpose(1, 2),
+            None,
+            is_causal,
+            0.0,
+            scale,
+            window,
+            softcap,
+        )
         out[qs:qe] = seq.transpose(1, 2)[0]
     return out
 
@@ -104,9 +128,18 @@ def gather_pages(cache: torch.Tensor, pages: torch.Tensor, length: int, kv_layou
     return blocks.reshape(-1, blocks.shape[-2], blocks.shape[-1])[:length]
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
-                    seq_lens: torch.Tensor, is_causal: bool, scale: float | None, window: tuple[int, int] | None,
-                    softcap: float, kv_layout: str) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    is_causal: bool,
+    scale: float | None,
+    window: tuple[int, int] | None,
+    softcap: float,
+    kv_layout: str,
+) -> torch.Tensor:
     """(B, Sq, Hq, D) attention over each sequence's cached tokens, gathered page by page."""
     page_size = k_cache.shape[1] if kv_layout == "NHD" else k_cache.shape[2]
     out = torch.empty_like(q)
@@ -114,8 +147,17 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         pages = page_table[b, : -(-length // page_size)].long()
         k = gather_pages(k_cache, pages, length, kv_layout)
         v = gather_pages(v_cache, pages, length, kv_layout)
-        seq = attention(q[b : b + 1].transpose(1, 2), k[None].transpose(1, 2), v[None].transpose(1, 2), None,
-                        is_causal, 0.0, scale, window, softcap)
+        seq = attention(
+            q[b : b + 1].transpose(1, 2),
+            k[None].transpose(1, 2),
+            v[None].transpose(1, 2),
+            None,
+            is_causal,
+            0.0,
+            scale,
+            window,
+            softcap,
+        )
         out[b] = seq.transpose(1, 2)[0]
     return out
 
@@ -142,8 +184,9 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     return out.to(x.dtype)
 
 
-def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
-               eps: float) -> torch.Tensor:
+def group_norm(
+    x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
     ct = _compute_dtype(x.dtype)
     n, c = x.shape[:2]
     xf = x.to(ct).reshape(n, num_groups, -1)
@@ -160,9 +203,16 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
 
 def _spec(name: str, ops: tuple[str, ...], impl: object, **kw: object) -> KernelSpec:
     return KernelSpec(
-        id=f"reference.{name}", ops=ops, impl=impl, priority=0, platforms=_ANY_DEVICE,
-        dtypes=ALL_FLOAT_DTYPES, supports_backward=True, same_head_dim_v=False,
-        description="torch reference (float32 or better)", **kw,  # type: ignore[arg-type]
+        id=f"reference.{name}",
+        ops=ops,
+        impl=impl,
+        priority=0,
+        platforms=_ANY_DEVICE,
+        dtypes=ALL_FLOAT_DTYPES,
+        supports_backward=True,
+        same_head_dim_v=False,
+        description="torch reference (float32 or better)",
+        **kw,  # type: ignore[arg-type]
     )
 
 
@@ -170,13 +220,32 @@ BACKEND = Backend(
     name="reference",
     description="pure torch reference implementations, always available",
     kernels=(
-        _spec("attention", ("attention.causal", "attention.full", "attention.masked", "attention.sliding_window"),
-              attention, mask_kinds=frozenset({"none", "bool", "float"}), supports_dropout=True,
-              supports_window=True, supports_softcap=True, supports_alibi=True),
-        _spec("attention_varlen", ("attention.varlen",), attention_varlen, supports_window=True,
-              supports_softcap=True, graph_safe=False),
-        _spec("paged_attention", ("attention.paged", "attention.decode"), paged_attention, supports_window=True,
-              supports_softcap=True, graph_safe=False),
+        _spec(
+            "attention",
+            ("attention.causal", "attention.full", "attention.masked", "attention.sliding_window"),
+            attention,
+            mask_kinds=frozenset({"none", "bool", "float"}),
+            supports_dropout=True,
+            supports_window=True,
+            supports_softcap=True,
+            supports_alibi=True,
+        ),
+        _spec(
+            "attention_varlen",
+            ("attention.varlen",),
+            attention_varlen,
+            supports_window=True,
+            supports_softcap=True,
+            graph_safe=False,
+        ),
+        _spec(
+            "paged_attention",
+            ("attention.paged", "attention.decode"),
+            paged_attention,
+            supports_window=True,
+            supports_softcap=True,
+            graph_safe=False,
+        ),
         _spec("rms_norm", ("norm.rms",), rms_norm),
         _spec("layer_norm", ("norm.layer",), layer_norm),
         _spec("group_norm", ("norm.group",), group_norm),
@@ -201,8 +270,9 @@ def row_param(value: torch.Tensor | float | int, like: torch.Tensor) -> torch.Te
     return value.to(like.dtype).view(-1, 1) if isinstance(value, torch.Tensor) else value
 
 
-def tempered(logits: torch.Tensor, temperature: torch.Tensor | float, compute: torch.dtype
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def tempered(
+    logits: torch.Tensor, temperature: torch.Tensor | float, compute: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(scaled logits, argmax, valid) for logits (B, V).
 
     Rows with no finite logit (all -inf, or NaN) are `valid` False and get zero logits so that
@@ -219,8 +289,9 @@ def tempered(logits: torch.Tensor, temperature: torch.Tensor | float, compute: t
     return torch.where(valid.unsqueeze(-1), x, 0.0), greedy, valid
 
 
-def finish_draws(draws: torch.Tensor, greedy: torch.Tensor, valid: torch.Tensor,
-                 temperature: torch.Tensor | float) -> torch.Tensor:
+def finish_draws(
+    draws: torch.Tensor, greedy: torch.Tensor, valid: torch.Tensor, temperature: torch.Tensor | float
+) -> torch.Tensor:
     """int64 (B,): the argmax for temperature-0 rows, -1 for rows without a finite logit."""
     draws = draws.long()
     if isinstance(temperature, torch.Tensor):
@@ -228,8 +299,12 @@ def finish_draws(draws: torch.Tensor, greedy: torch.Tensor, valid: torch.Tensor,
     return draws.masked_fill(~valid, -1)
 
 
-def filter_probs(probs: torch.Tensor, top_k: torch.Tensor | int | None, top_p: torch.Tensor | float | None,
-                 min_p: torch.Tensor | float | None) -> torch.Tensor:
+def filter_probs(
+    probs: torch.Tensor,
+    top_k: torch.Tensor | int | None,
+    top_p: torch.Tensor | float | None,
+    min_p: torch.Tensor | float | None,
+) -> torch.Tensor:
     """Apply top-k, then top-p on the renormalized top-k distribution, then min-p; renormalize.
 
     probs (B, V). Thresholds are values, so tokens tied with the last kept one are kept too. Per-row
@@ -265,9 +340,14 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     return idx.masked_fill(~(best > _NEG_INF), -1)
 
 
-def sample(logits: torch.Tensor, top_k: torch.Tensor | int | None, top_p: torch.Tensor | float | None,
-           min_p: torch.Tensor | float | None, temperature: torch.Tensor | float,
-           generator: torch.Generator | None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    top_k: torch.Tensor | int | None,
+    top_p: torch.Tensor | float | None,
+    min_p: torch.Tensor | float | None,
+    temperature: torch.Tensor | float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     """Float64 sort-and-multinomial sampling: the ground truth of the statistical tests."""
     x, best, valid = tempered(logits, temperature, torch.float64)
     probs = filter_probs(torch.softmax(x, -1), top_k, top_p, min_p)
@@ -275,8 +355,9 @@ def sample(logits: torch.Tensor, top_k: torch.Tensor | int | None, top_p: torch.
     return finish_draws(draws, best, valid, temperature)
 
 
-def _reduce(x: torch.Tensor, granularity: str, block: tuple[int, int] | None,
-            fn: _Callable[..., torch.Tensor]) -> torch.Tensor:
+def _reduce(
+    x: torch.Tensor, granularity: str, block: tuple[int, int] | None, fn: _Callable[..., torch.Tensor]
+) -> torch.Tensor:
     """Reduce x over each scale group: () per_tensor, (C, 1, ...) per_channel, (..., 1) per_token,
     (ceil(M/bm), ceil(N/bn)) block."""
     if granularity == "per_tensor":
@@ -299,9 +380,15 @@ def expand_scale(s: torch.Tensor, shape: torch.Size, granularity: str, block: tu
     return s.repeat_interleave(block[0], 0)[: shape[0]].repeat_interleave(block[1], 1)[:, : shape[1]]
 
 
-def quantize(x: torch.Tensor, fmt: object, granularity: str, block: tuple[int, int] | None,
-             scale: torch.Tensor | None, zero_point: torch.Tensor | None, compute: torch.dtype = torch.float64,
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def quantize(
+    x: torch.Tensor,
+    fmt: object,
+    granularity: str,
+    block: tuple[int, int] | None,
+    scale: torch.Tensor | None,
+    zero_point: torch.Tensor | None,
+    compute: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(data, float32 scale, int32 zero point or None). Values beyond the format saturate at its max.
 
     fmt has .dtype, .qmin, .qmax, .is_float, .symmetric (ops.quant.QuantFormat). Float formats are
@@ -362,8 +449,15 @@ def dequantize_packed(w: object, compute: torch.dtype) -> torch.Tensor:
     return out.t()
 
 
-def dequantize_parts(data: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, granularity: str,
-                     block: tuple[int, int] | None, out_dtype: torch.dtype, compute: torch.dtype) -> torch.Tensor:
+def dequantize_parts(
+    data: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    granularity: str,
+    block: tuple[int, int] | None,
+    out_dtype: torch.dtype,
+    compute: torch.dtype,
+) -> torch.Tensor:
     """(data - zero_point) * scale, each broadcast over its scale group."""
     d = data.to(compute)
     if zero_point is not None:
@@ -375,12 +469,24 @@ def dequantize(w: object, out_dtype: torch.dtype, compute: torch.dtype = torch.f
     """The float tensor a QuantizedTensor (ops.quant) stands for, in out_dtype."""
     if getattr(w, "packing", None) is not None:
         return dequantize_packed(w, compute).to(out_dtype)
-    return dequantize_parts(w.data, w.scale, w.zero_point, w.granularity, w.block,  # type: ignore[attr-defined]
-                            out_dtype, compute)
+    return dequantize_parts(
+        w.data,
+        w.scale,
+        w.zero_point,
+        w.granularity,
+        w.block,  # type: ignore[attr-defined]
+        out_dtype,
+        compute,
+    )
 
 
-def quant_linear(x: torch.Tensor, w: object, act: tuple[object, str, tuple[int, int] | None] | None,
-                 bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+def quant_linear(
+    x: torch.Tensor,
+    w: object,
+    act: tuple[object, str, tuple[int, int] | None] | None,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     """x (M, K) @ dequantized w (N, K)^T + bias, in float64. With `act` = (format, granularity,
     block), x is first quantized that way and dequantized: what the fused kernels compute."""
     if act is None:
@@ -402,14 +508,22 @@ def embedding(ids: torch.Tensor, table: torch.Tensor, padding_idx: int | None) -
     return out
 
 
-_SAMPLING_OPS = ("sampling.plain", "sampling.topk", "sampling.topp", "sampling.minp", "sampling.topk_topp",
-                 "sampling.combined")
+_SAMPLING_OPS = (
+    "sampling.plain",
+    "sampling.topk",
+    "sampling.topp",
+    "sampling.minp",
+    "sampling.topk_topp",
+    "sampling.combined",
+)
 
 
 def _fp8_storage_check(ctx: SelectionContext) -> list[Rejection]:
     """torch has float8 storage on CPU and CUDA (any SM: the casts are emulated) but not elsewhere."""
     if (ctx.quant_format or "").startswith("fp8") and ctx.device_type not in ("cpu", "cuda", "meta"):
-        return [Rejection(Reason.QUANT_FORMAT_UNSUPPORTED, f"{ctx.quant_format} has no float8 storage on {ctx.device_type}")]
+        return [
+            Rejection(Reason.QUANT_FORMAT_UNSUPPORTED, f"{ctx.quant_format} has no float8 storage on {ctx.device_type}")
+        ]
     return []
 
 
@@ -429,14 +543,16 @@ BACKEND.kernels = BACKEND.kernels + (
 from collections.abc import Callable as _GatedFn  # noqa: E402
 
 
-def rope(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-         interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def rope(
+    q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """BSHD RoPE in float32/64: pair i (half-rotation or interleaved) rotated by the angle of cos[..., i]."""
     return rotate(q, cos, sin, interleaved), None if k is None else rotate(k, cos, sin, interleaved)
 
 
-def rope_interleaved(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor,
-                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def rope_interleaved(
+    q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     return rope(q, k, cos, sin, interleaved=True)
 
 
@@ -447,8 +563,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
     c = cos[..., :half].to(ct)[:, :, None, :]
     s = sin[..., :half].to(ct)[:, :, None, :]
     out = x.to(ct, copy=True)
-    first, second = (slice(0, 2 * half, 2), slice(1, 2 * half, 2)) if interleaved else (
-        slice(0, half), slice(half, 2 * half))
+    first, second = (
+        (slice(0, 2 * half, 2), slice(1, 2 * half, 2)) if interleaved else (slice(0, half), slice(half, 2 * half))
+    )
     x1, x2 = out[..., first].clone(), out[..., second].clone()
     out[..., first] = x1 * c - x2 * s
     out[..., second] = x2 * c + x1 * s
@@ -482,8 +599,9 @@ def gated_act(activation: str) -> _GatedFn[[torch.Tensor, torch.Tensor], torch.T
     return lambda g, u: torch.nn.functional.gelu(g, approximate=approximate) * u
 
 
-def fused_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-              activation: str) -> torch.Tensor:
+def fused_mlp(
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, activation: str
+) -> torch.Tensor:
     """act(x @ w_gate.T, x @ w_up.T) @ w_down.T, all in float32/64, nn.Linear weight layout."""
     ct = _compute_dtype(x.dtype)
     xf = x.to(ct)

@@ -51,8 +51,9 @@ def _module() -> Any:
     return module
 
 
-def _call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: Any, block_mask: Any,
-          enable_gqa: bool) -> torch.Tensor:
+def _call(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: Any, block_mask: Any, enable_gqa: bool
+) -> torch.Tensor:
     return _flex(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
@@ -109,6 +110,7 @@ def _scalar(value: float | int, dtype: torch.dtype, device: torch.device) -> tor
 
 # ----------------------------------------------------------------------------- masks and score_mods
 
+
 def _band(is_causal: bool, window: tuple[int, int] | None) -> tuple[int, int]:
     """(left, right) limits of kv - p (p the bottom-right aligned query position); -1 = unbounded."""
     left, right = window if window is not None else (-1, -1)
@@ -136,8 +138,9 @@ def _pack(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return num[None, None], idx[None, None]
 
 
-def band_block_mask(seq_len_q: int, seq_len_k: int, is_causal: bool, window: tuple[int, int] | None,
-                    device: torch.device) -> Any:
+def band_block_mask(
+    seq_len_q: int, seq_len_k: int, is_causal: bool, window: tuple[int, int] | None, device: torch.device
+) -> Any:
     """The BlockMask of a causal and/or window band (bottom-right aligned), or None when unbounded.
 
     Block (i, j) is visited when some (p, kv) pair in it lies in the band, and needs no mask_mod
@@ -166,10 +169,14 @@ def band_block_mask(seq_len_q: int, seq_len_k: int, is_causal: bool, window: tup
     if right >= 0:
         visit &= d_min <= right
         full &= d_max <= right
-    mod = _band_mask_mod(_scalar(off, torch.int64, device), _scalar(left, torch.int64, device) if left >= 0 else None,
-                         _scalar(right, torch.int64, device) if right >= 0 else None)
-    mask = _module().BlockMask.from_kv_blocks(*_pack(visit & ~full), *_pack(full), BLOCK_SIZE=BLOCK_SIZE,
-                                               mask_mod=mod, seq_lengths=(seq_len_q, seq_len_k))
+    mod = _band_mask_mod(
+        _scalar(off, torch.int64, device),
+        _scalar(left, torch.int64, device) if left >= 0 else None,
+        _scalar(right, torch.int64, device) if right >= 0 else None,
+    )
+    mask = _module().BlockMask.from_kv_blocks(
+        *_pack(visit & ~full), *_pack(full), BLOCK_SIZE=BLOCK_SIZE, mask_mod=mod, seq_lengths=(seq_len_q, seq_len_k)
+    )
     with _lock:
         _masks[key] = mask
         while len(_masks) > _MAX_CACHED_MASKS:
@@ -177,8 +184,9 @@ def band_block_mask(seq_len_q: int, seq_len_k: int, is_causal: bool, window: tup
     return mask
 
 
-def _score_mod(ratio: torch.Tensor | None, cap: torch.Tensor | None, slopes: torch.Tensor | None,
-               off: torch.Tensor | None) -> Callable[..., Any]:
+def _score_mod(
+    ratio: torch.Tensor | None, cap: torch.Tensor | None, slopes: torch.Tensor | None, off: torch.Tensor | None
+) -> Callable[..., Any]:
     """Scale correction, then soft-cap, then ALiBi (the order of backends/reference.py)."""
     per_batch = slopes is not None and slopes.dim() == 2
 
@@ -204,9 +212,19 @@ def _scale_ratio(scale: float | None, head_dim: int, device: torch.device) -> to
 
 # ----------------------------------------------------------------------------- lz.attention kernel
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
-              dropout_p: float, scale: float | None, window: tuple[int, int] | None = None, softcap: float = 0.0,
-              alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    dropout_p: float,
+    scale: float | None,
+    window: tuple[int, int] | None = None,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+) -> torch.Tensor:
     """BHSD attention with causal/window as a block mask and scale/soft-cap/ALiBi as a score_mod."""
     B, Hq, Sq, D = q.shape
     Hk, Sk = k.shape[1], k.shape[2]
@@ -219,9 +237,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     score_mod = _score_mod(ratio, cap, alibi_slopes, off) if needs_mod else None
     nq, nk = -(-Sq // BLOCK_SIZE), -(-Sk // BLOCK_SIZE)
     left, right = _band(is_causal, window)
-    key = ("attention", device, q.dtype, Hq, Hk, D, v.shape[-1], block_mask is not None, left >= 0, right >= 0,
-           ratio is not None, cap is not None, None if alibi_slopes is None else alibi_slopes.dim(),
-           _size_class(B, Sq, Sk, nq, nk))
+    key = (
+        "attention",
+        device,
+        q.dtype,
+        Hq,
+        Hk,
+        D,
+        v.shape[-1],
+        block_mask is not None,
+        left >= 0,
+        right >= 0,
+        ratio is not None,
+        cap is not None,
+        None if alibi_slopes is None else alibi_slopes.dim(),
+        _size_class(B, Sq, Sk, nq, nk),
+    )
     return _run(key, q, k, v, score_mod, block_mask, Hq != Hk)
 
 
@@ -235,9 +266,18 @@ def _check(ctx: SelectionContext) -> list[Rejection]:
 
 # ----------------------------------------------------------------------------- user score_mod / mask_mod
 
-def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: Callable[..., Any] | None = None,
-                   mask_mod: Callable[..., Any] | None = None, *, scale: float | None = None, layout: str = "BSHD",
-                   mask_depends_on_batch_head: bool = False) -> torch.Tensor:
+
+def flex_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    score_mod: Callable[..., Any] | None = None,
+    mask_mod: Callable[..., Any] | None = None,
+    *,
+    scale: float | None = None,
+    layout: str = "BSHD",
+    mask_depends_on_batch_head: bool = False,
+) -> torch.Tensor:
     """Attention with an arbitrary FlexAttention `score_mod(score, b, h, q_idx, kv_idx)` and/or
     `mask_mod(b, h, q_idx, kv_idx) -> bool` (True = attend), compiled once per shape bucket.
 
@@ -266,8 +306,9 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod:
             raise InvalidInputError(name, f"dtype {q.dtype} on {q.device} (as q)", f"{t.dtype} on {t.device}")
     B, Hq, Sq, D = q.shape
     if k.shape[0] != B or v.shape[0] != B or k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2] or k.shape[3] != D:
-        raise InvalidInputError("k/v", f"shapes (B={B}, Hkv, Sk, D={D}) in BHSD order, alike",
-                                f"{tuple(k.shape)} and {tuple(v.shape)}")
+        raise InvalidInputError(
+            "k/v", f"shapes (B={B}, Hkv, Sk, D={D}) in BHSD order, alike", f"{tuple(k.shape)} and {tuple(v.shape)}"
+        )
     Hk, Sk = k.shape[1], k.shape[2]
     if Hq % Hk:
         raise InvalidInputError("k", f"a head count dividing q's {Hq} heads", Hk)
@@ -288,13 +329,26 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod:
     ratio = _scale_ratio(scale, D, device)
     user_mod = score_mod
     if ratio is not None:
+
         def score_mod(score: Any, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
             score = score * ratio
             return score if user_mod is None else user_mod(score, b, h, q_idx, kv_idx)
+
     nq, nk = -(-Sq // BLOCK_SIZE), -(-Sk // BLOCK_SIZE)
-    key = ("user", device, q.dtype, Hq, Hk, D, v.shape[-1], getattr(user_mod, "__code__", user_mod),
-           getattr(mask_mod, "__code__", mask_mod), mask_depends_on_batch_head, ratio is not None,
-           _size_class(B, Sq, Sk, nq, nk))
+    key = (
+        "user",
+        device,
+        q.dtype,
+        Hq,
+        Hk,
+        D,
+        v.shape[-1],
+        getattr(user_mod, "__code__", user_mod),
+        getattr(mask_mod, "__code__", mask_mod),
+        mask_depends_on_batch_head,
+        ratio is not None,
+        _size_class(B, Sq, Sk, nq, nk),
+    )
     out = _run(key, q, k, v, score_mod, block_mask, Hq != Hk)
     _warn_if_recompiling(key, _compiled[key])
     return out.transpose(1, 2) if layout == "BSHD" else out
@@ -313,13 +367,24 @@ def _warn_if_recompiling(key: tuple[Any, ...], fn: Any) -> None:
         logging.getLogger("layerzero").warning(
             "flex_attention: the score_mod/mask_mod compiled %d times for one shape bucket; they capture Python "
             "values that change between calls. Capture tensors instead: past torch._dynamo.config.recompile_limit "
-            "torch runs the unfused, much slower path.", len(_debug_get_cache_entry_list(fn.__lz_code__)))
+            "torch runs the unfused, much slower path.",
+            len(_debug_get_cache_entry_list(fn.__lz_code__)),
+        )
 
 
 _OPS = ("attention.causal", "attention.full", "attention.sliding_window")
 _COMMON: dict[str, Any] = dict(
-    ops=_OPS, impl=attention, dtypes=FLOAT_DTYPES, min_head_dim=16, max_head_dim=256, head_dim_multiple=8,
-    supports_window=True, supports_softcap=True, supports_alibi=True, graph_safe=False, needs_jit=True,
+    ops=_OPS,
+    impl=attention,
+    dtypes=FLOAT_DTYPES,
+    min_head_dim=16,
+    max_head_dim=256,
+    head_dim_multiple=8,
+    supports_window=True,
+    supports_softcap=True,
+    supports_alibi=True,
+    graph_safe=False,
+    needs_jit=True,
     check=_check,
 )
 
@@ -332,12 +397,17 @@ BACKEND = Backend(
     description="torch FlexAttention compiled by inductor (block-sparse masks, score_mods)",
     kernels=(
         KernelSpec(
-            id="flex.attention", platforms=frozenset({"cuda"}), min_sm=80, priority=62,
+            id="flex.attention",
+            platforms=frozenset({"cuda"}),
+            min_sm=80,
+            priority=62,
             description="FlexAttention triton template: causal/window block masks, soft-cap/ALiBi score_mod",
             **_COMMON,
         ),
         KernelSpec(
-            id="flex.attention_cpu", platforms=frozenset({"cpu"}), priority=30,
+            id="flex.attention_cpu",
+            platforms=frozenset({"cpu"}),
+            priority=30,
             description="FlexAttention inductor CPU template (slower than torch's CPU flash kernel; has soft-cap)",
             **_COMMON,
         ),

@@ -21,8 +21,14 @@ from ..reasons import Reason, Rejection
 from . import reference as ref
 
 _CPU_CUDA = frozenset({"cpu", "cuda"})
-SAMPLING_OPS = ("sampling.plain", "sampling.topk", "sampling.topp", "sampling.minp", "sampling.topk_topp",
-                "sampling.combined")
+SAMPLING_OPS = (
+    "sampling.plain",
+    "sampling.topk",
+    "sampling.topp",
+    "sampling.minp",
+    "sampling.topk_topp",
+    "sampling.combined",
+)
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
@@ -35,9 +41,14 @@ def exponential_race(probs: torch.Tensor, generator: torch.Generator | None) -> 
     return (probs / race).argmax(-1)
 
 
-def sample(logits: torch.Tensor, top_k: torch.Tensor | int | None, top_p: torch.Tensor | float | None,
-           min_p: torch.Tensor | float | None, temperature: torch.Tensor | float,
-           generator: torch.Generator | None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    top_k: torch.Tensor | int | None,
+    top_p: torch.Tensor | float | None,
+    min_p: torch.Tensor | float | None,
+    temperature: torch.Tensor | float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     x, best, valid = ref.tempered(logits, temperature, torch.float32)
     probs = torch.softmax(x, -1)
     if isinstance(top_k, int) and top_p is None:  # a scalar top-k needs no full sort
@@ -50,9 +61,14 @@ def sample(logits: torch.Tensor, top_k: torch.Tensor | int | None, top_p: torch.
     return ref.finish_draws(exponential_race(probs, generator), best, valid, temperature)
 
 
-def quantize(x: torch.Tensor, fmt: object, granularity: str, block: tuple[int, int] | None,
-             scale: torch.Tensor | None, zero_point: torch.Tensor | None,
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def quantize(
+    x: torch.Tensor,
+    fmt: object,
+    granularity: str,
+    block: tuple[int, int] | None,
+    scale: torch.Tensor | None,
+    zero_point: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     return ref.quantize(x, fmt, granularity, block, scale, zero_point, compute=torch.float32)
 
 
@@ -66,8 +82,13 @@ def _pad_to(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return F.pad(t.view(torch.uint8), (0, cols - t.shape[1], 0, rows - t.shape[0])).view(t.dtype)
 
 
-def scaled_mm(x: torch.Tensor, w: object, act: tuple[object, str, tuple[int, int] | None] | None,
-              bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+def scaled_mm(
+    x: torch.Tensor,
+    w: object,
+    act: tuple[object, str, tuple[int, int] | None] | None,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     """fp8 x (M, K) quantized per tensor or per token, times fp8 w (N, K), with torch._scaled_mm.
 
     K and N are zero-padded to multiples of 16 when needed (cuBLASLt's alignment). Row-wise
@@ -95,7 +116,9 @@ def scaled_mm(x: torch.Tensor, w: object, act: tuple[object, str, tuple[int, int
     return out.to(out_dtype)
 
 
-def _scheme_check(patterns: tuple[str, ...], fp8_compute: bool = False) -> Callable[[SelectionContext], list[Rejection]]:
+def _scheme_check(
+    patterns: tuple[str, ...], fp8_compute: bool = False
+) -> Callable[[SelectionContext], list[Rejection]]:
     """A KernelSpec.check accepting the quant_format schemes matching `patterns` (fnmatch)."""
 
     def check(ctx: SelectionContext) -> list[Rejection]:
@@ -120,22 +143,63 @@ BACKEND = Backend(
     name="torch_ops",
     description="torch kernels for sampling, quantization (torch._scaled_mm) and embedding",
     kernels=(
-        KernelSpec(id="torch_ops.greedy", ops=("sampling.greedy",), impl=greedy, priority=50, platforms=_CPU_CUDA,
-                   dtypes=ALL_FLOAT_DTYPES, description="max over the vocabulary"),
-        KernelSpec(id="torch_ops.sample", ops=SAMPLING_OPS, impl=sample, priority=50, platforms=_CPU_CUDA,
-                   dtypes=ALL_FLOAT_DTYPES, description="float32 filters + exponential race, no host sync"),
-        KernelSpec(id="torch_ops.quantize", ops=("quant.quantize",), impl=quantize, priority=50, platforms=_CPU_CUDA,
-                   dtypes=ALL_FLOAT_DTYPES, check=_scheme_check(("int8:*", "fp8_*")),
-                   description="float32 scale, round, saturate, cast"),
-        KernelSpec(id="torch_ops.dequantize", ops=("quant.dequantize",), impl=dequantize, priority=50,
-                   platforms=_CPU_CUDA, dtypes=ALL_FLOAT_DTYPES, check=_scheme_check(("int8:*", "fp8_*")),
-                   description="float32 (q - zero_point) * scale"),
-        KernelSpec(id="torch_ops.scaled_mm", ops=("quant.linear",), impl=scaled_mm, priority=70, platforms=_CPU_CUDA,
-                   dtypes=FLOAT_DTYPES, check=_scheme_check(("fp8_*:per_tensor", "fp8_*:per_channel",
-                                                             "fp8_*:per_token"), fp8_compute=True),
-                   description="torch._scaled_mm, fp8 per-tensor or row-wise scales"),
-        KernelSpec(id="torch_ops.embedding", ops=("embedding.lookup",), impl=embedding, priority=50,
-                   platforms=_CPU_CUDA, dtypes=ALL_FLOAT_DTYPES, supports_backward=True,
-                   description="torch.nn.functional.embedding"),
+        KernelSpec(
+            id="torch_ops.greedy",
+            ops=("sampling.greedy",),
+            impl=greedy,
+            priority=50,
+            platforms=_CPU_CUDA,
+            dtypes=ALL_FLOAT_DTYPES,
+            description="max over the vocabulary",
+        ),
+        KernelSpec(
+            id="torch_ops.sample",
+            ops=SAMPLING_OPS,
+            impl=sample,
+            priority=50,
+            platforms=_CPU_CUDA,
+            dtypes=ALL_FLOAT_DTYPES,
+            description="float32 filters + exponential race, no host sync",
+        ),
+        KernelSpec(
+            id="torch_ops.quantize",
+            ops=("quant.quantize",),
+            impl=quantize,
+            priority=50,
+            platforms=_CPU_CUDA,
+            dtypes=ALL_FLOAT_DTYPES,
+            check=_scheme_check(("int8:*", "fp8_*")),
+            description="float32 scale, round, saturate, cast",
+        ),
+        KernelSpec(
+            id="torch_ops.dequantize",
+            ops=("quant.dequantize",),
+            impl=dequantize,
+            priority=50,
+            platforms=_CPU_CUDA,
+            dtypes=ALL_FLOAT_DTYPES,
+            check=_scheme_check(("int8:*", "fp8_*")),
+            description="float32 (q - zero_point) * scale",
+        ),
+        KernelSpec(
+            id="torch_ops.scaled_mm",
+            ops=("quant.linear",),
+            impl=scaled_mm,
+            priority=70,
+            platforms=_CPU_CUDA,
+            dtypes=FLOAT_DTYPES,
+            check=_scheme_check(("fp8_*:per_tensor", "fp8_*:per_channel", "fp8_*:per_token"), fp8_compute=True),
+            description="torch._scaled_mm, fp8 per-tensor or row-wise scales",
+        ),
+        KernelSpec(
+            id="torch_ops.embedding",
+            ops=("embedding.lookup",),
+            impl=embedding,
+            priority=50,
+            platforms=_CPU_CUDA,
+            dtypes=ALL_FLOAT_DTYPES,
+            supports_backward=True,
+            description="torch.nn.functional.embedding",
+        ),
     ),
 )

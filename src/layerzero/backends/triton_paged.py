@@ -42,14 +42,42 @@ def _kernels() -> tuple[Any, Any]:
 
     @triton.jit
     def _decode_split(
-        Q, K, V, PT, LENS, O, PART_O, PART_LSE,
-        stride_qb, stride_qh, stride_qd,
-        stride_kp, stride_kt, stride_kh, stride_kd,
-        stride_vp, stride_vt, stride_vh, stride_vd,
-        stride_pt, stride_ob, stride_oh, stride_od,
-        num_heads, num_splits, score_scale, out_scale, window_left,
-        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-        SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DIRECT: tl.constexpr,
+        Q,
+        K,
+        V,
+        PT,
+        LENS,
+        O,
+        PART_O,
+        PART_LSE,
+        stride_qb,
+        stride_qh,
+        stride_qd,
+        stride_kp,
+        stride_kt,
+        stride_kh,
+        stride_kd,
+        stride_vp,
+        stride_vt,
+        stride_vh,
+        stride_vd,
+        stride_pt,
+        stride_ob,
+        stride_oh,
+        stride_od,
+        num_heads,
+        num_splits,
+        score_scale,
+        out_scale,
+        window_left,
+        G: tl.constexpr,
+        G_PAD: tl.constexpr,
+        D: tl.constexpr,
+        PAGE: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        SOFTCAP: tl.constexpr,
+        WINDOW: tl.constexpr,
+        DIRECT: tl.constexpr,
     ):
         b = tl.program_id(0)
         hk = tl.program_id(1)
@@ -66,8 +94,9 @@ def _kernels() -> tuple[Any, Any]:
         d = tl.arange(0, D)
         heads = hk * G + rows
         row_ok = rows < G
-        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
-                    mask=row_ok[:, None], other=0.0)
+        q = tl.load(
+            Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0
+        )
         m = tl.full([G_PAD], float("-inf"), tl.float32)
         l = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D], tl.float32)
@@ -79,8 +108,11 @@ def _kernels() -> tuple[Any, Any]:
             valid = tok < hi
             page = tl.load(table + tok // PAGE, mask=valid, other=0).to(tl.int64)
             slot = tok % PAGE
-            k = tl.load(k_head + page[:, None] * stride_kp + slot[:, None] * stride_kt + d[None, :] * stride_kd,
-                        mask=valid[:, None], other=0.0)
+            k = tl.load(
+                k_head + page[:, None] * stride_kp + slot[:, None] * stride_kt + d[None, :] * stride_kd,
+                mask=valid[:, None],
+                other=0.0,
+            )
             s = tl.dot(q, tl.trans(k))  # (G_PAD, BLOCK_N), fp32
             if SOFTCAP:
                 # cap * tanh(scale * qk / cap) in log2 units: out_scale = cap * log2(e), score_scale = scale / cap
@@ -93,16 +125,22 @@ def _kernels() -> tuple[Any, Any]:
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(s - m_new[:, None])
             l = l * alpha + tl.sum(p, 1)
-            v = tl.load(v_head + page[:, None] * stride_vp + slot[:, None] * stride_vt + d[None, :] * stride_vd,
-                        mask=valid[:, None], other=0.0)
+            v = tl.load(
+                v_head + page[:, None] * stride_vp + slot[:, None] * stride_vt + d[None, :] * stride_vd,
+                mask=valid[:, None],
+                other=0.0,
+            )
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
 
         l_safe = tl.where(l > 0.0, l, 1.0)
         out = acc / l_safe[:, None]
         if DIRECT:
-            tl.store(O + b * stride_ob + heads[:, None] * stride_oh + d[None, :] * stride_od,
-                     out.to(O.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(
+                O + b * stride_ob + heads[:, None] * stride_oh + d[None, :] * stride_od,
+                out.to(O.dtype.element_ty),
+                mask=row_ok[:, None],
+            )
         else:
             part = (b * num_heads + heads) * num_splits + split  # PART_O (B, Hq, splits, D), PART_LSE (B, Hq, splits)
             tl.store(PART_O + part[:, None] * D + d[None, :], out, mask=row_ok[:, None])
@@ -111,8 +149,16 @@ def _kernels() -> tuple[Any, Any]:
 
     @triton.jit
     def _decode_reduce(
-        PART_O, PART_LSE, O, stride_ob, stride_oh, stride_od, num_heads, num_splits,
-        D: tl.constexpr, SPLITS_PAD: tl.constexpr,
+        PART_O,
+        PART_LSE,
+        O,
+        stride_ob,
+        stride_oh,
+        stride_od,
+        num_heads,
+        num_splits,
+        D: tl.constexpr,
+        SPLITS_PAD: tl.constexpr,
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -141,8 +187,16 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def plan_launch(batch: int, num_kv_heads: int, group: int, head_dim: int, capacity: int,
-                num_sms: int = 132, block_n: int | None = None, num_splits: int | None = None) -> dict[str, int]:
+def plan_launch(
+    batch: int,
+    num_kv_heads: int,
+    group: int,
+    head_dim: int,
+    capacity: int,
+    num_sms: int = 132,
+    block_n: int | None = None,
+    num_splits: int | None = None,
+) -> dict[str, int]:
     """Launch parameters from shapes alone (no look at seq_lens values, so capture-safe)."""
     if block_n is None:
         block_n = 64 if head_dim <= 128 else 32
@@ -152,14 +206,32 @@ def plan_launch(batch: int, num_kv_heads: int, group: int, head_dim: int, capaci
         # left B=8 x 32k at 78% of copy bandwidth (9 splits) where 16-18 splits reach 91-96%
         wanted = 1 if programs >= 4 * num_sms else -(-8 * num_sms // programs)
         num_splits = max(1, min(wanted, -(-capacity // MIN_SPLIT_TOKENS), MAX_SPLITS))
-    return {"block_n": block_n, "num_splits": num_splits, "g_pad": max(16, _next_pow2(group)),
-            "num_warps": 4 if head_dim <= 128 else 8, "num_stages": 3}
+    return {
+        "block_n": block_n,
+        "num_splits": num_splits,
+        "g_pad": max(16, _next_pow2(group)),
+        "num_warps": 4 if head_dim <= 128 else 8,
+        "num_stages": 3,
+    }
 
 
-def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
-                 seq_lens: torch.Tensor, is_causal: bool, scale: float | None, window: tuple[int, int] | None,
-                 softcap: float, kv_layout: str, *, block_n: int | None = None, num_splits: int | None = None,
-                 num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    is_causal: bool,
+    scale: float | None,
+    window: tuple[int, int] | None,
+    softcap: float,
+    kv_layout: str,
+    *,
+    block_n: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
     """Decode attention over a paged cache. q: (B, 1, Hq, D); caches NHD (P, page, Hkv, D) or HND
     (P, Hkv, page, D); page_table (B, max_pages) int32; seq_lens (B,) int32. Returns (B, 1, Hq, D).
 
@@ -174,8 +246,16 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         _, Hk, page_size, _ = k_cache.shape
         kt, kh, vt, vh = k_cache.stride(2), k_cache.stride(1), v_cache.stride(2), v_cache.stride(1)
     group = Hq // Hk
-    launch = plan_launch(B, Hk, group, D, page_table.shape[1] * page_size,
-                         _num_sms(q.device.index or 0) if q.is_cuda else 132, block_n, num_splits)
+    launch = plan_launch(
+        B,
+        Hk,
+        group,
+        D,
+        page_table.shape[1] * page_size,
+        _num_sms(q.device.index or 0) if q.is_cuda else 132,
+        block_n,
+        num_splits,
+    )
     splits = launch["num_splits"]
     if num_warps is not None:
         launch["num_warps"] = num_warps
@@ -195,19 +275,59 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         part_o = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
     split_kernel[(B, Hk, splits)](
-        q, k_cache, v_cache, page_table, seq_lens, out, part_o, part_lse,
-        q.stride(0), q.stride(2), q.stride(3),
-        k_cache.stride(0), kt, kh, k_cache.stride(3),
-        v_cache.stride(0), vt, vh, v_cache.stride(3),
-        page_table.stride(0), out.stride(0), out.stride(2), out.stride(3),
-        Hq, splits, score_scale, out_scale, max(left, 0),
-        G=group, G_PAD=launch["g_pad"], D=D, PAGE=page_size, BLOCK_N=launch["block_n"],
-        SOFTCAP=bool(softcap), WINDOW=left >= 0, DIRECT=direct,
-        num_warps=launch["num_warps"], num_stages=launch["num_stages"],
+        q,
+        k_cache,
+        v_cache,
+        page_table,
+        seq_lens,
+        out,
+        part_o,
+        part_lse,
+        q.stride(0),
+        q.stride(2),
+        q.stride(3),
+        k_cache.stride(0),
+        kt,
+        kh,
+        k_cache.stride(3),
+        v_cache.stride(0),
+        vt,
+        vh,
+        v_cache.stride(3),
+        page_table.stride(0),
+        out.stride(0),
+        out.stride(2),
+        out.stride(3),
+        Hq,
+        splits,
+        score_scale,
+        out_scale,
+        max(left, 0),
+        G=group,
+        G_PAD=launch["g_pad"],
+        D=D,
+        PAGE=page_size,
+        BLOCK_N=launch["block_n"],
+        SOFTCAP=bool(softcap),
+        WINDOW=left >= 0,
+        DIRECT=direct,
+        num_warps=launch["num_warps"],
+        num_stages=launch["num_stages"],
     )
     if not direct:
-        reduce_kernel[(B, Hq)](part_o, part_lse, out, out.stride(0), out.stride(2), out.stride(3), Hq, splits,
-                               D=D, SPLITS_PAD=max(2, _next_pow2(splits)), num_warps=4)
+        reduce_kernel[(B, Hq)](
+            part_o,
+            part_lse,
+            out,
+            out.stride(0),
+            out.stride(2),
+            out.stride(3),
+            Hq,
+            splits,
+            D=D,
+            SPLITS_PAD=max(2, _next_pow2(splits)),
+            num_warps=4,
+        )
     return out
 
 
@@ -215,15 +335,28 @@ def _check(ctx: SelectionContext) -> list[Rejection]:
     group = ctx.gqa_ratio
     tile = max(16, _next_pow2(group)) * ctx.head_dim
     if tile > MAX_GROUP_TILE:
-        return [Rejection(Reason.GQA_UNSUPPORTED,
-                          f"{group} query heads per KV head x head_dim {ctx.head_dim} exceeds the register tile "
-                          f"({MAX_GROUP_TILE} accumulator elements)")]
+        return [
+            Rejection(
+                Reason.GQA_UNSUPPORTED,
+                f"{group} query heads per KV head x head_dim {ctx.head_dim} exceeds the register tile "
+                f"({MAX_GROUP_TILE} accumulator elements)",
+            )
+        ]
     return []
 
 
-def _impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
-          seq_lens: torch.Tensor, is_causal: bool, scale: float | None, window: tuple[int, int] | None,
-          softcap: float, kv_layout: str) -> torch.Tensor:
+def _impl(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    is_causal: bool,
+    scale: float | None,
+    window: tuple[int, int] | None,
+    softcap: float,
+    kv_layout: str,
+) -> torch.Tensor:
     return paged_decode(q, k_cache, v_cache, page_table, seq_lens, is_causal, scale, window, softcap, kv_layout)
 
 
@@ -243,10 +376,21 @@ BACKEND = Backend(
     # num_stages 3: the launch sweep's best configs on the H100 all used 3 stages.
     kernels=(
         KernelSpec(
-            id="triton_paged.decode", ops=("attention.decode",), impl=_impl, priority=95,
-            platforms=frozenset({"cuda"}), min_sm=80, dtypes=HALF_DTYPES, head_dims=frozenset({64, 128, 256}),
-            kv_layouts=frozenset({"NHD", "HND"}), min_page_size=16, supports_window=True, supports_softcap=True,
-            graph_safe=True, needs_jit=True, check=_check,
+            id="triton_paged.decode",
+            ops=("attention.decode",),
+            impl=_impl,
+            priority=95,
+            platforms=frozenset({"cuda"}),
+            min_sm=80,
+            dtypes=HALF_DTYPES,
+            head_dims=frozenset({64, 128, 256}),
+            kv_layouts=frozenset({"NHD", "HND"}),
+            min_page_size=16,
+            supports_window=True,
+            supports_softcap=True,
+            graph_safe=True,
+            needs_jit=True,
+            check=_check,
             description="split-KV paged decode; one program reads each KV head once for its whole query group",
         ),
     ),

@@ -38,8 +38,9 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def rotate_qk(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-              interleaved: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def rotate_qk(
+    q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(q_out, k_out) as new contiguous BSHD tensors; q/k/cos/sin may have any strides."""
     B, S, Hq, D = q.shape
     Hk = 0 if k is None else k.shape[2]
@@ -57,20 +58,44 @@ def rotate_qk(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: t
     cb = 0 if cos.shape[0] == 1 else cos.stride(0)  # cos/sin (1, S, R) serve every batch row
     sb = 0 if sin.shape[0] == 1 else sin.stride(0)
     _kernel()[(B * S, q_blocks + k_blocks)](
-        q, kk, qo, qo if ko is None else ko, cos, sin, S, Hq, Hk, q_blocks,
-        *q.stride(), *kk.stride(), cb, cos.stride(1), cos.stride(2), sb, sin.stride(1), sin.stride(2),
-        D=D, HALF=half, BLOCK_H=block_h, BLOCK_HALF=block_half, BLOCK_REST=_pow2(rest) if rest else 0,
-        INTERLEAVED=interleaved, num_warps=4)
+        q,
+        kk,
+        qo,
+        qo if ko is None else ko,
+        cos,
+        sin,
+        S,
+        Hq,
+        Hk,
+        q_blocks,
+        *q.stride(),
+        *kk.stride(),
+        cb,
+        cos.stride(1),
+        cos.stride(2),
+        sb,
+        sin.stride(1),
+        sin.stride(2),
+        D=D,
+        HALF=half,
+        BLOCK_H=block_h,
+        BLOCK_HALF=block_half,
+        BLOCK_REST=_pow2(rest) if rest else 0,
+        INTERLEAVED=interleaved,
+        num_warps=4,
+    )
     return qo, ko
 
 
-def rope(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor,
-         sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def rope(
+    q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     return rotate_qk(q, k, cos, sin, False)
 
 
-def rope_interleaved(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor,
-                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def rope_interleaved(
+    q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     return rotate_qk(q, k, cos, sin, True)
 
 
@@ -79,8 +104,17 @@ def rope_interleaved(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor,
 # q/k views (which Liger's adapter must copy first).
 def _spec(name: str, ops: tuple[str, ...], impl: object, description: str) -> KernelSpec:
     return KernelSpec(
-        id=f"triton_rope.{name}", ops=ops, impl=impl, priority=74, platforms=frozenset({"cuda"}), min_sm=80,  # type: ignore[arg-type]
-        dtypes=FLOAT_DTYPES, layout="BSHD", requires_contiguous=False, needs_jit=True, check=_non_empty,
+        id=f"triton_rope.{name}",
+        ops=ops,
+        impl=impl,
+        priority=74,
+        platforms=frozenset({"cuda"}),
+        min_sm=80,  # type: ignore[arg-type]
+        dtypes=FLOAT_DTYPES,
+        layout="BSHD",
+        requires_contiguous=False,
+        needs_jit=True,
+        check=_non_empty,
         description=description,
     )
 
@@ -93,7 +127,11 @@ BACKEND = Backend(
     probes=(("triton_rope.rope", "rope"),),
     kernels=(
         _spec("rope", ("posenc.rope",), rope, "q and k rotated in one launch from any strides (NeoX pairs)"),
-        _spec("rope_interleaved", ("posenc.rope_interleaved",), rope_interleaved,
-              "q and k rotated in one launch from any strides (GPT-J pairs)"),
+        _spec(
+            "rope_interleaved",
+            ("posenc.rope_interleaved",),
+            rope_interleaved,
+            "q and k rotated in one launch from any strides (GPT-J pairs)",
+        ),
     ),
 )

@@ -20,8 +20,14 @@ from .reference import band_mask
 _UNBOUNDED = 1 << 30
 
 
-def _bias(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
-          window: tuple[int, int] | None, groups: int) -> object:
+def _bias(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    window: tuple[int, int] | None,
+    groups: int,
+) -> object:
     """The attn_bias for our mask/causal/window arguments (q, k in BSHD)."""
     from xformers.ops import fmha
 
@@ -35,8 +41,9 @@ def _bias(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, is_c
                 return masks.LowerTriangularFromBottomRightMask()
             # window_size counts the query's own key: window_size = left + 1
             return masks.LowerTriangularFromBottomRightLocalAttentionMask(left + 1)
-        return masks.LocalAttentionFromBottomRightMask(left if left >= 0 else _UNBOUNDED,
-                                                       right if right >= 0 else _UNBOUNDED)
+        return masks.LocalAttentionFromBottomRightMask(
+            left if left >= 0 else _UNBOUNDED, right if right >= 0 else _UNBOUNDED
+        )
     # A tensor bias: additive, broadcast to (B, Hq, Sq, Sk), last dim padded to a multiple of 8.
     B, Sq, Hq, _ = q.shape
     Sk = k.shape[1]
@@ -52,9 +59,18 @@ def _bias(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, is_c
     return bias.view(B, Hq // groups, groups, Sq, Sk) if groups > 1 else bias
 
 
-def memory_efficient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-                     is_causal: bool, dropout_p: float, scale: float | None, window: tuple[int, int] | None,
-                     softcap: float, alibi_slopes: torch.Tensor | None) -> torch.Tensor:
+def memory_efficient(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    dropout_p: float,
+    scale: float | None,
+    window: tuple[int, int] | None,
+    softcap: float,
+    alibi_slopes: torch.Tensor | None,
+) -> torch.Tensor:
     from xformers.ops import memory_efficient_attention
 
     B, Sq, Hq, D = q.shape
@@ -72,18 +88,30 @@ def memory_efficient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
 
 
 BACKEND = Backend(
-    name="xformers", module="xformers", distribution="xformers",
+    name="xformers",
+    module="xformers",
+    distribution="xformers",
     description="xFormers memory_efficient_attention (cutlass / flash dispatch inside xformers)",
     # xformers 0.0.35 imports under torch 2.11 but its extension does not load: every call raises
     # "No operator found". The probe finds that before a user call does (BACKEND_BROKEN).
     probes=(("xformers.memory_efficient", "prefill"),),
     kernels=(
         KernelSpec(
-            id="xformers.memory_efficient", impl=memory_efficient, priority=65,
+            id="xformers.memory_efficient",
+            impl=memory_efficient,
+            priority=65,
             ops=("attention.causal", "attention.full", "attention.masked", "attention.sliding_window"),
-            platforms=frozenset({"cuda"}), min_sm=50, dtypes=FLOAT_DTYPES, max_head_dim=256, head_dim_multiple=8,
-            layout="BSHD", mask_kinds=frozenset({"none", "bool", "float"}), supports_dropout=True,
-            supports_window=True, supports_backward=True, deterministic=False,
+            platforms=frozenset({"cuda"}),
+            min_sm=50,
+            dtypes=FLOAT_DTYPES,
+            max_head_dim=256,
+            head_dim_multiple=8,
+            layout="BSHD",
+            mask_kinds=frozenset({"none", "bool", "float"}),
+            supports_dropout=True,
+            supports_window=True,
+            supports_backward=True,
+            deterministic=False,
             description="xformers.ops.memory_efficient_attention with BMHK / BMGHK inputs",
         ),
     ),

@@ -1,7 +1,8 @@
-"""Framework integrations, each imported on demand (none is imported by `import layerzero`).
+"""Framework integrations, each imported on demand (none is imported by `import layerzero`). The
+`torch.ops.layerzero.*` custom ops that torch.compile and torch.export see in place of the `lz.*` calls
+are the op families' own (ops/library.py).
 
-- `layerzero.integrations.torch_ops`: the `torch.ops.layerzero.*` custom ops that torch.compile and
-  torch.export see in place of the `lz.*` calls (imported on the first trace).
+
 - `layerzero.integrations.transformers`: the "layerzero" attention implementation of Hugging Face
   transformers and `patch(model)` / `unpatch(model)` for norms, RoPE and gated MLPs. It registers
   itself as soon as transformers' attention registry exists (`watch_transformers`), so
@@ -38,8 +39,12 @@ def _register_transformers() -> None:
     try:
         importlib.import_module("layerzero.integrations.transformers")  # registers at import
     except Exception as e:  # an unexpected transformers must not break the user's import of it
-        log.warning("layerzero: attn_implementation='layerzero' is not registered with transformers: %s: %s; "
-                    "import layerzero.integrations.transformers to see why", type(e).__name__, e)
+        log.warning(
+            "layerzero: attn_implementation='layerzero' is not registered with transformers: %s: %s; "
+            "import layerzero.integrations.transformers to see why",
+            type(e).__name__,
+            e,
+        )
 
 
 class _AfterImport:

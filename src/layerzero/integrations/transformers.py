@@ -53,19 +53,41 @@ OFFSET_RMS_NORMS = {"GemmaRMSNorm", "Gemma2RMSNorm"}  # output * (1 + weight), c
 GATED_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP", "Gemma2MLP"}
 FUSED_GATED_MLPS = {"Phi3MLP"}  # gate_up_proj -> chunk(2) -> up * act(gate)
 ACTIVATION_MLPS = {"GPT2MLP"}  # c_fc -> act -> c_proj: the activation module is patched
-ROPE_ATTENTIONS = {"LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention", "GemmaAttention",
-                   "Gemma2Attention", "Phi3Attention"}
+ROPE_ATTENTIONS = {
+    "LlamaAttention",
+    "MistralAttention",
+    "Qwen2Attention",
+    "Qwen3Attention",
+    "GemmaAttention",
+    "Gemma2Attention",
+    "Phi3Attention",
+}
 # transformers activation classes -> (gated op, approximate)
-ACTIVATIONS = {"SiLUActivation": ("swiglu", "none"), "SiLU": ("swiglu", "none"), "GELUTanh": ("geglu", "tanh"),
-               "NewGELUActivation": ("geglu", "tanh"), "GELUActivation": ("geglu", "none")}
+ACTIVATIONS = {
+    "SiLUActivation": ("swiglu", "none"),
+    "SiLU": ("swiglu", "none"),
+    "GELUTanh": ("geglu", "tanh"),
+    "NewGELUActivation": ("geglu", "tanh"),
+    "GELUActivation": ("geglu", "none"),
+}
 
 
 # ----------------------------------------------------------------------------- attention interface
 
-def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                      sliding_window: int | None = None, softcap: float | None = None,
-                      is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+
+def attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature on `lz.attention`.
 
     query: (B, Hq, Sq, D); key, value: (B, Hkv, Sk, D); attention_mask: bool or additive, broadcastable
@@ -74,8 +96,12 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     """
     for name in ("position_bias", "s_aux", "sinks"):
         if kwargs.get(name) is not None:
-            raise InvalidInputError(name, f"None (attn_implementation={NAME!r} has no {name})",
-                                    "a tensor", "use attn_implementation='eager' for this model")
+            raise InvalidInputError(
+                name,
+                f"None (attn_implementation={NAME!r} has no {name})",
+                "a tensor",
+                "use attn_implementation='eager' for this model",
+            )
     q_len = query.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     mask = attention_mask
@@ -87,8 +113,17 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         causal = False
         if mask.dtype != torch.bool and mask.dtype != query.dtype:
             mask = mask.to(query.dtype)
-    out = attention(query, key, value, attn_mask=mask, is_causal=causal, dropout_p=float(dropout), scale=scaling,
-                    layout="BHSD", softcap=float(softcap or 0.0))
+    out = attention(
+        query,
+        key,
+        value,
+        attn_mask=mask,
+        is_causal=causal,
+        dropout_p=float(dropout),
+        scale=scaling,
+        layout="BHSD",
+        softcap=float(softcap or 0.0),
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -105,6 +140,7 @@ register()
 
 
 # ----------------------------------------------------------------------------- module forwards
+
 
 def _rms_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
@@ -153,8 +189,9 @@ def _activation_forward(approximate: str) -> Callable[..., torch.Tensor]:
 def _rope_function(original: Callable[..., Any]) -> Callable[..., Any]:
     """`apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)` on lz.rope_qk; other forms go to the original."""
 
-    def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                             *args: Any, **kwargs: Any) -> Any:
+    def apply_rotary_pos_emb(
+        q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> Any:
         unsqueeze_dim = args[0] if args else kwargs.get("unsqueeze_dim", 1)
         if unsqueeze_dim != 1 or len(args) > 1 or set(kwargs) - {"unsqueeze_dim"} or cos.dim() != 3:
             return original(q, k, cos, sin, *args, **kwargs)
@@ -202,6 +239,7 @@ def _uses_global(fn: Any, name: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- patch / unpatch
+
 
 @dataclasses.dataclass
 class PatchReport:
@@ -253,8 +291,9 @@ def _activation_target(module: nn.Module) -> tuple[nn.Module, Callable[..., Any]
     return None
 
 
-def patch(model: nn.Module, attention: bool = True, norms: bool = True, rope: bool = True,
-          mlp: bool = True) -> PatchReport:
+def patch(
+    model: nn.Module, attention: bool = True, norms: bool = True, rope: bool = True, mlp: bool = True
+) -> PatchReport:
     """Route `model`'s attention, norms, RoPE and gated MLPs through LayerZero (in place; see the module doc).
 
     model: a transformers PreTrainedModel. Returns a PatchReport; `unpatch(model)` undoes it exactly.
@@ -297,8 +336,9 @@ def unpatch(model: Any) -> None:
     """Undo `patch(model)`: the patched modules get their class forward back, attention its implementation."""
     report = getattr(model, "__dict__", {}).get(_RECORD)
     if report is None:
-        raise InvalidInputError("model", "a model patched by layerzero.integrations.transformers.patch",
-                                "an unpatched model")
+        raise InvalidInputError(
+            "model", "a model patched by layerzero.integrations.transformers.patch", "an unpatched model"
+        )
     for module in report.modules:
         module.__dict__.pop("forward", None)
     if model.config._attn_implementation != report.previous_attention:

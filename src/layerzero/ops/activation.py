@@ -22,18 +22,11 @@ from typing import Any
 
 import torch
 
-from ..context import GRAPH_CALL, SelectionContext, stream_capturing
+from ..capture import GRAPH_CALL, stream_capturing
+from ..context import SelectionContext
 from ..errors import InvalidInputError
 from ..state import runtime
-from . import (
-    OpFamily,
-    bind_contiguous,
-    compile_flags,
-    contiguous_transforms,
-    dynamo_compiling,
-    register_family,
-    traced_ops,
-)
+from .family import Args, OpFamily, Shape, Workload, compile_flags, dynamo_compiling, randn, register_family
 
 _grad_enabled = torch.is_grad_enabled
 APPROXIMATIONS = ("none", "tanh")
@@ -42,9 +35,11 @@ MLP_ACTIVATIONS = ("swiglu", "geglu")
 
 def silu(x: torch.Tensor) -> torch.Tensor:
     """x * sigmoid(x), elementwise. x: any shape, floating point."""
-    # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    # torch.compile / torch.export: one custom op node (ops/library.py)
     if dynamo_compiling() or compile_flags._is_compiling_flag:
-        return traced_ops().silu(x)
+        from .library import trace  # an import dynamo runs for real: registers the ops
+
+        return trace(SILU, x)
     try:
         key = _silu_key(x)
     except AttributeError:
@@ -61,9 +56,11 @@ def silu(x: torch.Tensor) -> torch.Tensor:
 
 def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """GELU, elementwise: exact (erf) with approximate="none", the tanh form with "tanh"."""
-    # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    # torch.compile / torch.export: one custom op node (ops/library.py)
     if dynamo_compiling() or compile_flags._is_compiling_flag:
-        return traced_ops().gelu(x, approximate)
+        from .library import trace  # an import dynamo runs for real: registers the ops
+
+        return trace(GELU, x, approximate)
     try:
         key = _gelu_key(x, approximate)
     except AttributeError:
@@ -80,11 +77,13 @@ def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up. gate, up: (..., d_ff), same shape/dtype/device."""
-    # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    # torch.compile / torch.export: one custom op node (ops/library.py)
     if dynamo_compiling() or compile_flags._is_compiling_flag:
-        return traced_ops().swiglu(gate, up)
+        from .library import trace  # an import dynamo runs for real: registers the ops
+
+        return trace(SWIGLU, gate, up)
     try:
-        key = _gated_key("activation.swiglu", gate, up)
+        key = _swiglu_key(gate, up)
     except AttributeError:
         _check_tensors(gate=gate, up=up)
         raise
@@ -99,11 +98,13 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """gelu(gate, approximate) * up. gate, up: (..., d_ff), same shape/dtype/device."""
-    # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    # torch.compile / torch.export: one custom op node (ops/library.py)
     if dynamo_compiling() or compile_flags._is_compiling_flag:
-        return traced_ops().geglu(gate, up, approximate)
+        from .library import trace  # an import dynamo runs for real: registers the ops
+
+        return trace(GEGLU, gate, up, approximate)
     try:
-        key = _gated_key("activation.geglu", gate, up, approximate)
+        key = _geglu_key(gate, up, approximate)
     except AttributeError:
         _check_tensors(gate=gate, up=up)
         raise
@@ -116,16 +117,24 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> to
         return plan.recover(error, gate, up, approximate)
 
 
-def fused_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-              activation: str = "swiglu", approximate: str = "none") -> torch.Tensor:
+def fused_mlp(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    activation: str = "swiglu",
+    approximate: str = "none",
+) -> torch.Tensor:
     """Gated MLP act(x @ w_gate.T, x @ w_up.T) @ w_down.T (Llama's SwiGLU MLP, Gemma's GeGLU MLP).
 
     x: (..., d_model); w_gate, w_up: (d_ff, d_model); w_down: (d_model, d_ff), nn.Linear layout.
     activation: "swiglu" or "geglu" (approximate applies to geglu). Returns (..., d_model).
     """
-    # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    # torch.compile / torch.export: one custom op node (ops/library.py)
     if dynamo_compiling() or compile_flags._is_compiling_flag:
-        return traced_ops().fused_mlp(x, w_gate, w_up, w_down, activation, approximate)
+        from .library import trace  # an import dynamo runs for real: registers the ops
+
+        return trace(FUSED_MLP, x, w_gate, w_up, w_down, activation, approximate)
     try:
         key = _mlp_key(x, w_gate, w_up, w_down, activation, approximate)
     except AttributeError:
@@ -141,31 +150,83 @@ def fused_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
         return plan.recover(error, x, w_gate, w_up, w_down, act)
 
 
-_MLP_OP_SUFFIX = {("swiglu", "none"): "swiglu", ("swiglu", "tanh"): "swiglu", ("geglu", "none"): "geglu",
-                  ("geglu", "tanh"): "geglu_tanh"}
+_MLP_OP_SUFFIX = {
+    ("swiglu", "none"): "swiglu",
+    ("swiglu", "tanh"): "swiglu",
+    ("geglu", "none"): "geglu",
+    ("geglu", "tanh"): "geglu_tanh",
+}
 
 
 def _silu_key(x: Any) -> tuple[Any, ...]:
-    return ("activation.silu", x.shape, x.dtype, x.device, _grad_enabled() and x.requires_grad,
-            x.is_cuda and (GRAPH_CALL.depth > 0 or stream_capturing()))
+    return (
+        "activation.silu",
+        x.shape,
+        x.dtype,
+        x.device,
+        _grad_enabled() and x.requires_grad,
+        x.is_cuda and (GRAPH_CALL.depth > 0 or stream_capturing()),
+    )
 
 
 def _gelu_key(x: Any, approximate: str = "none") -> tuple[Any, ...]:
-    return ("activation.gelu", approximate, x.shape, x.dtype, x.device, _grad_enabled() and x.requires_grad,
-            x.is_cuda and (GRAPH_CALL.depth > 0 or stream_capturing()))
+    return (
+        "activation.gelu",
+        approximate,
+        x.shape,
+        x.dtype,
+        x.device,
+        _grad_enabled() and x.requires_grad,
+        x.is_cuda and (GRAPH_CALL.depth > 0 or stream_capturing()),
+    )
 
 
-def _mlp_key(x: Any, w_gate: Any, w_up: Any, w_down: Any, activation: str = "swiglu",
-             approximate: str = "none") -> tuple[Any, ...]:
+def _mlp_key(
+    x: Any, w_gate: Any, w_up: Any, w_down: Any, activation: str = "swiglu", approximate: str = "none"
+) -> tuple[Any, ...]:
     grad = _grad_enabled() and (x.requires_grad or w_gate.requires_grad or w_up.requires_grad or w_down.requires_grad)
-    return ("mlp", activation, approximate, x.shape, x.dtype, x.device, w_gate.shape, w_gate.dtype, w_gate.device,
-            w_up.shape, w_up.dtype, w_up.device, w_down.shape, w_down.dtype, w_down.device, grad,
-            x.is_cuda and (GRAPH_CALL.depth > 0 or stream_capturing()))
+    return (
+        "mlp",
+        activation,
+        approximate,
+        x.shape,
+        x.dtype,
+        x.device,
+        w_gate.shape,
+        w_gate.dtype,
+        w_gate.device,
+        w_up.shape,
+        w_up.dtype,
+        w_up.device,
+        w_down.shape,
+        w_down.dtype,
+        w_down.device,
+        grad,
+        x.is_cuda and (GRAPH_CALL.depth > 0 or stream_capturing()),
+    )
 
 
 def _gated_key(op: str, gate: Any, up: Any, approximate: str = "none") -> tuple[Any, ...]:
-    return (op, approximate, gate.shape, gate.dtype, gate.device, up.shape, up.dtype, up.device,
-            _grad_enabled() and (gate.requires_grad or up.requires_grad), gate.is_cuda and (GRAPH_CALL.depth > 0 or stream_capturing()))
+    return (
+        op,
+        approximate,
+        gate.shape,
+        gate.dtype,
+        gate.device,
+        up.shape,
+        up.dtype,
+        up.device,
+        _grad_enabled() and (gate.requires_grad or up.requires_grad),
+        gate.is_cuda and (GRAPH_CALL.depth > 0 or stream_capturing()),
+    )
+
+
+def _swiglu_key(gate: Any, up: Any) -> tuple[Any, ...]:
+    return _gated_key("activation.swiglu", gate, up)
+
+
+def _geglu_key(gate: Any, up: Any, approximate: str = "none") -> tuple[Any, ...]:
+    return _gated_key("activation.geglu", gate, up, approximate)
 
 
 def _check_tensors(**tensors: Any) -> None:
@@ -187,7 +248,9 @@ def _row_context(op: str, x: torch.Tensor, name: str, requires_grad: bool) -> Se
     return SelectionContext(
         op=op,
         **SelectionContext.device_fields(x.device),  # type: ignore[arg-type]
-        dtype=x.dtype, hidden_size=hidden, num_rows=x.numel() // max(hidden, 1),
+        dtype=x.dtype,
+        hidden_size=hidden,
+        num_rows=x.numel() // max(hidden, 1),
         requires_grad=torch.is_grad_enabled() and requires_grad,
     )
 
@@ -223,8 +286,14 @@ def _geglu_context(gate: torch.Tensor, up: torch.Tensor, approximate: str = "non
     return _row_context(op, gate, "gate", gate.requires_grad or up.requires_grad)
 
 
-def _mlp_context(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                 activation: str = "swiglu", approximate: str = "none") -> SelectionContext:
+def _mlp_context(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    activation: str = "swiglu",
+    approximate: str = "none",
+) -> SelectionContext:
     _check_tensors(x=x, w_gate=w_gate, w_up=w_up, w_down=w_down)
     if activation not in MLP_ACTIVATIONS:
         raise InvalidInputError("activation", f"one of {MLP_ACTIVATIONS}", repr(activation))
@@ -238,8 +307,9 @@ def _mlp_context(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
     if tuple(w_up.shape) != (d_ff, d_model):
         raise InvalidInputError("w_up", f"shape ({d_ff}, {d_model}) (as w_gate)", tuple(w_up.shape))
     if tuple(w_down.shape) != (d_model, d_ff):
-        raise InvalidInputError("w_down", f"shape ({d_model}, {d_ff}) = (d_model, d_ff) (nn.Linear layout)",
-                                tuple(w_down.shape))
+        raise InvalidInputError(
+            "w_down", f"shape ({d_model}, {d_ff}) = (d_model, d_ff) (nn.Linear layout)", tuple(w_down.shape)
+        )
     for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
         if w.dtype != x.dtype:
             raise InvalidInputError(name, f"dtype {x.dtype} (as x)", w.dtype)
@@ -251,14 +321,37 @@ def _mlp_context(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
     return ctx.replace(hidden_size=d_ff, num_rows=x.numel() // max(d_model, 1))
 
 
+def _mlp_fake(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    activation: str = "swiglu",
+    approximate: str = "none",
+) -> torch.Tensor:
+    """The fake kernel of torch.ops.layerzero.fused_mlp (ops/library.py): (..., d_model) like x's rows."""
+    _mlp_context(x, w_gate, w_up, w_down, activation, approximate)
+    return x.new_empty((*x.shape[:-1], w_down.shape[0]))
 
 
+def _pair_workload(shape: Shape, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> Args:
+    """swiglu's workload (rows, hidden): gate and up of that shape."""
+    return (randn(shape, dtype, device, gen), randn(shape, dtype, device, gen))
 
 
-SILU = register_family(OpFamily("silu", _silu_key, _silu_context, bind_contiguous, contiguous_transforms))
-GELU = register_family(OpFamily("gelu", _gelu_key, _gelu_context, bind_contiguous, contiguous_transforms))
-SWIGLU = register_family(OpFamily(
-    "swiglu", lambda gate, up: _gated_key("activation.swiglu", gate, up), _swiglu_context, bind_contiguous, contiguous_transforms))
-GEGLU = register_family(OpFamily("geglu", lambda gate, up, approximate="none": _gated_key(
-    "activation.geglu", gate, up, approximate), _geglu_context, bind_contiguous, contiguous_transforms))
-FUSED_MLP = register_family(OpFamily("fused_mlp", _mlp_key, _mlp_context, bind_contiguous, contiguous_transforms))
+SILU = register_family(OpFamily("silu", _silu_key, _silu_context, function=silu, library=True))
+GELU = register_family(OpFamily("gelu", _gelu_key, _gelu_context, function=gelu, library=True))
+SWIGLU = register_family(
+    OpFamily(
+        "swiglu",
+        _swiglu_key,
+        _swiglu_context,
+        function=swiglu,
+        library=True,
+        workloads=(Workload("swiglu", ("rows", "hidden"), ("rows",), _pair_workload),),
+    )
+)
+GEGLU = register_family(OpFamily("geglu", _geglu_key, _geglu_context, function=geglu, library=True))
+FUSED_MLP = register_family(
+    OpFamily("fused_mlp", _mlp_key, _mlp_context, function=fused_mlp, library=True, fake=_mlp_fake)
+)

@@ -12,7 +12,7 @@ import torch
 from ..context import SelectionContext
 from ..errors import InvalidInputError
 from ..state import runtime
-from . import OpFamily, bind_contiguous, contiguous_transforms, register_family
+from .family import OpFamily, register_family
 
 _grad_enabled = torch.is_grad_enabled
 
@@ -44,8 +44,17 @@ def embedding(ids: torch.Tensor, table: torch.Tensor, padding_idx: int | None = 
 
 
 def _key(ids: Any, table: Any, padding_idx: int | None = None) -> tuple[Any, ...]:
-    return ("embedding.lookup", ids.shape, ids.dtype, ids.device, table.shape, table.dtype, table.device,
-            padding_idx is None, _grad_enabled() and table.requires_grad)
+    return (
+        "embedding.lookup",
+        ids.shape,
+        ids.dtype,
+        ids.device,
+        table.shape,
+        table.dtype,
+        table.device,
+        padding_idx is None,
+        _grad_enabled() and table.requires_grad,
+    )
 
 
 def _check(**tensors: Any) -> None:
@@ -65,18 +74,18 @@ def _context(ids: torch.Tensor, table: torch.Tensor, padding_idx: int | None = N
     if ids.device != table.device:
         raise InvalidInputError("ids", f"device {table.device} (as table)", ids.device)
     vocab = table.shape[0]
-    if padding_idx is not None and (isinstance(padding_idx, bool) or not isinstance(padding_idx, int)
-                                    or not -vocab <= padding_idx < vocab):
+    if padding_idx is not None and (
+        isinstance(padding_idx, bool) or not isinstance(padding_idx, int) or not -vocab <= padding_idx < vocab
+    ):
         raise InvalidInputError("padding_idx", f"None or an int in [-{vocab}, {vocab})", padding_idx)
     return SelectionContext(
-        op="embedding.lookup", **SelectionContext.device_fields(table.device),  # type: ignore[arg-type]
-        dtype=table.dtype, hidden_size=table.shape[1], num_rows=ids.numel(),
+        op="embedding.lookup",
+        **SelectionContext.device_fields(table.device),  # type: ignore[arg-type]
+        dtype=table.dtype,
+        hidden_size=table.shape[1],
+        num_rows=ids.numel(),
         requires_grad=torch.is_grad_enabled() and table.requires_grad,
     )
 
 
-
-
-
-
-EMBEDDING = register_family(OpFamily("embedding", _key, _context, bind_contiguous, contiguous_transforms))
+EMBEDDING = register_family(OpFamily("embedding", _key, _context, function=embedding))

@@ -28,11 +28,12 @@ from typing import Any
 
 import torch
 
-from ..context import GRAPH_CALL, SelectionContext, stream_capturing
+from ..capture import GRAPH_CALL, stream_capturing
+from ..context import SelectionContext
 from ..errors import InvalidInputError, UnknownNameError
 from ..kernel import LAYOUTS, KernelSpec
 from ..state import runtime
-from . import OpFamily, compile_flags, dynamo_compiling, register_family, traced_ops
+from .family import Args, OpFamily, Shape, Workload, compile_flags, dynamo_compiling, randn, register_family
 
 _grad_enabled = torch.is_grad_enabled
 
@@ -41,24 +42,43 @@ def _tkey(t: Any) -> Any:
     return None if t is None else (t.shape, t.dtype, t.device)
 
 
-def _key(q: Any, k: Any, cos: Any, sin: Any, interleaved: bool = False, position_ids: Any = None,
-         layout: str = "BSHD") -> tuple[Any, ...]:
+def _key(
+    q: Any, k: Any, cos: Any, sin: Any, interleaved: bool = False, position_ids: Any = None, layout: str = "BSHD"
+) -> tuple[Any, ...]:
     grad = _grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad))
-    return ("posenc.rope", bool(interleaved), layout, _tkey(q), _tkey(k), _tkey(cos), _tkey(sin),
-            _tkey(position_ids), grad, q.is_cuda and (GRAPH_CALL.depth > 0 or stream_capturing()))
+    return (
+        "posenc.rope",
+        bool(interleaved),
+        layout,
+        _tkey(q),
+        _tkey(k),
+        _tkey(cos),
+        _tkey(sin),
+        _tkey(position_ids),
+        grad,
+        q.is_cuda and (GRAPH_CALL.depth > 0 or stream_capturing()),
+    )
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False,
-         position_ids: torch.Tensor | None = None, layout: str = "BSHD") -> torch.Tensor:
+def rope(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    interleaved: bool = False,
+    position_ids: torch.Tensor | None = None,
+    layout: str = "BSHD",
+) -> torch.Tensor:
     """Rotary position embedding of one tensor. x: (B, S, H, D) (or BHSD with layout="BHSD").
 
     cos/sin: (S, R), (B, S, R), or a (max_positions, R) cache with position_ids; see the module doc.
     """
-    # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    # torch.compile / torch.export: one custom op node (ops/library.py)
     if dynamo_compiling() or compile_flags._is_compiling_flag:
-        return traced_ops().rope(x, cos, sin, interleaved, position_ids, layout)
+        from .library import trace  # an import dynamo runs for real: registers the ops
+
+        return trace(ROPE, x, cos, sin, interleaved, position_ids, layout)
     try:
-        key = _key(x, None, cos, sin, interleaved, position_ids, layout)
+        key = _rope_key(x, cos, sin, interleaved, position_ids, layout)
     except AttributeError:
         _check_tensors(x=x, cos=cos, sin=sin, position_ids=position_ids)
         raise
@@ -72,15 +92,24 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: boo
         return plan.recover(error, x, None, cos, sin)[0]
 
 
-def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False,
-            position_ids: torch.Tensor | None = None, layout: str = "BSHD") -> tuple[torch.Tensor, torch.Tensor]:
+def rope_qk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    interleaved: bool = False,
+    position_ids: torch.Tensor | None = None,
+    layout: str = "BSHD",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE of queries and keys in one call (one kernel launch where the backend fuses them).
 
     q: (B, S, Hq, D), k: (B, S, Hk, D) (GQA: Hk may differ), same layout; returns (q_out, k_out).
     """
-    # torch.compile / torch.export: one custom op node (integrations/torch_ops.py)
+    # torch.compile / torch.export: one custom op node (ops/library.py)
     if dynamo_compiling() or compile_flags._is_compiling_flag:
-        return traced_ops().rope_qk(q, k, cos, sin, interleaved, position_ids, layout)
+        from .library import trace  # an import dynamo runs for real: registers the ops
+
+        return trace(ROPE_QK, q, k, cos, sin, interleaved, position_ids, layout)
     try:
         key = _key(q, k, cos, sin, interleaved, position_ids, layout)
     except AttributeError:
@@ -96,8 +125,9 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         return plan.recover(error, q, k, cos, sin)
 
 
-def _angles(cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor | None,
-            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _angles(
+    cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin as (1 or B, S, R): gathered by position_ids, or with a batch dim added."""
     if position_ids is None:
         return (cos[None], sin[None]) if cos.dim() == 2 else (cos, sin)
@@ -109,8 +139,11 @@ def _angles(cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor | N
 
 def _check_positions(position_ids: torch.Tensor, max_positions: int) -> None:
     if position_ids.numel() and (int(position_ids.min()) < 0 or int(position_ids.max()) >= max_positions):
-        raise InvalidInputError("position_ids", f"values in [0, {max_positions}) (rows of the cos/sin cache)",
-                                f"range [{int(position_ids.min())}, {int(position_ids.max())}]")
+        raise InvalidInputError(
+            "position_ids",
+            f"values in [0, {max_positions}) (rows of the cos/sin cache)",
+            f"range [{int(position_ids.min())}, {int(position_ids.max())}]",
+        )
 
 
 def _check_tensors(**tensors: Any) -> None:
@@ -119,9 +152,15 @@ def _check_tensors(**tensors: Any) -> None:
             raise InvalidInputError(name, "a torch.Tensor", type(t).__name__)
 
 
-def _context(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-             interleaved: bool = False, position_ids: torch.Tensor | None = None,
-             layout: str = "BSHD") -> SelectionContext:
+def _context(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    interleaved: bool = False,
+    position_ids: torch.Tensor | None = None,
+    layout: str = "BSHD",
+) -> SelectionContext:
     """Validate the inputs and describe the call (miss path only)."""
     qname = "x" if k is None else "q"
     _check_tensors(**{qname: q}, k=k, cos=cos, sin=sin, position_ids=position_ids)
@@ -157,8 +196,12 @@ def _context(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: to
     if position_ids is None:
         ok = cos.dim() == 2 and cos.shape[0] == S or cos.dim() == 3 and cos.shape[0] in (1, B) and cos.shape[1] == S
         if not ok:
-            raise InvalidInputError("cos", f"shape (S, R) or (1 or B, S, R) with S = {S}, B = {B}", tuple(cos.shape),
-                                    "or pass position_ids to index a (max_positions, R) cache")
+            raise InvalidInputError(
+                "cos",
+                f"shape (S, R) or (1 or B, S, R) with S = {S}, B = {B}",
+                tuple(cos.shape),
+                "or pass position_ids to index a (max_positions, R) cache",
+            )
     else:
         if position_ids.dtype not in (torch.int32, torch.int64):
             raise InvalidInputError("position_ids", "dtype torch.int64 or torch.int32", position_ids.dtype)
@@ -167,16 +210,26 @@ def _context(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: to
         if position_ids.device != q.device:
             raise InvalidInputError("position_ids", f"device {q.device}", position_ids.device)
         if cos.dim() != 2:
-            raise InvalidInputError("cos", "a 2-D (max_positions, R) cache when position_ids is given",
-                                    tuple(cos.shape))
+            raise InvalidInputError(
+                "cos", "a 2-D (max_positions, R) cache when position_ids is given", tuple(cos.shape)
+            )
         _check_positions(position_ids, cos.shape[0])
     if R % 2 or not 2 <= R <= D:
         raise InvalidInputError("cos", f"an even rotary dim R (last dimension) in [2, head_dim {D}]", R)
     return SelectionContext(
         op="posenc.rope_interleaved" if interleaved else "posenc.rope",
         **SelectionContext.device_fields(q.device),  # type: ignore[arg-type]
-        dtype=q.dtype, batch=B, seq_len_q=S, seq_len_k=S, num_heads=H, num_kv_heads=Hk or H, head_dim=D,
-        head_dim_v=D, layout=layout, num_rows=B * S, hidden_size=R,
+        dtype=q.dtype,
+        batch=B,
+        seq_len_q=S,
+        seq_len_k=S,
+        num_heads=H,
+        num_kv_heads=Hk or H,
+        head_dim=D,
+        head_dim_v=D,
+        layout=layout,
+        num_rows=B * S,
+        hidden_size=R,
         requires_grad=torch.is_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad)),
     )
 
@@ -209,24 +262,124 @@ def _bind(spec: KernelSpec, ctx: SelectionContext) -> tuple[Callable[..., Any], 
     return run, transforms
 
 
-def _rope_key(x: Any, cos: Any, sin: Any, interleaved: bool = False, position_ids: Any = None,
-              layout: str = "BSHD") -> tuple[Any, ...]:
-    return _key(x, None, cos, sin, interleaved, position_ids, layout)
+def _rope_key(
+    x: Any, cos: Any, sin: Any, interleaved: bool = False, position_ids: Any = None, layout: str = "BSHD"
+) -> tuple[Any, ...]:
+    """rope's key: rope_qk's (_key) with k None, computed in one frame."""
+    return (
+        "posenc.rope",
+        bool(interleaved),
+        layout,
+        _tkey(x),
+        None,
+        _tkey(cos),
+        _tkey(sin),
+        _tkey(position_ids),
+        _grad_enabled() and x.requires_grad,
+        x.is_cuda and (GRAPH_CALL.depth > 0 or stream_capturing()),
+    )
 
 
-def _rope_context(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False,
-                  position_ids: torch.Tensor | None = None, layout: str = "BSHD") -> SelectionContext:
+def _rope_context(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    interleaved: bool = False,
+    position_ids: torch.Tensor | None = None,
+    layout: str = "BSHD",
+) -> SelectionContext:
     return _context(x, None, cos, sin, interleaved, position_ids, layout)
 
 
-ROPE = register_family(OpFamily("rope", _rope_key, _rope_context, _bind, _transforms))
-ROPE_QK = register_family(OpFamily("rope_qk", _key, _context, _bind, _transforms))
+def _rope_fake(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    interleaved: bool = False,
+    position_ids: torch.Tensor | None = None,
+    layout: str = "BSHD",
+) -> torch.Tensor:
+    """The fake kernel of torch.ops.layerzero.rope (ops/library.py)."""
+    if position_ids is None:  # with position_ids the checks read the positions: the real kernel does them
+        _context(x, None, cos, sin, interleaved, None, layout)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _rope_qk_real(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    interleaved: bool = False,
+    position_ids: torch.Tensor | None = None,
+    layout: str = "BSHD",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real kernel of torch.ops.layerzero.rope_qk: rope_qk with contiguous outputs."""
+    qo, ko = rope_qk(q, k, cos, sin, interleaved, position_ids, layout)
+    return qo.contiguous(), ko.contiguous()
+
+
+def _rope_qk_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    interleaved: bool = False,
+    position_ids: torch.Tensor | None = None,
+    layout: str = "BSHD",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if position_ids is None:
+        _context(q, k, cos, sin, interleaved, None, layout)
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        torch.empty_like(k, memory_format=torch.contiguous_format),
+    )
+
+
+def _rope_workload(shape: Shape, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> Args:
+    """rope_qk's workload (batch, seq, heads, kv_heads, head_dim): q and k in BSHD, a full-width
+    (seq, head_dim) cos/sin."""
+    b, s, hq, hkv, d = shape
+    q = randn((b, s, hq, d), dtype, device, gen)
+    k = randn((b, s, hkv, d), dtype, device, gen)
+    angles = torch.rand((s, d // 2), generator=gen, device=device, dtype=torch.float32) * 6.3
+    angles = torch.cat((angles, angles), dim=-1)
+    return (q, k, angles.cos().to(dtype), angles.sin().to(dtype))
+
+
+ROPE = register_family(
+    OpFamily("rope", _rope_key, _rope_context, _bind, _transforms, function=rope, library=True, fake=_rope_fake)
+)
+ROPE_QK = register_family(
+    OpFamily(
+        "rope_qk",
+        _key,
+        _context,
+        _bind,
+        _transforms,
+        function=rope_qk,
+        library=True,
+        real=_rope_qk_real,
+        fake=_rope_qk_fake,
+        workloads=(
+            Workload(
+                "rope_qk",
+                ("batch", "seq", "heads", "kv_heads", "head_dim"),
+                (),
+                _rope_workload,
+                op_ids={"posenc.rope": {}},
+            ),
+        ),
+    )
+)
 
 
 # ----------------------------------------------------------------------------- cos/sin cache
 
-def rope_inv_freq(dim: int, base: float = 10000.0, scaling: Mapping[str, Any] | None = None,
-                  seq_len: int | None = None) -> torch.Tensor:
+
+def rope_inv_freq(
+    dim: int, base: float = 10000.0, scaling: Mapping[str, Any] | None = None, seq_len: int | None = None
+) -> torch.Tensor:
     """Float64 (dim/2,) inverse frequencies with HF transformers' `rope_scaling` semantics.
 
     scaling: None (default), {"type": "linear", "factor": f}, {"type": "dynamic", "factor": f,
@@ -276,9 +429,14 @@ def _scaling_value(scaling: Mapping[str, Any], name: str, kind: str) -> float:
     return float(value)
 
 
-def rope_cache(seq_len: int, dim: int, base: float = 10000.0, scaling: Mapping[str, Any] | None = None,
-               dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cache(
+    seq_len: int,
+    dim: int,
+    base: float = 10000.0,
+    scaling: Mapping[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin), each (seq_len, dim) = cat(freqs, freqs) for positions 0..seq_len-1, as HF builds them.
 
     Computed in float64, returned in `dtype`. Feed them to `lz.rope` directly (S = seq_len) or as a
@@ -293,6 +451,7 @@ def rope_cache(seq_len: int, dim: int, base: float = 10000.0, scaling: Mapping[s
 
 
 # ----------------------------------------------------------------------------- ALiBi
+
 
 def alibi_slopes(num_heads: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Float32 (num_heads,) ALiBi slopes (Press et al.; HF BLOOM's rule for non-power-of-two heads).

@@ -28,7 +28,7 @@ import torch
 from ..context import SelectionContext
 from ..errors import InvalidInputError, UnknownNameError
 from ..state import runtime
-from . import OpFamily, bind_contiguous, contiguous_transforms, register_family
+from .family import OpFamily, register_family
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_token", "block")
 
@@ -119,8 +119,13 @@ class QuantizedTensor:
         return (self.scale.shape[1], self.g_idx.shape[0] if self.g_idx is not None else _packed_k(self))
 
     @staticmethod
-    def from_packed(fmt: PackedFormat, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
-                    g_idx: torch.Tensor | None = None) -> QuantizedTensor:
+    def from_packed(
+        fmt: PackedFormat,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        qzeros: torch.Tensor,
+        g_idx: torch.Tensor | None = None,
+    ) -> QuantizedTensor:
         """Validate a GPTQ/AWQ checkpoint's tensors against `fmt` and wrap them."""
         _validate_packed(fmt, qweight, scales, qzeros, g_idx)
         return QuantizedTensor(qweight, scales, qzeros, fmt.name, "group", None, scales.dtype, fmt, g_idx)
@@ -165,11 +170,16 @@ def _validate_packed(fmt: PackedFormat, qweight: Any, scales: Any, qzeros: Any, 
     if g_idx is not None:
         if fmt.kind != "gptq":
             raise InvalidInputError("g_idx", "None for AWQ (act-order is a GPTQ feature)", "a tensor")
-        if not isinstance(g_idx, torch.Tensor) or tuple(g_idx.shape) != (k,) or g_idx.dtype not in (torch.int32, torch.int64):
+        if (
+            not isinstance(g_idx, torch.Tensor)
+            or tuple(g_idx.shape) != (k,)
+            or g_idx.dtype not in (torch.int32, torch.int64)
+        ):
             raise InvalidInputError("g_idx", f"an int32 tensor of shape ({k},)", getattr(g_idx, "shape", g_idx))
         if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
-            raise InvalidInputError("g_idx", f"group indices in [0, {groups})",
-                                    f"range [{int(g_idx.min())}, {int(g_idx.max())}]")
+            raise InvalidInputError(
+                "g_idx", f"group indices in [0, {groups})", f"range [{int(g_idx.min())}, {int(g_idx.max())}]"
+            )
 
 
 def resolve_format(format: str, symmetric: bool = True) -> QuantFormat:
@@ -199,9 +209,16 @@ def scale_shape(shape: tuple[int, ...], granularity: str, block: tuple[int, int]
     return (-(-shape[0] // block[0]), -(-shape[1] // block[1]))
 
 
-def quantize(x: torch.Tensor, format: str = "int8", granularity: str = "per_tensor", *,
-             block_size: tuple[int, int] = (128, 128), symmetric: bool = True, scale: torch.Tensor | None = None,
-             zero_point: torch.Tensor | None = None) -> QuantizedTensor:
+def quantize(
+    x: torch.Tensor,
+    format: str = "int8",
+    granularity: str = "per_tensor",
+    *,
+    block_size: tuple[int, int] = (128, 128),
+    symmetric: bool = True,
+    scale: torch.Tensor | None = None,
+    zero_point: torch.Tensor | None = None,
+) -> QuantizedTensor:
     """Quantize x (any shape; 2-D for block) to `format` with scales per `granularity`.
 
     Scales are computed from the data (dynamic) unless `scale` (and for asymmetric int8
@@ -209,15 +226,20 @@ def quantize(x: torch.Tensor, format: str = "int8", granularity: str = "per_tens
     """
     block = tuple(block_size) if granularity == "block" else None
     try:
-        key = _quantize_key(x, format, granularity, block_size=block_size, symmetric=symmetric, scale=scale,
-                            zero_point=zero_point)
+        key = _quantize_key(
+            x, format, granularity, block_size=block_size, symmetric=symmetric, scale=scale, zero_point=zero_point
+        )
     except AttributeError:
         _check(x=x)
         raise
     plan = runtime.plans.data.get(key)
     if plan is None:
-        plan = runtime.plan(QUANTIZE, key, (x, format, granularity),
-                            {"block_size": block_size, "symmetric": symmetric, "scale": scale, "zero_point": zero_point})
+        plan = runtime.plan(
+            QUANTIZE,
+            key,
+            (x, format, granularity),
+            {"block_size": block_size, "symmetric": symmetric, "scale": scale, "zero_point": zero_point},
+        )
     fmt = FORMATS[(format, bool(symmetric))]
     data, s, zp = plan(x, fmt, granularity, block, scale, zero_point)
     return QuantizedTensor(data, s, zp, format, granularity, block, x.dtype)  # type: ignore[arg-type]
@@ -229,8 +251,9 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Te
     try:
         key = _dequantize_key(q, dtype)
     except AttributeError:
-        raise InvalidInputError("q", "a QuantizedTensor (from lz.quantize or QuantizedTensor.from_packed)",
-                                type(q).__name__) from None
+        raise InvalidInputError(
+            "q", "a QuantizedTensor (from lz.quantize or QuantizedTensor.from_packed)", type(q).__name__
+        ) from None
     plan = runtime.plans.data.get(key)
     if plan is None:
         plan = runtime.plan(DEQUANTIZE, key, (q, dtype), {})
@@ -254,8 +277,9 @@ def activation_scheme(w: QuantizedTensor) -> tuple[QuantFormat, str, tuple[int, 
     return fmt, "per_token", None
 
 
-def quant_linear(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None = None,
-                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def quant_linear(
+    x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """y = x @ dequant(weight)^T + bias with quantized weights (N, K); x (..., K) -> (..., N).
 
     The input is quantized on the fly as `activation_scheme` says; fp8 runs torch._scaled_mm where
@@ -279,9 +303,16 @@ def _check(**tensors: Any) -> None:
             raise InvalidInputError(name, "a torch.Tensor", type(t).__name__)
 
 
-def _quantize_context(x: torch.Tensor, format: str = "int8", granularity: str = "per_tensor", *,
-                      block_size: tuple[int, int] = (128, 128), symmetric: bool = True,
-                      scale: torch.Tensor | None = None, zero_point: torch.Tensor | None = None) -> SelectionContext:
+def _quantize_context(
+    x: torch.Tensor,
+    format: str = "int8",
+    granularity: str = "per_tensor",
+    *,
+    block_size: tuple[int, int] = (128, 128),
+    symmetric: bool = True,
+    scale: torch.Tensor | None = None,
+    zero_point: torch.Tensor | None = None,
+) -> SelectionContext:
     _check(x=x, scale=scale, zero_point=zero_point)
     if not x.is_floating_point() or x.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         raise InvalidInputError("x", "a float16/bfloat16/float32/float64 tensor", x.dtype)
@@ -290,8 +321,11 @@ def _quantize_context(x: torch.Tensor, format: str = "int8", granularity: str = 
         raise UnknownNameError("granularity", str(granularity), GRANULARITIES)
     block = None
     if granularity == "block":
-        if (not isinstance(block_size, (tuple, list)) or len(block_size) != 2
-                or not all(isinstance(b, int) and b > 0 for b in block_size)):
+        if (
+            not isinstance(block_size, (tuple, list))
+            or len(block_size) != 2
+            or not all(isinstance(b, int) and b > 0 for b in block_size)
+        ):
             raise InvalidInputError("block_size", "two positive ints (rows, cols)", block_size)
         if x.dim() != 2:
             raise InvalidInputError("x", "a 2-D tensor for block scales", f"{x.dim()}-D")
@@ -311,9 +345,12 @@ def _quantize_context(x: torch.Tensor, format: str = "int8", granularity: str = 
     if scale is not None and not fmt.symmetric and zero_point is None:
         raise InvalidInputError("zero_point", "an int tensor with the scale for asymmetric int8", None)
     return SelectionContext(
-        op="quant.quantize", **SelectionContext.device_fields(x.device),  # type: ignore[arg-type]
-        dtype=x.dtype, quant_format=_scheme(format, granularity, block, fmt.symmetric),
-        hidden_size=x.shape[-1] if x.dim() else 1, num_rows=x.numel() // max(1, x.shape[-1] if x.dim() else 1),
+        op="quant.quantize",
+        **SelectionContext.device_fields(x.device),  # type: ignore[arg-type]
+        dtype=x.dtype,
+        quant_format=_scheme(format, granularity, block, fmt.symmetric),
+        hidden_size=x.shape[-1] if x.dim() else 1,
+        num_rows=x.numel() // max(1, x.shape[-1] if x.dim() else 1),
     )
 
 
@@ -331,13 +368,16 @@ def _dequantize_context(q: QuantizedTensor, dtype: torch.dtype | None = None) ->
     if not isinstance(out, torch.dtype) or not out.is_floating_point:
         raise InvalidInputError("dtype", "a floating-point torch.dtype", out)
     return SelectionContext(
-        op="quant.dequantize", **SelectionContext.device_fields(q.data.device),  # type: ignore[arg-type]
-        dtype=out, quant_format=q.scheme,
+        op="quant.dequantize",
+        **SelectionContext.device_fields(q.data.device),  # type: ignore[arg-type]
+        dtype=out,
+        quant_format=q.scheme,
     )
 
 
-def _linear_context(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None = None,
-                    out_dtype: torch.dtype | None = None) -> SelectionContext:
+def _linear_context(
+    x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+) -> SelectionContext:
     _check(x=x, bias=bias)
     if not isinstance(weight, QuantizedTensor):
         raise InvalidInputError("weight", "a QuantizedTensor", type(weight).__name__)
@@ -355,20 +395,38 @@ def _linear_context(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor
     if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point):
         raise InvalidInputError("out_dtype", "None or a floating-point torch.dtype", out_dtype)
     return SelectionContext(
-        op="quant.linear", **SelectionContext.device_fields(x.device),  # type: ignore[arg-type]
-        dtype=x.dtype, quant_format=weight.scheme, hidden_size=k, num_rows=x.numel() // max(1, k),
+        op="quant.linear",
+        **SelectionContext.device_fields(x.device),  # type: ignore[arg-type]
+        dtype=x.dtype,
+        quant_format=weight.scheme,
+        hidden_size=k,
+        num_rows=x.numel() // max(1, k),
     )
 
 
-
-
-
-
-def _quantize_key(x: Any, format: str = "int8", granularity: str = "per_tensor", *, block_size: Any = (128, 128),
-                  symmetric: bool = True, scale: Any = None, zero_point: Any = None) -> Any:
+def _quantize_key(
+    x: Any,
+    format: str = "int8",
+    granularity: str = "per_tensor",
+    *,
+    block_size: Any = (128, 128),
+    symmetric: bool = True,
+    scale: Any = None,
+    zero_point: Any = None,
+) -> Any:
     block = tuple(block_size) if granularity == "block" else None
-    return ("quant.quantize", format, granularity, block, bool(symmetric), x.shape, x.dtype, x.device,
-            scale is None, zero_point is None)
+    return (
+        "quant.quantize",
+        format,
+        granularity,
+        block,
+        bool(symmetric),
+        x.shape,
+        x.dtype,
+        x.device,
+        scale is None,
+        zero_point is None,
+    )
 
 
 def _dequantize_key(q: Any, dtype: Any = None) -> Any:
@@ -376,10 +434,19 @@ def _dequantize_key(q: Any, dtype: Any = None) -> Any:
 
 
 def _linear_key(x: Any, weight: Any, bias: Any = None, out_dtype: Any = None) -> Any:
-    return ("quant.linear", weight.scheme, x.shape, x.dtype, x.device, weight.data.shape, weight.data.device,
-            None if bias is None else (bias.shape, bias.dtype, bias.device), out_dtype)
+    return (
+        "quant.linear",
+        weight.scheme,
+        x.shape,
+        x.dtype,
+        x.device,
+        weight.data.shape,
+        weight.data.device,
+        None if bias is None else (bias.shape, bias.dtype, bias.device),
+        out_dtype,
+    )
 
 
-QUANTIZE = register_family(OpFamily("quantize", _quantize_key, _quantize_context, bind_contiguous, contiguous_transforms))
-DEQUANTIZE = register_family(OpFamily("dequantize", _dequantize_key, _dequantize_context, bind_contiguous, contiguous_transforms))
-QUANT_LINEAR = register_family(OpFamily("quant_linear", _linear_key, _linear_context, bind_contiguous, contiguous_transforms))
+QUANTIZE = register_family(OpFamily("quantize", _quantize_key, _quantize_context, function=quantize))
+DEQUANTIZE = register_family(OpFamily("dequantize", _dequantize_key, _dequantize_context, function=dequantize))
+QUANT_LINEAR = register_family(OpFamily("quant_linear", _linear_key, _linear_context, function=quant_linear))

@@ -29,7 +29,7 @@ import torch
 from ..context import SelectionContext
 from ..errors import InvalidInputError
 from ..state import runtime
-from . import OpFamily, bind_contiguous, contiguous_transforms, register_family
+from .family import OpFamily, register_family
 
 Param = torch.Tensor | float | int | None
 _Tensor = torch.Tensor
@@ -42,8 +42,9 @@ def _scalar(name: str, value: Any, lo: float, hi: float, lo_open: bool, expected
         raise InvalidInputError(name, expected, value)
 
 
-def _normalize(logits: Any, top_k: Param, top_p: Param, min_p: Param, temperature: Param
-               ) -> tuple[str, Param, Param, Param, Param]:
+def _normalize(
+    logits: Any, top_k: Param, top_p: Param, min_p: Param, temperature: Param
+) -> tuple[str, Param, Param, Param, Param]:
     """(op id, top_k, top_p, min_p, temperature) with scalars that change nothing turned off."""
     vocab = logits.shape[-1]
     if top_k is not None and not isinstance(top_k, _Tensor):
@@ -82,8 +83,14 @@ def _tkey(t: Param) -> Any:
     return (t.shape, t.dtype, t.device) if isinstance(t, _Tensor) else t is None
 
 
-def sample(logits: torch.Tensor, top_k: Param = None, top_p: Param = None, min_p: Param = None,
-           temperature: Param = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    top_k: Param = None,
+    top_p: Param = None,
+    min_p: Param = None,
+    temperature: Param = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Draw one token id per row of logits (B, V) -> int64 (B,); see the module docstring."""
     try:
         key, k, p, m, t = _key_args(logits, top_k, top_p, min_p, temperature, generator)
@@ -98,12 +105,22 @@ def sample(logits: torch.Tensor, top_k: Param = None, top_p: Param = None, min_p
     return plan(logits, k, p, m, t, generator)
 
 
-def _key_args(logits: Any, top_k: Param, top_p: Param, min_p: Param, temperature: Param,
-              generator: torch.Generator | None) -> tuple[Any, Param, Param, Param, Param]:
+def _key_args(
+    logits: Any, top_k: Param, top_p: Param, min_p: Param, temperature: Param, generator: torch.Generator | None
+) -> tuple[Any, Param, Param, Param, Param]:
     """(plan-cache key, normalized top_k, top_p, min_p, temperature)."""
     op, k, p, m, t = _normalize(logits, top_k, top_p, min_p, temperature)
-    key = (op, logits.shape, logits.dtype, logits.device, _tkey(k), _tkey(p), _tkey(m), _tkey(t),
-           None if generator is None else generator.device)
+    key = (
+        op,
+        logits.shape,
+        logits.dtype,
+        logits.device,
+        _tkey(k),
+        _tkey(p),
+        _tkey(m),
+        _tkey(t),
+        None if generator is None else generator.device,
+    )
     return key, k, p, m, t
 
 
@@ -112,14 +129,22 @@ def sample_greedy(logits: torch.Tensor) -> torch.Tensor:
     return sample(logits, temperature=0.0)
 
 
-def sample_topk(logits: torch.Tensor, k: torch.Tensor | int, temperature: torch.Tensor | float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_topk(
+    logits: torch.Tensor,
+    k: torch.Tensor | int,
+    temperature: torch.Tensor | float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Sample among the k most likely tokens of each row. logits (B, V); k int or (B,)."""
     return sample(logits, top_k=k, temperature=temperature, generator=generator)
 
 
-def sample_topp(logits: torch.Tensor, p: torch.Tensor | float, temperature: torch.Tensor | float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_topp(
+    logits: torch.Tensor,
+    p: torch.Tensor | float,
+    temperature: torch.Tensor | float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Nucleus sampling: the smallest set of most likely tokens with mass >= p. logits (B, V)."""
     return sample(logits, top_p=p, temperature=temperature, generator=generator)
 
@@ -129,8 +154,14 @@ def _check_logits(logits: Any) -> None:
         raise InvalidInputError("logits", "a torch.Tensor of shape (B, V)", type(logits).__name__)
 
 
-def _context(logits: torch.Tensor, top_k: Param = None, top_p: Param = None, min_p: Param = None,
-             temperature: Param = 1.0, generator: torch.Generator | None = None) -> SelectionContext:
+def _context(
+    logits: torch.Tensor,
+    top_k: Param = None,
+    top_p: Param = None,
+    min_p: Param = None,
+    temperature: Param = 1.0,
+    generator: torch.Generator | None = None,
+) -> SelectionContext:
     """Validate the call (miss path only) and describe it."""
     _check_logits(logits)
     if logits.dim() != 2 or logits.shape[-1] == 0:
@@ -153,25 +184,29 @@ def _context(logits: torch.Tensor, top_k: Param = None, top_p: Param = None, min
         if not isinstance(generator, torch.Generator):
             raise InvalidInputError("generator", "a torch.Generator or None", type(generator).__name__)
         if generator.device.type != logits.device.type or (
-                logits.is_cuda and generator.device.index not in (None, logits.device.index)):
-            raise InvalidInputError("generator", f"a torch.Generator on {logits.device} (as logits)", generator.device,
-                                    f"create it with torch.Generator(device={str(logits.device)!r})")
+            logits.is_cuda and generator.device.index not in (None, logits.device.index)
+        ):
+            raise InvalidInputError(
+                "generator",
+                f"a torch.Generator on {logits.device} (as logits)",
+                generator.device,
+                f"create it with torch.Generator(device={str(logits.device)!r})",
+            )
     return SelectionContext(
         op=op,
         **SelectionContext.device_fields(logits.device),  # type: ignore[arg-type]
-        dtype=logits.dtype, batch=batch, num_rows=batch, hidden_size=logits.shape[-1],
+        dtype=logits.dtype,
+        batch=batch,
+        num_rows=batch,
+        hidden_size=logits.shape[-1],
     )
-
-
-
-
 
 
 def _greedy_args(logits: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     return (logits,), {"temperature": 0.0}
 
 
-def _family(name: str, adapt: Callable[..., tuple[tuple[Any, ...], dict[str, Any]]]) -> OpFamily:
+def _family(function: Callable[..., Any], adapt: Callable[..., tuple[tuple[Any, ...], dict[str, Any]]]) -> OpFamily:
     """A family for one public function: its arguments mapped onto `sample`'s."""
 
     def key(*args: Any, **kwargs: Any) -> Any:
@@ -182,17 +217,33 @@ def _family(name: str, adapt: Callable[..., tuple[tuple[Any, ...], dict[str, Any
         a, kw = adapt(*args, **kwargs)
         return _context(*a, **kw)
 
-    return register_family(OpFamily(name, key, context, bind_contiguous, contiguous_transforms))
+    return register_family(OpFamily(function.__name__, key, context, function=function))
 
 
-def _key(logits: Any, top_k: Param = None, top_p: Param = None, min_p: Param = None, temperature: Param = 1.0,
-         generator: torch.Generator | None = None) -> Any:
+def _key(
+    logits: Any,
+    top_k: Param = None,
+    top_p: Param = None,
+    min_p: Param = None,
+    temperature: Param = 1.0,
+    generator: torch.Generator | None = None,
+) -> Any:
     return _key_args(logits, top_k, top_p, min_p, temperature, generator)[0]
 
 
-SAMPLE = register_family(OpFamily("sample", _key, _context, bind_contiguous, contiguous_transforms))
-_family("sample_greedy", _greedy_args)
-_family("sample_topk", lambda logits, k, temperature=1.0, generator=None:
-        ((logits,), {"top_k": k, "temperature": temperature, "generator": generator}))
-_family("sample_topp", lambda logits, p, temperature=1.0, generator=None:
-        ((logits,), {"top_p": p, "temperature": temperature, "generator": generator}))
+SAMPLE = register_family(OpFamily("sample", _key, _context, function=sample))
+_family(sample_greedy, _greedy_args)
+_family(
+    sample_topk,
+    lambda logits, k, temperature=1.0, generator=None: (
+        (logits,),
+        {"top_k": k, "temperature": temperature, "generator": generator},
+    ),
+)
+_family(
+    sample_topp,
+    lambda logits, p, temperature=1.0, generator=None: (
+        (logits,),
+        {"top_p": p, "temperature": temperature, "generator": generator},
+    ),
+)

@@ -91,8 +91,9 @@ class Tokenizer:
                 return list(self.obj.encode(text, allowed_special="all"))
         return self.encode_with_offsets(text, add_special_tokens, prefix)[0]
 
-    def encode_with_offsets(self, text: str, add_special_tokens: bool = True, prefix: str | None = None
-                            ) -> tuple[list[int], Offsets]:
+    def encode_with_offsets(
+        self, text: str, add_special_tokens: bool = True, prefix: str | None = None
+    ) -> tuple[list[int], Offsets]:
         """(ids, character (start, end) of each token in text; (0, 0) for added special tokens)."""
         if not isinstance(text, str):
             raise InvalidInputError("text", "a str", type(text).__name__)
@@ -114,7 +115,11 @@ class Tokenizer:
             return list(enc.ids), [(int(a), int(b)) for a, b in enc.offsets], [bool(s) for s in enc.special_tokens_mask]
         if self.kind == "tiktoken":
             ids = self.obj.encode(text, allowed_special="all")
-            return ids, _offsets_from_pieces(text, [self.obj.decode_single_token_bytes(i) for i in ids]), [False] * len(ids)
+            return (
+                ids,
+                _offsets_from_pieces(text, [self.obj.decode_single_token_bytes(i) for i in ids]),
+                [False] * len(ids),
+            )
         sp = self.obj
         try:  # sentencepiece >= 0.2.1: character offsets directly
             res = sp.encode(text, return_type="offset_mapping")
@@ -159,9 +164,17 @@ class Tokenizer:
             ids = [i for i in ids if not self.obj.is_control(i)]
         return self.obj.decode(ids)
 
-    def encode_batch(self, texts: list[str], add_special_tokens: bool = True, padding: str = "longest",
-                     max_length: int | None = None, truncation: bool = False, pad_id: int | None = None,
-                     padding_side: str = "right", prefix: str | None = None) -> BatchEncoding:
+    def encode_batch(
+        self,
+        texts: list[str],
+        add_special_tokens: bool = True,
+        padding: str = "longest",
+        max_length: int | None = None,
+        truncation: bool = False,
+        pad_id: int | None = None,
+        padding_side: str = "right",
+        prefix: str | None = None,
+    ) -> BatchEncoding:
         """Encode and pad texts into (B, L) tensors. padding "longest" or "max_length";
         truncation cuts to max_length (from the right); without it a longer text raises.
         `prefix`: a start shared by every text, encoded once (see encode)."""
@@ -175,16 +188,18 @@ class Tokenizer:
             raise InvalidInputError("max_length", "an int >= 1 with padding='max_length' or truncation", max_length)
         if self.kind == "hf" and prefix is None and not _state().prefixes.registered:
             encs = self.obj.encode_batch(texts, add_special_tokens=add_special_tokens)
-            rows = [(list(e.ids), _public([(int(a), int(b)) for a, b in e.offsets], e.special_tokens_mask))
-                    for e in encs]
+            rows = [
+                (list(e.ids), _public([(int(a), int(b)) for a, b in e.offsets], e.special_tokens_mask)) for e in encs
+            ]
         else:
             rows = [self.encode_with_offsets(t, add_special_tokens, prefix) for t in texts]
         if truncation:
             rows = [(ids[:max_length], offs[:max_length]) for ids, offs in rows]
         longest = max((len(ids) for ids, _ in rows), default=0)
         if max_length is not None and longest > max_length:
-            raise InvalidInputError("texts", f"at most max_length={max_length} tokens (or truncation=True)",
-                                    f"{longest} tokens")
+            raise InvalidInputError(
+                "texts", f"at most max_length={max_length} tokens (or truncation=True)", f"{longest} tokens"
+            )
         width = max_length if padding == "max_length" else longest
         pad = self.pad_id if pad_id is None else pad_id
         ids_out = torch.full((len(rows), width), pad, dtype=torch.int64)
@@ -264,6 +279,7 @@ def _offsets_from_pieces(text: str, pieces: list[bytes]) -> Offsets:
 
 
 # -- hashing --------------------------------------------------------------------------------------
+
 
 def _canonical_json(text: str) -> bytes:
     return json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
@@ -392,6 +408,7 @@ def cached_file_hash(path: str, kind: str) -> str:
 
 # -- loading and the registry -------------------------------------------------------------------
 
+
 def load_tokenizer(source: Any, kind: str | None = None) -> Tokenizer:
     """A Tokenizer from a local file (tokenizer.json, a .model) or an object: tokenizers.Tokenizer,
     a transformers fast tokenizer, tiktoken.Encoding, sentencepiece.SentencePieceProcessor."""
@@ -420,11 +437,15 @@ def load_tokenizer(source: Any, kind: str | None = None) -> Tokenizer:
         return Tokenizer(source, "tiktoken")
     if module == "sentencepiece":
         return Tokenizer(source, "sentencepiece")
-    raise InvalidInputError("source", "a tokenizer file path or a tokenizers/transformers/tiktoken/sentencepiece "
-                            "tokenizer object", type(source).__name__)
+    raise InvalidInputError(
+        "source",
+        "a tokenizer file path or a tokenizers/transformers/tiktoken/sentencepiece tokenizer object",
+        type(source).__name__,
+    )
 
 
 # -- prefix cache ---------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True, slots=True)
 class PrefixCacheStats:
@@ -473,8 +494,12 @@ def safe_boundaries(text: str, literals: list[str], count: int = 1) -> list[int]
     c = text.rfind(" ", 0, limit + 1)
     while c > 0 and len(out) < count:
         after = text[c + 1]
-        if (not text[c - 1].isspace() and not after.isspace() and not unicodedata.combining(after)
-                and not any(a < c < b for a, b in covered)):
+        if (
+            not text[c - 1].isspace()
+            and not after.isspace()
+            and not unicodedata.combining(after)
+            and not any(a < c < b for a, b in covered)
+        ):
             out.append(c)
         c = text.rfind(" ", 0, c)
     return out
@@ -492,8 +517,9 @@ class PrefixCache:
         self.hits = self.misses = self.unsplittable = self.tokens_reused = 0
 
     def stats(self) -> PrefixCacheStats:
-        return PrefixCacheStats(self.hits, self.misses, self.unsplittable, self.tokens_reused, len(self.entries),
-                                self.max_entries)
+        return PrefixCacheStats(
+            self.hits, self.misses, self.unsplittable, self.tokens_reused, len(self.entries), self.max_entries
+        )
 
     def clear(self) -> None:
         """Drop the cached prefixes and the counters (registered prefixes stay registered)."""
@@ -583,7 +609,7 @@ def _make_prefix(tok: Tokenizer, prefix: str) -> _Prefix:
     full_ids, full_offsets = tok._encode(prefix, True)
     frame = None
     for a in range(len(full_ids) - len(ids) + 1):
-        if full_ids[a:a + len(ids)] == ids and full_offsets[a:a + len(ids)] == offsets:
+        if full_ids[a : a + len(ids)] == ids and full_offsets[a : a + len(ids)] == offsets:
             b = a + len(ids)
             frame = (full_ids[:a], full_offsets[:a], full_ids[b:], full_offsets[b:])
             break

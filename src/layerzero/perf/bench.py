@@ -26,8 +26,10 @@ from typing import Any
 import torch
 
 from ..context import SelectionContext
+from ..graphs import warmup_for_capture
 from ..kernel import KernelSpec
 from ..selection.engine import bind_kernel
+from ..state import runtime
 from . import workloads
 from .perfdb import Bucket, PerfRecord, current_signature
 
@@ -88,8 +90,7 @@ def _p95(values: Sequence[float]) -> float:
     return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
 
 
-def _sampled(sample: Callable[[], float], iters: int, repeats: int, max_repeats: int | None,
-             spread: float) -> Timing:
+def _sampled(sample: Callable[[], float], iters: int, repeats: int, max_repeats: int | None, spread: float) -> Timing:
     """`repeats` samples of `sample()` (us per call), then more, half as many at a time, while
     p95 / median > spread and fewer than max_repeats (default 5 * repeats) were taken."""
     cap = max(repeats, 5 * repeats if max_repeats is None else max_repeats)
@@ -100,8 +101,9 @@ def _sampled(sample: Callable[[], float], iters: int, repeats: int, max_repeats:
     return Timing(statistics.median(per_call), _p95(per_call), variance, len(per_call), iters)
 
 
-def calls_per_sample(fn: Callable[..., Any], inputs: Sequence[tuple[Any, ...]], device: torch.device,
-                     min_sample_s: float) -> int:
+def calls_per_sample(
+    fn: Callable[..., Any], inputs: Sequence[tuple[Any, ...]], device: torch.device, min_sample_s: float
+) -> int:
     """N: back-to-back calls that last at least `min_sample_s` (estimated from 4 streamed calls)."""
     n = len(inputs)
     _sync(device)
@@ -114,9 +116,18 @@ def calls_per_sample(fn: Callable[..., Any], inputs: Sequence[tuple[Any, ...]], 
     return max(floor, min(MAX_CALLS, math.ceil(min_sample_s / once)))
 
 
-def time_calls(fn: Callable[..., Any], inputs: Sequence[tuple[Any, ...]], device: torch.device, *,
-               warmup: int = 3, repeats: int = 20, min_sample_s: float = 1e-3, max_repeats: int | None = None,
-               spread: float = 1.1, calls: int | None = None) -> Timing:
+def time_calls(
+    fn: Callable[..., Any],
+    inputs: Sequence[tuple[Any, ...]],
+    device: torch.device,
+    *,
+    warmup: int = 3,
+    repeats: int = 20,
+    min_sample_s: float = 1e-3,
+    max_repeats: int | None = None,
+    spread: float = 1.1,
+    calls: int | None = None,
+) -> Timing:
     """The eager figure of `fn(*inputs[i])`, cycling through `inputs`: `calls` (default: calibrated)
     back-to-back calls per sample between two CUDA events (perf_counter on CPU); see the module doc."""
     n = len(inputs)
@@ -152,17 +163,24 @@ class GraphCaptureFailed(Exception):
     """`time_graph` could not capture the calls, or their replay differs from the eager call."""
 
 
-def time_graph(fn: Callable[..., Any], inputs: Sequence[tuple[Any, ...]], device: torch.device, calls: int, *,
-               dtype: torch.dtype | None = None, repeats: int = 20, max_repeats: int | None = None,
-               spread: float = 1.1) -> Timing:
+def time_graph(
+    fn: Callable[..., Any],
+    inputs: Sequence[tuple[Any, ...]],
+    device: torch.device,
+    calls: int,
+    *,
+    dtype: torch.dtype | None = None,
+    repeats: int = 20,
+    max_repeats: int | None = None,
+    spread: float = 1.1,
+) -> Timing:
     """The graph figure: `calls` back-to-back calls of `fn` over `inputs` captured in one CUDA graph,
     replayed once per sample between two events; per call = replay time / calls (device time).
 
-    The capture protocol of runtime/graphs.py: warm up on a side stream, capture, replay. The last
+    The capture protocol of graphs.py: warm up on a side stream, capture, replay. The last
     captured call's output is compared with an eager call on the same inputs after the replays (a
     kernel that keeps host state would replay stale work). Raises GraphCaptureFailed with the reason.
     """
-    from ..runtime.graphs import warmup_for_capture
 
     n = len(inputs)
     warmup_for_capture(lambda: [fn(*inputs[j % n]) for j in range(min(n, calls))], iterations=1)
@@ -231,10 +249,21 @@ def _nbytes(args: tuple[Any, ...]) -> int:
     return sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
 
 
-def measure(op_family: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-            kernels: Sequence[KernelSpec], *, repeats: int = 20, warmup: int = 3, min_sample_s: float = 1e-3,
-            seed: int = 0, graphs: bool = True, max_repeats: int | None = None,
-            spread: float = 1.1) -> tuple[SelectionContext, list[PerfRecord]]:
+def measure(
+    op_family: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    kernels: Sequence[KernelSpec],
+    *,
+    repeats: int = 20,
+    warmup: int = 3,
+    min_sample_s: float = 1e-3,
+    seed: int = 0,
+    graphs: bool = True,
+    max_repeats: int | None = None,
+    spread: float = 1.1,
+) -> tuple[SelectionContext, list[PerfRecord]]:
     """Check every kernel in `kernels` against the reference on fresh random inputs, then time the
     correct ones: the eager figure always, the graph figure on CUDA for graph-safe kernels (unless
     graphs=False). A kernel that raises or is wrong gets a record with correct=False and no time."""
@@ -245,18 +274,32 @@ def measure(op_family: str, shape: tuple[int, ...], dtype: torch.dtype, device: 
     ctx = fam.context(*args)
     run = workloads.run_args(op_family, args)
     reference, cut = workloads.reference_output(op_family, args)
-    sets = [run] + [workloads.run_args(op_family, wl.make(shape, dtype, device, gen))
-                    for _ in range(rotation_count(_nbytes(run), device) - 1)]
+    sets = [run] + [
+        workloads.run_args(op_family, wl.make(shape, dtype, device, gen))
+        for _ in range(rotation_count(_nbytes(run), device) - 1)
+    ]
     sig = current_signature(ctx.device_type, ctx.device_index)
     bucket = Bucket.of(ctx)
-    from ..state import runtime
 
     records = []
     for spec in kernels:
         version = runtime.registry.backend(spec.backend).availability[1] or ""
-        failed = PerfRecord(spec.id, ctx.op, ctx.dtype_name, bucket, sig, version, median_us=math.inf,
-                            p95_us=math.inf, samples=0, variance=0.0, correct=False, max_error=math.inf,
-                            shape=wl.label(shape), created=time.time())
+        failed = PerfRecord(
+            spec.id,
+            ctx.op,
+            ctx.dtype_name,
+            bucket,
+            sig,
+            version,
+            median_us=math.inf,
+            p95_us=math.inf,
+            samples=0,
+            variance=0.0,
+            correct=False,
+            max_error=math.inf,
+            shape=wl.label(shape),
+            created=time.time(),
+        )
         fn, _ = bind_kernel(spec, ctx, fam.bind, fam.transforms)  # what a plan runs (prepared calls)
         try:
             out = fn(*run)
@@ -265,21 +308,48 @@ def measure(op_family: str, shape: tuple[int, ...], dtype: torch.dtype, device: 
             if not ok:
                 records.append(replace(failed, max_error=err))
                 continue
-            t = time_calls(fn, sets, device, warmup=warmup, repeats=repeats, min_sample_s=min_sample_s,
-                           max_repeats=max_repeats, spread=spread)
+            t = time_calls(
+                fn,
+                sets,
+                device,
+                warmup=warmup,
+                repeats=repeats,
+                min_sample_s=min_sample_s,
+                max_repeats=max_repeats,
+                spread=spread,
+            )
         except Exception as e:  # noqa: BLE001 - a failing kernel is recorded, never fatal to tuning
             records.append(replace(failed, error=f"{type(e).__name__}: {e}"[:500]))
             continue
-        record = replace(failed, median_us=t.median_us, p95_us=t.p95_us, samples=t.samples, variance=t.variance,
-                         correct=True, max_error=err, calls=t.iters)
-        records.append(_with_graph_figure(record, spec, fn, sets, device, dtype, graphs, t.iters, repeats,
-                                          max_repeats, spread))
+        record = replace(
+            failed,
+            median_us=t.median_us,
+            p95_us=t.p95_us,
+            samples=t.samples,
+            variance=t.variance,
+            correct=True,
+            max_error=err,
+            calls=t.iters,
+        )
+        records.append(
+            _with_graph_figure(record, spec, fn, sets, device, dtype, graphs, t.iters, repeats, max_repeats, spread)
+        )
     return ctx, records
 
 
-def _with_graph_figure(record: PerfRecord, spec: KernelSpec, fn: Callable[..., Any], sets: Sequence[tuple[Any, ...]],
-                       device: torch.device, dtype: torch.dtype, graphs: bool, calls: int, repeats: int,
-                       max_repeats: int | None, spread: float) -> PerfRecord:
+def _with_graph_figure(
+    record: PerfRecord,
+    spec: KernelSpec,
+    fn: Callable[..., Any],
+    sets: Sequence[tuple[Any, ...]],
+    device: torch.device,
+    dtype: torch.dtype,
+    graphs: bool,
+    calls: int,
+    repeats: int,
+    max_repeats: int | None,
+    spread: float,
+) -> PerfRecord:
     """`record` with its graph figure, or with a note saying why it has none."""
     if device.type != "cuda":
         return replace(record, graph_note=f"no CUDA graphs on {device.type}")
@@ -299,5 +369,6 @@ def _with_graph_figure(record: PerfRecord, spec: KernelSpec, fn: Callable[..., A
         pass
     if g is None:
         return replace(record, graph_note=note[:300])
-    return replace(record, graph_us=g.median_us, graph_p95_us=g.p95_us, graph_samples=g.samples,
-                   graph_variance=g.variance)
+    return replace(
+        record, graph_us=g.median_us, graph_p95_us=g.p95_us, graph_samples=g.samples, graph_variance=g.variance
+    )

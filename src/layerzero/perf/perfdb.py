@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..context import SelectionContext
+from ..device import device_info
 from ..errors import CacheCorruptionError
 
 if TYPE_CHECKING:
@@ -66,11 +67,30 @@ def bucket_low(upper: int) -> int:
 
 
 # Context fields that are bucketed explicitly or describe the environment rather than the problem.
-_NOT_VARIANT = frozenset({
-    "op", "device_type", "device_index", "sm", "generation", "dtype", "batch", "seq_len_q", "seq_len_k",
-    "num_heads", "num_kv_heads", "head_dim", "num_rows", "hidden_size", "isa", "requires_grad", "graph_capture",
-    "deterministic", "tp_size", "tp_rank",
-})
+_NOT_VARIANT = frozenset(
+    {
+        "op",
+        "device_type",
+        "device_index",
+        "sm",
+        "generation",
+        "dtype",
+        "batch",
+        "seq_len_q",
+        "seq_len_k",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "num_rows",
+        "hidden_size",
+        "isa",
+        "requires_grad",
+        "graph_capture",
+        "deterministic",
+        "tp_size",
+        "tp_rank",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,12 +118,22 @@ class Bucket:
                 continue
             if value != f.default:
                 parts.append(f"{f.name}={value}")
-        return Bucket(pow2_bucket(ctx.batch), pow2_bucket(ctx.seq_len_q), pow2_bucket(ctx.seq_len_k), ctx.num_heads,
-                      ctx.num_kv_heads, ctx.head_dim, pow2_bucket(ctx.num_rows), ctx.hidden_size, ",".join(parts))
+        return Bucket(
+            pow2_bucket(ctx.batch),
+            pow2_bucket(ctx.seq_len_q),
+            pow2_bucket(ctx.seq_len_k),
+            ctx.num_heads,
+            ctx.num_kv_heads,
+            ctx.head_dim,
+            pow2_bucket(ctx.num_rows),
+            ctx.hidden_size,
+            ",".join(parts),
+        )
 
     def label(self) -> str:
-        named = [f"{f.name}={getattr(self, f.name)}" for f in fields(self)
-                 if f.name != "variant" and getattr(self, f.name)]
+        named = [
+            f"{f.name}={getattr(self, f.name)}" for f in fields(self) if f.name != "variant" and getattr(self, f.name)
+        ]
         return " ".join(named + ([self.variant] if self.variant else []))
 
 
@@ -143,12 +173,15 @@ def current_signature(device_type: str = "cpu", index: int = 0) -> Signature:
     """The Signature of this process on a device (queried once per device)."""
     import torch
 
-    from ..device import device_info
-
     info = device_info(torch.device(device_type, index) if device_type == "cuda" else torch.device(device_type))
     cuda = device_type == "cuda"
-    return Signature(info.name, info.sm, _nvidia_driver() if cuda else "", (torch.version.cuda or "") if cuda else "",
-                     torch.__version__)
+    return Signature(
+        info.name,
+        info.sm,
+        _nvidia_driver() if cuda else "",
+        (torch.version.cuda or "") if cuda else "",
+        torch.__version__,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,8 +197,11 @@ class Figure:
     @property
     def confident(self) -> bool:
         """Enough samples with a small enough spread to rank kernels by."""
-        return (self.samples >= MIN_SAMPLES and 0 < self.median_us < math.inf
-                and math.sqrt(max(self.variance, 0.0)) <= MAX_CV * self.median_us)
+        return (
+            self.samples >= MIN_SAMPLES
+            and 0 < self.median_us < math.inf
+            and math.sqrt(max(self.variance, 0.0)) <= MAX_CV * self.median_us
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,10 +268,43 @@ class PerfRecord:
 
 # --- schema -------------------------------------------------------------------------------------
 
-_KEY = ("kernel", "op", "dtype", "batch", "seq_q", "seq_k", "heads", "kv_heads", "head_dim", "rows", "hidden",
-        "variant", "device", "sm", "driver", "cuda", "torch", "backend_version")
-_VALUES = ("median_us", "p95_us", "samples", "variance", "correct", "max_error", "error", "created", "shape",
-           "graph_us", "graph_p95_us", "graph_samples", "graph_variance", "graph_note", "calls")
+_KEY = (
+    "kernel",
+    "op",
+    "dtype",
+    "batch",
+    "seq_q",
+    "seq_k",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "rows",
+    "hidden",
+    "variant",
+    "device",
+    "sm",
+    "driver",
+    "cuda",
+    "torch",
+    "backend_version",
+)
+_VALUES = (
+    "median_us",
+    "p95_us",
+    "samples",
+    "variance",
+    "correct",
+    "max_error",
+    "error",
+    "created",
+    "shape",
+    "graph_us",
+    "graph_p95_us",
+    "graph_samples",
+    "graph_variance",
+    "graph_note",
+    "calls",
+)
 
 # MIGRATIONS[i] brings a database from schema version i to i + 1; each runs in one transaction.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -307,7 +376,8 @@ class PerfDB:
             if version > SCHEMA_VERSION:
                 raise CacheCorruptionError(
                     f"PerfDB {self.path}: schema version {version}, this LayerZero reads up to {SCHEMA_VERSION}; "
-                    f"upgrade layerzero or point {ENV_PATH} at another file")
+                    f"upgrade layerzero or point {ENV_PATH} at another file"
+                )
             for step in MIGRATIONS[version:]:
                 for statement in step:
                     conn.execute(statement)
@@ -329,9 +399,10 @@ class PerfDB:
         """Store records in one transaction (a newer measurement replaces the same key). Returns the count."""
         rows = [_row(r) for r in records]
         columns = _KEY + _VALUES
-        sql = (f"INSERT INTO timings ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-               f" ON CONFLICT ({', '.join(_KEY)}) DO UPDATE SET "
-               + ", ".join(f"{c} = excluded.{c}" for c in _VALUES))
+        sql = (
+            f"INSERT INTO timings ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+            f" ON CONFLICT ({', '.join(_KEY)}) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in _VALUES)
+        )
         with self._lock:
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
@@ -373,22 +444,102 @@ class PerfDB:
 
 def _row(r: PerfRecord) -> tuple[Any, ...]:
     b, s = r.bucket, r.signature
-    return (r.kernel, r.op, r.dtype, b.batch, b.seq_q, b.seq_k, b.heads, b.kv_heads, b.head_dim, b.rows, b.hidden,
-            b.variant, s.device, s.sm, s.driver, s.cuda, s.torch, r.backend_version or "", float(r.median_us),
-            float(r.p95_us), int(r.samples), float(r.variance), int(bool(r.correct)), float(r.max_error), r.error,
-            r.created or time.time(), r.shape, None if r.graph_us is None else float(r.graph_us),
-            None if r.graph_p95_us is None else float(r.graph_p95_us), int(r.graph_samples), float(r.graph_variance),
-            r.graph_note, int(r.calls))
+    return (
+        r.kernel,
+        r.op,
+        r.dtype,
+        b.batch,
+        b.seq_q,
+        b.seq_k,
+        b.heads,
+        b.kv_heads,
+        b.head_dim,
+        b.rows,
+        b.hidden,
+        b.variant,
+        s.device,
+        s.sm,
+        s.driver,
+        s.cuda,
+        s.torch,
+        r.backend_version or "",
+        float(r.median_us),
+        float(r.p95_us),
+        int(r.samples),
+        float(r.variance),
+        int(bool(r.correct)),
+        float(r.max_error),
+        r.error,
+        r.created or time.time(),
+        r.shape,
+        None if r.graph_us is None else float(r.graph_us),
+        None if r.graph_p95_us is None else float(r.graph_p95_us),
+        int(r.graph_samples),
+        float(r.graph_variance),
+        r.graph_note,
+        int(r.calls),
+    )
 
 
 def _record(row: tuple[Any, ...]) -> PerfRecord:
-    (kernel, op, dtype, batch, seq_q, seq_k, heads, kv_heads, head_dim, rows, hidden, variant, device, sm, driver,
-     cuda, torch_v, backend_version, median, p95, samples, variance, correct, max_error, error, created, shape,
-     graph_us, graph_p95, graph_samples, graph_variance, graph_note, calls) = row
-    return PerfRecord(kernel, op, dtype, Bucket(batch, seq_q, seq_k, heads, kv_heads, head_dim, rows, hidden, variant),
-                      Signature(device, sm, driver, cuda, torch_v), backend_version, median, p95, samples, variance,
-                      bool(correct), max_error, error, shape, created, graph_us, graph_p95, graph_samples,
-                      graph_variance, graph_note, calls)
+    (
+        kernel,
+        op,
+        dtype,
+        batch,
+        seq_q,
+        seq_k,
+        heads,
+        kv_heads,
+        head_dim,
+        rows,
+        hidden,
+        variant,
+        device,
+        sm,
+        driver,
+        cuda,
+        torch_v,
+        backend_version,
+        median,
+        p95,
+        samples,
+        variance,
+        correct,
+        max_error,
+        error,
+        created,
+        shape,
+        graph_us,
+        graph_p95,
+        graph_samples,
+        graph_variance,
+        graph_note,
+        calls,
+    ) = row
+    return PerfRecord(
+        kernel,
+        op,
+        dtype,
+        Bucket(batch, seq_q, seq_k, heads, kv_heads, head_dim, rows, hidden, variant),
+        Signature(device, sm, driver, cuda, torch_v),
+        backend_version,
+        median,
+        p95,
+        samples,
+        variance,
+        bool(correct),
+        max_error,
+        error,
+        shape,
+        created,
+        graph_us,
+        graph_p95,
+        graph_samples,
+        graph_variance,
+        graph_note,
+        calls,
+    )
 
 
 # --- the runtime's view ---------------------------------------------------------------------------
@@ -482,6 +633,8 @@ class Measurements:
             return None
         best = min(confident)
         for f in timed:
-            if not f.confident and (f.samples < MIN_SAMPLES or f.median_us - 2.0 * math.sqrt(max(f.variance, 0.0)) <= best):
+            if not f.confident and (
+                f.samples < MIN_SAMPLES or f.median_us - 2.0 * math.sqrt(max(f.variance, 0.0)) <= best
+            ):
                 return None
         return PERF_SCALE * min(f.median_us for f in timed) / own.median_us, own

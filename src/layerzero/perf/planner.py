@@ -25,6 +25,8 @@ from typing import Any
 from ..context import SelectionContext
 from ..errors import ConfigurationError, InvalidInputError
 from ..kernel import LAYOUTS, KernelSpec, priority_for
+from ..ops import FAMILIES
+from ..policy.config import lock
 from ..state import Runtime, runtime
 
 Estimator = Callable[[KernelSpec, SelectionContext], float]
@@ -45,7 +47,6 @@ class BlockStep:
     @staticmethod
     def of(family: str, *args: Any, **kwargs: Any) -> BlockStep:
         """The step of a call `family(*args, **kwargs)` (e.g. BlockStep.of("attention", q, k, v, is_causal=True))."""
-        from ..ops import FAMILIES
 
         if family not in FAMILIES:
             raise InvalidInputError("family", f"one of {sorted(FAMILIES)}", family)
@@ -81,13 +82,14 @@ class BlockPlan:
         out: dict[str, str] = {}
         for s in self.steps:
             if out.setdefault(s.op, s.kernel) != s.kernel:
-                raise ConfigurationError(f"block plan runs {s.op} with {out[s.op]} and {s.kernel}: a lock per op "
-                                         "cannot express it; use the plan's kernels directly")
+                raise ConfigurationError(
+                    f"block plan runs {s.op} with {out[s.op]} and {s.kernel}: a lock per op "
+                    "cannot express it; use the plan's kernels directly"
+                )
         return out
 
     def apply(self) -> dict[str, str]:
         """Lock every op of the block to its planned kernel (the solver then emits these)."""
-        from ..policy.config import lock
 
         locks = self.locks()
         for op, kernel in locks.items():
@@ -134,8 +136,13 @@ class _Option:
 class BlockPlanner:
     """Joint kernel choice for blocks of ops; plans cached by block signature and runtime generation."""
 
-    def __init__(self, estimate: Estimator | None = None, transform_cost: TransformCost | None = None,
-                 exact_limit: int = EXACT_LIMIT, rt: Runtime | None = None) -> None:
+    def __init__(
+        self,
+        estimate: Estimator | None = None,
+        transform_cost: TransformCost | None = None,
+        exact_limit: int = EXACT_LIMIT,
+        rt: Runtime | None = None,
+    ) -> None:
         self.runtime = rt or runtime
         self.estimate = estimate or default_estimate(self.runtime)
         self.transform_cost = transform_cost or default_transform_cost
@@ -144,7 +151,6 @@ class BlockPlanner:
 
     def options(self, step: BlockStep) -> list[_Option]:
         """The kernels that can run the step (after policy, health, constraints), with their time."""
-        from ..ops import FAMILIES
 
         rt = self.runtime
         rt.ensure_loaded()
@@ -208,12 +214,19 @@ class BlockPlanner:
                     if out not in nxt or (c, _ids(chosen + [opt])) < (nxt[out][0], _ids(nxt[out][1])):
                         nxt[out] = (c, chosen + [opt])
             best = nxt
-        final = min(best.items(), key=lambda kv: (kv[1][0] + self.transform_cost(kv[0], layout, steps[-1].ctx),
-                                                  _ids(kv[1][1])))
+        final = min(
+            best.items(), key=lambda kv: (kv[1][0] + self.transform_cost(kv[0], layout, steps[-1].ctx), _ids(kv[1][1]))
+        )
         return final[1][1]
 
-    def _build(self, steps: Sequence[BlockStep], choice: Sequence[_Option], layout: str, method: str,
-               signature: tuple[Any, ...]) -> BlockPlan:
+    def _build(
+        self,
+        steps: Sequence[BlockStep],
+        choice: Sequence[_Option],
+        layout: str,
+        method: str,
+        signature: tuple[Any, ...],
+    ) -> BlockPlan:
         planned, current = [], layout
         for step, opt in zip(steps, choice, strict=True):
             move = 0.0
@@ -230,7 +243,8 @@ def _ids(choice: Iterable[_Option]) -> tuple[str, ...]:
     return tuple(o.spec.id for o in choice)
 
 
-def plan_block(steps: Sequence[BlockStep], layout: str = "BSHD", method: str = "auto",
-               planner: BlockPlanner | None = None) -> BlockPlan:
+def plan_block(
+    steps: Sequence[BlockStep], layout: str = "BSHD", method: str = "auto", planner: BlockPlanner | None = None
+) -> BlockPlan:
     """Plan one block with a fresh (or the given) BlockPlanner."""
     return (planner or BlockPlanner()).plan(steps, layout, method)

@@ -33,58 +33,23 @@ from typing import Any
 
 import torch
 
+from ..backends import builtin_backend_modules
 from ..context import SelectionContext
 from ..errors import ConfigurationError, InvalidInputError, NoKernelFoundError
 from ..kernel import KernelSpec
+from ..ops import FAMILIES
+from ..ops.family import SolveCode
 from ..selection.engine import REFERENCE_BACKEND
-from ..state import builtin_backend_modules, runtime
+from ..state import runtime
 from . import workloads
 from .perfdb import Bucket, bucket_low, current_signature, pow2_bucket
 
 Interval = tuple[int, int]
 
 
-@dataclass(frozen=True, slots=True)
-class FamilyCode:
-    """What the generator knows about calling one family's kernels without the engine.
-
-    handled: public parameters the solved code reads; every other parameter must be at its default
-    (else dynamic selection runs). required: parameters that must not be None. prologue: code that
-    checks the tensors and binds the workload dims (after the guard), reading each shape and dtype
-    once. call: the kernel call, with {K} for the kernel and {q}/{x}/{post} for layout transforms.
-    tensors: arguments checked for grad before a kernel without backward.
-    """
-
-    handled: tuple[str, ...]
-    required: tuple[str, ...]
-    first: str
-    tensors: tuple[str, ...]
-    prologue: tuple[str, ...]
-    names: Mapping[str, str]  # workload dim -> variable in the generated code
-    call: str
-
-
-_ATTENTION = FamilyCode(
-    handled=("q", "k", "v", "is_causal", "scale"), required=(), first="q", tensors=("q", "k", "v"),
-    prologue=("qs = q.shape", "ks = k.shape", "dt = q.dtype",
-              "if len(qs) == 4 and len(ks) == 4 and v.shape == ks and k.dtype is dt and v.dtype is dt:",
-              "    B, Sq, Hq, D = qs", "    Bk, Sk, Hkv, Dk = ks",
-              "    if Bk == B and Dk == D:"),
-    names={"batch": "B", "seq_q": "Sq", "seq_k": "Sk", "heads": "Hq", "kv_heads": "Hkv", "head_dim": "D",
-           "causal": "is_causal"},
-    call="{K}({q}, {k}, {v}, attn_mask, is_causal, dropout_p, scale, window_size, softcap, alibi_slopes){post}",
-)
-# rows: the product of all but the last dim; a 0-d x or an empty last dim goes to dynamic selection
-_ROWS = ("s = x.shape", "if s and (H := s[-1]):", "    R = s.numel() // H", "    dt = x.dtype")
-FAMILY_CODE: dict[str, FamilyCode] = {
-    "attention": _ATTENTION,
-    "rms_norm": FamilyCode(("x", "weight", "eps"), ("weight",), "x", ("x", "weight"), _ROWS,
-                           {"rows": "R", "hidden": "H"}, "{K}({x}, weight, eps)"),
-    "layer_norm": FamilyCode(("x", "weight", "bias", "eps"), ("weight", "bias"), "x", ("x", "weight", "bias"), _ROWS,
-                             {"rows": "R", "hidden": "H"}, "{K}({x}, weight, bias, eps)"),
-}
-# Pairs of ranged dims whose equality changes what kernels may run (causal masks on Sq == Sk).
-SQUARE = {"attention": ("seq_q", "seq_k")}
+# What the generator knows about calling each solvable family's kernels without the engine: the
+# family's own SolveCode (ops/family.py; attention's in ops/attention.py, the norms' in ops/norm.py).
+FAMILY_CODE: dict[str, SolveCode] = {name: f.solve for name, f in FAMILIES.items() if f.solve is not None}
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +70,7 @@ class SolveResult:
 
 # --- deciding ---------------------------------------------------------------------------------------
 
+
 def _intervals(lo: int, hi: int) -> list[Interval]:
     """Power-of-two buckets covering [lo, hi], the first starting at lo."""
     out, upper = [], pow2_bucket(lo)
@@ -122,8 +88,12 @@ def _rank(report: Any) -> list[str]:
     return [c.kernel_id for c in eligible]
 
 
-def _rankings(name: str, corners: list[SelectionContext], memo: dict[SelectionContext, list[str] | None],
-              order: Sequence[str] | None = None) -> list[list[str] | None]:
+def _rankings(
+    name: str,
+    corners: list[SelectionContext],
+    memo: dict[SelectionContext, list[str] | None],
+    order: Sequence[str] | None = None,
+) -> list[list[str] | None]:
     """The engine's ranking at each corner (None: no kernel there); neighbouring boxes share corners.
     order: only these kernels, in this order of preference (a static dispatcher's table)."""
     fam = workloads.family(name)
@@ -148,8 +118,10 @@ def _settle(name: str, rankings: list[list[str] | None], notes: list[str]) -> st
     common = set(ranked[0]).intersection(*ranked[1:])
     pick = next((k for k in ranked[-1] if k in common), None)
     firsts = sorted({r[0] for r in ranked if r})
-    notes.append(f"{name}: choice varies inside a bucket ({', '.join(firsts)}); "
-                 f"solved with {pick or 'dynamic selection'}, valid at every corner")
+    notes.append(
+        f"{name}: choice varies inside a bucket ({', '.join(firsts)}); "
+        f"solved with {pick or 'dynamic selection'}, valid at every corner"
+    )
     return pick
 
 
@@ -170,13 +142,20 @@ def _join(chain: list[list[Any]], dim: str, iv: Interval, child: Any) -> None:
 MAX_BOXES_PER_CELL = 96
 
 
-def _tree(name: str, template: SelectionContext, ranged: list[str], intervals: dict[str, list[Interval]],
-          notes: list[str], counter: list[int], order: Sequence[str] | None = None) -> Any:
+def _tree(
+    name: str,
+    template: SelectionContext,
+    ranged: list[str],
+    intervals: dict[str, list[Interval]],
+    notes: list[str],
+    counter: list[int],
+    order: Sequence[str] | None = None,
+) -> Any:
     """Nested [(lo, hi, child)] over `ranged` dims; leaves are kernel ids, None (dynamic),
     ("square", same, other) where Sq == Sk matters, or ("split", dim, [(lo, hi, leaf)]) where a cell
     was bisected."""
     fields = workloads.CONTEXT_FIELDS
-    pair = SQUARE.get(name)
+    pair = FAMILY_CODE[name].square
     memo: dict[SelectionContext, list[str] | None] = {}
 
     def at(point: dict[str, int]) -> SelectionContext:
@@ -248,6 +227,7 @@ def _tree(name: str, template: SelectionContext, ranged: list[str], intervals: d
 
 # --- writing ------------------------------------------------------------------------------------------
 
+
 class _Writer:
     def __init__(self, cuda: bool) -> None:
         self.cuda = cuda  # graph capture exists (and is checked) on CUDA only, as in SelectionContext
@@ -264,15 +244,7 @@ class _Writer:
         return self.kernels[kernel_id]
 
 
-def _call(code: FamilyCode, spec: KernelSpec, var: str) -> str:
-    if code is _ATTENTION:
-        t = ".transpose(1, 2)" if spec.layout != "BSHD" else ""
-        c = ".contiguous()" if spec.requires_contiguous else ""
-        return code.call.format(K=var, q=f"q{t}{c}", k=f"k{t}{c}", v=f"v{t}{c}", post=t)
-    return code.call.format(K=var, x="x.contiguous()" if spec.requires_contiguous else "x")
-
-
-def _emit_leaf(w: _Writer, code: FamilyCode, node: Any, depth: int) -> None:
+def _emit_leaf(w: _Writer, code: SolveCode, node: Any, depth: int) -> None:
     if node is None:
         w.emit(depth, "pass  # no kernel valid in the whole bucket: dynamic selection")
         return
@@ -303,12 +275,12 @@ def _emit_leaf(w: _Writer, code: FamilyCode, node: Any, depth: int) -> None:
         unsafe.append("_capturing()")
     if unsafe:
         w.emit(depth, f"if not {unsafe[0] if len(unsafe) == 1 else '(' + ' or '.join(unsafe) + ')'}:")
-        w.emit(depth + 1, f"return {_call(code, spec, var)}")
+        w.emit(depth + 1, f"return {code.kernel_call(spec, var)}")
     else:
-        w.emit(depth, f"return {_call(code, spec, var)}")
+        w.emit(depth, f"return {code.kernel_call(spec, var)}")
 
 
-def _emit_tree(w: _Writer, code: FamilyCode, ranged: list[str], node: Any, depth: int, i: int = 0) -> None:
+def _emit_tree(w: _Writer, code: SolveCode, ranged: list[str], node: Any, depth: int, i: int = 0) -> None:
     if i == len(ranged):
         _emit_leaf(w, code, node, depth)
         return
@@ -323,8 +295,10 @@ def _kernel_source(spec: KernelSpec, modules: dict[str, str]) -> str:
         return f"_kernel({modules[spec.id]!r}, {spec.id!r})"
     module, qualname = getattr(spec.impl, "__module__", None), getattr(spec.impl, "__qualname__", "")
     if not module or "<" in qualname:
-        raise ConfigurationError(f"kernel {spec.id}: its impl {spec.impl!r} cannot be imported by a solved module; "
-                                 "define it at module level (or register it in a backend module)")
+        raise ConfigurationError(
+            f"kernel {spec.id}: its impl {spec.impl!r} cannot be imported by a solved module; "
+            "define it at module level (or register it in a backend module)"
+        )
     return f"_attr({module!r}, {qualname!r})"
 
 
@@ -378,8 +352,11 @@ def _by_family(ops: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]
             want: Any = (value, value) if dim in ranged else [value]
             if dim in dims:
                 have = dims[dim]
-                have = tuple(int(x) for x in have) if dim in ranged else [
-                    int(x) for x in (have if isinstance(have, list | tuple | set) else [have])]
+                have = (
+                    tuple(int(x) for x in have)
+                    if dim in ranged
+                    else [int(x) for x in (have if isinstance(have, list | tuple | set) else [have])]
+                )
                 if list(have) != list(want):
                     raise InvalidInputError(f"{op}.{dim}", f"{want!r} (as {op} says) or nothing", dims[dim])
             dims[dim] = want
@@ -387,8 +364,14 @@ def _by_family(ops: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]
     return out
 
 
-def solve(ops: str | Mapping[str, Mapping[str, Any]], path: str | Path, *, dtypes: Sequence[torch.dtype] = (),
-          device: str | torch.device | None = None, **dims: Any) -> SolveResult:
+def solve(
+    ops: str | Mapping[str, Mapping[str, Any]],
+    path: str | Path,
+    *,
+    dtypes: Sequence[torch.dtype] = (),
+    device: str | torch.device | None = None,
+    **dims: Any,
+) -> SolveResult:
     """Write a module at `path` that dispatches `ops` by flat bucket bounds, with no selection engine.
 
     ops: an op family name or op id (`attention.causal`: causal fixed) with its dims as keyword
@@ -401,10 +384,14 @@ def solve(ops: str | Mapping[str, Mapping[str, Any]], path: str | Path, *, dtype
     return SolveResult(path, *result)
 
 
-def _generate(ops: str | Mapping[str, Mapping[str, Any]], dtypes: Sequence[torch.dtype],
-              device: str | torch.device | None, dims: Mapping[str, Any],
-              combos: Mapping[str, set[tuple[int, ...]]] | None = None,
-              order: Mapping[str, Sequence[str]] | None = None) -> tuple[str, tuple[Any, ...]]:
+def _generate(
+    ops: str | Mapping[str, Mapping[str, Any]],
+    dtypes: Sequence[torch.dtype],
+    device: str | torch.device | None,
+    dims: Mapping[str, Any],
+    combos: Mapping[str, set[tuple[int, ...]]] | None = None,
+    order: Mapping[str, Sequence[str]] | None = None,
+) -> tuple[str, tuple[Any, ...]]:
     """(module text, SolveResult fields after the path) for lz.solve and lz.compile.
 
     combos: per family, the combinations of exact dims to solve (lz.compile: those of its shapes);
@@ -481,9 +468,18 @@ def _generate(ops: str | Mapping[str, Mapping[str, Any]], dtypes: Sequence[torch
     return text, ({v: k for k, v in w.kernels.items()}, cells, w.branches, tuple(dict.fromkeys(notes)))
 
 
-def _module_text(names: list[str], ops: Mapping[str, Mapping[str, Any]], dtypes: list[torch.dtype], dev: torch.device,
-                 signature: dict[str, Any], versions: dict[str, str | None], modules: dict[str, str],
-                 specs: dict[str, KernelSpec], w: _Writer, bodies: list[list[str]]) -> str:
+def _module_text(
+    names: list[str],
+    ops: Mapping[str, Mapping[str, Any]],
+    dtypes: list[torch.dtype],
+    dev: torch.device,
+    signature: dict[str, Any],
+    versions: dict[str, str | None],
+    modules: dict[str, str],
+    specs: dict[str, KernelSpec],
+    w: _Writer,
+    bodies: list[list[str]],
+) -> str:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     solved = "\n".join(f"    {n}: {dict(ops[n])}" for n in names)
     out = [
@@ -533,7 +529,7 @@ def _module_text(names: list[str], ops: Mapping[str, Mapping[str, Any]], dtypes:
         "    return out",
         "",
         "",
-        f"_BACKEND_MODULES = {({b: modules[b] for b in versions})!r}",
+        f"_BACKEND_MODULES = { ({b: modules[b] for b in versions})!r}",
         "# torch's C functions behind its grad, determinism and stream-capture queries: the same answers",
         "# without a Python frame per call",
         "_grad_enabled = torch._C.is_grad_enabled",
@@ -543,7 +539,9 @@ def _module_text(names: list[str], ops: Mapping[str, Mapping[str, Any]], dtypes:
         "_deterministic = getattr(torch._C, '_get_deterministic_algorithms', torch.are_deterministic_algorithms_enabled)",
     ]
     if dev.type == "cuda":
-        out.append("_capturing = getattr(torch._C, '_cuda_isCurrentStreamCapturing', torch.cuda.is_current_stream_capturing)")
+        out.append(
+            "_capturing = getattr(torch._C, '_cuda_isCurrentStreamCapturing', torch.cuda.is_current_stream_capturing)"
+        )
     for d in dtypes:
         name = str(d).removeprefix("torch.")
         out.append(f"_{name} = torch.{name}")
@@ -607,15 +605,23 @@ class CompiledPlans:
         return module
 
     def __str__(self) -> str:
-        lines = [f"compiled {self.operation} ({self.family}): {len(self.plans)} shape(s), {self.buckets} buckets -> "
-                 f"{self.branches} branches; kernels: {', '.join(sorted(set(self.kernels.values()))) or 'none'}"]
+        lines = [
+            f"compiled {self.operation} ({self.family}): {len(self.plans)} shape(s), {self.buckets} buckets -> "
+            f"{self.branches} branches; kernels: {', '.join(sorted(set(self.kernels.values()))) or 'none'}"
+        ]
         for p in self.plans:
             lines.append(f"  {'x'.join(map(str, p.shape)):<24} {p.dtype:<9} {p.kernel:<28} {p.bucket}")
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
 
-def compile(operation: str, shapes: Sequence[Any], *, dtypes: Sequence[torch.dtype] = (),  # noqa: A001
-            device: str | torch.device | None = None, kernels: Sequence[str] | None = None) -> CompiledPlans:
+def compile(
+    operation: str,
+    shapes: Sequence[Any],
+    *,
+    dtypes: Sequence[torch.dtype] = (),  # noqa: A001
+    device: str | torch.device | None = None,
+    kernels: Sequence[str] | None = None,
+) -> CompiledPlans:
     """Offline plans for `shapes` of `operation` (an op id or family name): each shape's bucket and
     kernel, and a solved module over the shapes' ranges (lz.solve), ready to save.
 
@@ -647,41 +653,3 @@ def compile(operation: str, shapes: Sequence[Any], *, dtypes: Sequence[torch.dty
             ranked = _rankings(name, [ctx], {}, kernels)[0]
             plans.append(PlanEntry(shape, ctx.dtype_name, Bucket.of(ctx).label(), ranked[0] if ranked else ""))
     return CompiledPlans(operation, name, dims, tuple(plans), text, variables, cells, branches, notes)
-
-
-def add_solve_command(sub: Any) -> None:
-    """`layerzero solve OP --dim batch=1:64 --dim heads=32 ... --out solved.py` (cli.SUBCOMMANDS)."""
-    from ..cli import add_command
-
-    p = add_command(sub, "solve", "write a standalone module dispatching an op by shape buckets", _solve_command)
-    p.add_argument("op", help="attention, rms_norm, layer_norm")
-    p.add_argument("--dim", action="append", default=[], help="NAME=LO:HI for a ranged dim, NAME=V1,V2 for exact")
-    p.add_argument("--dtype", action="append", default=[], help="repeatable; default bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", required=True, help="path of the module to write")
-
-
-def _solve_command(args: Any) -> int:
-    dims: dict[str, Any] = {}
-    for item in args.dim:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise InvalidInputError("--dim", "NAME=LO:HI or NAME=V1,V2", item)
-        try:
-            if ":" in value:
-                lo, hi = value.split(":", 1)
-                dims[name] = (int(lo), int(hi))
-            else:
-                dims[name] = [int(v) for v in value.split(",") if v]
-        except ValueError:
-            raise InvalidInputError("--dim", "NAME=LO:HI or NAME=V1,V2 with integers", item) from None
-    from ..cli import parse_device, parse_dtype
-
-    dtypes = [parse_dtype(d) for d in args.dtype]
-    device = parse_device(args.device) if args.device is not None else None
-    result = solve(args.op, args.out, dtypes=dtypes, device=device, **dims)
-    from ..cli import emit
-
-    emit(args, {"path": str(result.path), "kernels": result.kernels, "buckets": result.buckets,
-                "branches": result.branches, "notes": list(result.notes)}, str(result))
-    return 0

@@ -31,7 +31,7 @@ from ..selection.engine import REFERENCE_BACKEND
 from ..state import runtime
 from . import workloads
 from .bench import measure
-from .perfdb import REGIMES, PerfDB, PerfRecord
+from .perfdb import REGIMES, Measurements, PerfDB, PerfRecord
 
 TraceEntry = tuple[str, SelectionContext]
 
@@ -53,8 +53,9 @@ class ShapeResult:
 
     def best_in(self, regime: str) -> PerfRecord | None:
         """The fastest correct kernel among those measured in `regime` ("eager" or "graph")."""
-        timed = [(f.median_us, r.kernel, r) for r in self.records if r.correct
-                 for f in (r.figure(regime),) if f is not None]
+        timed = [
+            (f.median_us, r.kernel, r) for r in self.records if r.correct for f in (r.figure(regime),) if f is not None
+        ]
         return min(timed, key=lambda t: t[:2])[2] if timed else None
 
     @property
@@ -84,8 +85,10 @@ class TuneReport:
         """A markdown table: microseconds per call per kernel per shape, "eager / graph" (graph: CUDA-graph
         replay, "-" where there is none); * = fastest in that regime, wrong = failed the reference check."""
         kernels = self.kernels
-        lines = ["| shape | " + " | ".join(kernels) + " | best eager | best graph |",
-                 "|---|" + "---|" * (len(kernels) + 2)]
+        lines = [
+            "| shape | " + " | ".join(kernels) + " | best eager | best graph |",
+            "|---|" + "---|" * (len(kernels) + 2),
+        ]
         for res in self.results:
             by_kernel = {r.kernel: r for r in res.records}
             best = {g: res.best_in(g) for g in REGIMES}
@@ -108,8 +111,10 @@ class TuneReport:
 
     def __str__(self) -> str:
         where = f" stored in {self.perfdb}" if self.perfdb else ""
-        head = (f"tuned {len(self.results)} shape(s) in {self.seconds:.1f} s{where}; us per call, eager "
-                "(N back-to-back calls) / graph (the same calls replayed from a CUDA graph: device time)")
+        head = (
+            f"tuned {len(self.results)} shape(s) in {self.seconds:.1f} s{where}; us per call, eager "
+            "(N back-to-back calls) / graph (the same calls replayed from a CUDA graph: device time)"
+        )
         return "\n".join([head, self.table(), *(f"note: {n}" for n in self.notes)])
 
     def heatmap(self, path: str | Path) -> Path:
@@ -122,8 +127,12 @@ class TuneReport:
 
         kernels = self.kernels
         regimes = self.regimes or ["eager"]
-        fig, axes = plt.subplots(1, len(regimes), squeeze=False,
-                                 figsize=(len(regimes) * (2 + 1.6 * len(kernels)), 1 + 0.5 * len(self.results)))
+        fig, axes = plt.subplots(
+            1,
+            len(regimes),
+            squeeze=False,
+            figsize=(len(regimes) * (2 + 1.6 * len(kernels)), 1 + 0.5 * len(self.results)),
+        )
         for ax, regime in zip(axes[0], regimes, strict=True):
             grid = [[math.nan] * len(kernels) for _ in self.results]
             text = [[""] * len(kernels) for _ in self.results]
@@ -144,8 +153,9 @@ class TuneReport:
             ax.set_yticks(range(len(self.results)), [res.label for res in self.results])
             for i, row in enumerate(text):
                 for j, cell in enumerate(row):
-                    ax.text(j, i, cell, ha="center", va="center", color="white" if cell == "wrong" else "black",
-                            fontsize=8)
+                    ax.text(
+                        j, i, cell, ha="center", va="center", color="white" if cell == "wrong" else "black", fontsize=8
+                    )
             fig.colorbar(image, ax=ax, label="time / fastest (us in cells)")
             ax.set_title(f"LayerZero tune, {regime}: us per call")
         fig.tight_layout()
@@ -188,8 +198,15 @@ def save_trace(trace: Iterable[TraceEntry], path: str | Path) -> Path:
     rows = []
     for name, ctx in trace:
         shape = workloads.shape_of(name, ctx) if name in workloads.WORKLOADS else None
-        rows.append({"op": name, "context": ctx.summary(), "shape": None if shape is None else list(shape),
-                     "dtype": ctx.dtype_name, "device": ctx.device_type})
+        rows.append(
+            {
+                "op": name,
+                "context": ctx.summary(),
+                "shape": None if shape is None else list(shape),
+                "dtype": ctx.dtype_name,
+                "device": ctx.device_type,
+            }
+        )
     path = Path(path)
     path.write_text(json.dumps(rows, indent=1))
     return path
@@ -236,11 +253,24 @@ def _default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def tune(operation: str | None = None, shapes: Sequence[Any] = (), dtypes: Sequence[torch.dtype] = (), *,
-         trace: Iterable[TraceEntry] | str | Path | None = None, device: str | torch.device | None = None,
-         kernels: str = "*", repeats: int = 20, warmup: int = 3, min_sample_s: float | None = None,
-         perfdb: str | Path | None = None, report: str | Path | None = None, progress: bool = True,
-         include_reference: bool = False, graphs: bool = True, max_repeats: int | None = None) -> TuneReport:
+def tune(
+    operation: str | None = None,
+    shapes: Sequence[Any] = (),
+    dtypes: Sequence[torch.dtype] = (),
+    *,
+    trace: Iterable[TraceEntry] | str | Path | None = None,
+    device: str | torch.device | None = None,
+    kernels: str = "*",
+    repeats: int = 20,
+    warmup: int = 3,
+    min_sample_s: float | None = None,
+    perfdb: str | Path | None = None,
+    report: str | Path | None = None,
+    progress: bool = True,
+    include_reference: bool = False,
+    graphs: bool = True,
+    max_repeats: int | None = None,
+) -> TuneReport:
     """Measure every valid kernel for each (shape, dtype) of `operation` (or each call of a `trace`),
     check it against the reference first, store the timings in PerfDB and return the report.
 
@@ -258,8 +288,6 @@ def tune(operation: str | None = None, shapes: Sequence[Any] = (), dtypes: Seque
     started = time.perf_counter()
     dev = torch.device(device) if device is not None else _default_device()
     if perfdb is not None:
-        from .perfdb import Measurements
-
         runtime.set_measurements(Measurements(perfdb, runtime.measurements.version_of))
     runtime.ensure_loaded()
     db: PerfDB | None = runtime.measurements.db
@@ -290,13 +318,28 @@ def tune(operation: str | None = None, shapes: Sequence[Any] = (), dtypes: Seque
         ctx = workloads.context_for(name, shape, dtype, where)
         specs = tunable_kernels(ctx, kernels, include_reference)
         if progress:
-            print(f"\r[{i}/{len(unique)}] {name} {ctx.dtype_name} {'x'.join(map(str, shape))}: "
-                  f"{len(specs)} kernel(s)   ", end="", file=sys.stderr, flush=True)
+            print(
+                f"\r[{i}/{len(unique)}] {name} {ctx.dtype_name} {'x'.join(map(str, shape))}: {len(specs)} kernel(s)   ",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
         if not specs:
             notes.append(f"{name} {'x'.join(map(str, shape))} {ctx.dtype_name}: no kernel besides the reference")
             continue
-        ctx, records = measure(name, shape, dtype, where, specs, repeats=repeats, warmup=warmup,
-                               min_sample_s=sample_s, seed=i, graphs=graphs, max_repeats=max_repeats)
+        ctx, records = measure(
+            name,
+            shape,
+            dtype,
+            where,
+            specs,
+            repeats=repeats,
+            warmup=warmup,
+            min_sample_s=sample_s,
+            seed=i,
+            graphs=graphs,
+            max_repeats=max_repeats,
+        )
         db.record(records)  # one transaction per shape: an interrupted tune keeps what it finished
         results.append(ShapeResult(name, shape, ctx.dtype_name, ctx.op, tuple(records)))
     if progress and unique:
@@ -313,45 +356,5 @@ def perfdb(path: str | Path | None = None) -> PerfDB | None:
     """The PerfDB that selection reads (None when LAYERZERO_PERFDB=off); with `path`, switch the
     runtime to that file first (cached plans are dropped)."""
     if path is not None:
-        from .perfdb import Measurements
-
         runtime.set_measurements(Measurements(path, runtime.measurements.version_of))
     return runtime.measurements.db
-
-
-def add_tune_command(sub: Any) -> None:
-    """`layerzero tune OP --shape AxBx... [--dtype ...] [--report DIR]` (registered in cli.SUBCOMMANDS)."""
-    from ..cli import add_command
-
-    p = add_command(sub, "tune", "measure every valid kernel for shapes, store in PerfDB, report", _tune_command)
-    p.add_argument("op", nargs="?", help="attention, rms_norm, layer_norm")
-    p.add_argument("--shape", action="append", default=[], help="dims joined by x (repeat for several shapes)")
-    p.add_argument("--dtype", action="append", default=[], help="float16, bfloat16, float32 or bf16, fp32, ... "
-                   "(repeatable)")
-    p.add_argument("--trace", help="a trace JSON written by lz.save_trace")
-    p.add_argument("--device", default=None)
-    p.add_argument("--kernels", default="*", help="glob on kernel ids or backends")
-    p.add_argument("--repeats", type=int, default=20, help="samples per figure (more while p95/median > 1.1)")
-    p.add_argument("--no-graphs", dest="graphs", action="store_false",
-                   help="eager figures only (no CUDA-graph replay timing)")
-    p.add_argument("--perfdb", default=None, help="PerfDB file (default: $LAYERZERO_PERFDB or the cache dir)")
-    p.add_argument("--report", default=None, help="directory for tune_report.md and tune_heatmap.png")
-
-
-def _tune_command(args: Any) -> int:
-    from ..cli import parse_device, parse_dtype
-
-    dtypes = [parse_dtype(name) for name in args.dtype]
-    device = parse_device(args.device) if args.device is not None else None
-    report = tune(args.op, shapes=args.shape, dtypes=dtypes, trace=args.trace, device=device,
-                  kernels=args.kernels, repeats=args.repeats, perfdb=args.perfdb, report=args.report,
-                  graphs=args.graphs)
-    data = [{"op": r.op, "shape": list(r.shape), "dtype": r.dtype, "best": r.best.kernel if r.best else None,
-             "best_graph": getattr(r.best_in("graph"), "kernel", None),
-             "kernels": {x.kernel: (x.median_us if x.correct else "wrong") for x in r.records},
-             "graph_us": {x.kernel: x.graph_us for x in r.records if x.correct},
-             "graph_notes": {x.kernel: x.graph_note for x in r.records if x.graph_note}} for r in report.results]
-    from ..cli import emit
-
-    emit(args, data, str(report))
-    return 0

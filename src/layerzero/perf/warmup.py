@@ -38,7 +38,9 @@ import torch
 
 from ..errors import InvalidInputError
 from ..kernel import KernelSpec
+from ..monitor.probe import TOLERANCE
 from ..reasons import Reason
+from ..selection.engine import REFERENCE_BACKEND, TRANSFORM_PENALTY
 from ..state import runtime
 from . import workloads
 
@@ -103,19 +105,27 @@ class WarmupReport:
         return [e for e in self.entries if e.compiled]
 
     def __str__(self) -> str:
-        lines = [f"warmed {len(self.entries)} shape(s) in {self.seconds:.2f} s; compiled: "
-                 f"{', '.join(sorted({e.kernel for e in self.compiled})) or 'nothing'}"]
+        lines = [
+            f"warmed {len(self.entries)} shape(s) in {self.seconds:.2f} s; compiled: "
+            f"{', '.join(sorted({e.kernel for e in self.compiled})) or 'nothing'}"
+        ]
         if self.variants:
-            lines.append(f"JIT variants built in parallel: {len(self.variants)} in {self.compile_seconds:.1f} s "
-                         f"({self.processes} process(es) at once)")
-            lines += [f"  {v.label:<44} {v.seconds:>8.1f} s  {'ok' if v.ok else 'FAILED: ' + v.error}"
-                      for v in self.variants]
-        lines.append(f"{'op':<16} {'shape':<26} {'dtype':<9} {'kernel':<28} {'select ms':>9} {'1st ms':>9} "
-                     f"{'2nd ms':>9}  jit")
+            lines.append(
+                f"JIT variants built in parallel: {len(self.variants)} in {self.compile_seconds:.1f} s "
+                f"({self.processes} process(es) at once)"
+            )
+            lines += [
+                f"  {v.label:<44} {v.seconds:>8.1f} s  {'ok' if v.ok else 'FAILED: ' + v.error}" for v in self.variants
+            ]
+        lines.append(
+            f"{'op':<16} {'shape':<26} {'dtype':<9} {'kernel':<28} {'select ms':>9} {'1st ms':>9} {'2nd ms':>9}  jit"
+        )
         for e in self.entries:
-            lines.append(f"{e.family:<16} {'x'.join(map(str, e.shape)):<26} {e.dtype:<9} {e.kernel:<28} "
-                         f"{e.select_ms:>9.3f} {e.first_ms:>9.3f} {e.second_ms:>9.3f}  "
-                         f"{'compiled' if e.compiled else '-'}")
+            lines.append(
+                f"{e.family:<16} {'x'.join(map(str, e.shape)):<26} {e.dtype:<9} {e.kernel:<28} "
+                f"{e.select_ms:>9.3f} {e.first_ms:>9.3f} {e.second_ms:>9.3f}  "
+                f"{'compiled' if e.compiled else '-'}"
+            )
         return "\n".join(lines)
 
 
@@ -134,9 +144,18 @@ class JitTask:
     options: dict[str, Any] = field(default_factory=dict)
 
     def payload(self) -> str:
-        return json.dumps({"label": self.label, "kernel": self.kernel, "module": self.module,
-                           "operation": self.operation, "shape": list(self.shape), "dtype": self.dtype,
-                           "device": self.device, "options": self.options})
+        return json.dumps(
+            {
+                "label": self.label,
+                "kernel": self.kernel,
+                "module": self.module,
+                "operation": self.operation,
+                "shape": list(self.shape),
+                "dtype": self.dtype,
+                "device": self.device,
+                "options": self.options,
+            }
+        )
 
 
 def _timed(fn: Any, device: torch.device) -> float:
@@ -149,10 +168,18 @@ def _timed(fn: Any, device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def warmup(operation: str, shapes: Sequence[Any] = (), dtypes: Sequence[torch.dtype] = (),
-           device: str | torch.device | None = None, *, options: dict[str, Any] | None = None,
-           parallel: bool = True, jobs: int | None = None, progress: bool = True,
-           timeout_s: float = 3600.0) -> WarmupReport:
+def warmup(
+    operation: str,
+    shapes: Sequence[Any] = (),
+    dtypes: Sequence[torch.dtype] = (),
+    device: str | torch.device | None = None,
+    *,
+    options: dict[str, Any] | None = None,
+    parallel: bool = True,
+    jobs: int | None = None,
+    progress: bool = True,
+    timeout_s: float = 3600.0,
+) -> WarmupReport:
     """Build the JIT variants these calls need in parallel worker processes, then pre-select (the plans
     stay cached for these exact shapes) and call each kernel once here.
 
@@ -202,12 +229,23 @@ def warmup(operation: str, shapes: Sequence[Any] = (), dtypes: Sequence[torch.dt
         first = _timed(lambda args=args, kwargs=kwargs: op(*args, **kwargs), dev)
         second = _timed(lambda args=args, kwargs=kwargs: op(*args, **kwargs), dev)
         spec = runtime.registry.kernel(plan.kernel_id)
-        entries.append(WarmupEntry(operation, shape, str(dtype).removeprefix("torch."), plan.kernel_id,
-                                   spec.needs_jit, select_ms, first, second))
+        entries.append(
+            WarmupEntry(
+                operation,
+                shape,
+                str(dtype).removeprefix("torch."),
+                plan.kernel_id,
+                spec.needs_jit,
+                select_ms,
+                first,
+                second,
+            )
+        )
     return WarmupReport(tuple(entries), time.perf_counter() - started, tuple(variants), processes, compile_s)
 
 
 # ----------------------------------------------------------------------------- phase 1: what to build
+
 
 def jit_tasks(operation: str, problems: Sequence[Problem], device: torch.device) -> list[JitTask]:
     """The variants to build for these (shape, dtype, keyword arguments) calls, one task per variant."""
@@ -227,7 +265,6 @@ def jit_task(operation: str, problem: Problem, device: torch.device) -> JitTask 
     score selection gives (PerfDB or priority, prefer rules, boosts, transform penalties) or by a
     policy lock that names it.
     """
-    from ..selection.engine import REFERENCE_BACKEND, TRANSFORM_PENALTY
 
     shape, dtype, options = problem
     fam = workloads.family(operation)
@@ -245,7 +282,9 @@ def jit_task(operation: str, problem: Problem, device: torch.device) -> JitTask 
         spec = runtime.registry.kernel(cand.kernel_id)
         if spec.backend == REFERENCE_BACKEND or spec.jit_variant is None:
             continue
-        score = runtime.score(spec, ctx, measured, runtime.regime(ctx))[0] - TRANSFORM_PENALTY * len(fam.transforms(spec, ctx))
+        score = runtime.score(spec, ctx, measured, runtime.regime(ctx))[0] - TRANSFORM_PENALTY * len(
+            fam.transforms(spec, ctx)
+        )
         if policy.boosts:
             score *= policy.boost(spec, ctx)[0]
         if lock is not None and lock.targets(spec):
@@ -258,9 +297,17 @@ def jit_task(operation: str, problem: Problem, device: torch.device) -> JitTask 
     variant = spec.jit_variant(ctx)  # type: ignore[misc]
     if variant is None:
         return None
-    return JitTask(variant.key, variant.label, spec.id, spec.impl.__module__, operation, tuple(shape),
-                   str(dtype).removeprefix("torch."), str(device),
-                   {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()})
+    return JitTask(
+        variant.key,
+        variant.label,
+        spec.id,
+        spec.impl.__module__,
+        operation,
+        tuple(shape),
+        str(dtype).removeprefix("torch."),
+        str(device),
+        {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
+    )
 
 
 def compile_slots() -> tuple[int, int, int]:
@@ -289,6 +336,7 @@ def _free_ram() -> int:
 
 # ----------------------------------------------------------------------------- phase 1: worker processes
 
+
 @dataclass(eq=False)
 class _Running:
     task: JitTask
@@ -298,8 +346,9 @@ class _Running:
     err: IO[bytes]
 
 
-def compile_parallel(tasks: Sequence[JitTask], jobs: int | None = None, progress: bool = True,
-                     timeout_s: float = 3600.0) -> tuple[list[VariantResult], int]:
+def compile_parallel(
+    tasks: Sequence[JitTask], jobs: int | None = None, progress: bool = True, timeout_s: float = 3600.0
+) -> tuple[list[VariantResult], int]:
     """Run each task in its own worker process, at most `jobs` at once (default: sized to the machine).
     Returns the results in task order and the number of processes run at once."""
     slots, cores, free = compile_slots()
@@ -308,8 +357,10 @@ def compile_parallel(tasks: Sequence[JitTask], jobs: int | None = None, progress
     env.setdefault("MAX_JOBS", str(max(1, slots // processes)))  # ninja -j of each worker's FlashInfer build
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # the worker imports what this process can
     bar = _Progress(len(tasks), sys.stderr, progress)
-    bar.line(f"layerzero warmup: building {len(tasks)} JIT variant(s) in {processes} worker process(es) at once "
-             f"(MAX_JOBS={env['MAX_JOBS']} each; {cores} cores, {free / 2**30:.0f} GiB free RAM)")
+    bar.line(
+        f"layerzero warmup: building {len(tasks)} JIT variant(s) in {processes} worker process(es) at once "
+        f"(MAX_JOBS={env['MAX_JOBS']} each; {cores} cores, {free / 2**30:.0f} GiB free RAM)"
+    )
     pending = list(tasks)
     running: list[_Running] = []
     results: dict[int, VariantResult] = {}
@@ -320,8 +371,9 @@ def compile_parallel(tasks: Sequence[JitTask], jobs: int | None = None, progress
                 task = pending.pop(0)
                 out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
                 cmd = [sys.executable, "-m", "layerzero.perf.warmup", "--worker", task.payload()]
-                running.append(_Running(task, subprocess.Popen(cmd, stdout=out, stderr=err, env=env), time.time(),
-                                        out, err))
+                running.append(
+                    _Running(task, subprocess.Popen(cmd, stdout=out, stderr=err, env=env), time.time(), out, err)
+                )
             for r in list(running):
                 code = r.process.poll()
                 if code is None and time.time() - r.started > timeout_s:
@@ -353,11 +405,22 @@ def _collect(r: _Running, code: int, timeout_s: float) -> VariantResult:
     r.err.close()
     for line in reversed(stdout.splitlines()):
         if line.startswith(RESULT_TAG):
-            data = json.loads(line[len(RESULT_TAG):])
-            return VariantResult(r.task.label, r.task.kernel, data["seconds"], data["ok"], data.get("error", ""),
-                                 data.get("pid", 0), data.get("started", 0.0), data.get("finished", 0.0))
-    why = (f"killed after {timeout_s:.0f} s" if code in (-9, 137) and time.time() - r.started > timeout_s
-           else f"worker exited with code {code}")
+            data = json.loads(line[len(RESULT_TAG) :])
+            return VariantResult(
+                r.task.label,
+                r.task.kernel,
+                data["seconds"],
+                data["ok"],
+                data.get("error", ""),
+                data.get("pid", 0),
+                data.get("started", 0.0),
+                data.get("finished", 0.0),
+            )
+    why = (
+        f"killed after {timeout_s:.0f} s"
+        if code in (-9, 137) and time.time() - r.started > timeout_s
+        else f"worker exited with code {code}"
+    )
     tail = " ".join(stderr.strip().splitlines()[-3:])[-400:]
     return VariantResult(r.task.label, r.task.kernel, time.time() - r.started, False, f"{why}: {tail}".rstrip(": "))
 
@@ -391,15 +454,19 @@ class _Progress:
     def finished(self, result: VariantResult, wall_s: float) -> None:
         self.done += 1
         status = "ok" if result.ok else f"FAILED ({result.error})"
-        self.line(f"{self._bar()} {_clock(time.time() - self.started):>7}  {result.label}: "
-                  f"{result.seconds:.1f} s compile+run, {wall_s:.1f} s in its worker  {status}")
+        self.line(
+            f"{self._bar()} {_clock(time.time() - self.started):>7}  {result.label}: "
+            f"{result.seconds:.1f} s compile+run, {wall_s:.1f} s in its worker  {status}"
+        )
 
     def tick(self, running: list[str]) -> None:
         now = time.time()
         if not self.tty or not running or now - self._last_tick < 1.0:
             return
         self._last_tick = now
-        self.stream.write(f"\r\033[K{self._bar()} {_clock(now - self.started):>7}  building: {', '.join(running)}"[:200])
+        self.stream.write(
+            f"\r\033[K{self._bar()} {_clock(now - self.started):>7}  building: {', '.join(running)}"[:200]
+        )
         self.stream.flush()
         self._status = True
 
@@ -413,12 +480,12 @@ def _clock(seconds: float) -> str:
 
 # ----------------------------------------------------------------------------- the worker
 
+
 def _worker(payload: str) -> dict[str, Any]:
     """In a worker process: call the task's kernel once with its shape (building its variant, which the
     library keeps on disk) and compare the output with the reference. Errors of the kernel itself are
     reported as "kernel: ...", others as "setup: ..."; the report shows them (a variant that fails
     here stays unbuilt: selection keeps to the other kernels, as the JIT gate says)."""
-    from ..runtime.probe import TOLERANCE
 
     task = json.loads(payload)
     started = time.perf_counter()
@@ -435,16 +502,24 @@ def _worker(payload: str) -> dict[str, Any]:
         run, _ = fam.bind(spec, fam.context(*args, **options))
         kernel_args = workloads.run_args(op, args, options)
     except Exception as e:  # noqa: BLE001 - reported to the parent
-        return {"ok": False, "seconds": time.perf_counter() - started, "error": f"setup: {type(e).__name__}: {e}",
-                "pid": os.getpid()}
+        return {
+            "ok": False,
+            "seconds": time.perf_counter() - started,
+            "error": f"setup: {type(e).__name__}: {e}",
+            "pid": os.getpid(),
+        }
     t0, started = time.perf_counter(), time.time()
     try:
         out = run(*kernel_args)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
     except Exception as e:  # noqa: BLE001 - the library's error is the verdict
-        return {"ok": False, "seconds": time.perf_counter() - t0, "error": f"kernel: {type(e).__name__}: {e}",
-                "pid": os.getpid()}
+        return {
+            "ok": False,
+            "seconds": time.perf_counter() - t0,
+            "error": f"kernel: {type(e).__name__}: {e}",
+            "pid": os.getpid(),
+        }
     seconds = time.perf_counter() - t0
     when = {"started": started, "finished": time.time()}
     ref, cut = workloads.reference_output(op, args, options)
@@ -455,8 +530,13 @@ def _worker(payload: str) -> dict[str, Any]:
         err = float((o.double() - r.double()).abs().max()) if o.numel() else 0.0
         tol = TOLERANCE[o.dtype] * (1.0 + float(r.double().abs().max()))
         if not err <= tol:
-            return {"ok": False, "seconds": seconds, "pid": os.getpid(), **when,
-                    "error": f"kernel: output differs from the reference: max error {err:.3g} > {tol:.3g}"}
+            return {
+                "ok": False,
+                "seconds": seconds,
+                "pid": os.getpid(),
+                **when,
+                "error": f"kernel: output differs from the reference: max error {err:.3g} > {tol:.3g}",
+            }
     return {"ok": True, "seconds": seconds, "pid": os.getpid(), **when}
 
 
@@ -474,49 +554,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # ----------------------------------------------------------------------------- `layerzero warmup`
-
-def add_warmup_command(sub: Any) -> None:
-    from ..cli import add_command
-
-    p = add_command(sub, "warmup", "build the JIT variants of given shapes in parallel, then pre-select and run "
-                    "each once", _warmup_command)
-    p.add_argument("op", help="an op with a workload: attention, rms_norm, layer_norm, rope_qk, paged_attention")
-    p.add_argument("--shape", action="append", required=True,
-                   help="the workload's dims joined by x (repeatable), e.g. attention 8x1x4096x32x8x128x1")
-    p.add_argument("--dtype", action="append", default=None, help="float16, bfloat16, float32 (repeatable)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--jobs", type=int, default=None, help="worker processes at once (default: cores and free RAM)")
-    p.add_argument("--serial", action="store_true", help="no worker processes: compile in this process")
-    p.add_argument("--window", default=None, help="attention window_size as LEFT,RIGHT (-1 = unbounded)")
-    p.add_argument("--softcap", type=float, default=None, help="attention logits soft cap")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def _warmup_command(args: argparse.Namespace) -> int:
-    from ..cli import emit
-    from ..errors import InvalidInputError
-
-    dtypes = []
-    for name in args.dtype or []:
-        dtype = getattr(torch, name, None)
-        if not isinstance(dtype, torch.dtype):
-            raise InvalidInputError("--dtype", "a torch dtype name such as bfloat16", name)
-        dtypes.append(dtype)
-    options: dict[str, Any] = {}
-    if args.window:
-        options["window_size"] = tuple(int(x) for x in args.window.split(","))
-    if args.softcap:
-        options["softcap"] = args.softcap
-    report = warmup(args.op, args.shape, dtypes, args.device, options=options, parallel=not args.serial,
-                    jobs=args.jobs, progress=not args.quiet)
-    data = {"seconds": report.seconds, "compile_seconds": report.compile_seconds, "processes": report.processes,
-            "variants": [{"label": v.label, "kernel": v.kernel, "seconds": v.seconds, "ok": v.ok, "error": v.error}
-                         for v in report.variants],
-            "entries": [{"shape": list(e.shape), "dtype": e.dtype, "kernel": e.kernel, "select_ms": e.select_ms,
-                         "first_ms": e.first_ms, "second_ms": e.second_ms, "compiled": e.compiled}
-                        for e in report.entries]}
-    emit(args, data, str(report))
-    return 0 if all(v.ok for v in report.variants) else 1
 
 
 if __name__ == "__main__":

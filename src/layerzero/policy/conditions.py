@@ -23,10 +23,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import fields
 from typing import Any
 
-import torch
-
 from ..context import SelectionContext
 from ..errors import PolicyValidationError
+from ..kernel import dtype_name
 
 Condition = Callable[[SelectionContext], bool]
 
@@ -34,21 +33,26 @@ MAX_CONDITION_LENGTH = 1000
 
 # Value kinds of context fields; the type check of a comparison works on these.
 _KIND_OF_ANNOTATION = {
-    "int": "int", "float": "float", "bool": "bool", "str": "str", "str | None": "str",
-    "torch.dtype": "dtype", "frozenset[str]": "set",
+    "int": "int",
+    "float": "float",
+    "bool": "bool",
+    "str": "str",
+    "str | None": "str",
+    "torch.dtype": "dtype",
+    "frozenset[str]": "set",
 }
 _NUMERIC = frozenset({"int", "float"})
-_DTYPE_ALIASES = {
-    "bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32",
-    "fp64": "float64", "double": "float64", "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn",
-    "fp8_e5m2": "float8_e5m2",
-}
 _NAMED_CONSTANTS = {"true": True, "false": False, "none": None, "null": None}
 
 _COMPARE: dict[type[ast.cmpop], tuple[str, Callable[[Any, Any], bool]]] = {
-    ast.Eq: ("==", operator.eq), ast.NotEq: ("!=", operator.ne), ast.Lt: ("<", operator.lt),
-    ast.LtE: ("<=", operator.le), ast.Gt: (">", operator.gt), ast.GtE: (">=", operator.ge),
-    ast.In: ("in", lambda a, b: a in b), ast.NotIn: ("not in", lambda a, b: a not in b),
+    ast.Eq: ("==", operator.eq),
+    ast.NotEq: ("!=", operator.ne),
+    ast.Lt: ("<", operator.lt),
+    ast.LtE: ("<=", operator.le),
+    ast.Gt: (">", operator.gt),
+    ast.GtE: (">=", operator.ge),
+    ast.In: ("in", lambda a, b: a in b),
+    ast.NotIn: ("not in", lambda a, b: a not in b),
 }
 OPERATORS = tuple(symbol for symbol, _ in _COMPARE.values())
 
@@ -63,13 +67,6 @@ def field_kinds() -> Mapping[str, str]:
             kinds[name] = _KIND_OF_ANNOTATION.get(str(attr.fget.__annotations__.get("return")), "other")
     kinds.pop("dtype_name", None)  # `dtype` already compares by name
     return kinds
-
-
-def dtype_name(value: str) -> str | None:
-    """Canonical torch dtype name for "bfloat16", "torch.bfloat16" or "bf16"; None if unknown."""
-    name = value.strip().removeprefix("torch.")
-    name = _DTYPE_ALIASES.get(name, name)
-    return name if isinstance(getattr(torch, name, None), torch.dtype) else None
 
 
 class _Operand:
@@ -168,8 +165,9 @@ class _Compiler:
                     raise self.fail(left.node, f"'{symbol} {right.field}' needs a string on the left")
                 return
             if left.field is None or right.kind != "list":
-                raise self.fail(right.node, f"'{symbol}' needs a field on the left and a list of constants on "
-                                            "the right")
+                raise self.fail(
+                    right.node, f"'{symbol}' needs a field on the left and a list of constants on the right"
+                )
             for item in right.value:
                 self.check_value(left, symbol, item, right.node)
             if left.kind == "dtype":
@@ -191,8 +189,9 @@ class _Compiler:
             if (field.kind in _NUMERIC) != (const.kind in _NUMERIC) or (
                 field.kind not in _NUMERIC and field.kind != const.kind
             ):
-                raise self.fail(field.node, f"cannot compare {field.field!r} ({field.kind}) with "
-                                            f"{const.field!r} ({const.kind})")
+                raise self.fail(
+                    field.node, f"cannot compare {field.field!r} ({field.kind}) with {const.field!r} ({const.kind})"
+                )
             return
         self.check_value(field, symbol, const.value, const.node)
         if field.kind == "dtype":
@@ -298,7 +297,7 @@ def when_to_text(when: Mapping[str, Any]) -> str:
             stripped = value.strip()
             symbol = next((s for s in _WHEN_OPERATORS if stripped.startswith(s)), None)
             if symbol is not None:
-                rest = stripped[len(symbol):].strip()
+                rest = stripped[len(symbol) :].strip()
                 parts.append(f"{name} {symbol} {_literal_text(rest)}")
                 continue
             if stripped.startswith(("in ", "not in ")):

@@ -2,14 +2,19 @@
 
 Every change builds new immutable layers, merges them and swaps the runtime's policy, which
 bumps the plan-cache generation: no call that starts after the change returns gets a plan of
-the old policy. Changes are process-wide (plans are shared by all threads).
+the old policy. Calls are process-wide; `prefer`, `lock`, `disabled` and `enabled` used as `with`
+blocks change the choice of the thread or task running the block only (policy.model.Scope).
 """
 
 from __future__ import annotations
 
+import dis
+import functools
 import logging
 import os
+import sys
 import threading
+import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from types import TracebackType
@@ -17,7 +22,7 @@ from typing import Any
 
 from ..errors import ConfigurationError, PolicyValidationError
 from ..selection.engine import REFERENCE_BACKEND
-from ..state import Runtime, runtime
+from ..state import runtime
 from .conditions import parse_condition
 from .loader import (
     DEFAULT_PREFER_PRIORITY,
@@ -28,9 +33,10 @@ from .loader import (
     environment_policy,
     load_policy_file,
     parse_policy_mapping,
+    parse_policy_text,
     resolve_target,
 )
-from .model import LAYERS, Policy, PolicyLayers, Rule
+from .model import LAYERS, Policy, Rule
 
 log = logging.getLogger("layerzero")
 
@@ -40,35 +46,13 @@ PathLike = str | os.PathLike[str]
 # ---- installing layers
 
 
-def _install(rt: Runtime, layers: PolicyLayers) -> None:
-    with rt._lock:
-        rt.policy_layers = layers
-        rt.set_policy(layers.merged())
-
-
 def _update_layer(layer: str, change: Any) -> Policy:
     """Apply `change(policy) -> policy` to one layer atomically; returns the merged policy."""
     runtime.ensure_loaded()
     with runtime._lock:
         layers = runtime.policy_layers
-        _install(runtime, replace(layers, **{layer: change(getattr(layers, layer))}))
+        runtime.set_layers(replace(layers, **{layer: change(getattr(layers, layer))}))
         return runtime.policy
-
-
-def load_environment(rt: Runtime, environ: Mapping[str, str] | None = None) -> None:
-    """Read LAYERZERO_* into the env layer (and LAYERZERO_POLICY into the file layer).
-
-    Called when the runtime loads its backends and by `lz.load_config()`; it uses the registry
-    directly and never calls `ensure_loaded`. Nothing changes unless everything is valid.
-    """
-    environ = os.environ if environ is None else environ
-    env_policy = environment_policy(environ, rt.registry)
-    path = environ.get("LAYERZERO_POLICY") or None
-    with rt._lock:
-        layers = rt.policy_layers
-        if path is not None:
-            layers = replace(layers, file=load_policy_file(path, rt.registry), file_path=path)
-        _install(rt, replace(layers, env=env_policy))
 
 
 # ---- configure / load_config / get_config
@@ -107,7 +91,7 @@ def configure(
     elif watch:
         raise ConfigurationError("configure: watch=True needs a policy file path as `source`")
     for op, target in (lock or {}).items():
-        _set_lock(op, target)
+        _Lock(op, target)
     for kind, spec in (("allow", allow), ("deny", deny)):
         if spec is None:
             continue
@@ -141,11 +125,13 @@ def load_config(path: PathLike | None = None) -> dict[str, Any]:
     runtime.ensure_loaded()
     with runtime._lock:
         env_policy = environment_policy(os.environ, runtime.registry)
-        file_path = os.fspath(path) if path is not None else (
-            os.environ.get("LAYERZERO_POLICY") or runtime.policy_layers.file_path
+        file_path = (
+            os.fspath(path)
+            if path is not None
+            else (os.environ.get("LAYERZERO_POLICY") or runtime.policy_layers.file_path)
         )
         file_policy = load_policy_file(file_path, runtime.registry) if file_path else None
-        _install(runtime, replace(runtime.policy_layers, env=env_policy))
+        runtime.set_layers(replace(runtime.policy_layers, env=env_policy))
         if file_policy is not None:
             _set_file(file_policy, file_path)
     return get_config()
@@ -155,7 +141,7 @@ def _set_file(policy: Policy, path: str) -> None:
     """Install the file source; a watcher of another file stops (it would overwrite this one)."""
     with runtime._lock:
         watcher = runtime.policy_watcher
-        _install(runtime, replace(runtime.policy_layers, file=policy, file_path=path))
+        runtime.set_layers(replace(runtime.policy_layers, file=policy, file_path=path))
     if watcher is not None and os.path.abspath(watcher.path) != os.path.abspath(path):
         watcher.stop()
 
@@ -186,7 +172,63 @@ def get_config() -> dict[str, Any]:
     }
 
 
-# ---- locks
+# ---- statements and blocks
+
+
+def _entered_by_with(depth: int) -> bool:
+    """Whether the call `depth` frames up constructs the policy object as the subject of a `with`
+    statement (`with lz.prefer(...):`): the instruction after the call enters it. Read when the object
+    is made, before __enter__, so that a block never changes the process-wide policy, not even for
+    the instant between the two."""
+    frame = sys._getframe(depth + 1)
+    return _enters_with(frame.f_code, frame.f_lasti)
+
+
+@functools.lru_cache(maxsize=512)
+def _enters_with(code: types.CodeType, lasti: int) -> bool:
+    after = [i.opname for i in dis.get_instructions(code) if i.offset > lasti][:2]
+    if after[:1] in (["BEFORE_WITH"], ["SETUP_WITH"]):  # CPython 3.11-3.13, 3.10
+        return True
+    return after == ["COPY", "LOAD_SPECIAL"]  # CPython 3.14: `with` loads __exit__ and __enter__ itself
+
+
+class _Override:
+    """A policy change that takes effect for every thread at once and stays (a statement: `lz.prefer(...)`,
+    `.undo()` takes it back), or, made as the subject of a `with` statement, holds for that block in
+    the thread or task that runs it and nowhere else (a ContextVar, policy.model.SCOPE), undone on exit
+    also when the block raises. An object made first and entered later acts process-wide for its block."""
+
+    _block: tuple[Any, Any] | None = None
+
+    def _begin(self, scoped: bool | None = None) -> None:
+        """Take effect: process-wide now, or for the block the caller is about to enter."""
+        self._scoped = _entered_by_with(2) if scoped is None else scoped  # _begin <- __init__ <- its caller
+        if not self._scoped:
+            self._apply()
+
+    def _change(self, code: Policy, disabled: frozenset[str]) -> tuple[Policy, frozenset[str]]:
+        """The change to (code layer, disabled set), as a block applies it on top of the process-wide ones."""
+        raise NotImplementedError
+
+    def _apply(self) -> None:
+        raise NotImplementedError
+
+    def undo(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        if self._scoped:
+            self._block = runtime.enter_scope(self._change)
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._block is not None:
+            runtime.leave_scope(*self._block)
+            self._block = None
+        elif not self._scoped:
+            self.undo()
 
 
 def _code_rule(kind: str, op: str, target: str, condition: str | None = None, **extra: Any) -> Rule:
@@ -200,23 +242,47 @@ def _code_rule(kind: str, op: str, target: str, condition: str | None = None, **
     return Rule(kind, op, backends, kernels, fn, condition or "", source="code", layer="code", **extra)
 
 
-def lock(operation: str, kernel: str, condition: str | None = None) -> None:
+class lock(_Override):  # noqa: N801 - used like a function: lz.lock(op, kernel) or `with lz.lock(op, kernel):`
     """Run `operation` (an op id or glob) with `kernel` (a kernel id, backend name or group) whenever it can.
 
-    Replaces an earlier code lock of the same op. If the kernel cannot run a call, LayerZero
-    warns once and selects among the rest, or raises NoKernelFoundError in strict mode.
+    Replaces an earlier code lock of the same op (`.undo()` brings it back). If the kernel cannot run
+    a call, LayerZero warns once and selects among the rest, or raises NoKernelFoundError in strict
+    mode. A statement for every thread; a `with` block for that block in its thread or task only.
     """
-    _set_lock(operation, kernel, condition)
 
+    def __init__(self, operation: str, kernel: str, condition: str | None = None) -> None:
+        runtime.ensure_loaded()
+        self.rule = rule = _code_rule("lock", operation, kernel, condition)
+        if len(rule.kernels) == 1:
+            check_kernel_op(runtime.registry, rule.kernels[0], operation)
+        elif rule.kernels:  # a group (torch_sdpa)
+            check_target_op(runtime.registry, rule.kernels, operation, kernel)
+        self.replaced: tuple[Rule, ...] = ()
+        self._begin()
 
-def _set_lock(op: str, kernel: str, condition: str | None = None) -> None:
-    runtime.ensure_loaded()
-    rule = _code_rule("lock", op, kernel, condition)
-    if len(rule.kernels) == 1:
-        check_kernel_op(runtime.registry, rule.kernels[0], op)
-    elif rule.kernels:  # a group (torch_sdpa)
-        check_target_op(runtime.registry, rule.kernels, op, kernel)
-    _update_layer("code", lambda p: replace(p, locks=(rule, *(r for r in p.locks if r.operation != op))))
+    def _change(self, code: Policy, disabled: frozenset[str]) -> tuple[Policy, frozenset[str]]:
+        op = self.rule.operation
+        return replace(code, locks=(self.rule, *(r for r in code.locks if r.operation != op))), disabled
+
+    def _apply(self) -> None:
+        def change(p: Policy) -> Policy:
+            self.replaced = tuple(r for r in p.locks if r.operation == self.rule.operation)
+            return self._change(p, frozenset())[0]
+
+        _update_layer("code", change)
+
+    def undo(self) -> None:
+        """Remove this lock, restoring the code locks of the same op it replaced."""
+        if self._scoped:
+            return  # a block's lock ends with its block
+        replaced, self.replaced = self.replaced, ()
+        _update_layer(
+            "code",
+            lambda p: replace(p, locks=tuple(x for r in p.locks for x in ((r,) if r is not self.rule else replaced))),
+        )
+
+    def __repr__(self) -> str:
+        return f"<lock {self.rule.describe()}>"
 
 
 def unlock(operation: str) -> bool:
@@ -235,7 +301,7 @@ def unlock(operation: str) -> bool:
             if len(kept) != len(policy.locks):
                 changed[name] = replace(policy, locks=kept)
         if changed:
-            _install(runtime, replace(layers, **changed))
+            runtime.set_layers(replace(layers, **changed))
         return bool(changed)
 
 
@@ -249,19 +315,27 @@ def get_locks() -> dict[str, str]:
     return out
 
 
-# ---- prefer and disabled
+# ---- prefer, disabled, enabled
 
 
-class prefer:  # noqa: N801 - used like a function: lz.prefer("torch") or `with lz.prefer("torch"):`
+class prefer(_Override):  # noqa: N801 - used like a function: lz.prefer("torch") or `with lz.prefer("torch"):`
     """Give the kernels of `target` (a backend, kernel id or group) the priority `priority` for `op`
     (an op id or glob; also `operation=`).
 
-    Takes effect at once and stays (a setting); used as a context manager it is undone on
-    exit, also when the block raises. The default priority (1000) is above every built-in one.
+    Takes effect at once for every thread and stays (a setting; `.undo()` takes it back); as a `with`
+    block it holds for that block in its thread or task only, also when the block raises. The
+    default priority (1000) is above every built-in one.
     """
 
-    def __init__(self, target: str, priority: float = DEFAULT_PREFER_PRIORITY, *, op: str = "*",
-                 condition: str | None = None, operation: str | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        priority: float = DEFAULT_PREFER_PRIORITY,
+        *,
+        op: str = "*",
+        condition: str | None = None,
+        operation: str | None = None,
+    ) -> None:
         runtime.ensure_loaded()
         if operation is not None:  # the spec's name for op
             if op != "*" and op != operation:
@@ -271,33 +345,45 @@ class prefer:  # noqa: N801 - used like a function: lz.prefer("torch") or `with 
             raise PolicyValidationError(f"prefer: priority: expected a number, got {priority!r}")
         self.rule = _code_rule("prefer", op, target, condition, priority=float(priority))
         self.replaced: Rule | None = None
-        key = (self.rule.operation, self.rule.backends, self.rule.kernels, self.rule.condition_text)
+        self._begin()
 
+    def _same(self, rule: Rule) -> bool:
+        return (rule.operation, rule.backends, rule.kernels, rule.condition_text) == (
+            self.rule.operation,
+            self.rule.backends,
+            self.rule.kernels,
+            self.rule.condition_text,
+        )
+
+    def _change(self, code: Policy, disabled: frozenset[str]) -> tuple[Policy, frozenset[str]]:
+        return replace(code, prefers=(self.rule, *(r for r in code.prefers if not self._same(r)))), disabled
+
+    def _apply(self) -> None:
         def change(p: Policy) -> Policy:
-            same = [r for r in p.prefers if (r.operation, r.backends, r.kernels, r.condition_text) == key]
+            same = [r for r in p.prefers if self._same(r)]
             self.replaced = same[0] if same else None
-            return replace(p, prefers=(self.rule, *(r for r in p.prefers if r not in same)))
+            return self._change(p, frozenset())[0]
 
         _update_layer("code", change)
 
     def undo(self) -> None:
         """Remove this preference, restoring the one it replaced."""
+        if self._scoped:
+            return  # a block's preference ends with its block
         restored = (self.replaced,) if self.replaced is not None else ()
-        _update_layer("code", lambda p: replace(
-            p, prefers=tuple(x for r in p.prefers for x in ((r,) if r is not self.rule else restored))))
-
-    def __enter__(self) -> prefer:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.undo()
+        _update_layer(
+            "code",
+            lambda p: replace(
+                p, prefers=tuple(x for r in p.prefers for x in ((r,) if r is not self.rule else restored))
+            ),
+        )
 
     def __repr__(self) -> str:
         return f"<prefer {self.rule.describe()}>"
 
 
 _Prefer = prefer  # `configure(prefer=...)` shadows the name
+_Lock = lock  # `configure(lock=...)` too
 
 
 def _switch_targets(call: str, targets: tuple[str, ...]) -> frozenset[str]:
@@ -311,52 +397,52 @@ def _switch_targets(call: str, targets: tuple[str, ...]) -> frozenset[str]:
             backends, kernels = resolve_target(runtime.registry, name)
         else:
             backends, kernels = (runtime.registry.backend_name(name),), ()
-        if REFERENCE_BACKEND in backends or any(runtime.registry.kernel(k).backend == REFERENCE_BACKEND
-                                                for k in kernels):
+        if REFERENCE_BACKEND in backends or any(
+            runtime.registry.kernel(k).backend == REFERENCE_BACKEND for k in kernels
+        ):
             raise ConfigurationError(f"{call}: the reference backend cannot be disabled (a call always runs)")
         names.update(backends + kernels)
     return frozenset(names)
 
 
-class disabled:  # noqa: N801 - used like a function: lz.disabled("xformers") or `with lz.disabled(...):`
+class disabled(_Override):  # noqa: N801 - used like a function: lz.disabled("xformers") or `with lz.disabled(...):`
     """Skip backends, kernel ids or groups (`torch_sdpa`: torch's SDPA kernels) in selection.
 
-    Takes effect at once and stays (a setting, like `prefer`) until `.undo()` or `lz.enabled(...)`;
-    used as `with lz.disabled("flashinfer", "xformers"):` it is undone on exit, also when the block
-    raises. With no arguments, every backend but the torch reference is skipped (reference-only
-    mode). Process-wide. The reference cannot be disabled: a call always runs.
+    Takes effect at once for every thread and stays (a setting, like `prefer`) until `.undo()` or
+    `lz.enabled(...)`; as `with lz.disabled("flashinfer", "xformers"):` it holds for that block in its
+    thread or task only, also when the block raises. With no arguments, every backend but the torch
+    reference is skipped (reference-only mode). The reference cannot be disabled: a call always runs.
     """
 
     def __init__(self, *targets: str) -> None:
         runtime.ensure_loaded()
-        names = _switch_targets("disabled", targets) if targets else frozenset({"*"})
+        self.names = _switch_targets("disabled", targets) if targets else frozenset({"*"})
         self.targets = targets
+        self.added: frozenset[str] = frozenset()  # what undo() takes back
+        self._begin()
+
+    def _change(self, code: Policy, disabled: frozenset[str]) -> tuple[Policy, frozenset[str]]:
+        return code, disabled | self.names
+
+    def _apply(self) -> None:
         with runtime._lock:
-            self.added = names - runtime.disabled_backends  # what undo() takes back
-            runtime.disabled_backends = runtime.disabled_backends | self.added
-            runtime.bump()
+            self.added = self.names - runtime.process_disabled
+            runtime.disabled_backends = runtime.process_disabled | self.added
 
     def undo(self) -> None:
         """Enable again what this call disabled (not what was disabled before it)."""
         with runtime._lock:
-            runtime.disabled_backends = runtime.disabled_backends - self.added
+            runtime.disabled_backends = runtime.process_disabled - self.added
             self.added = frozenset()
-            runtime.bump()
-
-    def __enter__(self) -> disabled:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.undo()
 
     def __repr__(self) -> str:
         return f"<disabled {', '.join(self.targets) or '*'}>"
 
 
-class enabled:  # noqa: N801 - used like a function: lz.enabled("torch_sdpa") or `with lz.enabled(...):`
+class enabled(_Override):  # noqa: N801 - used like a function: lz.enabled("torch_sdpa") or `with lz.enabled(...):`
     """Re-enable what `lz.disabled` switched off: backends, kernel ids or groups; with no arguments,
-    everything. `.undo()` (or the end of a `with` block) disables them again.
+    everything. `.undo()` disables them again; a `with` block re-enables them for that block in its
+    thread or task only.
 
     Enabling a backend also enables its kernels disabled one by one. A kernel or backend that is
     disabled only through a wider entry (its backend, or `lz.disabled()` with no arguments) cannot
@@ -366,41 +452,46 @@ class enabled:  # noqa: N801 - used like a function: lz.enabled("torch_sdpa") or
     def __init__(self, *targets: str) -> None:
         runtime.ensure_loaded()
         names = _switch_targets("enabled", targets)
+        scoped = _entered_by_with(1)
+        current = runtime.disabled_backends if scoped else runtime.process_disabled
+        if not targets:
+            removed = set(current)
+        elif "*" in current:
+            raise ConfigurationError(
+                f"enabled: {targets[0]!r} is disabled through lz.disabled() (every "
+                "backend); call lz.enabled() (or undo that call) instead"
+            )
+        else:
+            removed = {n for n in names if n in current}
+            for name in names - removed:
+                kernel = runtime.registry.kernels.get(name)
+                if kernel is None:  # a backend: its kernels disabled one by one too
+                    removed.update(
+                        k
+                        for k in current
+                        if k in runtime.registry.kernels and runtime.registry.kernels[k].backend == name
+                    )
+                elif kernel.backend in current:
+                    raise ConfigurationError(
+                        f"enabled: {name!r} is disabled through lz.disabled("
+                        f"{kernel.backend!r}); call lz.enabled({kernel.backend!r}) "
+                        "(or undo that call) instead"
+                    )
+        self.removed = frozenset(removed)
+        self._begin(scoped)
+
+    def _change(self, code: Policy, disabled: frozenset[str]) -> tuple[Policy, frozenset[str]]:
+        return code, disabled - self.removed
+
+    def _apply(self) -> None:
         with runtime._lock:
-            current = runtime.disabled_backends
-            if not targets:
-                removed = set(current)
-            elif "*" in current:
-                raise ConfigurationError(f"enabled: {targets[0]!r} is disabled through lz.disabled() (every "
-                                         "backend); call lz.enabled() (or undo that call) instead")
-            else:
-                removed = {n for n in names if n in current}
-                for name in names - removed:
-                    kernel = runtime.registry.kernels.get(name)
-                    if kernel is None:  # a backend: its kernels disabled one by one too
-                        removed.update(k for k in current if k in runtime.registry.kernels
-                                       and runtime.registry.kernels[k].backend == name)
-                    elif kernel.backend in current:
-                        raise ConfigurationError(f"enabled: {name!r} is disabled through lz.disabled("
-                                                 f"{kernel.backend!r}); call lz.enabled({kernel.backend!r}) "
-                                                 "(or undo that call) instead")
-            self.removed = frozenset(removed)
-            runtime.disabled_backends = current - self.removed
-            runtime.bump()
+            runtime.disabled_backends = runtime.process_disabled - self.removed
 
     def undo(self) -> None:
         """Disable again what this call enabled."""
         with runtime._lock:
-            runtime.disabled_backends = runtime.disabled_backends | self.removed
+            runtime.disabled_backends = runtime.process_disabled | self.removed
             self.removed = frozenset()
-            runtime.bump()
-
-    def __enter__(self) -> enabled:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.undo()
 
 
 # ---- hot reload
@@ -468,7 +559,7 @@ class PolicyWatcher:
         with runtime._lock:
             if self._stop.is_set():
                 return False
-            _install(runtime, replace(runtime.policy_layers, file=policy, file_path=self.path))
+            runtime.set_layers(replace(runtime.policy_layers, file=policy, file_path=self.path))
             self._seen = content
             self.reloads += 1
             self.last_error = None
@@ -496,19 +587,20 @@ class PolicyWatcher:
     def __enter__(self) -> PolicyWatcher:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
 
 def _parse_file_bytes(content: bytes, path: str) -> Policy:
-    from .loader import parse_policy_text
 
     return parse_policy_text(content, runtime.registry, source=path)
 
 
-def watch_policy(path: PathLike, interval_s: float = 1.0, *,
-                 parse: Callable[[bytes, str], Policy] | None = None) -> PolicyWatcher:
+def watch_policy(
+    path: PathLike, interval_s: float = 1.0, *, parse: Callable[[bytes, str], Policy] | None = None
+) -> PolicyWatcher:
     """Load `path` now (raising if invalid), then poll it every `interval_s` and swap the policy
     atomically when it changes. Replaces an earlier watcher; `.stop()` or `with` ends it.
     parse: (content, path) -> Policy for another file format (layerzero.dispatch's config)."""
@@ -525,6 +617,15 @@ def watch_policy(path: PathLike, interval_s: float = 1.0, *,
 
 
 __all__ = [
-    "PolicyWatcher", "configure", "disabled", "enabled", "get_config", "get_locks", "load_config", "load_environment",
-    "lock", "prefer", "unlock", "watch_policy",
+    "PolicyWatcher",
+    "configure",
+    "disabled",
+    "enabled",
+    "get_config",
+    "get_locks",
+    "load_config",
+    "lock",
+    "prefer",
+    "unlock",
+    "watch_policy",
 ]

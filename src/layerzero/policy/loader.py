@@ -29,7 +29,7 @@ from .conditions import parse_condition, when_to_text
 from .model import Policy, Rule
 
 if TYPE_CHECKING:
-    from ..state import Registry
+    from ..backends import Registry
 
 SUPPORTED_VERSIONS = ("1", "1.0")
 DEFAULT_PREFER_PRIORITY = 1000.0  # above every built-in kernel priority (0-100)
@@ -45,8 +45,15 @@ _RULE_KEYS = {
     "boost": ("operation", *_TARGET_KEYS, "boost_factor", "condition", "when"),
     "prefer": ("operation", *_TARGET_KEYS, "priority", "condition", "when"),
 }
-ENV_VARS = ("LAYERZERO_POLICY", "LAYERZERO_LOCK", "LAYERZERO_DENY", "LAYERZERO_ALLOW", "LAYERZERO_PREFER",
-            "LAYERZERO_STRICT", "LAYERZERO_REGIME")
+ENV_VARS = (
+    "LAYERZERO_POLICY",
+    "LAYERZERO_LOCK",
+    "LAYERZERO_DENY",
+    "LAYERZERO_ALLOW",
+    "LAYERZERO_PREFER",
+    "LAYERZERO_STRICT",
+    "LAYERZERO_REGIME",
+)
 
 
 class _Located(dict):  # type: ignore[type-arg]
@@ -75,8 +82,9 @@ class _Source:
         shown = f"\n    {line} | {text}" if text else ""
         prefix = f"{loc}: {where}: " if where else f"{loc}: "
         if isinstance(message, UnknownNameError):
-            err: PolicyValidationError = UnknownPolicyNameError(message.kind, message.name, message.known,
-                                                                where=prefix, shown=shown)
+            err: PolicyValidationError = UnknownPolicyNameError(
+                message.kind, message.name, message.known, where=prefix, shown=shown
+            )
         else:
             err = PolicyValidationError(f"{prefix}{message}{shown}")
         err.source, err.line, err.text = self.name, line, text  # type: ignore[attr-defined]
@@ -164,8 +172,9 @@ def load_policy_file(path: str | os.PathLike[str], registry: Registry, layer: st
     return parse_policy_text(data, registry, source=name, layer=layer)
 
 
-def parse_policy_mapping(document: Mapping[str, Any], registry: Registry, source: str = "configure()",
-                         layer: str = "code") -> Policy:
+def parse_policy_mapping(
+    document: Mapping[str, Any], registry: Registry, source: str = "configure()", layer: str = "code"
+) -> Policy:
     """Validate a policy given as a Python mapping in the file schema (no line numbers)."""
     return _Validator(_Source(source), registry, layer).document(document)
 
@@ -185,17 +194,24 @@ class _Validator:
 
     def document(self, doc: Any) -> Policy:
         if not isinstance(doc, Mapping):
-            raise self.fail(getattr(doc, "line", 1 if self.src.lines else 0), "",
-                            f"expected a mapping of {', '.join(TOP_LEVEL_KEYS)}, got {type(doc).__name__}")
+            raise self.fail(
+                getattr(doc, "line", 1 if self.src.lines else 0),
+                "",
+                f"expected a mapping of {', '.join(TOP_LEVEL_KEYS)}, got {type(doc).__name__}",
+            )
         for key in doc:
             if key not in TOP_LEVEL_KEYS:
-                raise self.fail(self.line_of(doc, key), "", f"unknown top-level key {key!r}{_hint(key, TOP_LEVEL_KEYS)}"
-                                f" (known: {', '.join(TOP_LEVEL_KEYS)})")
+                raise self.fail(
+                    self.line_of(doc, key),
+                    "",
+                    f"unknown top-level key {key!r}{_hint(key, TOP_LEVEL_KEYS)} (known: {', '.join(TOP_LEVEL_KEYS)})",
+                )
         if "version" in doc:
             version = doc["version"]
             if isinstance(version, bool) or str(version) not in SUPPORTED_VERSIONS:
-                raise self.fail(self.line_of(doc, "version"), "version",
-                                f"unsupported version {version!r} (supported: \"1.0\")")
+                raise self.fail(
+                    self.line_of(doc, "version"), "version", f'unsupported version {version!r} (supported: "1.0")'
+                )
         strict = None
         if "strict" in doc and "strict_mode" in doc:
             raise self.fail(self.line_of(doc, "strict"), "strict", "give strict or strict_mode, not both")
@@ -210,25 +226,36 @@ class _Validator:
                 continue
             entries = doc[section]
             if not isinstance(entries, list):
-                raise self.fail(self.line_of(doc, section), section,
-                                f"expected a list of rules, got {type(entries).__name__}")
+                raise self.fail(
+                    self.line_of(doc, section), section, f"expected a list of rules, got {type(entries).__name__}"
+                )
             for i, entry in enumerate(entries):
                 line = entries.item_lines[i] if isinstance(entries, _LocatedList) else 0
                 sections[kind].append(self.rule(kind, f"{section}[{i}]", entry, line))
         return Policy(
-            locks=tuple(sections["lock"]), allows=tuple(sections["allow"]), denies=tuple(sections["deny"]),
-            boosts=tuple(sections["boost"]), prefers=tuple(sections["prefer"]), strict=strict,
+            locks=tuple(sections["lock"]),
+            allows=tuple(sections["allow"]),
+            denies=tuple(sections["deny"]),
+            boosts=tuple(sections["boost"]),
+            prefers=tuple(sections["prefer"]),
+            strict=strict,
         )
 
     def rule(self, kind: str, where: str, entry: Any, line: int) -> Rule:
         if not isinstance(entry, Mapping):
-            raise self.fail(line, where, f"expected a mapping with keys {', '.join(_RULE_KEYS[kind])}, "
-                                         f"got {type(entry).__name__} {entry!r}")
+            raise self.fail(
+                line,
+                where,
+                f"expected a mapping with keys {', '.join(_RULE_KEYS[kind])}, got {type(entry).__name__} {entry!r}",
+            )
         allowed = _RULE_KEYS[kind]
         for key in entry:
             if key not in allowed:
-                raise self.fail(self.line_of(entry, key), where, f"unknown key {key!r}{_hint(key, allowed)} "
-                                f"(allowed in {kind} rules: {', '.join(allowed)})")
+                raise self.fail(
+                    self.line_of(entry, key),
+                    where,
+                    f"unknown key {key!r}{_hint(key, allowed)} (allowed in {kind} rules: {', '.join(allowed)})",
+                )
         line = getattr(entry, "line", line)
         source = f"{self.src.name}:{line}" if line else self.src.name
 
@@ -305,14 +332,27 @@ class _Validator:
                 raise self.fail(line, where, "a boost rule needs boost_factor (a number > 0)")
             extra["boost_factor"] = self.number(entry["boost_factor"], *at("boost_factor"), positive=True)
         if kind == "prefer":
-            extra["priority"] = (self.number(entry["priority"], *at("priority"))
-                                 if "priority" in entry else DEFAULT_PREFER_PRIORITY)
-        return Rule(kind, operation, tuple(backends), tuple(kernels), condition, condition_text,
-                    source=source, layer=self.layer, **extra)
+            extra["priority"] = (
+                self.number(entry["priority"], *at("priority")) if "priority" in entry else DEFAULT_PREFER_PRIORITY
+            )
+        return Rule(
+            kind,
+            operation,
+            tuple(backends),
+            tuple(kernels),
+            condition,
+            condition_text,
+            source=source,
+            layer=self.layer,
+            **extra,
+        )
 
     def number(self, value: Any, line: int, where: str, positive: bool = False) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (
-            float("inf"), float("-inf")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or value != value
+            or value in (float("inf"), float("-inf"))
         ):
             raise self.fail(line, where, f"expected a finite number, got {value!r}")
         if positive and value <= 0:
@@ -338,8 +378,9 @@ def check_kernel_op(registry: Registry, kernel_id: str, operation: str) -> None:
     """PolicyValidationError unless the kernel implements an op matching `operation`."""
     spec = registry.kernels[kernel_id]
     if operation != "*" and not any(fnmatch.fnmatchcase(op, operation) for op in spec.ops):
-        raise PolicyValidationError(f"kernel {kernel_id!r} does not implement {operation!r} "
-                                    f"(it implements {', '.join(spec.ops)})")
+        raise PolicyValidationError(
+            f"kernel {kernel_id!r} does not implement {operation!r} (it implements {', '.join(spec.ops)})"
+        )
 
 
 def resolve_kernel(registry: Registry, name: str) -> str:
@@ -358,8 +399,9 @@ def check_target_op(registry: Registry, kernel_ids: tuple[str, ...], operation: 
     """PolicyValidationError unless one of the kernels a name stands for (a group) implements `operation`."""
     ops = sorted({op for k in kernel_ids for op in registry.kernels[k].ops})
     if operation != "*" and not any(fnmatch.fnmatchcase(op, operation) for op in ops):
-        raise PolicyValidationError(f"{name!r} ({', '.join(kernel_ids)}) does not implement {operation!r} "
-                                    f"(it implements {', '.join(ops)})")
+        raise PolicyValidationError(
+            f"{name!r} ({', '.join(kernel_ids)}) does not implement {operation!r} (it implements {', '.join(ops)})"
+        )
 
 
 def resolve_target(registry: Registry, name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -373,7 +415,9 @@ def resolve_target(registry: Registry, name: str) -> tuple[tuple[str, ...], tupl
     try:
         return (registry.backend_name(name),), ()
     except UnknownNameError:
-        raise UnknownPolicyNameError("backend or kernel", name, list(registry.backends) + list(registry.kernels)) from None
+        raise UnknownPolicyNameError(
+            "backend or kernel", name, list(registry.backends) + list(registry.kernels)
+        ) from None
 
 
 def parse_bool(name: str, value: str) -> bool:
@@ -401,8 +445,12 @@ def environment_policy(environ: Mapping[str, str], registry: Registry) -> Policy
     LAYERZERO_STRICT (1/0) and LAYERZERO_REGIME (eager/graph: which PerfDB figure scores kernels,
     whatever the call's own regime). LAYERZERO_POLICY (a file) is read by the caller."""
     rules: dict[str, list[Rule]] = {"lock": [], "allow": [], "deny": [], "prefer": []}
-    for var, kind in (("LAYERZERO_LOCK", "lock"), ("LAYERZERO_ALLOW", "allow"), ("LAYERZERO_DENY", "deny"),
-                      ("LAYERZERO_PREFER", "prefer")):
+    for var, kind in (
+        ("LAYERZERO_LOCK", "lock"),
+        ("LAYERZERO_ALLOW", "allow"),
+        ("LAYERZERO_DENY", "deny"),
+        ("LAYERZERO_PREFER", "prefer"),
+    ):
         value = environ.get(var, "")
         for entry in (e.strip() for e in value.split(",")):
             if not entry:
@@ -411,7 +459,8 @@ def environment_policy(environ: Mapping[str, str], registry: Registry) -> Policy
             if not eq:
                 if kind == "lock":
                     raise PolicyValidationError(
-                        f"{var}: entry {entry!r}: expected op=kernel (e.g. attention.causal=torch.sdpa_math)")
+                        f"{var}: entry {entry!r}: expected op=kernel (e.g. attention.causal=torch.sdpa_math)"
+                    )
                 operation = "*"
             operation = operation.strip() or "*"
             target = target.strip()
@@ -422,7 +471,8 @@ def environment_policy(environ: Mapping[str, str], registry: Registry) -> Policy
                     priority = float(number)
                 except ValueError:
                     raise PolicyValidationError(
-                        f"{var}: entry {entry!r}: expected a number after ':', got {number!r}") from None
+                        f"{var}: entry {entry!r}: expected a number after ':', got {number!r}"
+                    ) from None
             try:
                 check_operation(registry, operation)
                 backends, kernels = resolve_target(registry, target)
@@ -431,8 +481,14 @@ def environment_policy(environ: Mapping[str, str], registry: Registry) -> Policy
             rules[kind].append(Rule(kind, operation, backends, kernels, priority=priority, source=var, layer="env"))
     strict = parse_bool("LAYERZERO_STRICT", environ["LAYERZERO_STRICT"]) if "LAYERZERO_STRICT" in environ else None
     regime = parse_regime("LAYERZERO_REGIME", environ.get("LAYERZERO_REGIME", ""))
-    return Policy(locks=tuple(rules["lock"]), allows=tuple(rules["allow"]), denies=tuple(rules["deny"]),
-                  prefers=tuple(rules["prefer"]), strict=strict, regime=regime)
+    return Policy(
+        locks=tuple(rules["lock"]),
+        allows=tuple(rules["allow"]),
+        denies=tuple(rules["deny"]),
+        prefers=tuple(rules["prefer"]),
+        strict=strict,
+        regime=regime,
+    )
 
 
 # ---- the dispatch config format (layerzero.dispatch): ordered rules, each a lock
@@ -442,8 +498,9 @@ _DISPATCH_RULE_KEYS = ("operation", "conditions", "kernel", "backend")
 _CONDITION_KEYS = ("field", "operator", "value")
 
 
-def parse_dispatch_text(text: str | bytes, registry: Registry, source: str = "<dispatch config>",
-                        layer: str = "file") -> Policy:
+def parse_dispatch_text(
+    text: str | bytes, registry: Registry, source: str = "<dispatch config>", layer: str = "file"
+) -> Policy:
     """Parse a dispatch config (the spec's dispatch_config.yaml) into a Policy of locks.
 
         version: "1.0"
@@ -486,11 +543,16 @@ def parse_dispatch_text(text: str | bytes, registry: Registry, source: str = "<d
         where = f"rules[{i}]"
         line = rules.item_lines[i] if isinstance(rules, _LocatedList) else 0
         if not isinstance(entry, Mapping):
-            raise src.error(line, where, f"expected a mapping with keys {', '.join(_DISPATCH_RULE_KEYS)}, got {entry!r}")
+            raise src.error(
+                line, where, f"expected a mapping with keys {', '.join(_DISPATCH_RULE_KEYS)}, got {entry!r}"
+            )
         for key in entry:
             if key not in _DISPATCH_RULE_KEYS:
-                raise src.error(validator.line_of(entry, key), where, f"unknown key {key!r}"
-                                f"{_hint(key, _DISPATCH_RULE_KEYS)} (allowed: {', '.join(_DISPATCH_RULE_KEYS)})")
+                raise src.error(
+                    validator.line_of(entry, key),
+                    where,
+                    f"unknown key {key!r}{_hint(key, _DISPATCH_RULE_KEYS)} (allowed: {', '.join(_DISPATCH_RULE_KEYS)})",
+                )
         lock = _Located({k: entry[k] for k in ("operation", "kernel", "backend") if k in entry})
         lock.line = getattr(entry, "line", line)
         lock.key_lines = dict(getattr(entry, "key_lines", {}))
@@ -508,8 +570,9 @@ def _conditions_text(src: _Source, validator: _Validator, entry: Any, where: str
     conditions = entry["conditions"]
     line = validator.line_of(entry, "conditions")
     if not isinstance(conditions, list) or not conditions:
-        raise src.error(line, f"{where}.conditions", f"expected a non-empty list of {{field, operator, value}}, "
-                                                     f"got {conditions!r}")
+        raise src.error(
+            line, f"{where}.conditions", f"expected a non-empty list of {{field, operator, value}}, got {conditions!r}"
+        )
     parts = []
     for j, cond in enumerate(conditions):
         at = f"{where}.conditions[{j}]"

@@ -4,12 +4,17 @@ Rules come from three sources ("layers"), in precedence order: code (`lz.lock`, 
 `lz.configure(...)`), the environment (`LAYERZERO_*`), and a policy file. `PolicyLayers.merged`
 concatenates them in that order, so the first lock that applies is the one of the highest
 source, and each rule remembers its layer for the precedence checks below.
+
+Blocks (`with lz.prefer(...)`, `with lz.lock(...)`, `with lz.disabled(...)`, `with lz.enabled(...)`)
+change the code layer and the disabled set for the thread or task that runs them only: SCOPE holds
+the innermost block's Scope, whose changes apply on top of the process-wide policy.
 """
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +24,6 @@ from ..kernel import KernelSpec
 Condition = Callable[[SelectionContext], bool]
 
 LAYERS = ("code", "env", "file")  # precedence order, highest first
-RULE_KINDS = ("lock", "allow", "deny", "boost", "prefer")
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,3 +169,32 @@ class PolicyLayers:
             strict=strict,
             regime=regime,
         )
+
+
+# (code layer, disabled backends) -> the same with a block's change applied
+Change = Callable[[Policy, frozenset[str]], tuple[Policy, frozenset[str]]]
+
+
+class Scope:
+    """The overrides in force in one thread or task: its innermost block's change on top of its parent's.
+
+    Compared by identity (a scoped plan's key holds it: hashing stays one id). `effect` keeps the
+    policy and disabled set it makes of the process-wide ones, with the plan-cache generation they
+    were made at (Runtime._scoped recomputes them when it changed).
+    """
+
+    __slots__ = ("parent", "change", "effect", "__weakref__")
+
+    def __init__(self, parent: Scope | None, change: Change) -> None:
+        self.parent = parent
+        self.change = change
+        self.effect: tuple[int, Policy, frozenset[str]] | None = None
+
+    def apply(self, code: Policy, disabled: frozenset[str]) -> tuple[Policy, frozenset[str]]:
+        """The code layer and disabled set with every block's change applied, outermost first."""
+        if self.parent is not None:
+            code, disabled = self.parent.apply(code, disabled)
+        return self.change(code, disabled)
+
+
+SCOPE: ContextVar[Scope | None] = ContextVar("layerzero_scope", default=None)

@@ -17,14 +17,22 @@ old segment is replaced. This keeps the hit path a single lookup, which a true L
 
 Measured (benchmarks/results/selection-cpu.md): sharding buys nothing here: hits take no lock,
 and neither does a miss of a key that no other thread is computing.
+
+Scoped overrides (`with lz.prefer(...)`, policy/config.py) change the choice of one thread or task
+only. Their plans are filed under (scope, key), and while any block is active in the process, `data`
+(what the hit path reads) is an empty read-only view: every call goes to the miss path, which looks
+its key (scoped or not) up in the plans themselves. When no block is active, `data` is the plans
+again and the hit path is what it was: one lookup of the op's own key.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from ..errors import ConfigurationError, SelectionTimeoutError
@@ -43,6 +51,10 @@ class CacheStats:
     evictions: int
     expirations: int
     waits: int
+
+
+# What the hit path reads while a scoped override is active anywhere: nothing, and nothing can be put in.
+_NO_PLANS: Mapping[Hashable, Any] = MappingProxyType({})
 
 
 class _Flight:
@@ -67,8 +79,10 @@ class PlanCache:
     """
 
     def __init__(self, maxsize: int = 4096, ttl_s: float | None = None, wait_timeout_s: float = 60.0) -> None:
-        self.data: dict[Hashable, Any] = {}
-        self.generation = 0
+        # (generation, the plans of its newest segment), replaced as one: a flight reads both at once
+        self._current: tuple[int, dict[Hashable, Any]] = (0, {})
+        self.data: Mapping[Hashable, Any] = self._current[1]  # the hit path's view: the plans, or _NO_PLANS
+        self.scopes = 0  # scoped-override blocks active in any thread
         self.maxsize = 0
         self.ttl_s: float | None = None
         self.wait_timeout_s = wait_timeout_s
@@ -94,35 +108,93 @@ class PlanCache:
         with self._lock:
             if maxsize is not None:
                 self.maxsize = maxsize
-            self.ttl_s = None if ttl_s is None else float(ttl_s)  # before `data`: see _publish
-            self.data, self._older, self._born = {}, {}, {}
+            self.ttl_s = None if ttl_s is None else float(ttl_s)  # before the dict: see _publish
+            self._replace_store({})
+            self._older, self._born = {}, {}
         self._stop_sweeper()
         if self.ttl_s is not None:
             self._sweeper_stop = threading.Event()
-            self._sweeper = threading.Thread(target=self._sweep, args=(self._sweeper_stop,),
-                                             name="layerzero-plan-ttl", daemon=True)
+            self._sweeper = threading.Thread(
+                target=self._sweep, args=(self._sweeper_stop,), name="layerzero-plan-ttl", daemon=True
+            )
             self._sweeper.start()
 
     def invalidate(self) -> int:
         """Drop every plan (O(1): the dicts are replaced); returns the new generation."""
         with self._lock:
-            self.generation += 1  # before `data`: see _publish
-            self.data, self._older, self._born = {}, {}, {}
+            self._replace_store({}, self.generation + 1)
+            self._older, self._born = {}, {}
             return self.generation
 
     def close(self) -> None:
         """Stop the TTL sweeper thread, if any."""
         self._stop_sweeper()
 
+    @property
+    def generation(self) -> int:
+        """Bumped by every invalidate(): a plan computed under an older generation is never served."""
+        return self._current[0]
+
+    @property
+    def _store(self) -> dict[Hashable, Any]:
+        return self._current[1]
+
+    def _replace_store(self, store: dict[Hashable, Any], generation: int | None = None) -> None:
+        """Under the lock: a new newest segment (of a new generation, when given), which the hit path
+        sees unless a scope is active."""
+        self._current = (self.generation if generation is None else generation, store)
+        self.data = store if not self.scopes else _NO_PLANS
+
+    def enter_scope(self) -> None:
+        """A scoped-override block begins (in any thread): hide the plans from the hit path."""
+        with self._lock:
+            self.scopes += 1
+            self.data = _NO_PLANS
+
+    def leave_scope(self) -> None:
+        """A block ends: when it was the last one, the hit path sees the plans again."""
+        with self._lock:
+            self.scopes -= 1
+            if not self.scopes:
+                self.data = self._store
+
+    @contextmanager
+    def pinned(self, key: Hashable, plan: Any) -> Iterator[None]:
+        """Serve `plan` for `key` inside the block, then what was there (perf/workloads.run_args records
+        a call's run arguments with it)."""
+        store = self._store
+        saved = store.get(key)
+        store[key] = plan
+        try:
+            yield
+        finally:
+            if saved is None:
+                store.pop(key, None)
+            else:
+                store[key] = saved
+
+    def get(self, key: Hashable) -> Any:
+        """The plan for `key` in the newest segment, or None (what a hit would find, scopes aside)."""
+        return self._store.get(key)
+
     def __len__(self) -> int:
-        return len(self.data) + len(self._older)
+        return len(self._store) + len(self._older)
 
     def __contains__(self, key: Hashable) -> bool:
-        return key in self.data or key in self._older
+        return key in self._store or key in self._older
 
     def stats(self) -> CacheStats:
-        return CacheStats(len(self), self.maxsize, self.ttl_s, self.generation, self.computes, self.promotions,
-                          self.evictions, self.expirations, self.waits)
+        return CacheStats(
+            len(self),
+            self.maxsize,
+            self.ttl_s,
+            self.generation,
+            self.computes,
+            self.promotions,
+            self.evictions,
+            self.expirations,
+            self.waits,
+        )
 
     # ---- the miss path
 
@@ -191,8 +263,8 @@ class PlanCache:
                 self._flight_done.notify_all()
 
     def _lookup(self, key: Hashable) -> Any:
-        """The plan in `data`, or moved back from the old segment, or None."""
-        plan = self.data.get(key)
+        """The plan in the newest segment, or moved back from the old segment, or None."""
+        plan = self._store.get(key)
         if plan is not None or not self._older:
             return plan
         with self._lock:
@@ -210,20 +282,20 @@ class PlanCache:
     def _publish(self, generation: int, key: Hashable, plan: Any) -> bool:
         """Insert a plan computed for `generation`, unless invalidate() has moved past it.
 
-        Lock-free unless a TTL is set or `data` is due to rotate. `data` is read first, and
-        invalidate() bumps the generation (configure() sets the TTL) before replacing `data`: so
-        if ours is still the live dict, the checks below see the generation and TTL that apply to
-        it, and if it is replaced meanwhile, the plan goes with it. No plan is ever inserted into
-        a newer generation's dict.
+        Lock-free unless a TTL is set or the newest segment is due to rotate. The generation and its
+        dict are read as one (`_current`): a plan computed for generation G goes into G's dict or
+        nowhere, never into a newer generation's, and never into a dict that invalidate() replaced
+        on the way to G (the plan would be lost and computed again). configure() sets the TTL
+        before replacing the dict, so the TTL read after it is the one that applies to it.
         """
-        data = self.data
+        current, data = self._current
         if self.ttl_s is not None or len(data) >= self.maxsize // 2:
             with self._lock:  # insertion times, or a segment rotation: several dicts change together
                 if self.generation != generation:
                     return False
                 self._insert(key, plan)
                 return True
-        if self.generation != generation:
+        if current != generation:
             return False
         data[key] = plan
         return True
@@ -232,14 +304,15 @@ class PlanCache:
         """Under the lock: add to `data`, rotating segments when it is half the capacity.
 
         (Lock-free inserts of concurrent misses may take `data` a few plans past half.)"""
-        if len(self.data) >= self.maxsize // 2:
+        if len(self._store) >= self.maxsize // 2:
             dropped = self._older
             self.evictions += len(dropped)
             if self._born:
                 for old in dropped:
                     self._born.pop(old, None)
-            self._older, self.data = self.data, {}
-        self.data[key] = plan
+            self._older = self._store
+            self._replace_store({})
+        self._store[key] = plan
         if self.ttl_s is not None and not promoted:
             self._born[key] = time.monotonic()
 
@@ -254,7 +327,7 @@ class PlanCache:
             old = [k for k, born in self._born.items() if born <= cutoff]
             for key in old:
                 del self._born[key]
-                self.data.pop(key, None)
+                self._store.pop(key, None)
                 self._older.pop(key, None)
             self.expirations += len(old)
             return len(old)

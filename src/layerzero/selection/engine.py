@@ -7,8 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..context import SelectionContext, fast_frozen_init
+from ..context import SelectionContext
 from ..errors import NoKernelFoundError
+from ..frozen import fast_frozen_init
 from ..kernel import KernelSpec, call_rejection, check_constraints, fits_device, priority_for
 from ..reasons import Reason, Rejection
 
@@ -32,7 +33,7 @@ class ExecutionPlan:
 
     `run` is the bare prepared callable (no wrapper frame on the hot path); a call site catches what
     it raises and hands it to `recover(error, *args)`, which records the failure and returns the
-    result of the next kernel (runtime.health), or raises. Call sites:
+    result of the next kernel (monitor/health.py), or raises. Call sites:
         try:
             return plan.run(*args)
         except Exception as error:
@@ -55,9 +56,12 @@ class ExecutionPlan:
             return self.recover(error, *args)
 
 
-def bind_kernel(spec: KernelSpec, ctx: SelectionContext, bind: Binder,
-                transforms_of: Callable[[KernelSpec, SelectionContext], tuple[str, ...]]
-                ) -> tuple[Callable[..., Any], tuple[str, ...]]:
+def bind_kernel(
+    spec: KernelSpec,
+    ctx: SelectionContext,
+    bind: Binder,
+    transforms_of: Callable[[KernelSpec, SelectionContext], tuple[str, ...]],
+) -> tuple[Callable[..., Any], tuple[str, ...]]:
     """The callable that runs `spec` for `ctx` in the op's calling convention: the kernel's own
     prepared one (KernelSpec.prepare) when it has one for this context, else the family's binding."""
     if spec.prepare is not None:
@@ -137,8 +141,12 @@ class SelectionReport:
             else:
                 extra = f" transforms={'+'.join(c.transforms)}" if c.transforms else ""
                 rules = f" rules: {'; '.join(c.rules)}" if c.rules else ""
-                measured = "" if c.measured_us is None else f", measured {c.measured_us:.4g} us ({c.measured_regime}" + (
-                    f"; no {self.regime} figure)" if c.measured_regime != self.regime else ")")
+                measured = (
+                    ""
+                    if c.measured_us is None
+                    else f", measured {c.measured_us:.4g} us ({c.measured_regime}"
+                    + (f"; no {self.regime} figure)" if c.measured_regime != self.regime else ")")
+                )
                 score = "not scored" if c.score is None else f"score {c.score:g}"  # strict mode stops before scoring
                 lines.append(f" {mark} {c.kernel_id:<28} {score} (priority {c.priority}{measured}){extra}{rules}")
         lines.extend(f"  note: {n}" for n in self.notes)
@@ -153,14 +161,24 @@ TRANSFORM_PENALTY = 2.0
 
 _DISABLED = Rejection(Reason.BACKEND_DISABLED, "disabled by lz.disabled()")
 # Why a backend as a whole cannot run here (kernel_rejections gives it alone, nothing else applies)
-BACKEND_REASONS = frozenset({Reason.BACKEND_NOT_INSTALLED, Reason.BACKEND_IMPORT_FAILED,
-                             Reason.BACKEND_VERSION_UNSUPPORTED, Reason.BACKEND_BROKEN, Reason.BACKEND_UNPROBED})
+BACKEND_REASONS = frozenset(
+    {
+        Reason.BACKEND_NOT_INSTALLED,
+        Reason.BACKEND_IMPORT_FAILED,
+        Reason.BACKEND_VERSION_UNSUPPORTED,
+        Reason.BACKEND_BROKEN,
+        Reason.BACKEND_UNPROBED,
+    }
+)
 
 
 def _disabled(spec: KernelSpec, disabled: frozenset[str]) -> bool:
     """The kernel or its backend is switched off by lz.disabled() (the reference never is)."""
-    return bool(disabled) and spec.backend != REFERENCE_BACKEND and (
-        spec.backend in disabled or spec.id in disabled or "*" in disabled)
+    return (
+        bool(disabled)
+        and spec.backend != REFERENCE_BACKEND
+        and (spec.backend in disabled or spec.id in disabled or "*" in disabled)
+    )
 
 
 class SelectionEngine:
@@ -170,8 +188,8 @@ class SelectionEngine:
         self.runtime = runtime
         # Per generation: the kernels of (op, device type, SM, dtype) whose backend is installed and
         # whose platform/SM/dtype constraints hold, by declared priority (the reference last). The
-        # miss path of a call only looks at these. The order only lets _choose_by_priority skip
-        # early; decode and row-count priorities (not in the key) may reorder a call's ranking, and
+        # miss path of a call only looks at these. The order only lets evaluate's early exit skip
+        # kernels; decode and row-count priorities (not in the key) may reorder a call's ranking, and
         # every kernel is still checked against its own priority. One tuple, so a table is never
         # filed under a generation it was not started in.
         self._viable: tuple[int, dict[tuple[object, ...], list[KernelSpec]]] = (-1, {})
@@ -187,7 +205,7 @@ class SelectionEngine:
         key = (ctx.op, ctx.device_type, ctx.device_index, ctx.sm, ctx.generation, ctx.isa, ctx.dtype)
         specs = table.get(key)
         if specs is None:
-            # Each backend: installed, and verified on this device (runtime/probe.py: probed on first use).
+            # Each backend: installed, and verified on this device (monitor/probe.py: probed on first use).
             # One skipped only because it cannot be probed now (CUDA graph capture, torch.compile tracing)
             # makes the list temporary: it is not kept, and the next miss outside capture probes it.
             usable: dict[str, Rejection | None] = {}
@@ -204,12 +222,21 @@ class SelectionEngine:
                 table[key] = specs
         return specs
 
-    def evaluate(self, ctx: SelectionContext, transforms_of: Callable[[KernelSpec, SelectionContext], tuple[str, ...]],
-                 complete: bool = True) -> SelectionReport:
-        """Score or reject every kernel registered for `ctx.op`.
+    def evaluate(
+        self,
+        ctx: SelectionContext,
+        transforms_of: Callable[[KernelSpec, SelectionContext], tuple[str, ...]],
+        complete: bool = True,
+    ) -> SelectionReport:
+        """Reject or score the kernels of `ctx.op` and choose one: the one routine of selection.
 
-        complete=False (the miss path of a call) stops at each kernel's first rejection reason;
-        explain asks for them all.
+        complete=True (explain, solve, the fallback after a failure): every kernel registered for the
+        op, each with all its reasons. complete=False (a call's miss path): the kernels viable on this
+        device only (viable), each stopped at its first reason, with an early exit when priorities
+        alone score (no policy rule, no PerfDB rows for the op): a kernel whose priority cannot beat
+        the best accelerated score so far is skipped, and not listed. The winner is the same either
+        way (tests/test_selection_agreement.py). When nothing can run, or strict mode refuses to run
+        anything but a lock that cannot, the error carries the complete report.
         """
         rt = self.runtime
         policy = rt.policy
@@ -218,29 +245,36 @@ class SelectionEngine:
         # Breakers and TP-invariant exclusions reject nothing until a kernel has failed or the mode is on;
         # memory headroom applies only to kernels that declare a workspace.
         ask_health = bool(rt.health.kernels) or rt.invariant is not None
-        if not (complete or measured or policy.locks or policy.allows or policy.denies or policy.boosts
-                or policy.prefers):
-            return self._choose_by_priority(ctx, specs, transforms_of, ask_health)
+        ruled = bool(policy.locks or policy.allows or policy.denies or policy.boosts or policy.prefers)
+        early = not (complete or measured or ruled)  # priorities alone score: the early exit applies
         regime = rt.regime(ctx)  # whose PerfDB figures score: graph under capture / compile, else eager
-        candidates = {s.id: Candidate(s.id, s.backend, s.priority) for s in specs}
-        notes: list[str] = []
         disabled = rt.disabled_backends
+        candidates: dict[str, Candidate] = {}
+        notes: list[str] = []
 
-        for spec in specs:
-            cand = candidates[spec.id]
+        def judge(spec: KernelSpec) -> Candidate:
+            """The kernel's candidate with its reasons before policy (each kernel judged once)."""
+            cand = candidates.get(spec.id)
+            if cand is not None:
+                return cand
+            cand = candidates[spec.id] = Candidate(spec.id, spec.backend, spec.priority)
             if complete:
-                rejections = self.kernel_rejections(spec, ctx)
-                cand.rejections.extend(rejections)
-                if rejections and rejections[0].reason in BACKEND_REASONS:  # nothing else applies
-                    continue
+                cand.rejections.extend(self.kernel_rejections(spec, ctx))
+                if cand.rejections and cand.rejections[0].reason in BACKEND_REASONS:  # nothing else applies
+                    return cand
             else:  # viable(): installed, fits the device; stop at the first reason
                 cand.rejections.extend(self._first_rejection(spec, ctx, ask_health))
                 if cand.rejections:
-                    continue
+                    return cand
             if measured:
                 cand.rejections.extend(rt.perf_rejections(spec, ctx))
             if _disabled(spec, disabled):
                 cand.rejections.append(_DISABLED)
+            return cand
+
+        if not early:  # every kernel is judged: in the order of `specs`, as reports list them
+            for spec in specs:
+                judge(spec)
 
         lock = policy.lock_for(ctx) if policy.locks else None
         locked_ok = False
@@ -267,10 +301,14 @@ class SelectionEngine:
                     for spec in specs:  # the others could run, but strict mode runs the locked one or none
                         cand = candidates[spec.id]
                         if cand.eligible and not lock.targets(spec):
-                            cand.rejections.append(Rejection(Reason.POLICY_LOCKED_OTHER,
-                                                             f"{lock.describe()}; strict mode runs only the lock"))
-                    report = SelectionReport(ctx.op, ctx, "", 0.0, list(candidates.values()), notes=[msg],
-                                             regime=regime)
+                            cand.rejections.append(
+                                Rejection(
+                                    Reason.POLICY_LOCKED_OTHER, f"{lock.describe()}; strict mode runs only the lock"
+                                )
+                            )
+                    report = SelectionReport(
+                        ctx.op, ctx, "", 0.0, list(candidates.values()), notes=[msg], regime=regime
+                    )
                     raise NoKernelFoundError(f"locked kernel for {ctx.op} cannot run these inputs", report)
                 notes.append(msg)
                 rt.warn_once(("lock", lock, ctx.op), msg)
@@ -290,8 +328,19 @@ class SelectionEngine:
                 if deny is not None and not any(r.reason is Reason.POLICY_DENIED for r in cand.rejections):
                     cand.rejections.append(Rejection(Reason.POLICY_DENIED, deny.describe()))
 
+        # Score the eligible kernels; the best is the highest accelerated score (ties: the larger id),
+        # the reference only when nothing else can run.
+        best: Candidate | None = None
         for spec in specs:
-            cand = candidates[spec.id]
+            reference = spec.backend == REFERENCE_BACKEND
+            if (
+                early
+                and best is not None
+                and best.backend != REFERENCE_BACKEND
+                and (reference or priority_for(spec, ctx) < (best.score or 0.0))
+            ):
+                continue  # a score is at most the priority: it cannot win (specs come by declared priority)
+            cand = judge(spec)
             if cand.rejections:
                 continue
             factor = 1.0
@@ -309,21 +358,31 @@ class SelectionEngine:
                     cand.measured_us, cand.measured_regime = figure.median_us, figure.regime
             score, cand.decided_by = rt.score(spec, ctx, measured, regime)
             cand.score = score * factor - TRANSFORM_PENALTY * len(cand.transforms)
+            if best is None or (not reference, cand.score, cand.kernel_id) > (
+                best.backend != REFERENCE_BACKEND,
+                best.score,
+                best.kernel_id,
+            ):
+                best = cand
 
-        eligible = [c for c in candidates.values() if c.score is not None]
-        non_reference = [c for c in eligible if c.backend != REFERENCE_BACKEND]
-        pool = non_reference or eligible
-        if not pool:
+        if best is None:
             if not complete:
                 return self.evaluate(ctx, transforms_of, complete=True)  # raises, listing every kernel
             report = SelectionReport(ctx.op, ctx, "", 0.0, list(candidates.values()), notes=notes, regime=regime)
             raise NoKernelFoundError(f"no kernel can run {ctx.op}", report)
-        best = max(pool, key=lambda c: (c.score, c.kernel_id))
-        fallback = not non_reference
+        fallback = best.backend == REFERENCE_BACKEND
         if fallback:
             notes.append("no accelerated kernel can run this call; the torch reference runs")
-        return SelectionReport(ctx.op, ctx, best.kernel_id, best.score or 0.0, list(candidates.values()), fallback=fallback,
-                               notes=notes, regime=regime)
+        return SelectionReport(
+            ctx.op,
+            ctx,
+            best.kernel_id,
+            best.score or 0.0,
+            list(candidates.values()),
+            fallback=fallback,
+            notes=notes,
+            regime=regime,
+        )
 
     def kernel_rejections(self, spec: KernelSpec, ctx: SelectionContext) -> list[Rejection]:
         """Every reason, policy aside, why `spec` cannot run `ctx`: its backend is unavailable (that
@@ -345,51 +404,14 @@ class SelectionEngine:
         rejection = call_rejection(spec, ctx)
         return [] if rejection is None else [rejection]
 
-    def _choose_by_priority(self, ctx: SelectionContext, specs: list[KernelSpec],
-                            transforms_of: Callable[[KernelSpec, SelectionContext], tuple[str, ...]],
-                            ask_health: bool) -> SelectionReport:
-        """evaluate(complete=False) when priorities alone score: no policy rules, no PerfDB rows.
-
-        A kernel's score is then its priority minus transform penalties, so once one kernel scored
-        s, a kernel of priority below s cannot win, nor can the reference beat an accelerated one:
-        those are skipped. `specs` come by declared priority (viable), so most misses evaluate one
-        or two kernels. The winner is the one the full pass would choose. The report lists the
-        kernels evaluated; when none can run, nothing was skipped, so the error lists them all.
-        """
-        disabled = self.runtime.disabled_backends
-        candidates: list[Candidate] = []
-        best: Candidate | None = None
-        accelerated: float | None = None  # the score of best while it is not the reference
-        for spec in specs:
-            priority = priority_for(spec, ctx)
-            reference = spec.backend == REFERENCE_BACKEND
-            if accelerated is not None and (reference or priority < accelerated):
-                continue
-            rejections = self._first_rejection(spec, ctx, ask_health)
-            if not rejections and _disabled(spec, disabled):
-                rejections = [_DISABLED]
-            cand = Candidate(spec.id, spec.backend, spec.priority, rejections)
-            candidates.append(cand)
-            if rejections:
-                continue
-            cand.transforms = transforms_of(spec, ctx)
-            cand.score = float(priority) - TRANSFORM_PENALTY * len(cand.transforms)
-            cand.decided_by = "priority"
-            if best is None or (not reference, cand.score, cand.kernel_id) > (
-                    best.backend != REFERENCE_BACKEND, best.score, best.kernel_id):
-                best = cand
-                accelerated = None if reference else cand.score
-        if best is None:
-            return self.evaluate(ctx, transforms_of, complete=True)  # raises, listing every kernel of the op
-        fallback = best.backend == REFERENCE_BACKEND
-        notes = ["no accelerated kernel can run this call; the torch reference runs"] if fallback else []
-        return SelectionReport(ctx.op, ctx, best.kernel_id, best.score or 0.0, candidates, fallback=fallback,
-                               notes=notes, regime=self.runtime.regime(ctx))
-
-    def select(self, ctx: SelectionContext, bind: Binder, transforms_of: Callable[[KernelSpec, SelectionContext], tuple[str, ...]],
-               wrap: Callable[[KernelSpec, Callable[..., Any], SelectionReport],
-                              tuple[Callable[..., Any], Callable[..., Any]]] | None = None,
-               ) -> tuple[ExecutionPlan, SelectionReport]:
+    def select(
+        self,
+        ctx: SelectionContext,
+        bind: Binder,
+        transforms_of: Callable[[KernelSpec, SelectionContext], tuple[str, ...]],
+        wrap: Callable[[KernelSpec, Callable[..., Any], SelectionReport], tuple[Callable[..., Any], Callable[..., Any]]]
+        | None = None,
+    ) -> tuple[ExecutionPlan, SelectionReport]:
         """Evaluate and bind the winner into an ExecutionPlan; `wrap` (the health guard) gives its
         run and recover."""
         generation = self.runtime.generation
@@ -399,7 +421,9 @@ class SelectionEngine:
             report.notes.append("strict mode: the reference does not run")
             raise NoKernelFoundError(f"strict mode: only the reference can run {ctx.op}", report)
         if report.fallback:
-            self.runtime.warn_once(("fallback", ctx.op, ctx.device_type), f"{ctx.op}: {report.notes[-1]}; see lz.explain for reasons")
+            self.runtime.warn_once(
+                ("fallback", ctx.op, ctx.device_type), f"{ctx.op}: {report.notes[-1]}; see lz.explain for reasons"
+            )
         spec = self.runtime.registry.kernel(report.selected_kernel)
         run, transforms = bind_kernel(spec, ctx, bind, transforms_of)
         recover: Callable[..., Any] = reraise

@@ -7,14 +7,15 @@ Each takes the op as an op id (`attention.causal`, globs where a set makes sense
 from __future__ import annotations
 
 import fnmatch
-import importlib
 import inspect
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ..backends.hub import hub_kernel_specs
 from ..context import SelectionContext
 from ..device import local_device_types
 from ..errors import InvalidInputError, LayerZeroError, UnknownNameError
@@ -36,9 +37,13 @@ def _family(op: str | Callable[..., Any]) -> OpFamily:
 Op = str | Callable[..., Any]
 
 # What an op id asks of a call, said when the inputs are another op's.
-_EXPECTS = {"attention.decode": " (seq_len_q 1: one new token per sequence)", "attention.causal": " (is_causal=True)",
-            "attention.masked": " (an attn_mask)", "attention.sliding_window": " (a window_size)",
-            "attention.full": " (no mask, not causal)"}
+_EXPECTS = {
+    "attention.decode": " (seq_len_q 1: one new token per sequence)",
+    "attention.causal": " (is_causal=True)",
+    "attention.masked": " (an attn_mask)",
+    "attention.sliding_window": " (a window_size)",
+    "attention.full": " (no mask, not causal)",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +82,9 @@ def resolve_call(op: Op | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     another op are an InvalidInputError that says what they are.
     """
     if op is None:
-        raise InvalidInputError("operation", "an op id such as 'attention.causal', a family name or an lz function",
-                                "nothing")
+        raise InvalidInputError(
+            "operation", "an op id such as 'attention.causal', a family name or an lz function", "nothing"
+        )
     if not isinstance(op, str) or not is_op_id(op):
         return _Call(_family(op), args, kwargs)
     runtime.ensure_loaded()
@@ -88,12 +94,13 @@ def resolve_call(op: Op | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     problem: Exception | None = None
     other: SelectionContext | None = None
     for name in names:
-        public = getattr(importlib.import_module("layerzero"), name)
+        public = FAMILIES[name].function
         try:
             bound = inspect.signature(public).bind(*args, **kwargs)
         except TypeError as exc:
-            problem = problem or InvalidInputError("arguments", f"the arguments of lz.{name}{inspect.signature(public)}",
-                                                   str(exc))
+            problem = problem or InvalidInputError(
+                "arguments", f"the arguments of lz.{name}{inspect.signature(public)}", str(exc)
+            )
             continue
         implied = {k: v for k, v in IMPLIED.get((op, name), {}).items() if k not in bound.arguments}
         call_kwargs = {**kwargs, **implied}
@@ -125,13 +132,17 @@ def context_family(op: Op | None, context: Any) -> OpFamily:
         else:
             ok = _family(op).name in names
         if not ok:
-            raise InvalidInputError("context", f"a context of {op if isinstance(op, str) else _family(op).name}",
-                                    f"a context of {_describe(context)}")
+            raise InvalidInputError(
+                "context",
+                f"a context of {op if isinstance(op, str) else _family(op).name}",
+                f"a context of {_describe(context)}",
+            )
     return FAMILIES[names[0]]
 
 
-def select(op: Any = None, /, *args: Any, operation: Op | None = None, context: SelectionContext | None = None,
-           **kwargs: Any) -> ExecutionPlan:
+def select(
+    op: Any = None, /, *args: Any, operation: Op | None = None, context: SelectionContext | None = None, **kwargs: Any
+) -> ExecutionPlan:
     """The ExecutionPlan a call would run (cached like a real call).
 
     `op`: an op id (`"attention.causal"`, `"norm.rms"`), a family name (`"attention"`) or the function;
@@ -151,8 +162,9 @@ def select(op: Any = None, /, *args: Any, operation: Op | None = None, context: 
     return plan if plan is not None else runtime.plan(call.family, key, call.args, call.kwargs)
 
 
-def explain(op: Any = None, /, *args: Any, operation: Op | None = None, context: SelectionContext | None = None,
-            **kwargs: Any) -> SelectionReport:
+def explain(
+    op: Any = None, /, *args: Any, operation: Op | None = None, context: SelectionContext | None = None, **kwargs: Any
+) -> SelectionReport:
     """Every candidate kernel for a call with its rejection reasons or score; nothing runs.
 
     `lz.explain("attention", q, k, v, is_causal=True)`, `lz.explain("attention.causal", q, k, v)`,
@@ -168,15 +180,17 @@ def explain(op: Any = None, /, *args: Any, operation: Op | None = None, context:
     return runtime.explain(call.family, call.family.key(*call.args, **call.kwargs), call.args, call.kwargs)
 
 
-def dry_run(operation: Op | None = None, context: SelectionContext | None = None, *args: Any,
-            **kwargs: Any) -> SelectionReport:
+def dry_run(
+    operation: Op | None = None, context: SelectionContext | None = None, *args: Any, **kwargs: Any
+) -> SelectionReport:
     """The selection report for an op and a context (or the call's inputs) without running any kernel:
     the spec's name for `lz.explain(operation=..., context=...)`."""
     return explain(operation, *args, context=context, **kwargs)
 
 
-def which(op: Any = None, /, *args: Any, operation: Op | None = None, context: SelectionContext | None = None,
-          **kwargs: Any) -> str:
+def which(
+    op: Any = None, /, *args: Any, operation: Op | None = None, context: SelectionContext | None = None, **kwargs: Any
+) -> str:
     """The id of the kernel a call runs (`lz.which("attention.causal", q, k, v)`); see `select`."""
     return select(op, *args, operation=operation, context=context, **kwargs).kernel_id
 
@@ -213,13 +227,23 @@ def list_kernels(pattern: str = "*", *, operation: str | None = None) -> list[Ke
         if fnmatch.fnmatchcase(spec.id, pattern) or any(fnmatch.fnmatchcase(op, pattern) for op in spec.ops):
             available = runtime.registry.backend(spec.backend).availability[0]
             devices = tuple(d for d in here if runs_on(spec, d)) if available else ()
-            out.append(KernelInfo(spec.id, spec.backend, spec.ops, spec.priority, available, spec.description,
-                                  spec.platforms, devices))
+            out.append(
+                KernelInfo(
+                    spec.id, spec.backend, spec.ops, spec.priority, available, spec.description, spec.platforms, devices
+                )
+            )
     return sorted(out, key=lambda k: k.id)
 
 
-def validate(kernel_id: str, op: Any = None, /, *args: Any, operation: Op | None = None,
-             context: SelectionContext | None = None, **kwargs: Any) -> tuple[bool, list[Rejection]]:
+def validate(
+    kernel_id: str,
+    op: Any = None,
+    /,
+    *args: Any,
+    operation: Op | None = None,
+    context: SelectionContext | None = None,
+    **kwargs: Any,
+) -> tuple[bool, list[Rejection]]:
     """Can `kernel_id` run a call (`op` and its inputs, as for `select`) or a `context=`? Returns
     (ok, rejections): the same `Rejection`s (reason code and values) that `explain` lists for the
     kernel, policy rules aside."""
@@ -258,8 +282,9 @@ def register_kernel(spec: KernelSpec | None = None, /, **fields: Any) -> KernelS
     runtime.ensure_loaded()
     for op in spec.ops:
         if op not in runtime.registry.by_op:
-            raise UnknownNameError("operation", op, runtime.registry.by_op,
-                                   where=f"register_kernel({spec.id!r}): ops: ")
+            raise UnknownNameError(
+                "operation", op, runtime.registry.by_op, where=f"register_kernel({spec.id!r}): ops: "
+            )
     runtime.register(spec)
     return spec
 
@@ -270,6 +295,27 @@ def register_backend(backend: Backend) -> Backend:
     return backend
 
 
+def register_hub_kernels(
+    repo_id: str,
+    path: str | os.PathLike[str],
+    revision: str | None = None,
+    lockfile: str | os.PathLike[str] | None = None,
+) -> list[str]:
+    """Register a hub repository's kernels (backend "hub", backends/hub.py); they compete in selection.
+    Returns their ids.
+
+    path: the local repository (a checkout or a Hub cache snapshot). lockfile: a kernels.lock that
+    pins the revision and variant hashes; a mismatch raises HubLockError and registers nothing.
+    """
+    specs = hub_kernel_specs(repo_id, path, revision, lockfile)
+    runtime.ensure_loaded()
+    with runtime._lock:
+        for spec in specs:
+            runtime.registry.add_kernel(spec)
+        runtime.bump()
+    return [s.id for s in specs]
+
+
 @dataclass(frozen=True, slots=True)
 class BackendInfo:
     name: str
@@ -277,7 +323,7 @@ class BackendInfo:
     version: str | None
     reason: str | None
     kernels: tuple[str, ...]
-    probe: str | None = None  # what its probe on the device verified (runtime/probe.py), if it ran
+    probe: str | None = None  # what its probe on the device verified (monitor/probe.py), if it ran
 
 
 def list_backends(device: str | torch.device | None = None, probe: bool = True) -> list[BackendInfo]:
@@ -288,12 +334,23 @@ def list_backends(device: str | torch.device | None = None, probe: bool = True) 
     cannot run is listed unavailable (BACKEND_BROKEN) with its own error text.
     """
     runtime.ensure_loaded()
-    dev = torch.device(device) if device is not None else (
-        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+    dev = (
+        torch.device(device)
+        if device is not None
+        else (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+    )
     out = []
     for b in runtime.registry.backends.values():
         result = runtime.probes.probe(b, dev) if probe and b.probes and b.availability[0] else None
         ok, version, why = b.availability
-        out.append(BackendInfo(b.name, ok, version, None if why is None else str(why), tuple(k.id for k in b.kernels),
-                               None if result is None else result.describe()))
+        out.append(
+            BackendInfo(
+                b.name,
+                ok,
+                version,
+                None if why is None else str(why),
+                tuple(k.id for k in b.kernels),
+                None if result is None else result.describe(),
+            )
+        )
     return out

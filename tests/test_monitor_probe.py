@@ -1,4 +1,4 @@
-"""runtime/probe.py: a backend's kernels compete only after one tiny call of each of its kernel families
+"""monitor/probe.py: a backend's kernels compete only after one tiny call of each of its kernel families
 ran on the device and matched the reference; a library that imports but cannot run is BACKEND_BROKEN
 (with its own error text) and no user call ever reaches it.
 
@@ -26,9 +26,9 @@ from layerzero.backends import reference as R
 from layerzero.backends import xformers as xf
 from layerzero.cli import main as cli
 from layerzero.context import SelectionContext
+from layerzero.monitor.probe import CACHE_ENV, cache_key
 from layerzero.ops.attention import ATTENTION
 from layerzero.reasons import Reason
-from layerzero.runtime.probe import CACHE_ENV, cache_key
 from layerzero.state import runtime
 from tests.standins import attention_libs as standin
 from tests.standins import ipex_standin

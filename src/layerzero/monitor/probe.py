@@ -32,8 +32,8 @@ the backend stays as installed. While the current stream captures a CUDA graph, 
 traces, a probe cannot run (its synchronization and allocations would break the capture): a backend
 already verified on the device is used, one not yet verified is skipped for that selection
 (Reason.BACKEND_UNPROBED), and cached plans are dropped once it has been probed so that later
-selections consider it. Warm up before capturing (runtime.graphs.warmup_for_capture, lz.warmup) and
-nothing is skipped. Inside LayerZero's ops in a compiled graph (context.graph_mode) the stream is not
+selections consider it. Warm up before capturing (graphs.warmup_for_capture, lz.warmup) and
+nothing is skipped. Inside LayerZero's ops in a compiled graph (capture.graph_mode) the stream is not
 capturing and probes run: their tensors are temporaries freed before the op returns.
 """
 
@@ -48,16 +48,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..context import SelectionContext
 from ..kernel import Backend, KernelSpec, check_constraints, fits_device
+from ..perf.perfdb import current_signature
 from ..reasons import Reason, Rejection
+from ..version import __version__
 
 if TYPE_CHECKING:
-    from ..state import Registry, Runtime
+    from ..backends import Registry
+    from ..state import Runtime
 
 log = logging.getLogger("layerzero")
 
@@ -66,6 +70,13 @@ OK = "ok"
 # Largest error allowed, relative to 1 + max |reference| (as the canary: capabilities.canary).
 TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 3e-2, torch.float32: 1e-4, torch.float64: 1e-8}
 _DETAIL_CHARS = 600
+
+
+def _reference() -> ModuleType:
+    """backends/reference.py, imported when a probe runs: `import layerzero` stays light."""
+    from ..backends import reference
+
+    return reference
 
 
 def default_cache_path() -> Path | None:
@@ -127,10 +138,12 @@ class Probes:
         if done is None:
             if capturing_or_tracing(device):
                 self._deferred.add(key)
-                return Rejection(Reason.BACKEND_UNPROBED,
-                                 f"{backend.name} is not verified on {device} yet and probes do not run during "
-                                 "CUDA graph capture or torch.compile: call the op once before capturing "
-                                 "(lz.warmup_for_capture / lz.warmup)")
+                return Rejection(
+                    Reason.BACKEND_UNPROBED,
+                    f"{backend.name} is not verified on {device} yet and probes do not run during "
+                    "CUDA graph capture or torch.compile: call the op once before capturing "
+                    "(lz.warmup_for_capture / lz.warmup)",
+                )
             done = self.probe(backend, device)
         return done.rejection
 
@@ -163,8 +176,9 @@ class Probes:
             return
         # availability is a cached_property of the Backend: overriding it is the process-wide verdict
         backend.__dict__["availability"] = (False, version, Rejection(Reason.BACKEND_BROKEN, detail))
-        self.runtime.warn_once(("broken", backend.name),
-                               f"layerzero: backend {backend.name} is unavailable: its probe failed: {detail}")
+        self.runtime.warn_once(
+            ("broken", backend.name), f"layerzero: backend {backend.name} is unavailable: its probe failed: {detail}"
+        )
         self.runtime.bump()
 
 
@@ -192,14 +206,17 @@ def capturing_or_tracing(device: torch.device) -> bool:
 
 # ----------------------------------------------------------------------------- running a probe
 
+
 def run_probe(registry: Registry, backend: Backend, device: torch.device) -> ProbeResult:
     """Verify `backend` on `device`: verdicts cached on disk first, then each case not verified yet."""
     start = time.perf_counter()
-    device_ctx = SelectionContext(op="", **{**SelectionContext.device_fields(device), "graph_capture": False,
-                                            "deterministic": False})  # type: ignore[arg-type]
+    device_ctx = SelectionContext(
+        op="", **{**SelectionContext.device_fields(device), "graph_capture": False, "deterministic": False}
+    )  # type: ignore[arg-type]
     if not runs_on(backend, device_ctx):
-        return ProbeResult(backend.name, str(device), True, "no kernel of the backend runs on this device",
-                           ms=_ms(start))
+        return ProbeResult(
+            backend.name, str(device), True, "no kernel of the backend runs on this device", ms=_ms(start)
+        )
     key = cache_key(backend, device)
     path = default_cache_path() if key is not None else None
     stored = _read(path).get(key, {}) if path is not None and key is not None else {}
@@ -229,8 +246,14 @@ def run_probe(registry: Registry, backend: Backend, device: torch.device) -> Pro
                 continue
             outcome = _run_case(built, device)
             if outcome is None:
-                return ProbeResult(backend.name, str(device), True, f"{kernel_id}: out of memory during the probe",
-                                   ms=_ms(start), inconclusive=True)
+                return ProbeResult(
+                    backend.name,
+                    str(device),
+                    True,
+                    f"{kernel_id}: out of memory during the probe",
+                    ms=_ms(start),
+                    inconclusive=True,
+                )
             cases[kernel_id] = outcome
             if outcome != OK:
                 failure = (kernel_id, outcome)
@@ -245,10 +268,26 @@ def run_probe(registry: Registry, backend: Backend, device: torch.device) -> Pro
     verified = tuple(k for k, v in cases.items() if v == OK)
     cached = bool(stored) and cases == stored
     if failure is not None:
-        return ProbeResult(backend.name, str(device), False, f"{failure[0]}: {failure[1]}", verified,
-                           tuple(skipped), _ms(start), cached)
-    return ProbeResult(backend.name, str(device), True, f"verified: {', '.join(verified) or 'nothing'}", verified,
-                       tuple(skipped), _ms(start), cached)
+        return ProbeResult(
+            backend.name,
+            str(device),
+            False,
+            f"{failure[0]}: {failure[1]}",
+            verified,
+            tuple(skipped),
+            _ms(start),
+            cached,
+        )
+    return ProbeResult(
+        backend.name,
+        str(device),
+        True,
+        f"verified: {', '.join(verified) or 'nothing'}",
+        verified,
+        tuple(skipped),
+        _ms(start),
+        cached,
+    )
 
 
 def runs_on(backend: Backend, device_ctx: SelectionContext) -> bool:
@@ -279,8 +318,11 @@ def _run_case(case: _Case, device: torch.device) -> str | None:
     """OK, the library's error text or the mismatch, or None when the device ran out of memory."""
     try:
         # no autocast: the reference must compute in float64 whatever region the call came from
-        with torch.no_grad(), torch.autocast(device.type, enabled=False), (
-                torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()):
+        with (
+            torch.no_grad(),
+            torch.autocast(device.type, enabled=False),
+            torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext(),
+        ):
             outputs, references = case.run()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # asynchronous errors surface here, inside the guard
@@ -301,19 +343,20 @@ def _run_case(case: _Case, device: torch.device) -> str | None:
 
 # ----------------------------------------------------------------------------- the disk cache
 
+
 def cache_key(backend: Backend, device: torch.device) -> str | None:
     """The verdict's validity: backend + version, device, driver, CUDA, torch, LayerZero, probe list.
     None when the backend has no version (nothing tells a changed library from the one probed)."""
     version = backend.availability[1]
     if not version:
         return None
-    from .. import __version__
-    from ..perf.perfdb import current_signature
 
     sig = current_signature(device.type, device.index or 0)
     probes = ",".join(f"{k}:{c}" for k, c in backend.probes)
-    return (f"{backend.name}={version}|{sig.device}|sm{sig.sm}|driver {sig.driver}|cuda {sig.cuda}|"
-            f"torch {sig.torch}|layerzero {__version__}|{probes}")
+    return (
+        f"{backend.name}={version}|{sig.device}|sm{sig.sm}|driver {sig.driver}|cuda {sig.cuda}|"
+        f"torch {sig.torch}|layerzero {__version__}|{probes}"
+    )
 
 
 def _read(path: Path | None) -> dict[str, dict[str, str]]:
@@ -342,6 +385,7 @@ def _write(path: Path, key: str, cases: dict[str, str]) -> None:
 
 # ----------------------------------------------------------------------------- the cases
 
+
 @dataclass(frozen=True, slots=True)
 class _Case:
     """A probe call: the context it is (checked against the kernel's constraints) and a function that
@@ -353,15 +397,21 @@ class _Case:
 
 
 def _dtype(spec: KernelSpec, device_ctx: SelectionContext) -> torch.dtype | None:
-    order = ((torch.bfloat16, torch.float16, torch.float32) if device_ctx.device_type == "cuda"
-             else (torch.float32, torch.bfloat16, torch.float16))
+    order = (
+        (torch.bfloat16, torch.float16, torch.float32)
+        if device_ctx.device_type == "cuda"
+        else (torch.float32, torch.bfloat16, torch.float16)
+    )
     return next((d for d in order if d in spec.dtypes and fits_device(spec, device_ctx.replace(dtype=d))), None)
 
 
 def _head_dim(spec: KernelSpec) -> int | None:
     for d in (128, 64, 256, 96, 80, 32, 16, 8):
-        if (spec.min_head_dim <= d <= spec.max_head_dim and d % spec.head_dim_multiple == 0
-                and (spec.head_dims is None or d in spec.head_dims)):
+        if (
+            spec.min_head_dim <= d <= spec.max_head_dim
+            and d % spec.head_dim_multiple == 0
+            and (spec.head_dims is None or d in spec.head_dims)
+        ):
             return d
     return None
 
@@ -396,15 +446,26 @@ def _dense(seq_q: int, seq_k: int) -> Callable[[KernelSpec, SelectionContext], _
         op = "attention.causal" if causal else "attention.full"
         if op not in spec.ops:
             return "no dense attention op"
-        ctx = device_ctx.replace(op=op, dtype=dtype, batch=1, seq_len_q=seq_q, seq_len_k=seq_k, num_heads=hq,
-                                 num_kv_heads=2, head_dim=d, head_dim_v=d, layout=spec.layout, is_causal=causal)
+        ctx = device_ctx.replace(
+            op=op,
+            dtype=dtype,
+            batch=1,
+            seq_len_q=seq_q,
+            seq_len_k=seq_k,
+            num_heads=hq,
+            num_kv_heads=2,
+            head_dim=d,
+            head_dim_v=d,
+            layout=spec.layout,
+            is_causal=causal,
+        )
         dev = _device(ctx)
 
         def run() -> tuple[tuple[Any, ...], tuple[torch.Tensor, ...]]:
-            from ..backends import reference
 
-            q, k, v = (_randn((1, s, h, d), dtype, dev, i) for i, (s, h) in enumerate(((seq_q, hq), (seq_k, 2),
-                                                                                         (seq_k, 2))))
+            q, k, v = (
+                _randn((1, s, h, d), dtype, dev, i) for i, (s, h) in enumerate(((seq_q, hq), (seq_k, 2), (seq_k, 2)))
+            )
             args = (None, causal, 0.0, None, None, 0.0, None)
             if spec.layout == "BHSD":
                 out = spec.impl(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), *args)
@@ -412,7 +473,7 @@ def _dense(seq_q: int, seq_k: int) -> Callable[[KernelSpec, SelectionContext], _
             else:
                 out = spec.impl(q, k, v, *args)
             qd, kd, vd = (t.double().transpose(1, 2) for t in (q, k, v))
-            ref = reference.attention(qd, kd, vd, None, causal, 0.0, None)
+            ref = _reference().attention(qd, kd, vd, None, causal, 0.0, None)
             return (out,), (ref.transpose(1, 2),)
 
         return _Case(f"{'causal' if causal else 'full'} {dtype} Sq={seq_q} Sk={seq_k} D={d}", ctx, run)
@@ -430,21 +491,33 @@ def _paged(spec: KernelSpec, device_ctx: SelectionContext) -> _Case | str:
         return "no attention.decode op"
     page = min(spec.page_sizes) if spec.page_sizes else max(16, spec.min_page_size)
     layout = "NHD" if "NHD" in spec.kv_layouts else "HND"
-    ctx = device_ctx.replace(op="attention.decode", dtype=dtype, batch=2, seq_len_q=1, seq_len_k=2 * page,
-                             num_heads=hq, num_kv_heads=2, head_dim=d, head_dim_v=d, layout="BSHD", is_causal=True,
-                             kv_layout=layout, page_size=page)
+    ctx = device_ctx.replace(
+        op="attention.decode",
+        dtype=dtype,
+        batch=2,
+        seq_len_q=1,
+        seq_len_k=2 * page,
+        num_heads=hq,
+        num_kv_heads=2,
+        head_dim=d,
+        head_dim_v=d,
+        layout="BSHD",
+        is_causal=True,
+        kv_layout=layout,
+        page_size=page,
+    )
     dev = _device(ctx)
 
     def run() -> tuple[tuple[Any, ...], tuple[torch.Tensor, ...]]:
-        from ..backends import reference
 
         shape = (4, page, 2, d) if layout == "NHD" else (4, 2, page, d)
         q, kc, vc = _randn((2, 1, hq, d), dtype, dev, 0), _randn(shape, dtype, dev, 1), _randn(shape, dtype, dev, 2)
         table = torch.tensor([[2, 0], [3, 1]], dtype=torch.int32, device=dev)
         lens = torch.tensor([page + 3, 5], dtype=torch.int32, device=dev)
         out = spec.impl(q, kc, vc, table, lens, True, None, None, 0.0, layout)
-        ref = reference.paged_attention(q.double(), kc.double(), vc.double(), table, lens, True, None, None, 0.0,
-                                        layout)
+        ref = _reference().paged_attention(
+            q.double(), kc.double(), vc.double(), table, lens, True, None, None, 0.0, layout
+        )
         return (out,), (ref,)
 
     return _Case(f"paged decode {dtype} page {page} {layout} D={d}", ctx, run)
@@ -456,17 +529,31 @@ def _varlen(spec: KernelSpec, device_ctx: SelectionContext) -> _Case | str:
     if isinstance(facts, str):
         return facts
     dtype, d, hq = facts
-    ctx = device_ctx.replace(op="attention.varlen", dtype=dtype, batch=2, seq_len_q=7, seq_len_k=7, num_heads=hq,
-                             num_kv_heads=2, head_dim=d, head_dim_v=d, layout="THD", is_causal=True)
+    ctx = device_ctx.replace(
+        op="attention.varlen",
+        dtype=dtype,
+        batch=2,
+        seq_len_q=7,
+        seq_len_k=7,
+        num_heads=hq,
+        num_kv_heads=2,
+        head_dim=d,
+        head_dim_v=d,
+        layout="THD",
+        is_causal=True,
+    )
     dev = _device(ctx)
 
     def run() -> tuple[tuple[Any, ...], tuple[torch.Tensor, ...]]:
-        from ..backends import reference
 
         cu = torch.tensor([0, 5, 12], dtype=torch.int32, device=dev)
-        q, k, v = _randn((12, hq, d), dtype, dev, 0), _randn((12, 2, d), dtype, dev, 1), _randn((12, 2, d), dtype, dev, 2)
+        q, k, v = (
+            _randn((12, hq, d), dtype, dev, 0),
+            _randn((12, 2, d), dtype, dev, 1),
+            _randn((12, 2, d), dtype, dev, 2),
+        )
         out = spec.impl(q, k, v, cu, cu, 7, 7, True, None, None, 0.0)
-        ref = reference.attention_varlen(q.double(), k.double(), v.double(), cu, cu, 7, 7, True, None, None, 0.0)
+        ref = _reference().attention_varlen(q.double(), k.double(), v.double(), cu, cu, 7, 7, True, None, None, 0.0)
         return (out,), (ref,)
 
     return _Case(f"varlen causal {dtype} D={d}", ctx, run)
@@ -483,16 +570,17 @@ def _rows(op: str) -> Callable[[KernelSpec, SelectionContext], _Case | str]:
         dev = _device(ctx)
 
         def run() -> tuple[tuple[Any, ...], tuple[torch.Tensor, ...]]:
-            from ..backends import reference
 
             x, y = _randn((4, 256), dtype, dev, 0), _randn((4, 256), dtype, dev, 1)
             w, b = _randn((256,), dtype, dev, 2), _randn((256,), dtype, dev, 3)
             if op == "norm.rms":
-                return (spec.impl(x, w, 1e-6),), (reference.rms_norm(x.double(), w.double(), 1e-6),)
+                return (spec.impl(x, w, 1e-6),), (_reference().rms_norm(x.double(), w.double(), 1e-6),)
             if op == "norm.layer":
-                return ((spec.impl(x, w, b, 1e-5),),
-                        (reference.layer_norm(x.double(), w.double(), b.double(), 1e-5),))
-            return (spec.impl(x, y),), (reference.swiglu(x.double(), y.double()),)
+                return (
+                    (spec.impl(x, w, b, 1e-5),),
+                    (_reference().layer_norm(x.double(), w.double(), b.double(), 1e-5),),
+                )
+            return (spec.impl(x, y),), (_reference().swiglu(x.double(), y.double()),)
 
         return _Case(f"{op} {dtype} 4x256", ctx, run)
 
@@ -506,19 +594,30 @@ def _rope(spec: KernelSpec, device_ctx: SelectionContext) -> _Case | str:
         return "the kernel does not run on this device"
     if spec.layout != "BSHD":
         return f"layout {spec.layout}: the rope probe is BSHD"
-    ctx = device_ctx.replace(op="posenc.rope", dtype=dtype, batch=1, seq_len_q=8, seq_len_k=8, num_heads=4,
-                             num_kv_heads=2, head_dim=64, head_dim_v=64, layout="BSHD", num_rows=8, hidden_size=64)
+    ctx = device_ctx.replace(
+        op="posenc.rope",
+        dtype=dtype,
+        batch=1,
+        seq_len_q=8,
+        seq_len_k=8,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+        head_dim_v=64,
+        layout="BSHD",
+        num_rows=8,
+        hidden_size=64,
+    )
     dev = _device(ctx)
 
     def run() -> tuple[tuple[Any, ...], tuple[torch.Tensor, ...]]:
-        from ..backends import reference
 
         q, k = _randn((1, 8, 4, 64), dtype, dev, 0), _randn((1, 8, 2, 64), dtype, dev, 1)
         angles = torch.arange(8, dtype=torch.float32)[:, None] * (10000.0 ** (-torch.arange(32) / 32))[None, :]
         angles = torch.cat((angles, angles), -1)[None].to(dev)
         cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
         qo, ko = spec.impl(q, k, cos, sin)
-        qr, kr = reference.rope(q.double(), k.double(), cos.double(), sin.double())
+        qr, kr = _reference().rope(q.double(), k.double(), cos.double(), sin.double())
         assert kr is not None
         return (qo, ko), (qr, kr)
 

@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigurationError, KernelExecutionError
+from .errors import ConfigurationError, KernelExecutionError
+from .state import runtime
 
 _ALIGN = 64
 
@@ -53,14 +54,13 @@ class WorkerCrashed(RuntimeError):
 
 # ---- the worker side ----------------------------------------------------------------------------
 
+
 def _worker_main(conn: Connection, module: str | None, num_threads: int | None = None) -> None:
     """Entry point of the worker process: load the kernels, then serve requests until None."""
     import torch.multiprocessing  # noqa: F401  (registers the tensor reductions: CUDA IPC)
 
     if num_threads is not None:
         torch.set_num_threads(num_threads)
-
-    from ..state import runtime
 
     runtime.ensure_loaded()
     if module is not None:
@@ -99,7 +99,7 @@ def _view(arena: torch.Tensor, ref: _Ref) -> torch.Tensor:
     for s in ref.shape:
         numel *= s
     nbytes = numel * torch.empty((), dtype=ref.dtype).element_size()
-    return arena[ref.offset:ref.offset + nbytes].view(ref.dtype).view(ref.shape)
+    return arena[ref.offset : ref.offset + nbytes].view(ref.dtype).view(ref.shape)
 
 
 def _load(arena: torch.Tensor, value: Any) -> Any:
@@ -118,6 +118,7 @@ def _store(arena: torch.Tensor, t: torch.Tensor, offset: int) -> _Ref | None:
 
 
 # ---- the caller side ----------------------------------------------------------------------------
+
 
 class _Process:
     """The live worker: process, pipe end and arena. Separate from IsolatedBackend so that a
@@ -148,8 +149,15 @@ class _Process:
 class IsolatedBackend:
     """A backend whose kernels run in one worker subprocess (see the module docstring)."""
 
-    def __init__(self, backend: str, module: str | None = None, timeout_s: float = 30.0,
-                 start_timeout_s: float = 120.0, arena_bytes: int = 1 << 20, num_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        backend: str,
+        module: str | None = None,
+        timeout_s: float = 30.0,
+        start_timeout_s: float = 120.0,
+        arena_bytes: int = 1 << 20,
+        num_threads: int | None = None,
+    ) -> None:
         for name, value in (("timeout_s", timeout_s), ("start_timeout_s", start_timeout_s)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigurationError(f"{name}: expected seconds > 0, got {value!r}")
@@ -184,8 +192,12 @@ class IsolatedBackend:
             self._discard()
         ctx = mp.get_context("spawn")
         ours, theirs = ctx.Pipe(duplex=True)
-        proc = ctx.Process(target=_worker_main, args=(theirs, self.module, self.num_threads), daemon=True,
-                           name=f"layerzero-isolated-{self.backend}")
+        proc = ctx.Process(
+            target=_worker_main,
+            args=(theirs, self.module, self.num_threads),
+            daemon=True,
+            name=f"layerzero-isolated-{self.backend}",
+        )
         proc.start()
         theirs.close()
         worker = _Process(proc, ours)
@@ -221,8 +233,9 @@ class IsolatedBackend:
                         raise _KernelRaised(value)
                     return value
             except (EOFError, OSError) as e:
-                raise WorkerCrashed(f"worker of {self.backend} died while {what} "
-                                    f"(exit code {worker.proc.exitcode})") from e
+                raise WorkerCrashed(
+                    f"worker of {self.backend} died while {what} (exit code {worker.proc.exitcode})"
+                ) from e
             if not worker.proc.is_alive() and not worker.conn.poll(0):
                 worker.proc.join(1.0)
                 raise WorkerCrashed(f"worker of {self.backend} died while {what} (exit code {worker.proc.exitcode})")
@@ -260,8 +273,9 @@ class IsolatedBackend:
                 return result.clone()
             return result
 
-    def _pack(self, worker: _Process, args: tuple[Any, ...],
-              kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any], int]:
+    def _pack(
+        self, worker: _Process, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any], int]:
         cpu = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.device.type == "cpu"]
         need = sum(-(-t.numel() * t.element_size() // _ALIGN) * _ALIGN for t in cpu)
         if need * 2 > worker.arena.numel():  # room for the inputs and an output of their size
@@ -288,6 +302,7 @@ class IsolatedBackend:
 
     def proxy(self, kernel_id: str) -> Callable[..., Any]:
         """A kernel impl that runs `kernel_id` in this worker."""
+
         def run(*args: Any, **kwargs: Any) -> Any:
             return self.call(kernel_id, *args, **kwargs)
 
@@ -299,15 +314,15 @@ class _KernelRaised(Exception):
     """The kernel raised inside a healthy worker."""
 
 
-def isolate(backend: str, module: str | None = None, timeout_s: float = 30.0,
-            start_timeout_s: float = 120.0) -> IsolatedBackend:
+def isolate(
+    backend: str, module: str | None = None, timeout_s: float = 30.0, start_timeout_s: float = 120.0
+) -> IsolatedBackend:
     """Run `backend`'s kernels in a worker subprocess from now on; returns its handle.
 
     module: the module that defines the backend (BACKEND/BACKENDS), when it is not a built-in
     one; the worker imports it. Cached plans are dropped. Call `.shutdown()` when done (also done
     when the handle is garbage-collected or the interpreter exits).
     """
-    from ..state import runtime
 
     runtime.ensure_loaded()
     name = runtime.registry.backend_name(backend)

@@ -1,16 +1,26 @@
-"""`lz.doctor()`: what this process has (device, driver, torch, backends, breakers, caches,
-PerfDB, telemetry) and `lz.readiness_check()`: whether it can serve, with the reasons if not."""
+"""The runtime's monitors as calls: `lz.doctor()`, what this process has (device, driver, torch,
+backends, breakers, caches, PerfDB, telemetry); `lz.readiness_check()`, whether it can serve, with
+the reasons if not; the health (breakers), memory headroom and telemetry settings and readings."""
 
 from __future__ import annotations
 
 import platform
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-from .memory import free_memory
+from .device import device_info
+from .monitor.health import HealthConfig, HealthReport
+from .monitor.memory import MemoryConfig, free_memory
+from .monitor.telemetry import TelemetrySnapshot
+from .ops.attention import attention
+from .ops.norm import rms_norm
+from .perf.perfdb import _nvidia_driver
+from .selection.inspect import list_backends
+from .state import runtime
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,29 +74,45 @@ class DoctorReport:
             f"cuDNN {self.cudnn or '-'}; driver {self.driver or '-'}",
             "devices:",
         ]
-        lines += table(["device", "name", "sm", "generation", "total", "free"], [
-            [f"{d.type}:{d.index}", d.name, d.sm or "-", d.generation, gib(d.total_bytes), gib(d.free_bytes)]
-            for d in self.devices])
+        lines += table(
+            ["device", "name", "sm", "generation", "total", "free"],
+            [
+                [f"{d.type}:{d.index}", d.name, d.sm or "-", d.generation, gib(d.total_bytes), gib(d.free_bytes)]
+                for d in self.devices
+            ],
+        )
         lines.append("backends:")
-        lines += table(["backend", "available", "version", "kernels", "reason / probe"], [
-            [b.name, "yes" if b.available else "no", b.version or "-", b.kernels, b.reason or b.probe or ""]
-            for b in self.backends])
+        lines += table(
+            ["backend", "available", "version", "kernels", "reason / probe"],
+            [
+                [b.name, "yes" if b.available else "no", b.version or "-", b.kernels, b.reason or b.probe or ""]
+                for b in self.backends
+            ],
+        )
         h = self.health
-        lines.append(f"health: {'ok' if h['healthy'] else 'degraded'}, {h['failures']} failures, "
-                     f"{h['fallbacks']} fallbacks")
+        lines.append(
+            f"health: {'ok' if h['healthy'] else 'degraded'}, {h['failures']} failures, {h['fallbacks']} fallbacks"
+        )
         if h["breakers"]:
-            lines += table(["breaker", "kind", "state", "failures", "opened", "last error"], [
-                [b["name"], b["kind"], b["state"], b["total_failures"], b["times_opened"], b["last_error"][:60]]
-                for b in h["breakers"]])
+            lines += table(
+                ["breaker", "kind", "state", "failures", "opened", "last error"],
+                [
+                    [b["name"], b["kind"], b["state"], b["total_failures"], b["times_opened"], b["last_error"][:60]]
+                    for b in h["breakers"]
+                ],
+            )
         pc = self.plan_cache
         lines.append(f"plan cache: {pc['size']} plans, generation {pc['generation']}, {pc['selections']} selections")
         db = self.perfdb
         rows = f", {db['rows']} rows" if db.get("rows") is not None else ""
-        lines.append(f"perfdb: {db.get('path') or 'off'}{rows}"
-                     + (f", error: {db['error']}" if db.get("error") else ""))
-        lines.append(f"telemetry: {'on' if self.telemetry['enabled'] else 'off'}"
-                     f" (prometheus_client {self.telemetry['prometheus_client'] or 'not installed'}, "
-                     f"opentelemetry-sdk {self.telemetry['opentelemetry_sdk'] or 'not installed'})")
+        lines.append(
+            f"perfdb: {db.get('path') or 'off'}{rows}" + (f", error: {db['error']}" if db.get("error") else "")
+        )
+        lines.append(
+            f"telemetry: {'on' if self.telemetry['enabled'] else 'off'}"
+            f" (prometheus_client {self.telemetry['prometheus_client'] or 'not installed'}, "
+            f"opentelemetry-sdk {self.telemetry['opentelemetry_sdk'] or 'not installed'})"
+        )
         lines.append(f"memory headroom: {self.memory['headroom_fraction']:.0%} or {self.memory['headroom_bytes']} B")
         lines += [f"issue: {i}" for i in self.issues]
         return "\n".join(lines)
@@ -113,7 +139,6 @@ def _version(distribution: str) -> str | None:
 
 
 def _devices() -> list[DeviceRow]:
-    from ..device import device_info
 
     rows = []
     cpu = device_info(torch.device("cpu"))
@@ -123,15 +148,15 @@ def _devices() -> list[DeviceRow]:
         for i in range(torch.cuda.device_count()):
             info = device_info(torch.device("cuda", i))
             mem = free_memory("cuda", i)
-            rows.append(DeviceRow("cuda", i, info.name, info.sm, info.generation, info.total_memory,
-                                  mem[0] if mem else None))
+            rows.append(
+                DeviceRow("cuda", i, info.name, info.sm, info.generation, info.total_memory, mem[0] if mem else None)
+            )
     return rows
 
 
 def _driver() -> str:
     if not torch.cuda.is_available():
         return ""
-    from ..perf.perfdb import _nvidia_driver
 
     return _nvidia_driver()
 
@@ -139,8 +164,11 @@ def _driver() -> str:
 def _perfdb(runtime: Any) -> dict[str, Any]:
     m = getattr(runtime, "measurements", None)
     path = getattr(m, "path", None)
-    out: dict[str, Any] = {"path": None if path is None else str(path), "rows": None,
-                           "error": getattr(m, "error", None)}
+    out: dict[str, Any] = {
+        "path": None if path is None else str(path),
+        "rows": None,
+        "error": getattr(m, "error", None),
+    }
     if m is not None and path is not None and path.exists():
         try:
             out["rows"] = len(m.db.records())
@@ -153,8 +181,6 @@ def readiness_check(smoke: bool = True, required_backends: tuple[str, ...] = ())
     """(ready, issues): can this process serve? Checks that backends load, that every backend in
     `required_backends` is available, that no breaker is open, and (smoke) that attention and
     rms_norm on the default device agree with the float64 reference."""
-    from ..state import runtime
-
     issues: list[str] = []
     try:
         runtime.ensure_loaded()
@@ -185,9 +211,7 @@ def readiness_check(smoke: bool = True, required_backends: tuple[str, ...] = ())
 
 def _smoke() -> list[str]:
     """Run attention and rms_norm once on the default device against the float64 reference."""
-    from ..backends import reference
-    from ..ops.attention import attention
-    from ..ops.norm import rms_norm
+    from .backends import reference  # only when the smoke test runs: `import layerzero` stays light
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -215,23 +239,83 @@ def _smoke() -> list[str]:
 def doctor(smoke: bool = True) -> DoctorReport:
     """Device, driver, torch, every backend with version / availability / reason, breakers,
     plan cache, PerfDB, telemetry and memory settings, and the readiness verdict."""
-    from ..selection.inspect import list_backends
-    from ..state import runtime
-
     ready, issues = readiness_check(smoke=smoke)
     cudnn = torch.backends.cudnn.version() if torch.cuda.is_available() else None
-    backends = tuple(BackendRow(b.name, b.available, b.version, b.reason, len(b.kernels), b.probe)
-                     for b in list_backends())
+    backends = tuple(
+        BackendRow(b.name, b.available, b.version, b.reason, len(b.kernels), b.probe) for b in list_backends()
+    )
     mem = runtime.memory.config
     return DoctorReport(
-        python=sys.version.split()[0], platform=platform.platform(), torch=torch.__version__,
-        cuda=torch.version.cuda, cudnn=cudnn, driver=_driver(), devices=tuple(_devices()), backends=backends,
+        python=sys.version.split()[0],
+        platform=platform.platform(),
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        cudnn=cudnn,
+        driver=_driver(),
+        devices=tuple(_devices()),
+        backends=backends,
         health=runtime.health.report().to_dict(),
-        plan_cache={"size": len(runtime.plans), "generation": runtime.generation,
-                    "selections": runtime.plans.computes},
+        plan_cache={"size": len(runtime.plans), "generation": runtime.generation, "selections": runtime.plans.computes},
         perfdb=_perfdb(runtime),
-        telemetry={"enabled": runtime.telemetry.enabled, "prometheus_client": _version("prometheus-client"),
-                   "opentelemetry_sdk": _version("opentelemetry-sdk")},
+        telemetry={
+            "enabled": runtime.telemetry.enabled,
+            "prometheus_client": _version("prometheus-client"),
+            "opentelemetry_sdk": _version("opentelemetry-sdk"),
+        },
         memory={"headroom_fraction": mem.headroom_fraction, "headroom_bytes": mem.headroom_bytes},
-        ready=ready, issues=tuple(issues),
+        ready=ready,
+        issues=tuple(issues),
     )
+
+
+# ---- health, memory headroom, telemetry
+
+
+def health() -> HealthReport:
+    """Circuit-breaker states and failure/fallback counts of this process (`lz.health()`)."""
+    return runtime.health.report()
+
+
+def configure_health(**changes: Any) -> HealthConfig:
+    """Change breaker thresholds or turn the runtime fallback off, e.g.
+    `lz.configure_health(failure_threshold=3, window_s=10, cooldown_s=5)`. See HealthConfig."""
+    return runtime.health.configure(**changes)
+
+
+def configure_memory(
+    headroom_fraction: float = 0.05,
+    headroom_bytes: int = 0,
+    free_memory: Callable[[str, int], tuple[int, int] | None] | None = None,
+) -> MemoryConfig:
+    """Keep max(headroom_bytes, headroom_fraction * device total) free: kernels whose declared
+    workspace would not fit are rejected with WORKSPACE_TOO_LARGE. Drops cached plans."""
+    config = MemoryConfig(headroom_fraction, headroom_bytes, free_memory)
+    runtime.memory.configure(config)
+    runtime.bump()
+    return config
+
+
+def telemetry() -> TelemetrySnapshot:
+    """A snapshot of LayerZero's counters (no exporter needed)."""
+    return runtime.telemetry.snapshot()
+
+
+def enable_telemetry(
+    prometheus: bool | Any = True,
+    opentelemetry: bool = True,
+    meter_provider: Any = None,
+    tracer_provider: Any = None,
+    spans: bool = True,
+) -> None:
+    """Count kernel calls and export all counters (see Telemetry.enable). Drops cached plans."""
+    runtime.telemetry.enable(prometheus, opentelemetry, meter_provider, tracer_provider, spans)
+
+
+def disable_telemetry() -> None:
+    """Stop counting calls and detach exporters; counters keep their values."""
+    runtime.telemetry.disable()
+
+
+def start_metrics_server(port: int = 9464, addr: str = "127.0.0.1", registry: Any = None) -> int:
+    """Serve Prometheus /metrics on localhost; returns the port (0 picks a free one)."""
+    return runtime.telemetry.start_http_server(port, addr, registry)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import layerzero as lz
 from layerzero.kernel import ALL_FLOAT_DTYPES
-from layerzero.runtime.memory import free_memory
+from layerzero.monitor.memory import free_memory
 
 MiB = 2**20
 

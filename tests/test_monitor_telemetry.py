@@ -14,7 +14,7 @@ import torch
 
 import layerzero as lz
 from layerzero.kernel import ALL_FLOAT_DTYPES
-from layerzero.runtime.telemetry import LATENCY_BUCKETS_S, LatencyHistogram
+from layerzero.monitor.telemetry import LATENCY_BUCKETS_S, LatencyHistogram
 
 
 def prometheus():
@@ -175,7 +175,7 @@ def test_miss_path_records_without_the_lock_and_loses_nothing_across_threads():
     recording at once lose no record, and the queues never hold more than FOLD_EVERY."""
     import threading
 
-    from layerzero.runtime.telemetry import FOLD_EVERY
+    from layerzero.monitor.telemetry import FOLD_EVERY
     from layerzero.state import runtime
 
     t = runtime.telemetry

@@ -10,7 +10,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import layerzero as lz
-from layerzero.integrations import torch_ops  # noqa: F401  (registers torch.ops.layerzero.*)
+from layerzero.ops import library  # noqa: F401  (registers torch.ops.layerzero.*)
 from tests.conftest import assert_close_to_reference
 
 LZ_OPS = {"attention", "rms_norm", "layer_norm", "group_norm", "rope", "rope_qk", "silu", "gelu", "swiglu", "geglu",
@@ -196,7 +196,7 @@ def test_inputs_that_need_grad_run_eagerly_with_correct_gradients():
 
 def test_import_layerzero_stays_light():
     code = ("import sys, layerzero as lz, torch; lz.rms_norm(torch.randn(2, 8)); "
-            "print(sorted(m for m in ('layerzero.integrations.torch_ops', 'transformers', 'diffusers', "
+            "print(sorted(m for m in ('layerzero.ops.library', 'transformers', 'diffusers', "
             "'torch._dynamo') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -226,7 +226,7 @@ def test_compile_modes_on_gpu(mode: str):
 def test_compiled_graph_nodes_run_in_graph_mode():
     """The real kernel of a layerzero custom op marks its calls as possibly captured (a compiled
     graph may be replayed as a CUDA graph), so CUDA selection keeps graph-unsafe kernels out."""
-    from layerzero.context import graph_call, graph_mode
+    from layerzero.capture import graph_call, graph_mode
 
     seen: list[bool] = []
 

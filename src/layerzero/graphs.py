@@ -20,13 +20,17 @@ from typing import Any
 
 import torch
 
-from ..errors import CudaGraphUnsafeError, InvalidInputError
+from .errors import CudaGraphUnsafeError, InvalidInputError
+from .selection.inspect import select
+from .state import runtime
 
 # Tolerances between a replayed graph and eager execution: under capture a different (safe)
 # kernel may run than eagerly, so the comparison allows each dtype's rounding.
 _TOLERANCE = {
-    torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2),
-    torch.float32: (1e-4, 1e-5), torch.float64: (1e-7, 1e-9),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+    torch.float32: (1e-4, 1e-5),
+    torch.float64: (1e-7, 1e-9),
 }
 
 
@@ -36,8 +40,6 @@ def is_graph_safe(kernel_or_op: str | Callable[..., Any], *args: Any, **kwargs: 
 
     `lz.is_graph_safe("torch.sdpa_flash")`; `lz.is_graph_safe("rms_norm", x, w)`.
     """
-    from ..selection.inspect import select
-    from ..state import runtime
 
     runtime.ensure_loaded()
     if isinstance(kernel_or_op, str) and not args and not kwargs and kernel_or_op in runtime.registry.kernels:
@@ -75,8 +77,9 @@ def warmup_for_capture(fn: Callable[..., Any], *args: Any, iterations: int = 3, 
     torch.cuda.synchronize()
 
 
-def validate_graph_capture(fn: Callable[..., Any], *args: Any, replays: int = 5, warmup: int = 3,
-                           seed: int = 0) -> GraphValidation:
+def validate_graph_capture(
+    fn: Callable[..., Any], *args: Any, replays: int = 5, warmup: int = 3, seed: int = 0
+) -> GraphValidation:
     """Capture `fn(*args)` in a CUDA graph, replay it on fresh inputs, compare with eager.
 
     `args`' tensors are the graph's static input buffers: replay i > 0 copies new random values
@@ -87,7 +90,6 @@ def validate_graph_capture(fn: Callable[..., Any], *args: Any, replays: int = 5,
     if not tensors or any(t.device.type != "cuda" for t in tensors):
         got = sorted({t.device.type for t in tensors}) or "no tensors"
         raise InvalidInputError("args", "CUDA tensors (the graph's static input buffers)", got)
-    from ..state import runtime
 
     warmup_for_capture(fn, *args, iterations=warmup)
     fallbacks_before = runtime.health.fallbacks
@@ -131,8 +133,10 @@ def compare_outputs(graphed: Any, eager: Any, where: str = "replay") -> float:
                 raise CudaGraphUnsafeError(f"{where}: {path} is {g!r} from the graph, {e!r} eagerly")
             continue
         if g.shape != e.shape or g.dtype != e.dtype:
-            raise CudaGraphUnsafeError(f"{where}: {path} has shape/dtype {tuple(g.shape)}/{g.dtype} from the graph, "
-                                       f"{tuple(e.shape)}/{e.dtype} eagerly")
+            raise CudaGraphUnsafeError(
+                f"{where}: {path} has shape/dtype {tuple(g.shape)}/{g.dtype} from the graph, "
+                f"{tuple(e.shape)}/{e.dtype} eagerly"
+            )
         if g.numel() == 0:
             continue
         rtol, atol = _TOLERANCE.get(g.dtype, (0.0, 0.0))
@@ -143,8 +147,10 @@ def compare_outputs(graphed: Any, eager: Any, where: str = "replay") -> float:
             raise CudaGraphUnsafeError(f"{where}: {path} has NaN/Inf where eager does not")
         bad = diff > atol + rtol * ef.abs()
         if bool(bad.any()):
-            raise CudaGraphUnsafeError(f"{where}: {path} differs from eager by up to {err:.3g} "
-                                       f"(rtol {rtol}, atol {atol}, {int(bad.sum())} elements)")
+            raise CudaGraphUnsafeError(
+                f"{where}: {path} differs from eager by up to {err:.3g} "
+                f"(rtol {rtol}, atol {atol}, {int(bad.sum())} elements)"
+            )
         worst = max(worst, err)
     return worst
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import layerzero as lz
+from layerzero.graphs import compare_outputs
 from layerzero.kernel import ALL_FLOAT_DTYPES, HALF_DTYPES
 from layerzero.ops import FAMILIES
-from layerzero.runtime.graphs import compare_outputs
 from layerzero.state import runtime
 
 

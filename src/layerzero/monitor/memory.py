@@ -37,7 +37,8 @@ class MemoryConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.headroom_fraction, (int, float)) or not 0.0 <= self.headroom_fraction < 1.0:
             raise ConfigurationError(
-                f"headroom_fraction: expected a fraction in [0, 1), got {self.headroom_fraction!r}")
+                f"headroom_fraction: expected a fraction in [0, 1), got {self.headroom_fraction!r}"
+            )
         if not isinstance(self.headroom_bytes, int) or self.headroom_bytes < 0:
             raise ConfigurationError(f"headroom_bytes: expected an integer >= 0, got {self.headroom_bytes!r}")
 
@@ -108,23 +109,15 @@ class MemoryGuard:
         free, total = measured
         budget = free - self.config.headroom(total)
         if need > budget:
-            return [Rejection(Reason.WORKSPACE_TOO_LARGE,
-                              f"workspace {_mib(need)} > free {_mib(free)} minus headroom "
-                              f"{_mib(self.config.headroom(total))} on {ctx.device_type}:{ctx.device_index}")]
+            return [
+                Rejection(
+                    Reason.WORKSPACE_TOO_LARGE,
+                    f"workspace {_mib(need)} > free {_mib(free)} minus headroom "
+                    f"{_mib(self.config.headroom(total))} on {ctx.device_type}:{ctx.device_index}",
+                )
+            ]
         return []
 
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
-
-
-def configure_memory(headroom_fraction: float = 0.05, headroom_bytes: int = 0,
-                     free_memory: Callable[[str, int], tuple[int, int] | None] | None = None) -> MemoryConfig:
-    """Keep max(headroom_bytes, headroom_fraction * device total) free: kernels whose declared
-    workspace would not fit are rejected with WORKSPACE_TOO_LARGE. Drops cached plans."""
-    from ..state import runtime
-
-    config = MemoryConfig(headroom_fraction, headroom_bytes, free_memory)
-    runtime.memory.configure(config)
-    runtime.bump()
-    return config

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import layerzero as lz
 from layerzero.backends import reference
 from layerzero.kernel import ALL_FLOAT_DTYPES
-from layerzero.runtime.health import BreakerState, CircuitBreaker, HealthConfig
+from layerzero.monitor.health import BreakerState, CircuitBreaker, HealthConfig
 
 CPU = frozenset({"cpu"})
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from ..context import SelectionContext, graph_mode
+from ..capture import graph_mode
+from ..context import SelectionContext
 from ..errors import ConfigurationError, CudaGraphUnsafeError, KernelExecutionError, NoKernelFoundError
 from ..kernel import KernelSpec, check_constraints
 from ..reasons import Reason, Rejection
@@ -37,8 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("layerzero")
 
-_UNHEALTHY = (Reason.KERNEL_UNHEALTHY, Reason.BACKEND_UNHEALTHY)
-
 # torch exceptions that steer a computation instead of reporting a kernel's failure. Non-reentrant
 # checkpointing ends its recomputation by raising _StopRecomputationError from a saved-tensor hook,
 # inside whichever op saves the last tensor it needs; CheckpointError reports a forward/recompute
@@ -47,11 +46,13 @@ _UNHEALTHY = (Reason.KERNEL_UNHEALTHY, Reason.BACKEND_UNHEALTHY)
 # kernel (under checkpointing the reference then crashes on the stopped frame) and charge a healthy
 # kernel's breaker: they pass through untouched. Matched by name, so that checking imports nothing.
 # BaseExceptions (KeyboardInterrupt, SystemExit, GeneratorExit) are never caught in the first place.
-_CONTROL_FLOW = frozenset({
-    ("torch.utils.checkpoint", "_StopRecomputationError"),
-    ("torch.utils.checkpoint", "CheckpointError"),
-    ("torch.fx.experimental.symbolic_shapes", "GuardOnDataDependentSymNode"),
-})
+_CONTROL_FLOW = frozenset(
+    {
+        ("torch.utils.checkpoint", "_StopRecomputationError"),
+        ("torch.utils.checkpoint", "CheckpointError"),
+        ("torch.fx.experimental.symbolic_shapes", "GuardOnDataDependentSymNode"),
+    }
+)
 
 
 def is_control_flow(error: BaseException) -> bool:
@@ -96,8 +97,17 @@ class HealthConfig:
 class CircuitBreaker:
     """The breaker of one kernel or backend. Mutated only under Health's lock."""
 
-    __slots__ = ("name", "kind", "threshold", "state", "recent", "total_failures", "times_opened",
-                 "retry_at", "last_error")
+    __slots__ = (
+        "name",
+        "kind",
+        "threshold",
+        "state",
+        "recent",
+        "total_failures",
+        "times_opened",
+        "retry_at",
+        "last_error",
+    )
 
     def __init__(self, name: str, kind: str, threshold: int) -> None:
         self.name = name
@@ -179,11 +189,20 @@ class HealthReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "healthy": self.healthy, "failures": self.failures, "fallbacks": self.fallbacks,
+            "healthy": self.healthy,
+            "failures": self.failures,
+            "fallbacks": self.fallbacks,
             "breakers": [
-                {"name": b.name, "kind": b.kind, "state": b.state.value, "recent_failures": b.recent_failures,
-                 "total_failures": b.total_failures, "times_opened": b.times_opened, "retry_in_s": b.retry_in_s,
-                 "last_error": b.last_error}
+                {
+                    "name": b.name,
+                    "kind": b.kind,
+                    "state": b.state.value,
+                    "recent_failures": b.recent_failures,
+                    "total_failures": b.total_failures,
+                    "times_opened": b.times_opened,
+                    "retry_in_s": b.retry_in_s,
+                    "last_error": b.last_error,
+                }
                 for b in self.breakers
             ],
         }
@@ -193,8 +212,10 @@ class HealthReport:
         lines = [head]
         for b in self.breakers:
             retry = f", retry in {b.retry_in_s:.1f}s" if b.retry_in_s is not None else ""
-            lines.append(f"  {b.kind:<7} {b.name:<28} {b.state.value:<9} failures {b.recent_failures} recent / "
-                         f"{b.total_failures} total, opened {b.times_opened}x{retry}; last: {b.last_error}")
+            lines.append(
+                f"  {b.kind:<7} {b.name:<28} {b.state.value:<9} failures {b.recent_failures} recent / "
+                f"{b.total_failures} total, opened {b.times_opened}x{retry}; last: {b.last_error}"
+            )
         return "\n".join(lines)
 
 
@@ -247,8 +268,16 @@ class Health:
         with self._lock:
             changed = self._tick(now)
             infos = tuple(
-                BreakerInfo(b.name, b.kind, b.state, len(b.recent), b.total_failures, b.times_opened,
-                            None if b.state is not BreakerState.OPEN else max(0.0, b.retry_at - now), b.last_error)
+                BreakerInfo(
+                    b.name,
+                    b.kind,
+                    b.state,
+                    len(b.recent),
+                    b.total_failures,
+                    b.times_opened,
+                    None if b.state is not BreakerState.OPEN else max(0.0, b.retry_at - now),
+                    b.last_error,
+                )
                 for b in [*self.kernels.values(), *self.backends.values()]
             )
             report = HealthReport(infos, self.failures, self.fallbacks, self.config)
@@ -263,11 +292,18 @@ class Health:
         out = []
         with self._lock:
             changed = self._tick(self.config.clock())
-            for breaker, reason in ((self.kernels.get(spec.id), Reason.KERNEL_UNHEALTHY),
-                                    (self.backends.get(spec.backend), Reason.BACKEND_UNHEALTHY)):
+            for breaker, reason in (
+                (self.kernels.get(spec.id), Reason.KERNEL_UNHEALTHY),
+                (self.backends.get(spec.backend), Reason.BACKEND_UNHEALTHY),
+            ):
                 if breaker is not None and breaker.state is BreakerState.OPEN:
-                    out.append(Rejection(reason, f"{breaker.kind} {breaker.name} breaker open after "
-                                                 f"{breaker.total_failures} failure(s), last: {breaker.last_error}"))
+                    out.append(
+                        Rejection(
+                            reason,
+                            f"{breaker.kind} {breaker.name} breaker open after "
+                            f"{breaker.total_failures} failure(s), last: {breaker.last_error}",
+                        )
+                    )
         if changed:  # plans that kept this kernel out must re-select now that it may be probed
             self.runtime.bump()
         return out
@@ -286,8 +322,9 @@ class Health:
                 kernel = self.kernels[spec.id] = CircuitBreaker(spec.id, "kernel", cfg.failure_threshold)
             backend = self.backends.get(spec.backend)
             if backend is None:
-                backend = self.backends[spec.backend] = CircuitBreaker(spec.backend, "backend",
-                                                                       cfg.backend_failure_threshold)
+                backend = self.backends[spec.backend] = CircuitBreaker(
+                    spec.backend, "backend", cfg.backend_failure_threshold
+                )
             changes = [(b, b.failure(now, cfg, text)) for b in (kernel, backend)]
         self.runtime.telemetry.failure(spec.id, type(error).__name__)
         if isinstance(error, ImportError):
@@ -301,16 +338,20 @@ class Health:
         if backend is None or not backend.availability[0]:
             return
         # availability is a cached_property of the Backend; overriding it is the process-wide verdict
-        backend.__dict__["availability"] = (False, backend.availability[1],
-                                            Rejection(Reason.BACKEND_IMPORT_FAILED, text))
+        backend.__dict__["availability"] = (
+            False,
+            backend.availability[1],
+            Rejection(Reason.BACKEND_IMPORT_FAILED, text),
+        )
         self.runtime.warn_once(("import-failed", spec.backend), f"backend {spec.backend} failed to import: {text}")
         self.runtime.bump()
 
     def record_success(self, spec: KernelSpec) -> None:
         """A probe of a half-open breaker succeeded: close it (and its backend's)."""
         with self._lock:
-            changes = [(b, b.success()) for b in (self.kernels.get(spec.id), self.backends.get(spec.backend))
-                       if b is not None]
+            changes = [
+                (b, b.success()) for b in (self.kernels.get(spec.id), self.backends.get(spec.backend)) if b is not None
+            ]
         self._changed(changes)
 
     def refresh(self) -> None:
@@ -337,9 +378,15 @@ class Health:
             changed = True
             self.runtime.telemetry.transition(b.name, b.kind, state.value)
             if state is BreakerState.OPEN:
-                log.warning("layerzero: %s %s circuit breaker open after %d failure(s) (last: %s); calls go to "
-                            "other kernels for %gs", b.kind, b.name, len(b.recent), b.last_error,
-                            self.config.cooldown_s)
+                log.warning(
+                    "layerzero: %s %s circuit breaker open after %d failure(s) (last: %s); calls go to "
+                    "other kernels for %gs",
+                    b.kind,
+                    b.name,
+                    len(b.recent),
+                    b.last_error,
+                    self.config.cooldown_s,
+                )
             else:
                 log.info("layerzero: %s %s circuit breaker closed after a successful probe", b.kind, b.name)
         if changed:
@@ -348,8 +395,10 @@ class Health:
     def _half_open(self, spec: KernelSpec) -> bool:
         if not self.kernels:  # no breaker exists yet
             return False
-        return any(b is not None and b.state is BreakerState.HALF_OPEN
-                   for b in (self.kernels.get(spec.id), self.backends.get(spec.backend)))
+        return any(
+            b is not None and b.state is BreakerState.HALF_OPEN
+            for b in (self.kernels.get(spec.id), self.backends.get(spec.backend))
+        )
 
     def _retry_deadline(self, report: SelectionReport) -> float | None:
         """When a breaker that kept a candidate out of `report` becomes half-open."""
@@ -365,15 +414,24 @@ class Health:
         if not names:
             return None
         with self._lock:
-            times = [(self.kernels if kind == "k" else self.backends)[name].retry_at for kind, name in names
-                     if name in (self.kernels if kind == "k" else self.backends)]
+            times = [
+                (self.kernels if kind == "k" else self.backends)[name].retry_at
+                for kind, name in names
+                if name in (self.kernels if kind == "k" else self.backends)
+            ]
         finite = [t for t in times if t != math.inf]
         return min(finite) if finite else None
 
     # -- the plan guard and the fallback -------------------------------------------------------
 
-    def guard(self, spec: KernelSpec, inner: Callable[..., Any], report: SelectionReport, ctx: SelectionContext,
-              family: OpFamily) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    def guard(
+        self,
+        spec: KernelSpec,
+        inner: Callable[..., Any],
+        report: SelectionReport,
+        ctx: SelectionContext,
+        family: OpFamily,
+    ) -> tuple[Callable[..., Any], Callable[..., Any]]:
         """(run, recover) of a plan running `inner` (the bound `spec` for `ctx`): see ExecutionPlan.
 
         The common plan's run is `inner` itself: its call site catches a failure and passes it to
@@ -391,6 +449,7 @@ class Health:
             if calls is None:
                 run = inner
             else:
+
                 def run(*args: Any, **kwargs: Any) -> Any:
                     next(calls)
                     return inner(*args, **kwargs)
@@ -412,8 +471,9 @@ class Health:
 
         return run, recover
 
-    def _careful_run(self, spec: KernelSpec, ctx: SelectionContext, family: OpFamily,
-                     inner: Callable[..., Any], calls: Any) -> Callable[..., Any]:
+    def _careful_run(
+        self, spec: KernelSpec, ctx: SelectionContext, family: OpFamily, inner: Callable[..., Any], calls: Any
+    ) -> Callable[..., Any]:
         """The slow guard, which recovers by itself: counts calls (telemetry on), probes a half-open
         breaker, and keeps a capture-unsafe kernel out of a CUDA graph even when the op's cache key
         does not see the capture."""
@@ -436,8 +496,15 @@ class Health:
 
         return run
 
-    def recover(self, spec: KernelSpec, ctx: SelectionContext, family: OpFamily, args: tuple[Any, ...],
-                kwargs: dict[str, Any], error: BaseException | None) -> Any:
+    def recover(
+        self,
+        spec: KernelSpec,
+        ctx: SelectionContext,
+        family: OpFamily,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        error: BaseException | None,
+    ) -> Any:
         """Run the call with the next kernel after `spec` failed (error) or cannot run under capture
         (error None). The caller's tensors are passed again as they were given. torch's control-flow
         exceptions (is_control_flow) are raised again as they are, counted nowhere."""
@@ -475,8 +542,10 @@ class Health:
                 self.fallbacks += 1
             rt.telemetry.fallback(first.id, nxt.id)
             why = "is not capture-safe" if error is None and spec is first else f"failed ({type(error).__name__})"
-            rt.warn_once(("runtime-fallback", first.id, nxt.id),
-                         f"layerzero: {first.id} {why} on {ctx.op}; this call ran {nxt.id} instead (see lz.health())")
+            rt.warn_once(
+                ("runtime-fallback", first.id, nxt.id),
+                f"layerzero: {first.id} {why} on {ctx.op}; this call ran {nxt.id} instead (see lz.health())",
+            )
             return out
 
     def _next_kernel(self, ctx: SelectionContext, family: OpFamily, excluded: set[str]) -> KernelSpec | None:
@@ -486,8 +555,10 @@ class Health:
             candidates = rt.engine.evaluate(ctx, family.transforms).candidates
         except NoKernelFoundError as e:
             candidates = e.report.candidates if isinstance(e.report, SelectionReport) else []
-        ranked = sorted((c for c in candidates if c.score is not None and c.kernel_id not in excluded),
-                        key=lambda c: (c.backend == REFERENCE_BACKEND, -(c.score or 0.0), c.kernel_id))
+        ranked = sorted(
+            (c for c in candidates if c.score is not None and c.kernel_id not in excluded),
+            key=lambda c: (c.backend == REFERENCE_BACKEND, -(c.score or 0.0), c.kernel_id),
+        )
         strict = rt.policy.strict
         for c in ranked:
             if not (strict and c.backend == REFERENCE_BACKEND):
@@ -499,18 +570,3 @@ class Health:
             if s.backend == REFERENCE_BACKEND and s.id not in excluded and not check_constraints(s, ctx):
                 return s
         return None
-
-
-def health() -> HealthReport:
-    """Circuit-breaker states and failure/fallback counts of this process (`lz.health()`)."""
-    from ..state import runtime
-
-    return runtime.health.report()
-
-
-def configure_health(**changes: Any) -> HealthConfig:
-    """Change breaker thresholds or turn the runtime fallback off, e.g.
-    `lz.configure_health(failure_threshold=3, window_s=10, cooldown_s=5)`. See HealthConfig."""
-    from ..state import runtime
-
-    return runtime.health.configure(**changes)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BackendNotAvailableError, ConfigurationError
+from ..version import __version__
 
 if TYPE_CHECKING:
     from ..context import SelectionContext
@@ -131,10 +132,17 @@ class Telemetry:
             self._otel_latency.record(seconds, {"op": ctx.op, "kernel": plan.kernel_id})
         if self._tracer is not None:
             end = time.time_ns()
-            span = self._tracer.start_span("layerzero.select", start_time=end - int(seconds * 1e9), attributes={
-                "layerzero.op": ctx.op, "layerzero.kernel": plan.kernel_id, "layerzero.fallback": plan.fallback,
-                "layerzero.transforms": ",".join(plan.transforms), "layerzero.context": ctx.summary(),
-            })
+            span = self._tracer.start_span(
+                "layerzero.select",
+                start_time=end - int(seconds * 1e9),
+                attributes={
+                    "layerzero.op": ctx.op,
+                    "layerzero.kernel": plan.kernel_id,
+                    "layerzero.fallback": plan.fallback,
+                    "layerzero.transforms": ",".join(plan.transforms),
+                    "layerzero.context": ctx.summary(),
+                },
+            )
             span.end(end_time=end)
 
     def counted(self) -> Telemetry:
@@ -172,8 +180,14 @@ class Telemetry:
 
     # -- enabling and exporters ----------------------------------------------------------------
 
-    def enable(self, prometheus: bool | Any = True, opentelemetry: bool = True, meter_provider: Any = None,
-               tracer_provider: Any = None, spans: bool = True) -> None:
+    def enable(
+        self,
+        prometheus: bool | Any = True,
+        opentelemetry: bool = True,
+        meter_provider: Any = None,
+        tracer_provider: Any = None,
+        spans: bool = True,
+    ) -> None:
         """Start counting calls and attach exporters.
 
         prometheus: True (the default registry), a CollectorRegistry, or False. opentelemetry:
@@ -197,6 +211,24 @@ class Telemetry:
         """Stop counting calls, detach the Prometheus collector, stop metrics servers."""
         self.close()
         self.runtime.bump()
+
+    def snapshot(self) -> TelemetrySnapshot:
+        """The counters now (lz.telemetry())."""
+        with self._lock:
+            self._fold()
+            calls = {key: _count_value(c) for key, c in self.calls.items()}
+            return TelemetrySnapshot(
+                self.enabled,
+                calls,
+                dict(self.selections),
+                dict(self.misses),
+                max(0, sum(calls.values()) - sum(self.misses.values())),
+                dict(self.fallbacks),
+                dict(self.failures),
+                dict(self.transitions),
+                self.selection_latency.count,
+                self.selection_latency.sum,
+            )
 
     def close(self) -> None:
         """Disable without dropping plans (lz.reset replaces them anyway)."""
@@ -231,8 +263,6 @@ class Telemetry:
         from opentelemetry import metrics, trace
         from opentelemetry.metrics import Observation
 
-        from .. import __version__
-
         provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
         meter = provider.get_meter("layerzero", __version__)
         me = self
@@ -242,29 +272,60 @@ class Telemetry:
                 if not me.enabled:
                     return
                 for key, value in read().items():
-                    yield Observation(value, dict(zip(labels, key if isinstance(key, tuple) else (key,),
-                                                      strict=True)))
+                    yield Observation(value, dict(zip(labels, key if isinstance(key, tuple) else (key,), strict=True)))
+
             return callback
 
         counters = [
-            ("layerzero.kernel.calls", "{call}", "kernel calls (plans built while telemetry is on)",
-             self.kernel_calls, ("kernel", "op")),
-            ("layerzero.selections", "{selection}", "kernel selections", lambda: dict(self.counted().selections),
-             ("op", "kernel")),
-            ("layerzero.plan_cache.misses", "{miss}", "plan-cache misses", lambda: dict(self.counted().misses),
-             ("family",)),
-            ("layerzero.plan_cache.hits", "{hit}", "plan-cache hits (calls minus misses)",
-             lambda: {(): self.cache_hits()}, ()),
-            ("layerzero.fallbacks", "{fallback}", "calls re-run on another kernel after a failure",
-             lambda: dict(self.fallbacks), ("from_kernel", "to_kernel")),
-            ("layerzero.kernel.failures", "{failure}", "kernel failures", lambda: dict(self.failures),
-             ("kernel", "error")),
+            (
+                "layerzero.kernel.calls",
+                "{call}",
+                "kernel calls (plans built while telemetry is on)",
+                self.kernel_calls,
+                ("kernel", "op"),
+            ),
+            (
+                "layerzero.selections",
+                "{selection}",
+                "kernel selections",
+                lambda: dict(self.counted().selections),
+                ("op", "kernel"),
+            ),
+            (
+                "layerzero.plan_cache.misses",
+                "{miss}",
+                "plan-cache misses",
+                lambda: dict(self.counted().misses),
+                ("family",),
+            ),
+            (
+                "layerzero.plan_cache.hits",
+                "{hit}",
+                "plan-cache hits (calls minus misses)",
+                lambda: {(): self.cache_hits()},
+                (),
+            ),
+            (
+                "layerzero.fallbacks",
+                "{fallback}",
+                "calls re-run on another kernel after a failure",
+                lambda: dict(self.fallbacks),
+                ("from_kernel", "to_kernel"),
+            ),
+            (
+                "layerzero.kernel.failures",
+                "{failure}",
+                "kernel failures",
+                lambda: dict(self.failures),
+                ("kernel", "error"),
+            ),
         ]
         for name, unit, description, read, labels in counters:
-            meter.create_observable_counter(name, callbacks=[observe(read, labels)], unit=unit,
-                                            description=description)
+            meter.create_observable_counter(name, callbacks=[observe(read, labels)], unit=unit, description=description)
         self._otel_latency = meter.create_histogram(
-            "layerzero.selection.duration", unit="s", description="time to select and bind a kernel on a miss",
+            "layerzero.selection.duration",
+            unit="s",
+            description="time to select and bind a kernel on a miss",
             explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S,
         )
         if spans:
@@ -288,44 +349,6 @@ class TelemetrySnapshot:
     selection_latency_sum_s: float
 
 
-def telemetry() -> TelemetrySnapshot:
-    """A snapshot of LayerZero's counters (no exporter needed)."""
-    from ..state import runtime
-
-    t = runtime.telemetry
-    with t._lock:
-        t._fold()
-        calls = {key: _count_value(c) for key, c in t.calls.items()}
-        snap = TelemetrySnapshot(
-            t.enabled, calls, dict(t.selections), dict(t.misses), max(0, sum(calls.values()) - sum(t.misses.values())),
-            dict(t.fallbacks), dict(t.failures), dict(t.transitions), t.selection_latency.count,
-            t.selection_latency.sum,
-        )
-    return snap
-
-
-def enable_telemetry(prometheus: bool | Any = True, opentelemetry: bool = True, meter_provider: Any = None,
-                     tracer_provider: Any = None, spans: bool = True) -> None:
-    """Count kernel calls and export all counters (see Telemetry.enable). Drops cached plans."""
-    from ..state import runtime
-
-    runtime.telemetry.enable(prometheus, opentelemetry, meter_provider, tracer_provider, spans)
-
-
-def disable_telemetry() -> None:
-    """Stop counting calls and detach exporters; counters keep their values."""
-    from ..state import runtime
-
-    runtime.telemetry.disable()
-
-
-def start_metrics_server(port: int = 9464, addr: str = "127.0.0.1", registry: Any = None) -> int:
-    """Serve Prometheus /metrics on localhost; returns the port (0 picks a free one)."""
-    from ..state import runtime
-
-    return runtime.telemetry.start_http_server(port, addr, registry)
-
-
 class PrometheusCollector:
     """A prometheus_client collector reading a runtime's telemetry, health and plan cache."""
 
@@ -347,27 +370,50 @@ class PrometheusCollector:
                 family.add_metric(list(key if isinstance(key, tuple) else (key,)), value)
             return family
 
-        yield counter("layerzero_kernel_calls", "Kernel calls through plans built while telemetry is on.",
-                      ("kernel", "op"), t.kernel_calls())
-        yield counter("layerzero_selections", "Kernel selections (plan-cache misses that selected).",
-                      ("op", "kernel"), dict(t.selections))
+        yield counter(
+            "layerzero_kernel_calls",
+            "Kernel calls through plans built while telemetry is on.",
+            ("kernel", "op"),
+            t.kernel_calls(),
+        )
+        yield counter(
+            "layerzero_selections",
+            "Kernel selections (plan-cache misses that selected).",
+            ("op", "kernel"),
+            dict(t.selections),
+        )
         yield counter("layerzero_plan_cache_misses", "Plan-cache misses.", ("family",), dict(t.misses))
-        yield CounterMetricFamily("layerzero_plan_cache_hits", "Plan-cache hits (calls minus misses).",
-                                  value=t.cache_hits())
-        yield counter("layerzero_fallbacks", "Calls re-run on another kernel after a failure.",
-                      ("from_kernel", "to_kernel"), dict(t.fallbacks))
-        yield counter("layerzero_kernel_failures", "Exceptions raised by kernels.", ("kernel", "error"),
-                      dict(t.failures))
-        yield counter("layerzero_breaker_transitions", "Circuit-breaker state changes.", ("name", "kind", "state"),
-                      dict(t.transitions))
-        states = GaugeMetricFamily("layerzero_breaker_state", "Breaker state: 0 closed, 1 half-open, 2 open.",
-                                   labels=("name", "kind"))
+        yield CounterMetricFamily(
+            "layerzero_plan_cache_hits", "Plan-cache hits (calls minus misses).", value=t.cache_hits()
+        )
+        yield counter(
+            "layerzero_fallbacks",
+            "Calls re-run on another kernel after a failure.",
+            ("from_kernel", "to_kernel"),
+            dict(t.fallbacks),
+        )
+        yield counter(
+            "layerzero_kernel_failures", "Exceptions raised by kernels.", ("kernel", "error"), dict(t.failures)
+        )
+        yield counter(
+            "layerzero_breaker_transitions",
+            "Circuit-breaker state changes.",
+            ("name", "kind", "state"),
+            dict(t.transitions),
+        )
+        states = GaugeMetricFamily(
+            "layerzero_breaker_state", "Breaker state: 0 closed, 1 half-open, 2 open.", labels=("name", "kind")
+        )
         for b in rt.health.report().breakers:
             states.add_metric([b.name, b.kind], _STATE_VALUE[b.state.value])
         yield states
         hist = t.selection_latency
-        yield HistogramMetricFamily("layerzero_selection_duration_seconds", "Time to select and bind a kernel.",
-                                    buckets=hist.cumulative(), sum_value=hist.sum)
+        yield HistogramMetricFamily(
+            "layerzero_selection_duration_seconds",
+            "Time to select and bind a kernel.",
+            buckets=hist.cumulative(),
+            sum_value=hist.sum,
+        )
         yield GaugeMetricFamily("layerzero_plan_cache_size", "Plans in the cache.", value=len(rt.plans))
         yield GaugeMetricFamily("layerzero_plan_cache_generation", "Plan-cache generation.", value=rt.generation)
 
