@@ -224,3 +224,18 @@ def test_seed_dispatch_config_on_cpu_warns_and_selects_among_the_rest(tmp_path, 
         report = lz.explain("attention.causal", q, k, v)
         assert report.selected_kernel  # flash_attn cannot run on CPU: the lock says so and others run
         assert any("lock attention.* -> flash_attn" in n and "cannot run this call" in n for n in report.notes)
+
+
+@pytest.mark.parametrize("text, message", [
+    (b"rules: \xff\xfe", "expected UTF-8 text"),
+    ("rules: [" * 5000, "not valid YAML"),
+    ("# " + "x" * (1 << 20) + "\nrules: []\n", "bytes, got"),
+])
+def test_dispatch_config_is_read_as_guardedly_as_a_policy(text, message):
+    """Both formats share one YAML reader: undecodable bytes, a parser-exhausting document and an
+    oversized one are a PolicyValidationError naming the source, never a crash or a silent replace."""
+    from layerzero.policy.loader import parse_dispatch_text
+
+    runtime.ensure_loaded()
+    with pytest.raises(lz.PolicyValidationError, match=message):
+        parse_dispatch_text(text, runtime.registry, source="dispatch.yaml")

@@ -132,8 +132,10 @@ class _Problem(Exception):
         self.line, self.message = line, message
 
 
-def parse_policy_text(text: str | bytes, registry: Registry, source: str = "<policy>", layer: str = "file") -> Policy:
-    """Parse and validate a YAML policy document."""
+def _load_yaml(text: str | bytes, source: str) -> tuple[_Source, Any]:
+    """The YAML document of a policy or dispatch config, with line numbers kept (see _yaml_loader);
+    every problem is a PolicyValidationError naming the source and line: undecodable bytes, a document
+    over MAX_POLICY_BYTES, invalid YAML, or one that exhausts the parser."""
     import yaml
 
     if isinstance(text, bytes):
@@ -146,7 +148,7 @@ def parse_policy_text(text: str | bytes, registry: Registry, source: str = "<pol
     if len(text) > MAX_POLICY_BYTES:
         raise src.error(0, "", f"expected at most {MAX_POLICY_BYTES} bytes, got {len(text)}")
     try:
-        document = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+        return src, yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
     except _Problem as exc:
         raise src.error(exc.line, "", exc.message) from None
     except yaml.YAMLError as exc:
@@ -156,6 +158,11 @@ def parse_policy_text(text: str | bytes, registry: Registry, source: str = "<pol
         raise src.error(line, "", f"not valid YAML: {problem}") from None
     except (RecursionError, MemoryError, ValueError, OverflowError, TypeError) as exc:
         raise src.error(0, "", f"not valid YAML: {type(exc).__name__}") from None
+
+
+def parse_policy_text(text: str | bytes, registry: Registry, source: str = "<policy>", layer: str = "file") -> Policy:
+    """Parse and validate a YAML policy document."""
+    src, document = _load_yaml(text, source)
     if document is None:
         return Policy()
     return _Validator(src, registry, layer).document(document)
@@ -515,18 +522,7 @@ def parse_dispatch_text(
     so the first rule whose operation and conditions match a call decides. The policy sections
     (locks, allows, denies, boosts, prefer, strict_mode) may stand beside `rules`; their locks come first.
     """
-    import yaml
-
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", errors="replace")
-    src = _Source(source, text)
-    try:
-        document = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
-    except _Problem as exc:
-        raise src.error(exc.line, "", exc.message) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise src.error(mark.line + 1 if mark is not None else 0, "", f"not valid YAML: {exc}") from None
+    src, document = _load_yaml(text, source)
     if not isinstance(document, Mapping):
         raise src.error(1, "", f"expected a mapping with version and rules, got {type(document).__name__}")
     validator = _Validator(src, registry, layer)
