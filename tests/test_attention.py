@@ -609,3 +609,28 @@ def test_layout_not_given_and_bshd_are_separate_plan_keys():
     q = torch.randn(1, 4, 2, 16)
     assert ATTENTION.key(q, q, q) != ATTENTION.key(q, q, q, layout="BSHD")
     assert ATTENTION.context(q, q, q) == ATTENTION.context(q, q, q, layout="BSHD")  # the same facts otherwise
+
+
+def test_sdpa_impl_without_a_plan_takes_the_aten_call_where_the_call_allows(monkeypatch):
+    """A kernel's impl (what lz.solve's modules and fallbacks call) runs the same prepared aten call
+    as a plan when the call has no mask, window, ALiBi or odd head dim, and F.sdpa pinned otherwise."""
+    real = torch._scaled_dot_product_flash_attention_for_cpu
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[4])  # is_causal as the aten op gets it
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_dot_product_flash_attention_for_cpu", counting)
+    impl = torch_native._sdpa("FLASH_ATTENTION")
+    for sq, causal in ((7, True), (1, True), (7, False)):
+        q, k, v = make_qkv((2, sq, 7, 4, 2, 16), torch.float32, "BHSD", seed=sq)
+        out = impl(q, k, v, None, causal, 0.0, None)
+        assert_close(out, reference_attention(q, k, v, layout="BHSD", is_causal=causal), torch.float32, "impl")
+    assert calls == [True, False, False]  # a decode row needs no mask: passed as not causal
+    q, k, v = make_qkv((2, 5, 5, 4, 2, 16), torch.float32, "BHSD", seed=9)
+    mask = torch.rand(5, 5, generator=torch.Generator().manual_seed(1)) > 0.3
+    mask[:, 0] = True
+    out = impl(q, k, v, mask, False, 0.0, None)
+    assert len(calls) == 3  # masked: F.sdpa pinned, not the Python-level aten call
+    assert_close(out, reference_attention(q, k, v, layout="BHSD", attn_mask=mask), torch.float32, "impl mask")

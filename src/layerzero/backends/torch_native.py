@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -77,8 +78,13 @@ class _Pin:
 
 
 def _sdpa(backend_name: str) -> Callable[..., torch.Tensor]:
+    """The kernel's impl (BHSD), for calls without a prepared plan (lz.solve's modules, fallbacks,
+    masked calls): what the prepared call would run when the call allows it, else F.sdpa pinned to
+    the sub-backend, which prepares masks, windows, ALiBi and odd head dims itself."""
     fused = backend_name != "MATH"
     pins: list[_Pin] = []  # built on first call: torch.nn.attention is imported lazily
+    # per device type: the prepared BHSD calls indexed [causal][compute logsumexp], or None (no aten op)
+    direct: dict[str, Any] = {}
 
     def run(
         q: torch.Tensor,
@@ -94,6 +100,22 @@ def _sdpa(backend_name: str) -> Callable[..., torch.Tensor]:
     ) -> torch.Tensor:
         if is_causal and q.shape[2] == 1:
             is_causal = False  # one query row, bottom-right aligned, sees every key: no mask at all
+        if (
+            fused
+            and attn_mask is None
+            and window is None
+            and alibi_slopes is None
+            and not (is_causal and q.shape[2] != k.shape[2])
+            and not q.shape[-1] % 8
+            and not v.shape[-1] % 8
+        ):
+            device_type = q.device.type
+            calls = direct.get(device_type, False)
+            if calls is False:
+                calls = direct[device_type] = _direct_calls(backend_name, device_type)
+            if calls is not None:  # compute_log_sumexp as F.sdpa sets it: when an input needs grad
+                lse = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+                return calls[bool(is_causal)][lse](q, k, v, None, False, dropout_p, scale)
         if window is not None or alibi_slopes is not None or (is_causal and q.shape[2] != k.shape[2]):
             # torch's is_causal is aligned top-left, ours bottom-right; windows and ALiBi become a
             # materialized mask (only kernels that take masks declare support for them).
@@ -280,6 +302,18 @@ def _aten_sdpa(
 
     run.__qualname__ = f"aten_sdpa_{backend_name.lower()}_{'bshd' if bshd else 'bhsd'}"
     return run
+
+
+def _direct_calls(backend_name: str, device_type: str) -> tuple[tuple[Callable[..., torch.Tensor], ...], ...] | None:
+    """The four prepared BHSD calls of a fused kernel on `device_type`, [causal][logsumexp]; None
+    where torch has no aten entry point for it."""
+    op = getattr(torch, _ATEN_SDPA.get((backend_name, device_type), ""), None)
+    if op is None:
+        return None
+    return tuple(
+        tuple(_aten_sdpa(op, backend_name, device_type, causal, lse, False) for lse in (False, True))
+        for causal in (False, True)
+    )
 
 
 def _strided_retry(
