@@ -160,16 +160,6 @@ TRANSFORM_PENALTY = 2.0
 
 
 _DISABLED = Rejection(Reason.BACKEND_DISABLED, "disabled by lz.disabled()")
-# Why a backend as a whole cannot run here (kernel_rejections gives it alone, nothing else applies)
-BACKEND_REASONS = frozenset(
-    {
-        Reason.BACKEND_NOT_INSTALLED,
-        Reason.BACKEND_IMPORT_FAILED,
-        Reason.BACKEND_VERSION_UNSUPPORTED,
-        Reason.BACKEND_BROKEN,
-        Reason.BACKEND_UNPROBED,
-    }
-)
 
 
 def _disabled(spec: KernelSpec, disabled: frozenset[str]) -> bool:
@@ -259,9 +249,11 @@ class SelectionEngine:
                 return cand
             cand = candidates[spec.id] = Candidate(spec.id, spec.backend, spec.priority)
             if complete:
-                cand.rejections.extend(self.kernel_rejections(spec, ctx))
-                if cand.rejections and cand.rejections[0].reason in BACKEND_REASONS:  # nothing else applies
+                why = self._backend_rejection(spec, ctx)
+                if why is not None:  # the backend cannot run here: nothing else applies
+                    cand.rejections.append(why)
                     return cand
+                cand.rejections.extend(self._kernel_rejections(spec, ctx))
             else:  # viable(): installed, fits the device; stop at the first reason
                 cand.rejections.extend(self._first_rejection(spec, ctx, ask_health))
                 if cand.rejections:
@@ -388,11 +380,16 @@ class SelectionEngine:
         """Every reason, policy aside, why `spec` cannot run `ctx`: its backend is unavailable (that
         reason alone), its breaker is open, its workspace does not fit, its constraints do not hold.
         What explain lists for the kernel before policy and measurements, and lz.validate returns."""
-        rt = self.runtime
-        why = rt.backend_rejection(spec.backend, ctx, probe=fits_device(spec, ctx))
-        if why is not None:
-            return [why]
-        return [*rt.health_rejections(spec, ctx), *check_constraints(spec, ctx)]
+        why = self._backend_rejection(spec, ctx)
+        return [why] if why is not None else self._kernel_rejections(spec, ctx)
+
+    def _backend_rejection(self, spec: KernelSpec, ctx: SelectionContext) -> Rejection | None:
+        """Why spec's backend cannot run ctx's calls (not installed, broken, not probed), or None."""
+        return self.runtime.backend_rejection(spec.backend, ctx, probe=fits_device(spec, ctx))
+
+    def _kernel_rejections(self, spec: KernelSpec, ctx: SelectionContext) -> list[Rejection]:
+        """The kernel's own reasons, its backend being usable: an open breaker, workspace, constraints."""
+        return [*self.runtime.health_rejections(spec, ctx), *check_constraints(spec, ctx)]
 
     def _first_rejection(self, spec: KernelSpec, ctx: SelectionContext, ask_health: bool) -> list[Rejection]:
         """The miss path's check of a viable kernel: health (only when something can be unhealthy or
